@@ -1,0 +1,282 @@
+"""The distillation loops: Algorithm 2 (SFD, "global"), Algorithm 1 (vanilla, "local"), SFD-v's variable
+grid and the second stage (spec §5, §6, §8–10).
+
+One loop serves all of them. The core knows nothing about tracking: it reports each iteration to a
+callback with the per-step losses as a device tensor (no host sync), and the caller decides what to log.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from sfd.losses import get_loss
+from sfd.sampling import GridSpec, autocast_context, bind
+from sfd.schedules import get_schedule, refine_grid
+from sfd.solvers import afs_derivative, check_solver, solve
+
+ALGORITHMS = ("sfd", "vanilla")
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite: the run is recorded as failed with this reason."""
+
+
+@dataclass
+class DistillSettings:
+    """Everything the loop needs; `sfd.config` maps a run's YAML onto this."""
+
+    algorithm: str = "sfd"
+    grid: GridSpec = field(default_factory=GridSpec)
+    # SFD-v: draw N from these per iteration and feed it to the student as its step condition.
+    num_steps_choices: tuple[int, ...] | None = None
+    teacher_solver: str = "dpmpp3m"
+    teacher_opts: dict = field(default_factory=dict)
+    teacher_afs: bool = False  # the paper's teacher trajectory has no AFS (spec §4)
+    teacher_step: int | None = None  # second stage from an SFD-v teacher: its step condition
+    m: int = 3  # intermediate teacher steps per student step (K = m + 1)
+    loss: str = "l1"
+    loss_opts: dict = field(default_factory=dict)
+    final_loss: str | None = None  # second stage: e.g. "lpips" added on the last student step
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_decay_at: float = 0.5  # fraction of the budget after which lr is divided by lr_decay_factor
+    lr_decay_factor: float = 10.0
+    batch_size: int = 128
+    total_kimg: float = 200.0
+    num_classes: int = 0  # >0: one random one-hot label per trajectory
+    precision: str = "fp32"
+    seed: int = 0
+    vanilla_data_free: bool = False  # Algorithm 1 without data: x_{n+1} from the teacher's trajectory
+    nan_check_every: int = 50  # iterations between (host-syncing) divergence checks
+
+    @property
+    def total_iterations(self) -> int:
+        return max(1, math.ceil(self.total_kimg * 1000 / self.batch_size))
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        check_solver(self.teacher_solver)
+        for n in self.num_steps_choices or (self.grid.num_steps,):
+            get_schedule(self.grid.schedule, n, self.grid.t_min, self.grid.t_max, self.grid.rho)
+            if self.grid.afs and n < 3:
+                raise ValueError(f"AFS needs at least 3 student timestamps, got num_steps={n}")
+        if self.m < 0:
+            raise ValueError(f"m (intermediate teacher steps) must be >= 0, got {self.m}")
+        if self.batch_size < 1 or self.total_kimg <= 0 or self.lr <= 0:
+            raise ValueError("batch_size, total_kimg and lr must be positive")
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    kimg: float
+    lr: float
+    num_steps: int
+    step_losses: torch.Tensor  # [trained student steps], detached, on the training device
+    teacher_seconds: float
+    student_seconds: float
+
+
+def sanitize_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """NaN -> 0, +-inf -> +-1e5, in place and without a host sync (reference behaviour, spec §8)."""
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
+    """The default student: a trainable full copy of the teacher network, in train mode (dropout on)."""
+    student = copy.deepcopy(teacher)
+    student.requires_grad_(True).train()
+    return student
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_hot_labels(n: int, num_classes: int, generator: torch.Generator, device) -> torch.Tensor | None:
+    if not num_classes:
+        return None
+    idx = torch.randint(num_classes, (n,), generator=generator, device=generator.device)
+    return torch.nn.functional.one_hot(idx, num_classes).float().to(device)
+
+
+class Distiller:
+    """Runs Algorithm 1 or 2 for `settings.total_iterations` iterations, training `student` in place."""
+
+    def __init__(self, teacher, student: torch.nn.Module, settings: DistillSettings, *,
+                 device: str | torch.device = "cpu", data: Iterable | None = None,
+                 callback: Callable[[IterationStats], None] | None = None):
+        settings.validate()
+        if settings.algorithm == "vanilla" and data is None and not settings.vanilla_data_free:
+            raise ValueError("Algorithm 1 (vanilla) needs a data source, or vanilla_data_free=True")
+        self.s = settings
+        self.device = torch.device(device)
+        self.teacher = teacher
+        if isinstance(teacher, torch.nn.Module):
+            teacher.eval().requires_grad_(False)
+        self.student = student.to(self.device).train()
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.Adam(self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                    fused=fused or None)
+        self.loss_fn = self._to_device(get_loss(settings.loss, **settings.loss_opts))
+        self.final_loss_fn = self._to_device(get_loss(settings.final_loss)) if settings.final_loss else None
+        self.callback = callback
+        self.data = data
+        self._data_iter: Iterator | None = None
+        self.gen = torch.Generator(device=self.device).manual_seed(settings.seed)
+        self.rng = random.Random(settings.seed)
+        self.shape: tuple[int, ...] | None = None
+
+    def _to_device(self, fn):
+        return fn.to(self.device) if isinstance(fn, torch.nn.Module) else fn
+
+    # ----- grids -------------------------------------------------------------------------------------
+    def grids(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher grid, student grid); the student grid is every (m+1)-th teacher timestamp, exactly."""
+        g = self.s.grid
+        teacher_grid = refine_grid(g.schedule, num_steps, g.t_min, g.t_max, g.rho, self.s.m)
+        return teacher_grid, teacher_grid[:: self.s.m + 1]
+
+    def draw_num_steps(self) -> int:
+        return self.rng.choice(self.s.num_steps_choices) if self.s.num_steps_choices else self.s.grid.num_steps
+
+    # ----- pieces ------------------------------------------------------------------------------------
+    def lr_at(self, iteration: int) -> float:
+        decayed = iteration >= self.s.lr_decay_at * self.s.total_iterations
+        return self.s.lr / self.s.lr_decay_factor if decayed else self.s.lr
+
+    def teacher_denoiser(self, labels):
+        return bind(self.teacher, labels, self.s.teacher_step)
+
+    @torch.no_grad()
+    def teacher_states(self, x: torch.Tensor, teacher_grid: torch.Tensor, labels) -> torch.Tensor:
+        with autocast_context(self.device, self.s.precision):
+            traj = solve(self.s.teacher_solver, self.teacher_denoiser(labels), x, teacher_grid,
+                         afs=self.s.teacher_afs, return_trajectory=True, **self.s.teacher_opts)
+        return traj.float()
+
+    def student_step(self, x: torch.Tensor, t: float, t_next: float, labels, step) -> torch.Tensor:
+        """One Euler step of the student; gradients flow through this step only (x is detached)."""
+        with autocast_context(self.device, self.s.precision):
+            denoised = bind(self.student, labels, step)(x, t)
+        return x + (t_next - t) * (x - denoised.float()) / t
+
+    def train_step(self, x: torch.Tensor, t: float, t_next: float, target: torch.Tensor, labels, step,
+                   final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero grads, one student step, loss vs the teacher state, backward, sanitize, optimizer step."""
+        self.opt.zero_grad(set_to_none=True)
+        x_next = self.student_step(x, t, t_next, labels, step)
+        loss = self.loss_fn(x_next, target)
+        if final and self.final_loss_fn is not None:
+            loss = loss + self.final_loss_fn(x_next, target)
+        loss.backward()
+        sanitize_gradients(self.params)
+        self.opt.step()
+        return x_next.detach(), loss.detach()
+
+    def noise(self) -> torch.Tensor:
+        return torch.randn(self.s.batch_size, *self.shape, generator=self.gen, device=self.device) * self.s.grid.t_max
+
+    # ----- the two algorithms ----------------------------------------------------------------------
+    def sfd_iteration(self, num_steps: int) -> tuple[torch.Tensor, float, float]:
+        """Algorithm 2: one teacher trajectory, then the student follows it step by step from its own state."""
+        teacher_grid, student_grid = self.grids(num_steps)
+        ts = student_grid.tolist()
+        labels = _one_hot_labels(self.s.batch_size, self.s.num_classes, self.gen, self.device)
+        step = num_steps if self.s.num_steps_choices else None
+        z = self.noise()
+        t0 = time.perf_counter()
+        targets = self.teacher_states(z, teacher_grid, labels)[:: self.s.m + 1]
+        _sync(self.device)
+        t1 = time.perf_counter()
+        x, losses = z, []
+        for n in range(num_steps - 1):
+            if n == 0 and self.s.grid.afs:  # analytical first step: no loss, no update
+                x = x + (ts[1] - ts[0]) * afs_derivative(x, ts[0])
+                continue
+            final = n == num_steps - 2
+            x, loss = self.train_step(x, ts[n], ts[n + 1], targets[n + 1], labels, step, final)
+            losses.append(loss)
+        _sync(self.device)
+        return torch.stack(losses), t1 - t0, time.perf_counter() - t1
+
+    def next_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._data_iter is None:
+            self._data_iter = iter(self.data)
+        try:
+            batch = next(self._data_iter)
+        except StopIteration:
+            self._data_iter = iter(self.data)
+            batch = next(self._data_iter)
+        images, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if labels is not None and self.s.num_classes and labels.ndim == 1:
+            labels = torch.nn.functional.one_hot(labels.long(), self.s.num_classes).float()
+        return images.to(self.device, torch.float32), (labels.to(self.device) if labels is not None else None)
+
+    def vanilla_iteration(self, num_steps: int) -> tuple[torch.Tensor, float, float]:
+        """Algorithm 1: a random student step n; student and teacher both start from the same x_n."""
+        teacher_grid, student_grid = self.grids(num_steps)
+        k = self.s.m + 1
+        n = self.rng.randrange(1 if self.s.grid.afs else 0, num_steps - 1)
+        t, t_next = float(student_grid[n]), float(student_grid[n + 1])
+        step = num_steps if self.s.num_steps_choices else None
+        t0 = time.perf_counter()
+        if self.s.vanilla_data_free:
+            labels = _one_hot_labels(self.s.batch_size, self.s.num_classes, self.gen, self.device)
+            x_n = self.teacher_states(self.noise(), teacher_grid[: k * n + 1], labels)[-1] if n else self.noise()
+        else:
+            x0, labels = self.next_data()
+            if labels is None:
+                labels = _one_hot_labels(x0.shape[0], self.s.num_classes, self.gen, self.device)
+            x_n = x0 + t * torch.randn(x0.shape, generator=self.gen, device=self.device)
+        target = self.teacher_states(x_n, teacher_grid[k * n: k * (n + 1) + 1], labels)[-1]
+        _sync(self.device)
+        t1 = time.perf_counter()
+        _, loss = self.train_step(x_n, t, t_next, target, labels, step, final=n == num_steps - 2)
+        _sync(self.device)
+        return loss[None], t1 - t0, time.perf_counter() - t1
+
+    # ----- driver ------------------------------------------------------------------------------------
+    def run(self, shape: tuple[int, ...]) -> torch.nn.Module:
+        """Train for the whole budget; `shape` is one sample's shape (e.g. (3, 32, 32))."""
+        self.shape = tuple(shape)
+        iteration_fn = self.sfd_iteration if self.s.algorithm == "sfd" else self.vanilla_iteration
+        recent = []
+        for it in range(self.s.total_iterations):
+            lr = self.lr_at(it)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            num_steps = self.draw_num_steps()
+            losses, t_teacher, t_student = iteration_fn(num_steps)
+            recent.append(losses)
+            if (it + 1) % self.s.nan_check_every == 0 or it + 1 == self.s.total_iterations:
+                self._check_finite(recent, it)
+                recent = []
+            if self.callback is not None:
+                kimg = (it + 1) * self.s.batch_size / 1000
+                self.callback(IterationStats(it, kimg, lr, num_steps, losses, t_teacher, t_student))
+        return self.student
+
+    @staticmethod
+    def _check_finite(recent: list[torch.Tensor], iteration: int) -> None:
+        if recent and not bool(torch.isfinite(torch.cat(recent)).all()):
+            raise DivergedError(f"loss became non-finite by iteration {iteration}")
+
+
+def distill(teacher, student: torch.nn.Module, settings: DistillSettings, shape: tuple[int, ...], *,
+            device: str | torch.device = "cpu", data: Iterable | None = None,
+            callback: Callable[[IterationStats], None] | None = None) -> torch.nn.Module:
+    """Distil `teacher` into `student` (trained in place and returned). See `Distiller`."""
+    return Distiller(teacher, student, settings, device=device, data=data, callback=callback).run(shape)

@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+
+from sfd.schedules import get_schedule, refine_grid
+
+
+@pytest.mark.parametrize("t_min,expected", [
+    (0.006, [80.0, 10.9293, 0.6699, 0.006]),
+    (0.002, [80.0, 9.72, 0.47, 0.002]),
+])
+def test_polynomial_matches_spec_worked_values(t_min, expected):
+    grid = get_schedule("polynomial", 4, t_min, 80.0)
+    # The spec prints the t_min = 0.002 row to two decimals only.
+    tol = 1e-4 if t_min == 0.006 else 5e-3
+    assert grid.tolist() == pytest.approx(expected, abs=tol)
+
+
+def test_teacher_grid_of_spec_example():
+    expected = [80, 51.16, 31.73, 19.00, 10.93, 5.99, 3.11, 1.50, 0.670, 0.268, 0.0936, 0.0271, 0.006]
+    grid = refine_grid("polynomial", 4, 0.006, 80.0, 7.0, m=3)
+    assert grid.tolist() == pytest.approx(expected, abs=6e-3)
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "logsnr", "time_uniform"])
+def test_endpoints_monotone_and_refinement(kind):
+    grid = get_schedule(kind, 6, 0.006, 80.0)
+    assert grid[0] == 80.0 and grid[-1] == 0.006
+    assert bool((grid[1:] < grid[:-1]).all())
+    fine = refine_grid(kind, 6, 0.006, 80.0, 7.0, m=3)
+    assert len(fine) == 4 * 5 + 1
+    torch.testing.assert_close(fine[::4], grid, rtol=1e-12, atol=0)
+
+
+def test_logsnr_is_uniform_in_log_t():
+    grid = get_schedule("logsnr", 5, 0.01, 100.0)
+    steps = torch.diff(torch.log(grid))
+    torch.testing.assert_close(steps, torch.full_like(steps, math.log(1e-4) / 4))
+
+
+def test_time_uniform_hits_vp_endpoints_and_is_uniform_in_s_for_rho_1():
+    grid = get_schedule("time_uniform", 5, 0.002, 80.0, rho=1.0)
+    # Invert sigma(s) = sqrt(exp(beta_d s^2/2 + beta_min s) - 1): recover s and check it is evenly spaced.
+    eps = 1e-3
+    a, b = math.log1p(80.0**2), math.log1p(0.002**2)
+    beta_d = 2 * (a - b / eps) / (1 - eps)
+    beta_min = a - beta_d / 2
+    y = torch.log1p(grid**2)
+    s = (-beta_min + torch.sqrt(beta_min**2 + 2 * beta_d * y)) / beta_d
+    torch.testing.assert_close(s, torch.linspace(1.0, eps, 5, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("args,match", [
+    (("nope", 4, 0.002, 80.0), "unknown schedule"),
+    (("polynomial", 1, 0.002, 80.0), "num_steps"),
+    (("polynomial", 4, 80.0, 0.002), "t_min < t_max"),
+    (("polynomial", 4, 0.0, 80.0), "t_min < t_max"),
+])
+def test_bad_arguments_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        get_schedule(*args)
