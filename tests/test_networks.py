@@ -1,0 +1,243 @@
+"""EDM networks: exact NVlabs state-dict layout, the preconditioning equations, autocast, SFD-v step condition."""
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sfd.networks.edm import (
+    EDM_CONFIGS, STEP_KEY_PREFIX, Conv2d, DhariwalUNet, EDMPrecond, PositionalEmbedding, SongUNet, attention,
+    build_edm,
+)
+
+KEYS_DIR = Path(__file__).parent / "data" / "edm_keys"
+KEY_FILES = sorted(KEYS_DIR.glob("*.txt"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions are ~100x slower with 2 threads on a shared 2-core machine; restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def read_keys(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
+    lines = path.read_text().splitlines()
+    kwargs = ast.literal_eval(lines[1].split("init kwargs:", 1)[1].strip())
+    keys = []
+    for line in lines[2:]:
+        if line.strip():
+            name, shape = line.split("\t")
+            keys.append((name, tuple(ast.literal_eval(shape))))
+    return kwargs, keys
+
+
+def shapes(net: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
+
+
+def tiny_song(**kw) -> EDMPrecond:
+    cfg = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="SongUNet", model_channels=16,
+               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.1)
+    return EDMPrecond(**{**cfg, **kw})
+
+
+def tiny_adm(**kw) -> EDMPrecond:
+    # 64 channels so ADM's 64-channels-per-head rule gives attention heads (1 and 2).
+    cfg = dict(img_resolution=8, img_channels=3, label_dim=5, model_type="DhariwalUNet", model_channels=32,
+               channel_mult=[2, 4], num_blocks=1, attn_resolutions=[8, 4])
+    return EDMPrecond(**{**cfg, **kw})
+
+
+def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give zero-initialised output layers non-zero weights, so outputs depend on every path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return net
+
+
+@pytest.mark.parametrize("path", KEY_FILES, ids=lambda p: p.stem)
+def test_state_dict_matches_edm(path):
+    kwargs, expected = read_keys(path)
+    with torch.device("meta"):
+        net = EDMPrecond(**kwargs)
+    assert shapes(net) == expected  # same keys, same shapes, same order
+
+
+def test_key_files_present():
+    assert {p.name for p in KEY_FILES} == {"cifar10-32x32.txt", "ffhq-afhqv2-64x64.txt", "imagenet-64x64-cond.txt"}
+
+
+@pytest.mark.parametrize("name,path", [
+    ("edm-cifar10-32x32-uncond-vp", "cifar10-32x32.txt"),
+    ("ffhq-64x64-uncond-vp", "ffhq-afhqv2-64x64.txt"),
+    ("edm-afhqv2-64x64-uncond-vp.pkl", "ffhq-afhqv2-64x64.txt"),
+    ("edm-imagenet-64x64-cond-adm", "imagenet-64x64-cond.txt"),
+])
+def test_build_edm_configs(name, path):
+    with torch.device("meta"):
+        net = build_edm(name)
+    assert shapes(net) == read_keys(KEYS_DIR / path)[1]
+    assert len(EDM_CONFIGS) == 4
+    with pytest.raises(KeyError, match="unknown EDM config"):
+        build_edm("cifar100")
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="skip", decoder_type="skip",
+         resample_filter=[1, 3, 3, 1]),
+    dict(encoder_type="residual", label_dim=0),
+])
+def test_song_unet_forward(variant):
+    torch.manual_seed(0)
+    net = randomize(tiny_song(**variant)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    labels = F.one_hot(torch.tensor([1, 3]), 4).float() if net.label_dim else None
+    aug = torch.randn(2, 9)
+    with torch.no_grad():
+        out = net(x, torch.tensor([0.5, 20.0]), labels, augment_labels=aug)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf16 = net(x, torch.tensor([0.5, 20.0]), labels, augment_labels=aug)
+    assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert out_bf16.dtype == torch.float32 and torch.isfinite(out_bf16).all()
+    assert (out - out_bf16).abs().max() < 0.1 * out.abs().max()
+
+
+def test_song_unet_train_mode_backward():
+    net = tiny_song(label_dropout=0.5).train()
+    out = net(torch.randn(2, 3, 8, 8), 1.0, F.one_hot(torch.tensor([0, 2]), 4).float(),
+              augment_labels=torch.randn(2, 9))
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_dhariwal_unet_forward_labels_and_autocast():
+    torch.manual_seed(0)
+    net = randomize(tiny_adm()).eval()
+    assert net.model.enc["8x8_block0"].num_heads == 1 and net.model.enc["4x4_block0"].num_heads == 2
+    x = torch.randn(3, 3, 8, 8)
+    idx = torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        a = net(x, 2.0, F.one_hot(idx, 5).float())
+        b = net(x, 2.0, idx)  # integer class indices are one-hot encoded
+        null = net(x, 2.0, None)
+        null_explicit = net(x, 2.0, torch.zeros(3, 5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            c = net(x, 2.0, idx)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(null, null_explicit)
+    assert not torch.allclose(a, null)
+    assert c.dtype == torch.float32 and torch.isfinite(c).all()
+    assert (a - c).abs().max() < 0.1 * a.abs().max()
+
+
+class StubModel(torch.nn.Module):
+    """Records the inner model's inputs; F(x, c_noise) = 3·x + c_noise."""
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step=None):
+        self.seen = (x.clone(), noise_labels.clone())
+        return 3 * x + noise_labels.reshape(-1, 1, 1, 1)
+
+
+def test_preconditioning_equations():
+    net = tiny_song()
+    net.model = StubModel()
+    x = torch.randn(3, 3, 8, 8)
+    sigma = torch.tensor([0.002, 0.5, 80.0])
+    out = net(x, sigma)
+    s, sd = sigma.double().reshape(-1, 1, 1, 1), 0.5
+    c_skip = sd**2 / (s**2 + sd**2)
+    c_out = s * sd / (s**2 + sd**2).sqrt()
+    c_in = 1 / (s**2 + sd**2).sqrt()
+    c_noise = sigma.double().log() / 4
+    xin, noise = net.model.seen
+    torch.testing.assert_close(xin.double(), c_in * x.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(noise.double(), c_noise, rtol=1e-6, atol=1e-6)
+    expected = c_skip * x.double() + c_out * (3 * c_in * x.double() + c_noise.reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32
+
+
+def test_sigma_forms_agree():
+    net = randomize(tiny_song()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x, torch.tensor([1.5, 1.5]))
+        for sigma in (1.5, torch.tensor(1.5), torch.full((2, 1, 1, 1), 1.5), torch.tensor([1.5])):
+            torch.testing.assert_close(net(x, sigma), ref)
+    with pytest.raises(ValueError, match="sigma has 3 values"):
+        net(x, torch.ones(3))
+
+
+def test_attributes_kept():
+    net = tiny_song(use_fp16=True)
+    assert (net.img_resolution, net.img_channels, net.label_dim, net.sigma_data) == (8, 3, 4, 0.5)
+    assert net.sigma_min == 0 and net.sigma_max == float("inf") and net.use_fp16 is True
+    assert isinstance(net.model, SongUNet) and isinstance(tiny_adm().model, DhariwalUNet)
+
+
+def test_attention_is_scaled_softmax_over_keys():
+    q, k, v = torch.randn(3, 2, 8, 5).unbind(0)  # [N=2, C=8, L=5]
+    w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / math.sqrt(8), dim=-1)
+    expected = torch.einsum("nqk,nck->ncq", w, v)
+    torch.testing.assert_close(attention(q, k, v), expected)
+
+
+def test_resampling_with_box_filter():
+    x = torch.randn(2, 4, 6, 6)
+    down = Conv2d(4, 4, kernel=0, down=True)
+    up = Conv2d(4, 4, kernel=0, up=True)
+    torch.testing.assert_close(down(x), F.avg_pool2d(x, 2))
+    torch.testing.assert_close(up(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+    # Fused up-sampling conv equals resample-then-conv for the [1, 1] filter.
+    fused = Conv2d(4, 5, kernel=3, up=True, fused_resample=True)
+    plain = Conv2d(4, 5, kernel=3, up=True)
+    plain.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(fused(x), plain(x))
+    fused_down = Conv2d(4, 5, kernel=3, down=True, fused_resample=True)
+    assert fused_down(x).shape == (2, 5, 3, 3)
+
+
+def test_positional_embedding_formula():
+    emb = PositionalEmbedding(4, max_positions=100, endpoint=True)(torch.tensor([2.0]))
+    freqs = torch.tensor([1.0, 0.01])  # (1/100)^(i/(2-1)), i = 0, 1
+    torch.testing.assert_close(emb[0], torch.cat([(2 * freqs).cos(), (2 * freqs).sin()]))
+
+
+@pytest.mark.parametrize("make", [tiny_song, tiny_adm], ids=["song", "adm"])
+def test_step_condition_adds_only_new_layers(make):
+    torch.manual_seed(0)
+    teacher = randomize(make()).eval()
+    student = make(step_condition=True)
+    result = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(
+        f"{STEP_KEY_PREFIX}{i}.{p}" for i in (0, 1) for p in ("weight", "bias"))
+    assert all(k.startswith(STEP_KEY_PREFIX) for k in set(student.state_dict()) - set(teacher.state_dict()))
+
+
+@pytest.mark.parametrize("make", [tiny_song, tiny_adm], ids=["song", "adm"])
+def test_fresh_step_student_equals_teacher(make):
+    torch.manual_seed(0)
+    teacher = randomize(make()).eval()
+    student = make(step_condition=True).eval()
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = teacher(x, 3.0, step=5)  # a teacher ignores the step
+        for step in (4, torch.tensor([4, 7]), torch.tensor(6)):
+            torch.testing.assert_close(student(x, 3.0, step=step), ref)
+        with pytest.raises(ValueError, match="step-conditioned"):
+            student(x, 3.0)
+        # Once the zero-initialised layer has learnt something, the step matters.
+        student.model.map_step1.weight.normal_()
+        assert not torch.allclose(student(x, 3.0, step=4), student(x, 3.0, step=7))
