@@ -7,14 +7,21 @@ from sfd.teachers import GaussianMixture
 
 
 def test_samples_do_not_depend_on_batch_size():
+    seeds = list(range(10, 24))
+    # The noise of a seed is bit-identical whatever batch it is drawn in.
+    assert torch.equal(seed_noise(seeds, (1, 4, 4))[3:5], seed_noise(seeds[3:5], (1, 4, 4)))
+    # An exact float64 teacher gives bit-identical samples for batch sizes 1 and 7 ...
+    gmm = GaussianMixture.random(3, (1, 4, 4), seed=0)
+    grid = GridSpec(num_steps=4, afs=True)
+    a, _ = generate(gmm, grid, seeds, (1, 4, 4), batch_size=1)
+    b, _ = generate(gmm, grid, seeds, (1, 4, 4), batch_size=7)
+    assert torch.equal(a, b)
+    # ... and a float32 network agrees to rounding (BLAS picks other kernels for other batch shapes).
     torch.manual_seed(0)
     net = MLPDenoiser((1, 4, 4)).eval()
-    seeds = list(range(10, 24))
-    a, _ = generate(net, GridSpec(num_steps=4, afs=True), seeds, (1, 4, 4), batch_size=1)
-    b, _ = generate(net, GridSpec(num_steps=4, afs=True), seeds, (1, 4, 4), batch_size=7)
-    assert torch.equal(a, b)
-    c, _ = generate(net, GridSpec(num_steps=4, afs=True), seeds[3:5], (1, 4, 4), batch_size=7)
-    assert torch.equal(a[3:5], c)
+    a, _ = generate(net, grid, seeds, (1, 4, 4), batch_size=1)
+    b, _ = generate(net, grid, seeds, (1, 4, 4), batch_size=7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_student_sampling_is_euler_with_afs_from_seed_noise():
