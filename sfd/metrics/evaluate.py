@@ -1,0 +1,196 @@
+"""One evaluation entry for every row of the paper's tables: a distilled student at its NFE, or a teacher
+sampled with a named solver (the "solver-based methods" rows).
+
+Seeds 0..n-1 each draw their own noise (and class), so sample i is the same image whatever the batch size.
+Samples are produced batch by batch and folded into running statistics, so 50k CIFAR samples never sit in
+memory at once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sfd import solvers
+from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, teacher_reference
+from sfd.sampling import GridSpec, generate
+
+METRICS = ("fid", "fd_digits", "pixel_fd", "class_accuracy", "teacher_gap")
+DIGITS_ONLY = ("fd_digits", "pixel_fd", "class_accuracy")
+FID_NUM_SAMPLES = 50_000
+SMALL_NUM_SAMPLES = 1_000
+
+
+@dataclass
+class Sampler:
+    """What to sample: a network, a grid and the solver that walks it (Euler for a student)."""
+
+    net: Callable
+    grid: GridSpec
+    solver: str = "euler"
+    step: int | None = None  # SFD-v step condition
+    guidance: float = 1.0
+    num_classes: int = 0
+    solver_opts: dict = field(default_factory=dict)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample; guidance != 1 evaluates the model twice per call."""
+        n = solvers.nfe(self.solver, self.grid.num_steps, self.grid.afs)
+        return 2 * n if (self.num_classes and self.guidance != 1.0) else n
+
+    def sample(self, seeds, shape, *, device, batch_size: int, precision: str = "fp32", class_labels=None):
+        return generate(self.net, self.grid, seeds, shape, solver=self.solver, num_classes=self.num_classes,
+                        class_labels=class_labels, guidance=self.guidance, step=self.step,
+                        batch_size=batch_size, device=device, precision=precision, solver_opts=self.solver_opts)
+
+
+def student_sampler(net, grid: GridSpec, *, step: int | None = None, guidance: float = 1.0,
+                    num_classes: int = 0) -> Sampler:
+    return Sampler(net=net, grid=grid, solver="euler", step=step, guidance=guidance, num_classes=num_classes)
+
+
+def solver_sampler(net, solver: str, nfe: int, *, afs: bool = False, schedule: str = "polynomial",
+                   t_min: float = 0.002, t_max: float = 80.0, rho: float = 7.0, guidance: float = 1.0,
+                   num_classes: int = 0, solver_opts: dict | None = None) -> Sampler:
+    """A teacher sampled with `solver` on the grid that costs exactly `nfe` evaluations."""
+    grid = GridSpec(num_steps=solvers.num_steps_for_nfe(solver, nfe, afs), afs=afs, schedule=schedule,
+                    t_min=t_min, t_max=t_max, rho=rho)
+    return Sampler(net=net, grid=grid, solver=solver, guidance=guidance, num_classes=num_classes,
+                   solver_opts=dict(solver_opts or {}))
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    grid_image: "object"  # PIL.Image.Image
+    num_samples: int
+    seconds: float
+
+
+def default_num_samples(teacher, metrics) -> int:
+    return FID_NUM_SAMPLES if "fid" in metrics else SMALL_NUM_SAMPLES
+
+
+def check_metrics(metrics, teacher, sampler: Sampler | None = None) -> None:
+    """Clear errors before sampling: unknown names, digits metrics on other data, accuracy without classes."""
+    for m in metrics:
+        if m not in METRICS:
+            raise ValueError(f"unknown metric {m!r}; choose from {list(METRICS)}")
+        if m in DIGITS_ONLY and teacher.dataset != "digits":
+            raise ValueError(f"metric {m!r} is defined for the embedded digits teachers only, not {teacher.name!r}")
+    if "class_accuracy" in metrics and not teacher.num_classes:
+        raise ValueError("class_accuracy needs a class-conditional teacher")
+
+
+class _FID:
+    """Inception pool3 statistics of the samples vs the dataset's reference statistics (EDM's fid-refs)."""
+
+    def __init__(self, teacher, device, weights_path=None, ref_path=None):
+        from sfd.assets import require
+        from sfd.metrics.fd import FeatureStats, load_stats
+        from sfd.metrics.inception import InceptionFeatures
+        from sfd.teachers.registry import FID_REFS
+
+        if teacher.dataset not in FID_REFS:
+            raise ValueError(f"no FID reference statistics are registered for dataset {teacher.dataset!r}")
+        self.ref = load_stats(require(FID_REFS[teacher.dataset], path=ref_path))
+        self.features = InceptionFeatures(weights_path, device=device)
+        self.stats = FeatureStats()
+
+    def update(self, samples: torch.Tensor) -> None:
+        from sfd.metrics.inception import to_uint8
+
+        self.stats.update(self.features(to_uint8(samples)))
+
+    def result(self) -> float:
+        from sfd.metrics.fd import frechet_distance
+
+        return frechet_distance(self.stats.mu, self.stats.sigma, *self.ref)
+
+
+def _sample_grid(samples: torch.Tensor, n: int = 64):
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from sfd.metrics.inception import to_uint8
+
+    x = samples[:n]
+    grid = make_grid(to_uint8(x), nrow=int(len(x) ** 0.5 + 0.999), padding=1, pad_value=0)
+    arr = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+def evaluate(
+    sampler: Sampler,
+    teacher,
+    metrics,
+    num_samples: int | None = None,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    progress: bool = True,
+    gap_solver: str = GAP_SOLVER,
+    gap_nfe: int = GAP_NFE,
+    inception_weights=None,
+    fid_ref=None,
+    class_labels=None,
+) -> EvalResult:
+    """Sample seeds 0..num_samples-1 and compute `metrics` (see METRICS). Returns the metrics and a grid image."""
+    from tqdm.auto import tqdm
+
+    metrics = list(metrics)
+    check_metrics(metrics, teacher, sampler)
+    num_samples = num_samples or default_num_samples(teacher, metrics)
+    fid = _FID(teacher, device, inception_weights, fid_ref) if "fid" in metrics else None  # fails early
+    start = time.perf_counter()
+    kept, classes, gaps, first = [], [], [], None
+    bar = tqdm(total=num_samples, desc=f"evaluate (NFE {sampler.nfe})", disable=not progress, leave=False)
+    for lo in range(0, num_samples, batch_size):
+        seeds = list(range(lo, min(lo + batch_size, num_samples)))
+        labels = None if class_labels is None else class_labels[lo:lo + len(seeds)]
+        samples, cls = sampler.sample(seeds, teacher.shape, device=device, batch_size=batch_size,
+                                      precision=precision, class_labels=labels)
+        samples = samples.clamp(-1, 1)
+        first = samples if first is None else first
+        if fid is not None:
+            fid.update(samples)
+        if teacher.dataset == "digits":
+            kept.append(samples)
+        if cls is not None:
+            classes.append(cls)
+        if "teacher_gap" in metrics:
+            ref = teacher_reference(teacher.net, sampler.grid, seeds, teacher.shape, solver=gap_solver, nfe=gap_nfe,
+                                    num_classes=sampler.num_classes, guidance=sampler.guidance,
+                                    class_labels=labels, batch_size=batch_size, device=device,
+                                    precision=precision)
+            gaps.append(per_sample_rmse(samples, ref.clamp(-1, 1)))
+        bar.update(len(seeds))
+    bar.close()
+    results = _finish(metrics, fid, kept, classes, gaps)
+    return EvalResult(metrics=results, grid_image=_sample_grid(first), num_samples=num_samples,
+                      seconds=time.perf_counter() - start)
+
+
+def _finish(metrics, fid, kept, classes, gaps) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if fid is not None:
+        out["fid"] = fid.result()
+    if kept:
+        from sfd.metrics import digits
+
+        images = torch.cat(kept)
+        if "fd_digits" in metrics:
+            out["fd_digits"] = digits.fd_digits(images)
+        if "pixel_fd" in metrics:
+            out["pixel_fd"] = digits.pixel_fd(images)
+        if "class_accuracy" in metrics:
+            out["class_accuracy"] = digits.class_accuracy(images, torch.cat(classes))
+    if gaps:
+        rmse = torch.cat(gaps)
+        out["teacher_gap_mean"] = float(rmse.mean())
+        out["teacher_gap_std"] = float(rmse.std()) if len(rmse) > 1 else 0.0
+    return out

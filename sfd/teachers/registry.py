@@ -1,0 +1,218 @@
+"""Teachers by name, so configs and studies name them by string.
+
+`get_teacher(name)` returns a `Teacher`: the denoiser network plus what a run needs to know about it (sample
+shape, classes, time range, default metric, where real training images come from for Algorithm 1).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from sfd.teachers.gmm import GaussianMixture
+
+# name -> (description, EDM architecture key or None, dataset, checkpoint asset, default metric, data asset)
+_EDM_TEACHERS = {
+    "cifar10-uncond": ("EDM CIFAR-10 32x32 unconditional (DDPM++ VP, 56M params)", "edm-cifar10-32x32-uncond-vp",
+                       "cifar10", "fid", "cifar10-train"),
+    "ffhq64-uncond": ("EDM FFHQ 64x64 unconditional (DDPM++ VP)", "edm-ffhq-64x64-uncond-vp", "ffhq64", "fid", None),
+    "afhqv2-64-uncond": ("EDM AFHQv2 64x64 unconditional (DDPM++ VP)", "edm-afhqv2-64x64-uncond-vp", "afhqv2-64",
+                         "fid", None),
+    "imagenet64-cond": ("EDM ImageNet 64x64 class-conditional (ADM, 1000 classes)", "edm-imagenet-64x64-cond-adm",
+                        "imagenet64", "fid", None),
+}
+TEACHERS: dict[str, str] = {
+    "digits": "embedded: small EDM SongUNet trained on scikit-learn's 8x8 digits (unconditional)",
+    "digits-cond": "embedded: the same, class-conditional (10 labels, label dropout for guidance)",
+    "gmm-<k>": "analytic: 2-D Gaussian mixture with k components (exact denoiser)",
+    "gmm-img-<k>": "analytic: 1x8x8 'image' Gaussian mixture with k components (exact denoiser)",
+    **{name: spec[0] for name, spec in _EDM_TEACHERS.items()},
+}
+# FID reference statistics per dataset (EDM's fid-refs).
+FID_REFS = {"cifar10": "fid-ref-cifar10-32x32", "imagenet64": "fid-ref-imagenet-64x64",
+            "ffhq64": "fid-ref-ffhq-64x64", "afhqv2-64": "fid-ref-afhqv2-64x64"}
+
+
+@dataclass
+class Teacher:
+    name: str
+    net: torch.nn.Module
+    shape: tuple[int, ...]
+    num_classes: int = 0
+    t_min: float = 0.006
+    t_max: float = 80.0
+    dataset: str = "gmm"
+    default_metric: str = "teacher_gap"
+    smoke: bool = False
+    init_kwargs: dict | None = None  # EDMPrecond kwargs, to build SFD-v students
+    data_fn: Callable[[int, int], Iterator] | None = field(default=None, repr=False)
+    student_fn: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)  # non-copy students
+    description: str = ""
+
+    def make_student(self, step_condition: bool = False) -> torch.nn.Module:
+        """A trainable copy of the teacher (train mode). With `step_condition`, an SFD-v student: the same
+        network plus new step layers, every other weight loaded from the teacher."""
+        if step_condition:
+            return make_step_conditioned(self.net, self.init_kwargs)
+        if self.student_fn is not None:
+            return self.student_fn().requires_grad_(True).train()
+        student = copy.deepcopy(self.net)
+        return student.requires_grad_(True).train()
+
+    def data(self, batch_size: int, seed: int = 0) -> Iterator:
+        """Real images for Algorithm 1, as an endless iterator of batches (images, labels or None)."""
+        if self.data_fn is None:
+            raise ValueError(f"teacher {self.name!r} has no training-image source for Algorithm 1")
+        return self.data_fn(batch_size, seed)
+
+
+def make_step_conditioned(net: torch.nn.Module, init_kwargs: dict | None) -> torch.nn.Module:
+    from sfd.networks.edm import STEP_KEY_PREFIX, EDMPrecond
+
+    if init_kwargs is None:
+        raise ValueError("SFD-v needs an EDM network whose init kwargs are known")
+    student = EDMPrecond(**{**init_kwargs, "step_condition": True}).to(next(net.parameters()).device)
+    result = student.load_state_dict(net.state_dict(), strict=False)
+    unexpected_new = [k for k in result.missing_keys if not k.startswith(STEP_KEY_PREFIX)]
+    if result.unexpected_keys or unexpected_new:
+        raise RuntimeError(f"teacher weights do not fit the SFD-v student: missing {unexpected_new}, "
+                           f"unexpected {result.unexpected_keys}")
+    return student.requires_grad_(True).train()
+
+
+# ----- data sources -------------------------------------------------------------------------------------
+
+def _endless(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, seed: int) -> Iterator:
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(images), generator=g)
+        for i in range(0, len(perm) - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield images[idx], (labels[idx] if labels is not None else None)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickled dicts of numpy arrays: allow exactly what rebuilds those."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"CIFAR-10 batch asks for {module}.{name}, which is not allowed")
+        return super().find_class(module, name)
+
+
+def load_cifar10_train(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 50,000 CIFAR-10 training images in [-1, 1] [N, 3, 32, 32] and labels, from cifar-10-python.tar.gz."""
+    images, labels = [], []
+    with tarfile.open(path, "r:gz") as tar:
+        for i in range(1, 6):
+            member = tar.extractfile(f"cifar-10-batches-py/data_batch_{i}")
+            batch = _CifarUnpickler(io.BytesIO(member.read()), encoding="bytes").load()
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch[b"labels"])
+    x = torch.from_numpy(np.concatenate(images)).float() / 127.5 - 1.0
+    return x, torch.tensor(labels)
+
+
+# ----- construction -------------------------------------------------------------------------------------
+
+def _gmm_teacher(name: str, k: int, image: bool, device) -> Teacher:
+    """An analytic mixture; its student is a small MLP denoiser (there is no network to copy)."""
+    from sfd.networks.mlp import MLPDenoiser
+
+    shape = (1, 8, 8) if image else (2,)
+    gmm = GaussianMixture.random(k, shape, spread=0.7, std=0.05 if image else 0.08, seed=k).to(device)
+    return Teacher(name=name, net=gmm, shape=shape, dataset="gmm", default_metric="teacher_gap",
+                   description=TEACHERS["gmm-img-<k>" if image else "gmm-<k>"],
+                   student_fn=lambda: MLPDenoiser(shape, hidden=128, depth=3).to(device),
+                   data_fn=lambda b, s: _endless(gmm.sample(max(4096, b), torch.Generator().manual_seed(s)),
+                                                 None, b, s))
+
+
+def _digits_teacher(name: str, device) -> Teacher:
+    from sfd.metrics.digits import load_digits_data
+    from sfd.teachers.embedded import load_embedded_teacher
+
+    net = load_embedded_teacher(name, device=device)
+    cond = name == "digits-cond"
+    images, labels = load_digits_data()
+    return Teacher(name=name, net=net, shape=(1, 8, 8), num_classes=10 if cond else 0, dataset="digits",
+                   default_metric="fd_digits", init_kwargs=getattr(net, "init_kwargs", None), description=TEACHERS[name],
+                   data_fn=lambda b, s: _endless(images, labels if cond else None, b, s))
+
+
+def _edm_teacher(name: str, path, device, smoke: bool) -> Teacher:
+    from sfd.assets import require
+    from sfd.networks.edm import EDM_CONFIGS, EDMPrecond
+
+    description, arch, dataset, metric, data_asset = _EDM_TEACHERS[name]
+    kwargs = dict(EDM_CONFIGS[arch])
+    if smoke:
+        torch.manual_seed(0)
+        net = EDMPrecond(**kwargs)
+    else:
+        from sfd.teachers.edm_pickle import load_edm_pickle
+
+        net = load_edm_pickle(require(arch, path=path))
+        kwargs = getattr(net, "init_kwargs", None) or kwargs
+    net = net.to(device).eval().requires_grad_(False)
+    shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
+
+    def data_fn(batch_size: int, seed: int) -> Iterator:
+        if smoke:  # random stand-in images: the smoke run proves the wiring, not the numbers
+            g = torch.Generator().manual_seed(seed)
+            return _endless(torch.rand(64, *shape, generator=g) * 2 - 1, None, batch_size, seed)
+        if data_asset is None:
+            raise ValueError(f"no training-image asset is registered for {name}; Algorithm 1 cannot run on it")
+        images, _ = load_cifar10_train(require(data_asset))
+        return _endless(images, None, batch_size, seed)
+
+    return Teacher(name=name, net=net, shape=shape, num_classes=kwargs.get("label_dim", 0), dataset=dataset,
+                   default_metric=metric, smoke=smoke, init_kwargs=kwargs, data_fn=data_fn,
+                   description=description)
+
+
+_GMM = re.compile(r"gmm-(img-)?(\d+)$")
+
+
+def check_teacher_name(name: str) -> None:
+    if name in ("digits", "digits-cond") or name in _EDM_TEACHERS or _GMM.match(name):
+        return
+    raise ValueError(f"unknown teacher {name!r}; choose one of {sorted(TEACHERS)}")
+
+
+def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None:
+    """Raise MissingAssetError (asset, paths searched, fetch command) before any run is created."""
+    check_teacher_name(name)
+    if name not in _EDM_TEACHERS:
+        return
+    from sfd.assets import require
+
+    require(_EDM_TEACHERS[name][1], path=path)
+    if needs_data:
+        data_asset = _EDM_TEACHERS[name][4]
+        if data_asset is None:
+            raise ValueError(f"no training-image asset is registered for {name}; Algorithm 1 cannot run on it")
+        require(data_asset)
+
+
+def get_teacher(name: str, *, path=None, device: str | torch.device = "cpu", smoke: bool = False) -> Teacher:
+    """A teacher by name (see TEACHERS). `path` overrides where an EDM checkpoint is looked for; `smoke`
+    gives a randomly initialised network of the teacher's architecture (no asset needed)."""
+    check_teacher_name(name)
+    match = _GMM.match(name)
+    if match:
+        return _gmm_teacher(name, int(match.group(2)), bool(match.group(1)), device)
+    if name in ("digits", "digits-cond"):
+        return _digits_teacher(name, device)
+    return _edm_teacher(name, path, device, smoke)

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from sfd.metrics.evaluate import evaluate, solver_sampler, student_sampler
+from sfd.metrics.gap import per_sample_rmse, reference_grid
+from sfd.sampling import GridSpec
+from sfd.solvers import nfe
+from sfd.teachers import get_teacher
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return get_teacher("gmm-img-4")
+
+
+def test_solver_sampler_costs_the_asked_nfe(gmm):
+    for solver, n, afs in [("euler", 5, False), ("heun", 10, False), ("dpm2", 5, True), ("dpmpp3m", 4, True)]:
+        s = solver_sampler(gmm.net, solver, n, afs=afs)
+        assert s.nfe == n == nfe(solver, s.grid.num_steps, afs)
+    assert student_sampler(gmm.net, GridSpec(num_steps=4, afs=True), guidance=2.0, num_classes=10).nfe == 4
+
+
+def test_teacher_gap_is_zero_for_the_reference_itself_and_shrinks_with_nfe(gmm):
+    ref = reference_grid(GridSpec(t_min=0.006))
+    exact = solver_sampler(gmm.net, "dpmpp3m", ref.num_steps - 1, t_min=0.006)
+    r = evaluate(exact, gmm, ["teacher_gap"], 16, progress=False)
+    assert r.metrics["teacher_gap_mean"] == pytest.approx(0.0, abs=1e-6)
+    coarse = evaluate(solver_sampler(gmm.net, "dpmpp3m", 5, t_min=0.006), gmm, ["teacher_gap"], 64, progress=False)
+    fine = evaluate(solver_sampler(gmm.net, "dpmpp3m", 20, t_min=0.006), gmm, ["teacher_gap"], 64, progress=False)
+    assert fine.metrics["teacher_gap_mean"] < 0.5 * coarse.metrics["teacher_gap_mean"]
+    assert r.grid_image.size[0] > 8 and r.num_samples == 16
+
+
+def test_results_do_not_depend_on_batch_size(gmm):
+    s = solver_sampler(gmm.net, "heun", 6)
+    a = evaluate(s, gmm, ["teacher_gap"], 20, batch_size=20, progress=False).metrics
+    b = evaluate(s, gmm, ["teacher_gap"], 20, batch_size=3, progress=False).metrics
+    assert a == pytest.approx(b, abs=1e-9)
+
+
+def test_per_sample_rmse():
+    a = torch.zeros(2, 1, 2, 2)
+    b = torch.tensor([[1.0, 1, 1, 1], [2.0, 0, 0, 0]]).reshape(2, 1, 2, 2)
+    assert per_sample_rmse(a, b).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_metric_checks(gmm):
+    s = solver_sampler(gmm.net, "euler", 4)
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(s, gmm, ["is"], 4)
+    with pytest.raises(ValueError, match="digits"):
+        evaluate(s, gmm, ["fd_digits"], 4)
+    with pytest.raises(ValueError, match="digits"):
+        evaluate(s, gmm, ["class_accuracy"], 4)
+
+
+def test_unknown_teacher_is_named():
+    with pytest.raises(ValueError, match="unknown teacher"):
+        get_teacher("cifar100")
