@@ -1,0 +1,372 @@
+"""Named assets (teacher checkpoints, FID reference statistics, feature-extractor weights, data sets).
+
+Nothing here touches the network unless ``fetch`` is called (or ``python -m sfd.assets fetch NAME``).
+Look-up is local: ``$SFD_HOME`` (default ``~/.cache/sfd``) plus any folder an asset names, e.g. torch
+hub's checkpoint cache, where torchvision and torch-fidelity look for their weights. A missing asset
+is a ``MissingAssetError`` that says what was searched and how to get the file.
+
+    python -m sfd.assets list
+    python -m sfd.assets path edm-cifar10-32x32-uncond-vp
+    python -m sfd.assets fetch edm-cifar10-32x32-uncond-vp [--url URL] [--dest DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = [
+    "Asset", "AssetError", "UnknownAssetError", "MissingAssetError", "AssetDownloadError", "AssetChecksumError",
+    "ASSETS", "register", "unregister", "get", "sfd_home", "torch_hub_checkpoints", "asset_path", "require",
+    "fetch", "verify", "main",
+]
+
+EDM_PRETRAINED = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+EDM_FID_REFS = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
+CHUNK = 1 << 20
+
+
+class AssetError(Exception):
+    """Base class of this module's errors; their messages are one line, fit for a CLI."""
+
+
+class UnknownAssetError(AssetError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingAssetError(AssetError, FileNotFoundError):
+    pass
+
+
+class AssetDownloadError(AssetError, ConnectionError):
+    pass
+
+
+class AssetChecksumError(AssetError, ValueError):
+    pass
+
+
+def sfd_home() -> Path:
+    """The asset folder: ``$SFD_HOME``, else ``~/.cache/sfd`` (read at call time, not import time)."""
+    return Path(os.environ.get("SFD_HOME") or "~/.cache/sfd").expanduser()
+
+
+def torch_hub_checkpoints() -> Path:
+    """``torch.hub.get_dir()/checkpoints``: where torchvision and torch-fidelity look for their weights."""
+    try:
+        import torch.hub  # lazy: importing torch is slow and this module must stay light
+        return Path(torch.hub.get_dir()) / "checkpoints"
+    except ImportError:  # same rule as torch.hub.get_dir, without torch
+        torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+        return Path(torch_home).expanduser() / "hub" / "checkpoints"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One downloadable file. Checksums and sizes are given only where known for sure; else None."""
+
+    name: str
+    filename: str
+    url: str
+    description: str = ""
+    sha256: str | None = None
+    sha256_prefix: str | None = None  # torch hub convention: name-<sha256 prefix>.ext, checked by torchvision
+    md5: str | None = None
+    size: int | None = None
+    subdir: str = ""  # folder under $SFD_HOME
+    extra_dirs: tuple[Callable[[], Path], ...] = ()  # more folders to search, e.g. torch hub's cache
+    default_dir: Callable[[], Path] | None = None  # where fetch puts it; None: $SFD_HOME/subdir
+    how_to_get: str = ""  # extra manual instructions
+
+    def home_dir(self) -> Path:
+        return sfd_home() / self.subdir if self.subdir else sfd_home()
+
+    def fetch_dir(self) -> Path:
+        return self.default_dir() if self.default_dir is not None else self.home_dir()
+
+    def search_paths(self) -> list[Path]:
+        dirs = [self.home_dir(), sfd_home(), *(d() for d in self.extra_dirs)]
+        if self.default_dir is not None:
+            dirs.append(self.default_dir())
+        paths: list[Path] = []
+        for d in dirs:
+            p = d / self.filename
+            if p not in paths:
+                paths.append(p)
+        return paths
+
+
+ASSETS: dict[str, Asset] = {}
+
+
+def register(asset: Asset, *, replace: bool = False) -> Asset:
+    if asset.name in ASSETS and not replace:
+        raise ValueError(f"asset {asset.name!r} is already registered")
+    ASSETS[asset.name] = asset
+    return asset
+
+
+def unregister(name: str) -> None:
+    ASSETS.pop(name, None)
+
+
+def get(name: str) -> Asset:
+    try:
+        return ASSETS[name]
+    except KeyError:
+        raise UnknownAssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}") from None
+
+
+def _edm(name: str, what: str) -> Asset:
+    return Asset(name=name, filename=f"{name}.pkl", url=EDM_PRETRAINED + f"{name}.pkl", subdir="edm",
+                 description=f"EDM teacher: {what} (NVlabs pickle; loaded safely by sfd.teachers.load_edm_pickle)")
+
+
+def _fid_ref(dataset: str) -> Asset:
+    return Asset(name=f"fid-refs-{dataset}", filename=f"{dataset}.npz", url=EDM_FID_REFS + f"{dataset}.npz",
+                 subdir="fid-refs", description=f"FID reference statistics (mu, sigma) for {dataset}, EDM's")
+
+
+for _asset in (
+    _edm("edm-cifar10-32x32-uncond-vp", "CIFAR-10 32x32 unconditional, DDPM++ (SongUNet)"),
+    _edm("edm-ffhq-64x64-uncond-vp", "FFHQ 64x64 unconditional, DDPM++ (SongUNet)"),
+    _edm("edm-afhqv2-64x64-uncond-vp", "AFHQv2 64x64 unconditional, DDPM++ (SongUNet)"),
+    _edm("edm-imagenet-64x64-cond-adm", "ImageNet 64x64 class-conditional, ADM (DhariwalUNet)"),
+    _fid_ref("cifar10-32x32"),
+    _fid_ref("imagenet-64x64"),
+    _fid_ref("ffhq-64x64"),
+    _fid_ref("afhqv2-64x64"),
+    Asset(name="inception-2015-12-05", filename="weights-inception-2015-12-05-6726825d.pth",
+          url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+              "weights-inception-2015-12-05-6726825d.pth",
+          description="Inception-v3 FID weights (TF 2015-12-05) as torch-fidelity loads them",
+          default_dir=torch_hub_checkpoints,
+          how_to_get="torch-fidelity looks for it in torch hub's checkpoints folder"),
+    Asset(name="lpips-vgg16", filename="vgg16-397923af.pth",
+          url="https://download.pytorch.org/models/vgg16-397923af.pth",
+          description="torchvision VGG16 ImageNet weights, the LPIPS-VGG trunk", sha256_prefix="397923af",
+          default_dir=torch_hub_checkpoints,
+          how_to_get="torchvision looks for it in torch hub's checkpoints folder"),
+    Asset(name="lpips-alexnet", filename="alexnet-owt-7be5be79.pth",
+          url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+          description="torchvision AlexNet ImageNet weights, the LPIPS-Alex trunk", sha256_prefix="7be5be79",
+          default_dir=torch_hub_checkpoints,
+          how_to_get="torchvision looks for it in torch hub's checkpoints folder"),
+    Asset(name="cifar10-train", filename="cifar-10-python.tar.gz",
+          url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", subdir="datasets",
+          description="CIFAR-10 (python version): training images for FID reference statistics",
+          md5="c58f30108f718f92721af3b95e74349a", size=170498071),
+):
+    register(_asset)
+del _asset
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Look-up.
+
+def asset_path(name: str) -> Path | None:
+    """The first existing file among the asset's search paths, or None."""
+    for path in get(name).search_paths():
+        if path.is_file():
+            return path
+    return None
+
+
+def _how_to_get(asset: Asset) -> str:
+    extra = f" ({asset.how_to_get})" if asset.how_to_get else ""
+    return (f"get it with `python -m sfd.assets fetch {asset.name}`, or download {asset.url} by hand into "
+            f"{asset.fetch_dir()}{extra}; set SFD_HOME to use another asset folder")
+
+
+def require(name: str, path: str | os.PathLike | None = None) -> Path:
+    """The asset's local file. With ``path`` (a file, or a folder holding the file) only that is checked."""
+    asset = get(name)
+    if path is not None:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / asset.filename
+        if p.is_file():
+            return p
+        raise MissingAssetError(f"asset '{name}' ({asset.filename}) not found at the given path {p}; "
+                                + _how_to_get(asset))
+    found = asset_path(name)
+    if found is not None:
+        return found
+    searched = ", ".join(str(p) for p in asset.search_paths())
+    raise MissingAssetError(f"asset '{name}' ({asset.filename}) not found; searched: {searched}; "
+                            + _how_to_get(asset))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Download.
+
+def verify(asset: Asset, path: Path) -> None:
+    """Check size and checksums where the asset knows them; raise AssetChecksumError on a mismatch."""
+    size = path.stat().st_size
+    if asset.size is not None and size != asset.size:
+        raise AssetChecksumError(f"{path}: size {size} bytes, expected {asset.size} for asset '{asset.name}'")
+    sha = hashlib.sha256() if asset.sha256 or asset.sha256_prefix else None
+    md5 = hashlib.md5() if asset.md5 else None
+    if sha is None and md5 is None:
+        return
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            for h in (sha, md5):
+                if h is not None:
+                    h.update(chunk)
+    problems = []
+    if asset.sha256 and sha.hexdigest() != asset.sha256:
+        problems.append(f"sha256 {sha.hexdigest()} != expected {asset.sha256}")
+    if asset.sha256_prefix and not sha.hexdigest().startswith(asset.sha256_prefix):
+        problems.append(f"sha256 {sha.hexdigest()} does not start with {asset.sha256_prefix}")
+    if asset.md5 and md5.hexdigest() != asset.md5:
+        problems.append(f"md5 {md5.hexdigest()} != expected {asset.md5}")
+    if problems:
+        raise AssetChecksumError(f"{path}: {'; '.join(problems)} (asset '{asset.name}')")
+
+
+def _open(url: str, offset: int, timeout: float):
+    headers = {"User-Agent": "sfd-assets/1"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
+def _download(asset: Asset, url: str, part: Path, progress: bool, timeout: float) -> None:
+    """Append the rest of ``url`` to ``part``, resuming with an HTTP Range request where a part exists."""
+    from tqdm.auto import tqdm
+
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        resp = _open(url, offset, timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # nothing left to send: the part is already complete (or junk)
+            return
+        raise
+    with resp:
+        if offset and resp.status != 206:  # server ignored the range: start over
+            offset = 0
+        length = resp.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else asset.size
+        with open(part, "ab" if offset else "wb") as f, tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=asset.filename, disable=not progress) as bar:
+            received = 0
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if length is not None and received < int(length):
+        raise AssetDownloadError(f"download of {url} stopped after {offset + received} bytes of {total}; "
+                                 f"run the fetch again to resume from {part}")
+
+
+def _resume_note(part: Path) -> str:
+    if part.is_file() and part.stat().st_size:
+        return f"; the next fetch resumes from {part} ({part.stat().st_size} bytes)"
+    return ""
+
+
+def fetch(name: str, dest_dir: str | os.PathLike | None = None, url: str | None = None, *,
+          progress: bool = True, timeout: float = 60.0, force: bool = False) -> Path:
+    """Download an asset to ``dest_dir`` (default: where the asset is looked for) and return its path.
+
+    Writes ``<file>.part`` first, resumes a partial ``.part`` with a Range request, checks size and
+    checksum where known (a mismatch deletes the part), then renames atomically.
+    """
+    asset = get(name)
+    url = url or asset.url
+    dest = Path(dest_dir).expanduser() if dest_dir is not None else asset.fetch_dir()
+    final = dest / asset.filename
+    if final.is_file() and not force:
+        try:
+            verify(asset, final)
+        except AssetChecksumError as e:
+            raise AssetChecksumError(f"{e}; delete it (or fetch with force=True) to download it again") from None
+        return final
+    dest.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(final.name + ".part")
+    try:
+        _download(asset, url, part, progress, timeout)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+        if isinstance(e, AssetError):
+            raise
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
+        raise AssetDownloadError(f"could not download asset '{name}' from {url}: {reason}; without network access, "
+                                 f"download it on another machine and copy it to {final} (or pass its path "
+                                 f"explicitly); --url takes a mirror{_resume_note(part)}") from None
+    try:
+        verify(asset, part)
+    except AssetChecksumError as e:
+        part.unlink(missing_ok=True)
+        raise AssetChecksumError(f"refused the download of '{name}' from {url}: {e}; the partial file was "
+                                 "deleted") from None
+    os.replace(part, final)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI.
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "?"
+
+
+def _cmd_list() -> None:
+    width = max(len(n) for n in ASSETS)
+    for name in sorted(ASSETS):
+        asset, path = ASSETS[name], asset_path(name)
+        where = str(path) if path else "missing"
+        print(f"{name:<{width}}  {_size(asset.size):>10}  {where}\n{'':<{width}}  {asset.description}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sfd.assets", description="Named SFD assets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list assets and whether they are present")
+    p_path = sub.add_parser("path", help="print an asset's local path")
+    p_path.add_argument("name")
+    p_fetch = sub.add_parser("fetch", help="download an asset")
+    p_fetch.add_argument("name")
+    p_fetch.add_argument("--url", help="download from this URL instead (a mirror)")
+    p_fetch.add_argument("--dest", help="folder to put the file in")
+    p_fetch.add_argument("--no-progress", action="store_true")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its usage message
+        return int(e.code or 0)
+    try:
+        if args.command == "list":
+            _cmd_list()
+        elif args.command == "path":
+            print(require(args.name))
+        else:
+            print(fetch(args.name, dest_dir=args.dest, url=args.url, progress=not args.no_progress))
+    except AssetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `list | head`
+        return 0
+    except KeyboardInterrupt:
+        print("error: interrupted; run the fetch again to resume", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
