@@ -132,7 +132,7 @@ def _edm(name: str, what: str) -> Asset:
 
 
 def _fid_ref(dataset: str) -> Asset:
-    return Asset(name=f"fid-refs-{dataset}", filename=f"{dataset}.npz", url=EDM_FID_REFS + f"{dataset}.npz",
+    return Asset(name=f"fid-ref-{dataset}", filename=f"{dataset}.npz", url=EDM_FID_REFS + f"{dataset}.npz",
                  subdir="fid-refs", description=f"FID reference statistics (mu, sigma) for {dataset}, EDM's")
 
 

@@ -104,8 +104,8 @@ def sha256(data: bytes) -> str:
 
 def test_registry_has_the_project_assets():
     expected = {"edm-cifar10-32x32-uncond-vp", "edm-ffhq-64x64-uncond-vp", "edm-afhqv2-64x64-uncond-vp",
-                "edm-imagenet-64x64-cond-adm", "fid-refs-cifar10-32x32", "fid-refs-imagenet-64x64",
-                "fid-refs-ffhq-64x64", "fid-refs-afhqv2-64x64", "inception-2015-12-05", "lpips-vgg16",
+                "edm-imagenet-64x64-cond-adm", "fid-ref-cifar10-32x32", "fid-ref-imagenet-64x64",
+                "fid-ref-ffhq-64x64", "fid-ref-afhqv2-64x64", "inception-2015-12-05", "lpips-vgg16",
                 "lpips-alexnet", "cifar10-train"}
     assert expected <= set(assets.ASSETS)
     for name in expected:
@@ -243,7 +243,7 @@ def test_cli(home, server, temp_asset, capsys):
 
 def test_module_entry_point(tmp_path):
     env = {"SFD_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "sfd.assets", "path", "fid-refs-cifar10-32x32"],
+    r = subprocess.run([sys.executable, "-m", "sfd.assets", "path", "fid-ref-cifar10-32x32"],
                        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.count("\n") == 1 and "python -m sfd.assets fetch fid-refs-cifar10-32x32" in r.stderr
+    assert r.stderr.count("\n") == 1 and "python -m sfd.assets fetch fid-ref-cifar10-32x32" in r.stderr

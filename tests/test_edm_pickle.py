@@ -141,6 +141,8 @@ def test_roundtrip_equals_source(tmp_path, persistence, protocol):
         sys.modules.pop(name, None)
     net = load_edm_pickle(path)
     assert type(net) is EDMPrecond and not net.training
+    assert net.init_kwargs == {**kwargs, "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": 0.5,
+                               "step_condition": False}
     torch.testing.assert_close(outputs(net), expected, rtol=0, atol=0)
     for k, v in source.state_dict().items():
         assert torch.equal(net.state_dict()[k], v)

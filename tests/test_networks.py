@@ -178,6 +178,13 @@ def test_sigma_forms_agree():
         net(x, torch.ones(3))
 
 
+def test_init_kwargs_rebuild():
+    net = tiny_adm(step_condition=True)
+    again = EDMPrecond(**{**net.init_kwargs})
+    assert shapes(again) == shapes(net) and again.init_kwargs == net.init_kwargs
+    assert net.init_kwargs["step_condition"] is True and net.init_kwargs["channel_mult"] == [2, 4]
+
+
 def test_attributes_kept():
     net = tiny_song(use_fp16=True)
     assert (net.img_resolution, net.img_channels, net.label_dim, net.sigma_data) == (8, 3, 4, 0.5)

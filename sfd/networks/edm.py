@@ -10,6 +10,7 @@ EDM does so, and ``EDMPrecond`` returns float32 like EDM.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Sequence
 
@@ -498,6 +499,7 @@ class EDMPrecond(nn.Module):
     ``labels``: one-hot [B, label_dim] (integer class indices [B] are one-hot encoded); None means the zero
     (null) label, which is what EDM's label dropout trains. ``step`` is used only if ``step_condition``.
     ``use_fp16`` is accepted because EDM pickles record it; mixed precision here comes from torch.autocast.
+    ``init_kwargs`` holds the constructor's arguments, so ``EDMPrecond(**net.init_kwargs)`` rebuilds it.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
@@ -514,6 +516,12 @@ class EDMPrecond(nn.Module):
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
         self.step_condition = bool(step_condition)
+        # Everything needed to rebuild this network (e.g. an SFD-v student from a teacher), like EDM's
+        # persistence records it.
+        self.init_kwargs = copy.deepcopy(dict(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16,
+            sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, model_type=model_type,
+            step_condition=self.step_condition, **model_kwargs))
         self.model = _MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels,
                                          out_channels=img_channels, label_dim=label_dim,
                                          step_condition=step_condition, **model_kwargs)
@@ -524,7 +532,9 @@ class EDMPrecond(nn.Module):
         if labels is None:
             return torch.zeros([batch, self.label_dim], device=device)
         if not labels.is_floating_point() and labels.ndim == 1:
-            labels = F.one_hot(labels.to(device), self.label_dim)
+            # scatter, not F.one_hot: one_hot checks the index range on the host (a device sync).
+            index = labels.to(device=device, dtype=torch.long).unsqueeze(1)
+            labels = torch.zeros([batch, self.label_dim], device=device).scatter_(1, index, 1.0)
         return labels.to(device=device, dtype=torch.float32).reshape(-1, self.label_dim)
 
     def forward(self, x: torch.Tensor, sigma: Any, labels: torch.Tensor | None = None, step: Any = None,
