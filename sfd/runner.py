@@ -1,0 +1,360 @@
+"""One run, start to end: check assets → (MLflow run) → teacher → student → distil → evaluate → log.
+
+    result = run_experiment(load_config("experiments/digits_sfd.yaml"))
+
+Everything that can fail on bad input (config, missing checkpoints / data / metric weights, a first-stage
+model that is not there) fails before the MLflow run exists. Once it exists, any error ends it FAILED with
+the reason (`sfd.error`) and propagates; a diverging loss raises `sfd.distill.DivergedError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfd import config as C
+from sfd.config import ConfigError, RunConfig
+
+# Metrics a smoke run computes instead of ones that need large assets (and mean nothing on a random net).
+SMOKE_METRIC_SUBSTITUTES = {"fid": "teacher_gap"}
+SMOKE_OBJECTIVE_SUBSTITUTES = {"fid": "teacher_gap_mean"}
+SMOKE_ITERATIONS = 2
+SMOKE_BATCH = 2
+SMOKE_SAMPLES = 4
+SMOKE_GAP_NFE = 5
+SMALL_TEACHER_PREFIXES = ("digits", "gmm")  # teachers small enough to keep their student weights in smoke runs
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, float]
+    config: RunConfig
+    objective: list[float] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+# ----- preparation (nothing is created here) ----------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: got {name!r}, but no CUDA device is available here; use device=cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: got {name!r}, but MPS is not available here; use device=cpu or auto")
+    return device
+
+
+def _is_small_teacher(name: str) -> bool:
+    return name.startswith(SMALL_TEACHER_PREFIXES)
+
+
+def default_metrics(teacher_name: str) -> list[str]:
+    """The metric a teacher is judged by when eval.metrics is null (as the registry's `default_metric`)."""
+    if teacher_name.startswith("digits"):
+        return ["fd_digits"]
+    if teacher_name.startswith("gmm"):
+        return ["teacher_gap"]
+    return ["fid"]
+
+
+def _asset_present(name: str) -> bool:
+    from sfd.assets import asset_path
+
+    return asset_path(name) is not None
+
+
+def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
+    """The same run at a wiring-test budget: a random teacher of the right architecture, two iterations of
+    batch 2, four evaluation samples, FID replaced by the teacher gap. Returns the config and notes (tagged
+    on the run) saying what was substituted."""
+    notes: dict[str, str] = {}
+    metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
+    new_metrics = []
+    for m in metrics:
+        sub = SMOKE_METRIC_SUBSTITUTES.get(m, m)
+        if sub != m:
+            notes[f"sfd.smoke.metric.{m}"] = f"{sub} on {SMOKE_SAMPLES} samples (FID needs Inception weights " \
+                                            "and 50k samples; meaningless on a random teacher)"
+        if sub not in new_metrics:
+            new_metrics.append(sub)
+    batch = min(cfg.optim.batch_size, SMOKE_BATCH)
+    updates: dict[str, Any] = {
+        "smoke": True,
+        "optim.batch_size": batch,
+        "optim.total_kimg": SMOKE_ITERATIONS * batch / 1000,
+        "optim.nan_check_every": 1,
+        "eval.metrics": new_metrics,
+        "eval.num_samples": SMOKE_SAMPLES,
+        "eval.batch_size": SMOKE_SAMPLES,
+        "eval.gap_nfe": SMOKE_GAP_NFE,
+        "log.every": SMOKE_ITERATIONS,
+    }
+    if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two
+        updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, min(cfg.sfdv.num_steps_choices)})
+    for key in ("name", "final"):
+        loss = getattr(cfg.loss, key)
+        if loss == "lpips":
+            asset = {"alex": "lpips-alexnet"}.get(cfg.loss.opts.get("net"), "lpips-vgg16")
+            if not _asset_present(asset):
+                updates[f"loss.{key}"] = "l2"
+                notes[f"sfd.smoke.loss.{key}"] = f"l2 instead of lpips ({asset} weights are not installed)"
+    if not _is_small_teacher(cfg.teacher.name):
+        notes["sfd.smoke.student_weights"] = "not saved (a random network of this size is not worth storing)"
+    smoke = C.replace(cfg, updates)
+    return smoke, notes
+
+
+def check_assets(cfg: RunConfig) -> None:
+    """Raise MissingAssetError / ConfigError for anything the run will need but cannot find — before any
+    run or file is created."""
+    from sfd.assets import require
+    from sfd.teachers import check_teacher_assets
+
+    needs_data = cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset"
+    if not cfg.smoke:
+        check_teacher_assets(cfg.teacher.name, cfg.teacher.path, needs_data=needs_data)
+        metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
+        if "fid" in metrics:
+            from sfd.teachers.registry import FID_REFS, _EDM_TEACHERS
+
+            require("inception-2015-12-05")
+            dataset = _EDM_TEACHERS[cfg.teacher.name][2] if cfg.teacher.name in _EDM_TEACHERS else None
+            if dataset not in FID_REFS:
+                raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
+            require(FID_REFS[dataset])
+        for loss in (cfg.loss.name, cfg.loss.final):
+            if loss == "lpips":
+                require({"alex": "lpips-alexnet"}.get(cfg.loss.opts.get("net"), "lpips-vgg16"))
+    if cfg.algorithm == "second-stage":
+        locate_first_stage(cfg.second_stage.first_stage)
+
+
+def prepare(cfg: RunConfig, *, smoke: bool = False) -> tuple[RunConfig, dict[str, str]]:
+    """Validate, apply the smoke budget when asked, check assets. Creates nothing."""
+    C.validate(cfg)
+    notes: dict[str, str] = {}
+    if smoke and not cfg.smoke:
+        cfg, notes = smoke_config(cfg)
+    check_assets(cfg)
+    return cfg, notes
+
+
+# ----- first-stage models (second stage) --------------------------------------------------------------
+
+STUDENT_FILE = "student.safetensors"
+SAMPLING_FILE = "sampling.json"
+
+
+def locate_first_stage(ref: str, tracking_uri: str | None = None) -> Path:
+    """The folder holding a first-stage student's `student.safetensors` + `sampling.json`: `ref` is such a
+    folder, the .safetensors file, or an MLflow run id (its `student/` artifacts are downloaded)."""
+    path = Path(ref).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        path = path.parent
+    if path.is_dir():
+        for name in (STUDENT_FILE, SAMPLING_FILE):
+            if not (path / name).is_file():
+                raise ConfigError(f"second_stage.first_stage: {ref!r} has no {name}; point it at the student/ "
+                                  "folder a first-stage run logged, or give that run's MLflow id")
+        return path
+    from sfd.tracking import get_client
+
+    client = get_client(tracking_uri)
+    try:
+        client.get_run(ref)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types for unknown ids
+        raise ConfigError(f"second_stage.first_stage: got {ref!r}; neither a folder / .safetensors file nor a "
+                          f"run id in the tracking store {client.tracking_uri}") from None
+    dst = Path(tempfile.mkdtemp(prefix="sfd-first-stage-"))
+    try:
+        folder = Path(client.download_artifacts(ref, "student", str(dst)))
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"second_stage.first_stage: run {ref} has no student/ artifacts ({exc})") from None
+    return locate_first_stage(str(folder))
+
+
+def load_first_stage(folder: Path, device) -> tuple[torch.nn.Module, dict]:
+    """The first-stage student network (eval mode, frozen) and its sampling settings."""
+    from safetensors.torch import load_file
+
+    from sfd.teachers import get_teacher
+
+    info = json.loads((folder / SAMPLING_FILE).read_text())
+    base = get_teacher(info["teacher"], path=info.get("teacher_path"), device=device, smoke=info.get("smoke", False))
+    net = base.make_student(step_condition=info.get("step_condition", False))
+    net.load_state_dict(load_file(str(folder / STUDENT_FILE), device=str(device)))
+    return net.eval().requires_grad_(False), info
+
+
+# ----- the run -----------------------------------------------------------------------------------------
+
+def objective_values(metrics: dict[str, float], names: list[str], smoke: bool) -> list[float]:
+    out = []
+    for name in names:
+        key = SMOKE_OBJECTIVE_SUBSTITUTES.get(name, name) if smoke and name not in metrics else name
+        if key not in metrics:
+            raise KeyError(f"objective metric {name!r} was not computed; the run has {sorted(metrics)}")
+        out.append(metrics[key])
+    return out
+
+
+def _loss_curve(history: dict[str, list[tuple[int, float]]]):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    keys = sorted(k for k in history if k.startswith("loss/step_")) or (["loss"] if "loss" in history else [])
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    for key in keys:
+        steps, values = zip(*history[key])
+        ax.plot(steps, values, label=key.removeprefix("loss/").replace("_", " "), lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    if keys and all(v > 0 for k in keys for _, v in history[k]):
+        ax.set_yscale("log")
+    if len(keys) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _sampling_info(cfg: RunConfig, teacher, step_condition: bool) -> dict:
+    grid = dataclasses.asdict(C.grid_spec(cfg))
+    return {
+        "algorithm": cfg.algorithm, "teacher": cfg.teacher.name, "teacher_path": cfg.teacher.path,
+        "smoke": cfg.smoke, "solver": "euler", "nfe": cfg.student.nfe, "grid": grid,
+        "step_condition": step_condition, "step": cfg.num_steps if step_condition else None,
+        "num_steps_choices": cfg.sfdv.num_steps_choices if cfg.algorithm == "sfd-v" else None,
+        "guidance": cfg.student.guidance, "num_classes": teacher.num_classes,
+    }
+
+
+def _save_student(run, student: torch.nn.Module, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
+        save_file(state, str(Path(tmp) / STUDENT_FILE))
+        (Path(tmp) / SAMPLING_FILE).write_text(json.dumps(info, indent=2))
+        run.log_artifact(Path(tmp) / STUDENT_FILE, "student")
+        run.log_artifact(Path(tmp) / SAMPLING_FILE, "student")
+
+
+def _distill_setup(cfg: RunConfig, teacher, device):
+    """(teacher network, student, settings, step condition) for a training algorithm."""
+    from sfd.distill import make_student
+
+    settings = C.to_settings(cfg, num_classes=teacher.num_classes)
+    if cfg.algorithm == "sfd-v":
+        return teacher.net, teacher.make_student(step_condition=True), settings, True
+    if cfg.algorithm != "second-stage":
+        return teacher.net, teacher.make_student(), settings, False
+    first_net, info = load_first_stage(locate_first_stage(cfg.second_stage.first_stage), device)
+    g = info["grid"]
+    expected = (cfg.solver.m + 1) * (cfg.num_steps - 1) + 1
+    mismatch = {k: (g[k], getattr(cfg.student, k)) for k in ("schedule", "t_min", "t_max", "rho")
+                if g[k] != getattr(cfg.student, k)}
+    if g["num_steps"] != expected or mismatch:
+        raise ConfigError(f"second stage: the Euler teacher grid ((solver.m+1)(N-1)+1 = {expected} points) must be "
+                          f"the first stage's own grid (N={g['num_steps']}, {g['schedule']}, t_min={g['t_min']}, "
+                          f"t_max={g['t_max']}, rho={g['rho']}); differs: {mismatch or 'N'}")
+    step_cond = bool(info.get("step_condition"))
+    teacher_step = cfg.second_stage.first_stage_step or (g["num_steps"] if step_cond else None)
+    settings = dataclasses.replace(settings, teacher_afs=g["afs"], teacher_step=teacher_step,
+                                   num_steps_choices=(cfg.num_steps,) if step_cond else None)
+    return first_net, make_student(first_net), settings, step_cond
+
+
+def _evaluate(cfg: RunConfig, teacher, net, step_condition: bool, device, *, num_steps: int | None = None,
+              progress: bool = False):
+    from sfd.metrics.evaluate import evaluate, solver_sampler, student_sampler
+
+    s = cfg.student
+    if cfg.algorithm == "baseline":
+        sampler = solver_sampler(teacher.net, cfg.solver.name, s.nfe, afs=s.afs, schedule=s.schedule,
+                                 t_min=s.t_min, t_max=s.t_max, rho=s.rho, guidance=s.guidance,
+                                 num_classes=teacher.num_classes, solver_opts=cfg.solver.opts)
+    else:
+        n = num_steps or cfg.num_steps
+        sampler = student_sampler(net, C.grid_spec(cfg, n), step=n if step_condition else None,
+                                  guidance=s.guidance, num_classes=teacher.num_classes)
+    e = cfg.eval
+    result = evaluate(sampler, teacher, e.metrics, e.num_samples, batch_size=e.batch_size, device=device,
+                      precision=cfg.precision, progress=progress, gap_solver=e.gap_solver, gap_nfe=e.gap_nfe)
+    return result, sampler.nfe
+
+
+def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progress: bool = False) -> RunResult:
+    """Distil (or, for `baseline`, only sample), evaluate and log one run. See the module docstring."""
+    from sfd.distill import distill
+    from sfd.teachers import get_teacher
+    from sfd.tracking import TAG_DEVICE, TAG_SEED, TAG_SMOKE, Tracker, device_description
+
+    t_total = time.perf_counter()
+    cfg, notes = prepare(cfg, smoke=smoke)
+    device = resolve_device(cfg.device)
+    if tracker is None:
+        tracker = Tracker("experiments-smoke" if cfg.smoke else "experiments")
+    tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: device_description(device), TAG_SEED: cfg.seed,
+            "sfd.algorithm": cfg.algorithm, **notes}
+    with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run:
+        teacher = get_teacher(cfg.teacher.name, path=cfg.teacher.path, device=device, smoke=cfg.smoke)
+        if cfg.student.guidance != 1.0 and not teacher.num_classes:
+            raise ConfigError(f"student.guidance: got {cfg.student.guidance}; teacher {teacher.name!r} is "
+                              "unconditional, so guidance must be 1.0")
+        # Resolve what evaluation defaults to, so the logged YAML replays exactly this run.
+        if cfg.eval.metrics is None or cfg.eval.num_samples is None:
+            from sfd.metrics.evaluate import default_num_samples
+
+            metrics = cfg.eval.metrics or [teacher.default_metric]
+            num = cfg.eval.num_samples or default_num_samples(teacher, metrics)
+            cfg = C.replace(cfg, {"eval.metrics": metrics, "eval.num_samples": num})
+        run.log_params(C.flatten(C.to_dict(cfg)))
+        run.log_text(C.dump_yaml(cfg), "config.yaml")
+
+        net, step_cond, train_s = teacher.net, False, 0.0
+        if cfg.algorithm != "baseline":
+            teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device)
+            data = None
+            if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
+                data = teacher.data(settings.batch_size, cfg.seed)
+            callback = run.iteration_callback(afs=cfg.student.afs, per_step=settings.algorithm == "sfd")
+            t0 = time.perf_counter()
+            net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback)
+            train_s = time.perf_counter() - t0
+            run.flush()
+            net.eval()
+
+        t0 = time.perf_counter()
+        result, nfe = _evaluate(cfg, teacher, net, step_cond, device, progress=progress)
+        metrics = dict(result.metrics)
+        if cfg.algorithm == "sfd-v":  # the one model at every other trained NFE
+            for n in cfg.sfdv.num_steps_choices:
+                if n != cfg.num_steps:
+                    extra, extra_nfe = _evaluate(cfg, teacher, net, True, device, num_steps=n, progress=progress)
+                    metrics.update({f"{k}/nfe_{extra_nfe}": v for k, v in extra.metrics.items()})
+        eval_s = time.perf_counter() - t0
+
+        metrics.update({"nfe": nfe, "train/wall_s": train_s, "train/device_hours": train_s / 3600.0,
+                        "eval/wall_s": eval_s, "eval/num_samples": result.num_samples})
+        objective = objective_values(metrics, tracker.objective, cfg.smoke) if tracker.objective else []
+        for i, value in enumerate(objective):
+            metrics["objective" if i == 0 else f"objective_{i}"] = value
+        run.log_image(result.grid_image, "samples.png")
+        if cfg.algorithm != "baseline":
+            run.log_figure(_loss_curve(run.history), "loss_curve.png")
+            if not (cfg.smoke and not _is_small_teacher(cfg.teacher.name)):
+                _save_student(run, net, _sampling_info(cfg, teacher, step_cond))
+        metrics["total/wall_s"] = time.perf_counter() - t_total
+        run.log_metrics(metrics, step=0)
+    return RunResult(run_id=run.run_id, status="FINISHED", metrics=metrics, config=cfg, objective=objective,
+                     notes=notes)

@@ -1,0 +1,395 @@
+"""MLflow, in one place: where runs are stored, how experiments, parent (study) and child (trial) runs are
+found or created, and which params, metrics, tags and artifacts a run carries (the layout in the README's
+"Tracking layout" section, read back by `reports/`).
+
+The distillation core never imports this module: `RunLogger.iteration_callback` is handed to
+`sfd.distill.distill` as its `callback`. Per-iteration metrics are buffered and written with one
+`MlflowClient.log_batch` call every `every` iterations, not one store round trip per value.
+
+Default store: ``sqlite:///<project>/runs/mlflow.db`` with artifacts under ``<project>/runs/artifacts``;
+``MLFLOW_TRACKING_URI`` overrides it (and ``SFD_RUNS_DIR`` moves the default folder).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# Tag names (the contract with reports/).
+TAG_ROLE = "sfd.role"  # study | trial | run
+TAG_STUDY = "sfd.study"
+TAG_KIND = "sfd.kind"
+TAG_TRIAL = "sfd.trial_number"
+TAG_ROW = "sfd.row"
+TAG_SMOKE = "sfd.smoke"
+TAG_ERROR = "sfd.error"
+TAG_DEVICE = "sfd.device"
+TAG_SEED = "sfd.seed"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_OPTUNA_STUDY = "optuna.study_name"
+TAG_OPTUNA_STORAGE = "optuna.storage"
+
+MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
+MAX_BATCH_PARAMS = 100
+MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 5000
+
+
+# ----- where things live ----------------------------------------------------------------------------------
+
+def project_root() -> Path:
+    """The checkout holding the `sfd` package (when it has a pyproject.toml), else the working directory."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def runs_dir() -> Path:
+    """``$SFD_RUNS_DIR`` or ``<project>/runs``: the default home of both stores (git-ignored)."""
+    return Path(os.environ.get("SFD_RUNS_DIR") or project_root() / "runs").expanduser().resolve()
+
+
+def _sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(runs_dir() / "mlflow.db")
+
+
+def default_optuna_storage() -> str:
+    return _sqlite_uri(runs_dir() / "optuna.db")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file behind a ``sqlite:///`` URI, else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+
+
+def ensure_sqlite_parent(uri: str) -> None:
+    """Create the folder of a sqlite URI's file (sqlite creates the file, not its folder)."""
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a local (sqlite / file) store go next to it: ``<store folder>/artifacts/<experiment>``.
+    Remote servers choose their own (None)."""
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        return (path.parent / "artifacts" / experiment).resolve().as_uri()
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        base = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+        return (base / "artifacts" / experiment).resolve().as_uri()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_migrations() -> None:
+    # A fresh sqlite store runs its schema migrations and logs every one at INFO.
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def get_client(tracking_uri: str | None = None):
+    from mlflow import MlflowClient
+
+    _quiet_migrations()
+    uri = tracking_uri or default_tracking_uri()
+    ensure_sqlite_parent(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    """The experiment's id, creating it (with artifacts next to a local store) when absent; a deleted
+    experiment of that name is restored."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+# ----- provenance --------------------------------------------------------------------------------------
+
+def git_info(root: Path | None = None) -> dict[str, str]:
+    """``git.commit`` and ``git.dirty`` (tracked files modified) of the project checkout, or 'unknown'."""
+    root = root or project_root()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"version.python": platform.python_version()}
+    for dist in ("sfd", "torch", "numpy", "mlflow", "optuna"):
+        try:
+            out[f"version.{dist}"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[f"version.{dist}"] = "not installed"
+    return out
+
+
+def device_description(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return device.type
+
+
+def provenance_tags() -> dict[str, str]:
+    return {**git_info(), **package_versions()}
+
+
+# ----- runs ----------------------------------------------------------------------------------------------
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _param_value(value: Any) -> str:
+    text = "None" if value is None else str(value)
+    return text[:MAX_PARAM_LENGTH]
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def find_runs(client, experiment_id: str, tags: Mapping[str, str], *, max_results: int = 1000) -> list:
+    """Runs of an experiment whose tags equal `tags`, oldest first."""
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=filt, max_results=max_results,
+                              order_by=["attributes.start_time ASC"])
+    return list(runs)
+
+
+def mark_failed(client, run_id: str, reason: str) -> None:
+    """End a run as FAILED with `sfd.error` = reason."""
+    client.set_tag(run_id, TAG_ERROR, reason[:MAX_TAG_LENGTH])
+    client.set_terminated(run_id, status="FAILED")
+
+
+class RunLogger:
+    """One MLflow run: params, buffered per-iteration metrics, final metrics, artifacts, status.
+
+    Used as a context manager: a clean exit ends the run FINISHED; an exception ends it FAILED with the
+    error in tag `sfd.error` and the traceback as artifact `error.txt`, and propagates.
+    """
+
+    def __init__(self, client, run_id: str, *, every: int = 50):
+        self.client = client
+        self.run_id = run_id
+        self.every = max(1, int(every))
+        self._pending: list = []  # IterationStats not yet written
+        self.history: dict[str, list[tuple[int, float]]] = {}  # every per-iteration value written, on the host
+        self.ended = False
+
+    # -- params, tags, metrics
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for chunk in _chunks(items, MAX_BATCH_PARAMS):
+            self.client.log_batch(self.run_id, params=chunk)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
+        for chunk in _chunks(items, MAX_BATCH_PARAMS):
+            self.client.log_batch(self.run_id, tags=chunk)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = _now_ms()
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for chunk in _chunks(items, MAX_BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    # -- per-iteration metrics from the distillation loop
+    def iteration_callback(self, *, afs: bool, per_step: bool = True) -> Callable:
+        """A `callback` for `sfd.distill.distill`. Each iteration logs `loss` (mean over trained steps),
+        `loss/step_<k>` (k = index of the student step along its grid; the AFS step 0 has no loss) when
+        `per_step`, `lr`, `kimg`, `time/teacher_s`, `time/student_s`. Values stay on the device until a
+        flush, every `self.every` iterations, which syncs once and writes one batch."""
+        first = 1 if afs else 0
+
+        def callback(stats) -> None:
+            self._pending.append((stats, first, per_step, _now_ms()))
+            if len(self._pending) >= self.every:
+                self.flush()
+
+        return callback
+
+    def flush(self) -> None:
+        from mlflow.entities import Metric
+
+        if not self._pending:
+            return
+        import torch
+
+        # One host transfer for the whole window.
+        flat = torch.cat([s.step_losses.reshape(-1).float() for s, *_ in self._pending]).tolist()
+        metrics, i = [], 0
+        for stats, first, per_step, ts in self._pending:
+            n = stats.step_losses.numel()
+            losses, i = flat[i:i + n], i + n
+            values = {"loss": sum(losses) / max(n, 1), "lr": stats.lr, "kimg": stats.kimg,
+                      "time/teacher_s": stats.teacher_seconds, "time/student_s": stats.student_seconds}
+            if per_step:
+                values.update({f"loss/step_{first + k}": v for k, v in enumerate(losses)})
+            for key, value in values.items():
+                metrics.append(Metric(key, float(value), ts, stats.iteration))
+                self.history.setdefault(key, []).append((stats.iteration, float(value)))
+        self._pending = []
+        for chunk in _chunks(metrics, MAX_BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    # -- artifacts
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image as PNG (written directly, without MLflow's image-logging extras)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            image.save(path)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(path, None if parent == "." else parent)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file, save_kwargs={"dpi": 120, "bbox_inches": "tight"})
+
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    # -- end
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if self.ended:
+            return
+        try:
+            self.flush()
+        finally:
+            if error is not None:
+                self.client.set_tag(self.run_id, TAG_ERROR, error[:MAX_TAG_LENGTH])
+            self.client.set_terminated(self.run_id, status=status)
+            self.ended = True
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+            return False
+        reason = f"{exc_type.__name__}: {exc}"
+        try:
+            self._pending = []  # the failing iteration's buffer may hold the bad values; the error says why
+            self.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
+        except Exception:  # noqa: BLE001 - logging the traceback must not hide the original error
+            pass
+        self.end("KILLED" if exc_type is KeyboardInterrupt else "FAILED", error=reason)
+        return False
+
+
+class Tracker:
+    """Where a run is logged: the experiment, an optional parent run and tags every run gets.
+
+    `on_start(run_id)` is called as soon as the run exists (a study uses it to link the Optuna trial
+    before any work is done, so even a crashed trial points at its run).
+    """
+
+    def __init__(self, experiment: str = "experiments", *, tracking_uri: str | None = None,
+                 parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
+                 on_start: Callable[[str], None] | None = None, objective: list[str] | None = None):
+        self.experiment = experiment
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.parent_run_id = parent_run_id
+        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        self.on_start = on_start
+        self.objective = list(objective or [])  # metric names whose values are logged as `objective`
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = get_client(self.tracking_uri)
+        return self._client
+
+    def start_run(self, run_name: str, *, tags: Mapping[str, Any] | None = None, every: int = 50) -> RunLogger:
+        client = self.client
+        exp_id = get_or_create_experiment(client, self.experiment)
+        all_tags = {TAG_ROLE: "trial" if self.parent_run_id else "run", **provenance_tags(), **self.tags,
+                    **{k: str(v) for k, v in (tags or {}).items()}}
+        if self.parent_run_id:
+            all_tags[TAG_PARENT] = self.parent_run_id
+        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        logger = RunLogger(client, run.info.run_id, every=every)
+        if self.on_start is not None:
+            self.on_start(run.info.run_id)
+        return logger
+
+
+# ----- study (parent) runs -------------------------------------------------------------------------------
+
+def study_parent_run(client, experiment: str, study: str, tags: Mapping[str, str]) -> str:
+    """The study's one parent run (found by tags `sfd.role=study`, `sfd.study`), created on first use and set
+    RUNNING again when a study resumes."""
+    exp_id = get_or_create_experiment(client, experiment)
+    found = find_runs(client, exp_id, {TAG_ROLE: "study", TAG_STUDY: study})
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+        return run_id
+    run = client.create_run(exp_id, run_name=study,
+                            tags={TAG_ROLE: "study", TAG_STUDY: study, **provenance_tags(), **tags})
+    return run.info.run_id
+
+
+def fail_stale_children(client, parent_run_id: str, experiment: str, keep: Iterable[str] = ()) -> list[str]:
+    """Child runs of a parent still RUNNING (their process died): end them FAILED. Returns their ids."""
+    exp_id = get_or_create_experiment(client, experiment)
+    keep = set(keep)
+    stale = []
+    for run in find_runs(client, exp_id, {TAG_PARENT: parent_run_id}):
+        if run.info.status == "RUNNING" and run.info.run_id not in keep:
+            mark_failed(client, run.info.run_id, "interrupted: the study process stopped during this trial")
+            stale.append(run.info.run_id)
+    return stale
+
+
+__all__ = [
+    "RunLogger", "Tracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
+    "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
+    "find_runs", "mark_failed", "study_parent_run", "fail_stale_children",
+]
