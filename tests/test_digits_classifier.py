@@ -109,6 +109,11 @@ def test_training_is_reproducible():
         assert torch.equal(va, vb), k
 
 
+def test_bad_training_config_fails_early():
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
 def test_missing_weights_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="sfd.metrics.digits train"):
         load_digits_classifier(weights_dir=tmp_path)

@@ -227,6 +227,12 @@ class TrainConfig:
     feature_dim: int = 128
     num_classes: int = 10
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError(f"epochs, batch_size and max_steps must be >= 1, got {self}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
 
 def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
     """Translate each image by up to ±max_shift pixels per axis, filling with background (-1)."""
