@@ -1,0 +1,554 @@
+#!/usr/bin/env python
+"""Run a study: an Optuna study whose every trial is one tracked SFD run (MLflow child of the study's run).
+
+    python studies/run.py <study> [--smoke] [--storage URL] [--n-trials N] [--no-report] [--retry-failed]
+    python studies/run.py --list
+
+`<study>` is a name in studies/ (e.g. ablation_digits) or a path to a study YAML. Table studies (`rows:`)
+enqueue one trial per row, in the paper's order; search studies (`space:`) let a seeded sampler pick.
+Re-running the same command resumes: finished trials are kept, trials left RUNNING by a dead process are
+marked FAILED (their MLflow runs too) and their rows / parameters are tried again; failed trials stay failed
+unless `--retry-failed`. Everything that can be wrong in the study or its rows (a typo, a bad value, a
+missing checkpoint or data set) is reported before any MLflow experiment or Optuna study is created.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout; also makes reports/ importable
+
+STUDIES_DIR = Path(__file__).resolve().parent
+KINDS = ("ablation", "comparison", "search")
+SAMPLERS = ("rows", "grid", "tpe", "random", "nsga2")
+DIRECTIONS = ("minimize", "maximize")
+MISSING_ASSETS = ("stop", "skip_row")
+# What a run logs that a study may optimise (the evaluation metrics plus cost).
+OBJECTIVE_METRICS = ("fid", "fd_digits", "pixel_fd", "class_accuracy", "teacher_gap_mean", "teacher_gap_std",
+                     "train/device_hours", "train/wall_s", "total/wall_s", "nfe")
+SPEC_KEYS = ("name", "kind", "description", "base", "overrides", "objective", "sampler", "n_trials", "rows",
+             "space", "missing_assets")
+ROW_KEYS_REQUIRED = ("id", "params")
+SMOKE_SEARCH_TRIALS = 3
+INTERRUPTED = "interrupted: the study process stopped during this trial"
+
+
+class StudyError(ValueError):
+    """A bad study definition: the message names the study, the field and what is allowed."""
+
+
+@dataclass
+class StudySpec:
+    name: str
+    kind: str
+    description: str
+    base: Path
+    overrides: dict
+    metrics: list[str]
+    directions: list[str]
+    sampler: str
+    seed: int
+    n_trials: int
+    rows: list[dict] = field(default_factory=list)
+    space: dict = field(default_factory=dict)
+    missing_assets: str = "stop"
+    path: Path | None = None
+
+    @property
+    def optuna_name(self) -> str:
+        return self.name
+
+    def experiment(self, smoke: bool) -> str:
+        return f"{self.name}-smoke" if smoke else self.name
+
+
+# ----- study files ---------------------------------------------------------------------------------------
+
+def study_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return STUDIES_DIR / f"{name_or_path}.yaml"
+
+
+def available_studies() -> list[Path]:
+    return sorted(STUDIES_DIR.glob("*.yaml"))
+
+
+def _fail(where: str, message: str) -> StudyError:
+    return StudyError(f"study {where}: {message}")
+
+
+def load_spec(name_or_path: str) -> StudySpec:
+    """Read and check a study YAML (structure only; `build_configs` checks every run config)."""
+    import difflib
+
+    import yaml
+
+    path = study_path(name_or_path)
+    if not path.is_file():
+        names = [p.stem for p in available_studies()]
+        close = difflib.get_close_matches(str(name_or_path), names, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known studies: {', '.join(names)}"
+        raise StudyError(f"no study {name_or_path!r} ({path} does not exist); {hint}")
+    data = yaml.safe_load(path.read_text()) or {}
+    where = path.stem
+    if not isinstance(data, dict):
+        raise _fail(where, "the file must be a mapping")
+    for key in data:
+        if key not in SPEC_KEYS:
+            close = difflib.get_close_matches(key, SPEC_KEYS, n=2)
+            raise _fail(where, f"unknown field {key!r}" + (f"; did you mean {' or '.join(close)}?" if close
+                                                          else f"; allowed: {', '.join(SPEC_KEYS)}"))
+    name = data.get("name", path.stem)
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise _fail(where, f"kind: got {kind!r}; allowed: {', '.join(KINDS)}")
+    if "base" not in data:
+        raise _fail(where, "base: missing; name an experiments/*.yaml file to start from")
+    base = Path(data["base"])
+    base = base if base.is_absolute() else ROOT / base
+    if not base.is_file():
+        raise _fail(where, f"base: {data['base']!r} does not exist")
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise _fail(where, f"overrides: expected a mapping of config keys, got {overrides!r}")
+
+    objective = data.get("objective") or {}
+    metrics = objective.get("metrics", objective.get("metric"))
+    directions = objective.get("directions", objective.get("direction", "minimize"))
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])
+    directions = [directions] * len(metrics) if isinstance(directions, str) else list(directions)
+    if not metrics:
+        raise _fail(where, "objective.metric: missing; name the metric(s) to optimise, e.g. fd_digits")
+    for m in metrics:
+        if m not in OBJECTIVE_METRICS:
+            raise _fail(where, f"objective.metric: got {m!r}; allowed: {', '.join(OBJECTIVE_METRICS)}")
+    if len(directions) != len(metrics) or any(d not in DIRECTIONS for d in directions):
+        raise _fail(where, f"objective.direction: got {directions!r}; one of {', '.join(DIRECTIONS)} per metric")
+
+    sampler = data.get("sampler") or {}
+    stype = sampler.get("type", "rows" if "rows" in data else "tpe")
+    if stype not in SAMPLERS:
+        raise _fail(where, f"sampler.type: got {stype!r}; allowed: {', '.join(SAMPLERS)}")
+    seed = sampler.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(where, f"sampler.seed: got {seed!r}; an integer (samplers are always seeded)")
+
+    rows, space = data.get("rows"), data.get("space")
+    if (rows is None) == (space is None):
+        raise _fail(where, "give either rows: (a table study) or space: (a search study), not both or neither")
+    if rows is not None:
+        if stype != "rows":
+            raise _fail(where, f"sampler.type: a study with rows: uses 'rows', got {stype!r}")
+        _check_rows(where, rows)
+        n_trials = len(rows)
+    else:
+        if stype == "rows":
+            raise _fail(where, "sampler.type: 'rows' needs rows:; a space: is searched with grid, tpe, random or nsga2")
+        _check_space(where, space, stype)
+        n_trials = data.get("n_trials") or (math.prod(len(s["choices"]) for s in space.values())
+                                            if stype == "grid" else None)
+        if not isinstance(n_trials, int) or n_trials < 1:
+            raise _fail(where, f"n_trials: got {data.get('n_trials')!r}; a positive integer")
+    missing = data.get("missing_assets", "stop")
+    if missing not in MISSING_ASSETS:
+        raise _fail(where, f"missing_assets: got {missing!r}; allowed: {', '.join(MISSING_ASSETS)}")
+    return StudySpec(name=name, kind=kind, description=str(data.get("description", "")).strip(), base=base,
+                     overrides=overrides, metrics=metrics, directions=directions, sampler=stype, seed=seed,
+                     n_trials=n_trials, rows=rows or [], space=space or {}, missing_assets=missing, path=path)
+
+
+def _check_rows(where: str, rows) -> None:
+    if not isinstance(rows, list) or not rows:
+        raise _fail(where, "rows: expected a non-empty list")
+    seen = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS_REQUIRED):
+            raise _fail(where, f"rows[{i}]: each row needs {' and '.join(ROW_KEYS_REQUIRED)}, got {row!r}")
+        if row["id"] in seen:
+            raise _fail(where, f"rows[{i}]: duplicate id {row['id']!r}")
+        if not isinstance(row["params"], dict):
+            raise _fail(where, f"rows[{i}] ({row['id']}): params must map config keys to values")
+        seen.add(row["id"])
+
+
+def _check_space(where: str, space, sampler: str) -> None:
+    from sfd.config import ConfigError, set_value
+
+    if not isinstance(space, dict) or not space:
+        raise _fail(where, "space: expected a mapping of config keys to distributions")
+    for key, dist in space.items():
+        try:
+            set_value({}, key, None)
+        except ConfigError as exc:
+            raise _fail(where, f"space: {exc}") from None
+        kind = dist.get("type") if isinstance(dist, dict) else None
+        if kind == "categorical":
+            if not dist.get("choices"):
+                raise _fail(where, f"space.{key}: categorical needs a non-empty choices list")
+        elif kind in ("float", "int"):
+            if sampler == "grid":
+                raise _fail(where, f"space.{key}: the grid sampler takes categorical choices only")
+            if not all(k in dist for k in ("low", "high")) or not dist["low"] < dist["high"]:
+                raise _fail(where, f"space.{key}: {kind} needs low < high, got {dist!r}")
+        else:
+            raise _fail(where, f"space.{key}: type must be categorical, float or int, got {dist!r}")
+
+
+# ----- configs (validated, assets checked: nothing is created) ----------------------------------------------
+
+def base_data(spec: StudySpec) -> dict:
+    from sfd.config import merge, read_yaml
+
+    return merge(read_yaml(spec.base), spec.overrides)
+
+
+def row_config(spec: StudySpec, row: dict):
+    from sfd.config import ConfigError, from_dict, merge, validate
+
+    try:
+        data = merge(base_data(spec), {"name": f"{spec.name}/{row['id']}", **row["params"]})
+        return validate(from_dict(data))
+    except ConfigError as exc:
+        raise ConfigError(f"study {spec.name}, row {row['id']}: {exc}") from None
+
+
+def trial_config(spec: StudySpec, params: dict, number: int):
+    from sfd.config import from_dict, merge, validate
+
+    return validate(from_dict(merge(base_data(spec), {"name": f"{spec.name}/trial-{number}", **params})))
+
+
+def check_study(spec: StudySpec, smoke: bool) -> dict[str, str]:
+    """Validate every row's config (search: the base and each categorical choice) and check its assets.
+    Returns {row id: reason} for rows skipped for a missing asset (`missing_assets: skip_row`); raises
+    otherwise. Creates nothing."""
+    from sfd.assets import MissingAssetError
+    from sfd.config import ConfigError
+    from sfd.runner import prepare
+
+    skipped: dict[str, str] = {}
+    if spec.rows:
+        for row in spec.rows:
+            cfg = row_config(spec, row)
+            try:
+                prepare(cfg, smoke=smoke)
+            except MissingAssetError as exc:
+                if spec.missing_assets != "skip_row":
+                    raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
+                skipped[row["id"]] = str(exc)
+        return skipped
+    cfg = trial_config(spec, {}, 0)
+    prepare(cfg, smoke=smoke)
+    for key, dist in spec.space.items():
+        values = dist["choices"] if dist["type"] == "categorical" else [dist["low"], dist["high"]]
+        for value in values:
+            try:
+                prepare(trial_config(spec, {key: value}, 0), smoke=smoke)
+            except ConfigError as exc:
+                raise ConfigError(f"study {spec.name}, space.{key}={value!r}: {exc}") from None
+    return skipped
+
+
+# ----- Optuna ----------------------------------------------------------------------------------------------
+
+def make_sampler(spec: StudySpec):
+    import optuna
+
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=spec.seed)
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler({k: d["choices"] for k, d in spec.space.items()}, seed=spec.seed)
+    return optuna.samplers.RandomSampler(seed=spec.seed)  # "rows": every trial is enqueued; "random"
+
+
+def suggest(trial, key: str, dist: dict):
+    if dist["type"] == "categorical":
+        return trial.suggest_categorical(key, dist["choices"])
+    if dist["type"] == "float":
+        return trial.suggest_float(key, dist["low"], dist["high"], log=bool(dist.get("log", False)))
+    return trial.suggest_int(key, dist["low"], dist["high"], log=bool(dist.get("log", False)))
+
+
+def recover_interrupted(study, storage, client) -> list:
+    """Trials left RUNNING by a process that died: their MLflow runs and themselves end FAILED. Returns them."""
+    from optuna.trial import TrialState
+
+    from sfd.tracking import mark_failed
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                if client.get_run(run_id).info.status == "RUNNING":
+                    mark_failed(client, run_id, INTERRUPTED)
+            except Exception as exc:  # noqa: BLE001 - a missing run must not block the resume
+                print(f"note: could not mark MLflow run {run_id} failed: {exc}", file=sys.stderr)
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    return stale
+
+
+def plan_trials(spec: StudySpec, study, stale: list, retry_failed: bool, skipped: dict, limit: int | None) -> int:
+    """Enqueue what is left to do and return how many trials to run now."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    if spec.rows:
+        done = {t.user_attrs.get("row") for t in trials if t.state == TrialState.COMPLETE}
+        if not retry_failed:  # failed for a reason of their own (not interrupted): stay failed
+            done |= {t.user_attrs.get("row") for t in trials
+                     if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
+        queued = {t.params.get("row", t.user_attrs.get("row")) for t in waiting}
+        todo = [r["id"] for r in spec.rows if r["id"] not in done | queued | set(skipped)]
+        for row_id in todo:
+            study.enqueue_trial({"row": row_id}, user_attrs={"row": row_id})
+        n = len(waiting) + len(todo)
+        return n if limit is None else min(n, limit)
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")]
+    finished = completed + ([] if retry_failed else failed)
+    # Retry exactly the parameters that were interrupted (and, when asked, those that failed), once each.
+    retry = list(stale) + (failed if retry_failed else [])
+    have = [t.params for t in completed + waiting]
+    for t in retry:
+        if t.params and t.params not in have:
+            study.enqueue_trial(dict(t.params))
+            have.append(t.params)
+    target = spec.n_trials if limit is None else min(spec.n_trials, len(finished) + limit)
+    return max(0, target - len(finished))
+
+
+# ----- the study ------------------------------------------------------------------------------------------
+
+@dataclass
+class StudyOutcome:
+    name: str
+    experiment: str
+    parent_run_id: str
+    optuna_study: str
+    storage: str
+    tracking_uri: str
+    ran: int
+    failed: list[tuple[int, str]]
+    skipped: dict[str, str]
+    seconds: float
+    report: Path | None = None
+    report_error: str | None = None
+
+
+def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
+              tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
+              report: bool = True, out_dir: str | None = None, quiet: bool = False) -> StudyOutcome:
+    """Check everything, then create / resume the study and run what is left. See the module docstring."""
+    start = time.perf_counter()
+    spec = load_spec(name_or_path)
+    skipped = check_study(spec, smoke)  # raises before anything exists
+
+    import optuna
+    from sfd import tracking as T
+    from sfd.runner import run_experiment
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracking_uri = tracking_uri or T.default_tracking_uri()
+    storage_url = storage or T.default_optuna_storage()
+    T.ensure_sqlite_parent(storage_url)
+    experiment = spec.experiment(smoke)
+    study_name = experiment
+    client = T.get_client(tracking_uri)
+    parent_id = T.study_parent_run(client, experiment, spec.name, {
+        T.TAG_KIND: spec.kind, T.TAG_OPTUNA_STUDY: study_name, T.TAG_OPTUNA_STORAGE: storage_url,
+        T.TAG_SMOKE: str(smoke).lower(), "sfd.objective": ",".join(spec.metrics),
+        "sfd.directions": ",".join(spec.directions), "sfd.sampler": f"{spec.sampler}(seed={spec.seed})",
+        "sfd.spec_path": str(spec.path), "mlflow.note.content": spec.description,
+        **({"sfd.skipped_rows": "; ".join(f"{k}: {v}" for k, v in skipped.items())} if skipped else {})})
+    client.log_artifact(parent_id, str(spec.path))
+    optuna_storage = optuna.storages.get_storage(storage_url)
+    study = optuna.create_study(study_name=study_name, storage=optuna_storage, sampler=make_sampler(spec),
+                                directions=spec.directions, load_if_exists=True)
+    for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
+                       "mlflow_tracking_uri": tracking_uri, "sfd_study": spec.name, "kind": spec.kind,
+                       "spec_path": str(spec.path), "objective_metrics": spec.metrics,
+                       "smoke": smoke}.items():
+        study.set_user_attr(key, value)
+
+    stale = recover_interrupted(study, optuna_storage, client)
+    T.fail_stale_children(client, parent_id, experiment)
+    if smoke and spec.space and n_trials is None:
+        n_trials = SMOKE_SEARCH_TRIALS
+    todo = plan_trials(spec, study, stale, retry_failed, skipped, n_trials)
+    say = (lambda *a: None) if quiet else print
+    if stale:
+        say(f"resumed: {len(stale)} interrupted trial(s) marked FAILED and queued again")
+    for row_id, reason in skipped.items():
+        say(f"skipped row {row_id}: {reason}")
+    say(f"study {spec.name}{' (smoke)' if smoke else ''}: {todo} trial(s) to run; MLflow {tracking_uri} "
+        f"experiment {experiment!r}, Optuna {storage_url} study {study_name!r}")
+
+    rows = {r["id"]: r for r in spec.rows}
+    failed: list[tuple[int, str]] = []
+
+    def objective(trial):
+        t0 = time.perf_counter()
+        row_id = trial.suggest_categorical("row", list(rows)) if rows else None
+        label = row_id or f"trial {trial.number}"
+        tags = {T.TAG_STUDY: spec.name, T.TAG_TRIAL: trial.number, T.TAG_KIND: spec.kind}
+        if row_id is not None:
+            tags[T.TAG_ROW] = row_id
+        tracker = T.Tracker(experiment, tracking_uri=tracking_uri, parent_run_id=parent_id, tags=tags,
+                            objective=spec.metrics,
+                            on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        try:
+            if row_id is not None:
+                cfg = row_config(spec, rows[row_id])
+            else:
+                cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
+            result = run_experiment(cfg, tracker=tracker, smoke=smoke)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("fail_reason", reason[:2000])
+            failed.append((trial.number, reason))
+            say(f"[{trial.number}] {label}: FAILED after {time.perf_counter() - t0:.1f}s: {reason}")
+            raise
+        shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(spec.metrics, result.objective))
+        say(f"[{trial.number}] {label}: {shown} ({time.perf_counter() - t0:.1f}s)")
+        for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
+            trial.set_user_attr(key, result.metrics.get(key))
+        return result.objective[0] if len(result.objective) == 1 else tuple(result.objective)
+
+    ok = False
+    try:
+        if todo:
+            study.optimize(objective, n_trials=todo, catch=(Exception,))
+        ok = True
+    finally:  # Ctrl-C: the trial's run ended KILLED (RunLogger), Optuna failed the trial; the study too
+        client.set_terminated(parent_id, status="FINISHED" if ok else "KILLED")
+    outcome = StudyOutcome(name=spec.name, experiment=experiment, parent_run_id=parent_id, optuna_study=study_name,
+                           storage=storage_url, tracking_uri=tracking_uri, ran=todo, failed=failed,
+                           skipped=skipped, seconds=time.perf_counter() - start)
+    if not quiet:
+        print_summary(spec, study)
+        print(f"study wall time {outcome.seconds:.1f}s ({todo} trial(s) this invocation)")
+    if report:
+        try:
+            outcome.report = build_report(spec.name, storage_url, tracking_uri, out_dir, smoke, say)
+        except Exception as exc:  # noqa: BLE001 - the trials are done and tracked; say why the report is not
+            outcome.report_error = f"{type(exc).__name__}: {exc}"
+            print(f"error: the report could not be built: {outcome.report_error}", file=sys.stderr)
+    return outcome
+
+
+def print_summary(spec: StudySpec, study) -> None:
+    """One line per row (table studies) or per completed trial (search), from the Optuna study."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    head = f"{'row / trial':<40} {'state':<9} " + " ".join(f"{m:>18}" for m in spec.metrics) + f" {'train s':>9}"
+    print(head)
+    print("-" * len(head))
+
+    def line(label, t):
+        values = t.values or [math.nan] * len(spec.metrics)
+        state = t.state.name if t is not None else "NOT RUN"
+        train = t.user_attrs.get("train/wall_s") if t is not None else None
+        print(f"{label:<40} {state:<9} " + " ".join(f"{v:>18.5g}" for v in values)
+              + f" {train if train is not None else math.nan:>9.1f}")
+
+    if spec.rows:
+        for row in spec.rows:
+            mine = [t for t in trials if t.user_attrs.get("row") == row["id"]]
+            best = next((t for t in reversed(mine) if t.state == TrialState.COMPLETE), mine[-1] if mine else None)
+            if best is None:
+                print(f"{row['id']:<40} {'NOT RUN':<9}")
+            else:
+                line(row["id"], best)
+    else:
+        for t in trials:
+            if t.state == TrialState.COMPLETE:
+                line(f"trial {t.number} " + ",".join(f"{v}" for v in t.params.values()), t)
+
+
+def build_report(name: str, storage: str, tracking_uri: str, out_dir, smoke: bool, say) -> Path | None:
+    try:
+        from reports.build import build_report as build
+    except ImportError as exc:
+        say(f"note: no report built (reports.build is not importable: {exc})")
+        return None
+    accepted = inspect.signature(build).parameters
+    kwargs = {"storage": storage, "tracking_uri": tracking_uri, "out_dir": out_dir, "smoke": smoke}
+    path = build(name, **{k: v for k, v in kwargs.items() if k in accepted})
+    say(f"report: {path}")
+    return path
+
+
+# ----- CLI -------------------------------------------------------------------------------------------------
+
+def list_studies() -> None:
+    for path in available_studies():
+        try:
+            spec = load_spec(str(path))
+            size = f"{len(spec.rows)} rows" if spec.rows else f"{spec.n_trials} trials ({spec.sampler})"
+            first = spec.description.split(". ")[0].rstrip(".")
+            print(f"{spec.name:<24} {spec.kind:<10} {size:<18} {'/'.join(spec.metrics):<28} {first}")
+        except StudyError as exc:
+            print(f"{path.stem:<24} INVALID    {exc}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", nargs="?", help="a study name in studies/ or a path to a study YAML")
+    p.add_argument("--list", action="store_true", help="list the studies, one line each")
+    p.add_argument("--smoke", action="store_true", help="tiny budget, randomly initialised teacher; tagged smoke, "
+                   "logged to <study>-smoke")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<repo>/runs/optuna.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                   "sqlite:///<repo>/runs/mlflow.db)")
+    p.add_argument("--n-trials", type=int, default=None, help="run at most N trials now (rows: the next N rows)")
+    p.add_argument("--retry-failed", action="store_true", help="also retry rows / trials that failed")
+    p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    p.add_argument("--out", default=None, help="report folder (default: the report builder's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        list_studies()
+        return 0
+    if not args.study:
+        print("error: name a study (or --list)", file=sys.stderr)
+        return 2
+    from sfd.assets import AssetError
+    from sfd.config import ConfigError
+
+    try:
+        outcome = run_study(args.study, smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri,
+                            n_trials=args.n_trials, retry_failed=args.retry_failed, report=not args.no_report,
+                            out_dir=args.out)
+    except (StudyError, ConfigError, AssetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if outcome.failed:
+        print(f"{len(outcome.failed)} trial(s) failed: " + "; ".join(f"#{n}: {r}" for n, r in outcome.failed),
+              file=sys.stderr)
+        return 1
+    return 3 if outcome.report_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
