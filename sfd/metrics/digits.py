@@ -15,6 +15,7 @@ Retrain with `python -m sfd.metrics.digits train`; print the sanity figures with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -251,8 +252,25 @@ def _lr_at(step: int, total: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))  # cosine decay to 0
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny convs gain nothing from threads, and one thread makes the result independent of the core count
+    (and of other processes contending for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_classifier(cfg: TrainConfig) -> tuple[DigitsClassifier, dict]:
     """Train on the stratified train split; return the model (eval mode) and its measured metrics."""
+    with _one_thread():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> tuple[DigitsClassifier, dict]:
     images, labels = load_digits_data()
     train_idx, test_idx = digits_split(cfg.test_fraction, cfg.split_seed)
     x_tr, y_tr = images[train_idx], labels[train_idx]
