@@ -10,6 +10,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -21,6 +22,36 @@ from sfd.schedules import get_schedule, refine_grid
 from sfd.solvers import afs_derivative, check_solver, solve
 
 ALGORITHMS = ("sfd", "vanilla")
+
+
+def maybe_compile(net: Callable, enabled: bool, mode: str | None = None, backend: str = "inductor") -> Callable:
+    """`torch.compile(net)` when asked and available; on any compile failure warn once and run eager."""
+    if not enabled or not isinstance(net, torch.nn.Module):
+        return net
+    try:
+        compiled = torch.compile(net, mode=mode, backend=backend)
+    except Exception as err:  # compile unsupported on this platform/build
+        warnings.warn(f"torch.compile unavailable ({err}); running eager")
+        return net
+    return _EagerFallback(compiled, net)
+
+
+class _EagerFallback:
+    """Calls the compiled network; if compilation fails on first use, switches to eager for good."""
+
+    def __init__(self, compiled: Callable, eager: Callable):
+        self.compiled, self.eager, self.failed = compiled, eager, False
+
+    def __call__(self, x, sigma, **kwargs):
+        if not self.failed:
+            if not isinstance(sigma, torch.Tensor):  # a Python float would be baked in: one graph per timestamp
+                sigma = torch.full((x.shape[0],), float(sigma), device=x.device)
+            try:
+                return self.compiled(x, sigma, **kwargs)
+            except Exception as err:  # inductor/toolchain problems surface at the first call
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); running eager")
+                self.failed = True
+        return self.eager(x, sigma, **kwargs)
 
 
 class DivergedError(RuntimeError):
@@ -51,7 +82,11 @@ class DistillSettings:
     batch_size: int = 128
     total_kimg: float = 200.0
     num_classes: int = 0  # >0: one random one-hot label per trajectory
-    precision: str = "fp32"
+    precision: str = "fp32"  # "bf16": autocast forwards, fp32 master weights and optimizer
+    compile: bool = False  # torch.compile teacher and student forwards (falls back to eager on failure)
+    compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs"; None = torch's default
+    compile_backend: str = "inductor"
+    channels_last: bool = False  # NHWC memory format for image networks (faster convolutions on GPU)
     seed: int = 0
     vanilla_data_free: bool = False  # Algorithm 1 without data: x_{n+1} from the teacher's trajectory
     nan_check_every: int = 50  # iterations between (host-syncing) divergence checks
@@ -126,6 +161,13 @@ class Distiller:
         if isinstance(teacher, torch.nn.Module):
             teacher.eval().requires_grad_(False)
         self.student = student.to(self.device).train()
+        if settings.channels_last:
+            for net in (teacher, self.student):
+                if isinstance(net, torch.nn.Module):
+                    net.to(memory_format=torch.channels_last)
+        compile_args = (settings.compile, settings.compile_mode, settings.compile_backend)
+        self.teacher_fwd = maybe_compile(teacher, *compile_args)
+        self.student_fwd = maybe_compile(self.student, *compile_args)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         fused = self.device.type == "cuda"
         self.opt = torch.optim.Adam(self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
@@ -158,7 +200,7 @@ class Distiller:
         return self.s.lr / self.s.lr_decay_factor if decayed else self.s.lr
 
     def teacher_denoiser(self, labels):
-        return bind(self.teacher, labels, self.s.teacher_step)
+        return bind(self.teacher_fwd, labels, self.s.teacher_step)
 
     @torch.no_grad()
     def teacher_states(self, x: torch.Tensor, teacher_grid: torch.Tensor, labels) -> torch.Tensor:
@@ -170,7 +212,7 @@ class Distiller:
     def student_step(self, x: torch.Tensor, t: float, t_next: float, labels, step) -> torch.Tensor:
         """One Euler step of the student; gradients flow through this step only (x is detached)."""
         with autocast_context(self.device, self.s.precision):
-            denoised = bind(self.student, labels, step)(x, t)
+            denoised = bind(self.student_fwd, labels, step)(x, t)
         return x + (t_next - t) * (x - denoised.float()) / t
 
     def train_step(self, x: torch.Tensor, t: float, t_next: float, target: torch.Tensor, labels, step,
@@ -187,7 +229,8 @@ class Distiller:
         return x_next.detach(), loss.detach()
 
     def noise(self) -> torch.Tensor:
-        return torch.randn(self.s.batch_size, *self.shape, generator=self.gen, device=self.device) * self.s.grid.t_max
+        z = torch.randn(self.s.batch_size, *self.shape, generator=self.gen, device=self.device) * self.s.grid.t_max
+        return z.contiguous(memory_format=torch.channels_last) if self.s.channels_last and z.ndim == 4 else z
 
     # ----- the two algorithms ----------------------------------------------------------------------
     def sfd_iteration(self, num_steps: int) -> tuple[torch.Tensor, float, float]:
