@@ -1,0 +1,399 @@
+"""reports/build.py against tiny finished studies that this file lays out itself, exactly as the shared
+contract says a study runner does (parent run + child runs by tags, params, metrics, histories, artifacts,
+Optuna trials cross-linked by the `mlflow_run_id` user attribute). It does not use the study runner.
+
+One notebook execution in the whole file (the ablation study); the comparison and search studies build
+without executing their notebooks."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import math
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+mlflow = pytest.importorskip("mlflow")
+optuna = pytest.importorskip("optuna")
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `reports` lives at the repo root, not in sfd
+from reports import build as rb  # noqa: E402
+
+PAPER = yaml.safe_load(open(rb.PAPER_NUMBERS_PATH))
+PAPER_BY_KEY = {r["key"]: r for r in PAPER["ablation"]["rows"]}
+for _ds, _rows in PAPER["comparison"].items():
+    PAPER_BY_KEY.update({r["key"]: r for r in _rows})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Laying out a finished study the way the contract says
+# ---------------------------------------------------------------------------------------------------------
+
+def _png(path: Path, w: int = 16, h: int = 16) -> Path:
+    """A tiny grey-gradient PNG written without any imaging library."""
+    raw = b"".join(b"\x00" + bytes((x * 255 // (w - 1) + y) % 256 for x in range(w)) for y in range(h))
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+class Layout:
+    """Writes one study into a temporary MLflow store + Optuna storage."""
+
+    def __init__(self, store: dict, study: str, kind: str, spec: dict, smoke: bool = False, directions=("minimize",)):
+        tmp = store["tmp"]
+        self.tmp, self.study, self.kind, self.smoke = tmp, study, kind, smoke
+        self.tracking_uri, self.storage = store["tracking_uri"], store["storage"]
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        exp = f"{study}-smoke" if smoke else study
+        self.exp_id = self.client.create_experiment(exp, artifact_location=(tmp / "artifacts" / exp).as_uri())
+        self.parent = self.client.create_run(self.exp_id, run_name=study, tags={
+            "sfd.role": "study", "sfd.study": study, "sfd.kind": kind, "optuna.study_name": study,
+            "optuna.storage": self.storage, "sfd.smoke": str(smoke).lower()}).info.run_id
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.ostudy = optuna.create_study(study_name=study, storage=self.storage, directions=list(directions))
+        self.spec = spec
+
+    def run(self, *, row: str | None, params: dict, metrics: dict | None, status: str = "FINISHED",
+            error: str | None = None, trial_state=optuna.trial.TrialState.COMPLETE, history_steps=(0, 1, 2),
+            samples: bool = True, smoke: bool | None = None, trial_params: dict | None = None,
+            values: list | None = None, link_trial: bool = True) -> str:
+        smoke = self.smoke if smoke is None else smoke
+        n = len(self.ostudy.trials)
+        tags = {"mlflow.parentRunId": self.parent, "sfd.role": "trial", "sfd.study": self.study,
+                "sfd.trial_number": str(n), "sfd.smoke": str(smoke).lower(), "git.commit": "0123456789abcdef" * 2 + "01234567",
+                "git.dirty": "false", "sfd.device": "cpu", "sfd.seed": "0", "version.torch": "2.x", "version.sfd": "0.1.0"}
+        if row is not None:
+            tags["sfd.row"] = row
+        if error:
+            tags["sfd.error"] = error
+        run_id = self.client.create_run(self.exp_id, run_name=f"{row or 'trial'}-{n}", tags=tags).info.run_id
+        ts = 1_700_000_000_000
+        hist = [Metric(f"loss/step_{k}", 10.0 / (it + 1) / (k + 1), ts + it, it)
+                for it in range(6) for k in (history_steps if metrics is not None else ())]
+        hist += [Metric("lr", 1e-4, ts + it, it) for it in range(6)] if hist else []
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                              metrics=hist + [Metric(k, v, ts + 10, 0) for k, v in (metrics or {}).items()])
+        if samples and metrics is not None:
+            self.client.log_artifact(run_id, str(_png(self.tmp / "samples.png")))
+        self.client.set_terminated(run_id, status=status)
+        if link_trial:
+            value = values if values is not None else (
+                [metrics.get("objective", 0.0)] if metrics and trial_state == optuna.trial.TrialState.COMPLETE else None)
+            tp = trial_params or {}
+            self.ostudy.add_trial(optuna.trial.create_trial(
+                state=trial_state, values=value, params=tp,
+                distributions={k: (optuna.distributions.FloatDistribution(0.001, 0.01) if isinstance(v, float)
+                                   else optuna.distributions.CategoricalDistribution(self.spec_choices(k)))
+                               for k, v in tp.items()},
+                user_attrs={"mlflow_run_id": run_id, **({"sfd.row": row} if row else {})}))
+        return run_id
+
+    def spec_choices(self, key):
+        return self.spec["space"][key]["choices"]
+
+
+def _params(solver: str, t_min: float, afs: bool, loss: str, nfe: int = 2, algorithm: str = "sfd",
+            teacher: str = "digits", num_samples: int = 500) -> dict:
+    return {"teacher.name": teacher, "student.nfe": nfe, "student.afs": afs, "student.t_min": t_min,
+            "student.schedule": "polynomial", "solver.name": solver, "solver.m": 3, "loss.name": loss,
+            "algorithm": algorithm, "optim.lr": 5e-5, "optim.total_kimg": 2, "optim.batch_size": 64,
+            "eval.num_samples": num_samples, "precision": "fp32", "device": "cpu", "seed": 0}
+
+
+def _final(value: float, metric: str = "fd_digits", hours: float = 0.002) -> dict:
+    return {metric: value, "nfe": 2, "train/wall_s": hours * 3600, "train/device_hours": hours, "eval/wall_s": 3.0,
+            "total/wall_s": hours * 3600 + 3.0, "objective": value}
+
+
+def parse_tables(md: str) -> list[list[dict]]:
+    """Every markdown table in the text, as a list of {header: cell} dicts."""
+    tables, cur, header = [], None, None
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in line.strip().strip("|").split(" | ")]
+            if header is None:
+                header, cur = cells, []
+            elif set(line.replace("|", "").strip()) <= {"-"}:
+                continue
+            else:
+                cur.append(dict(zip(header, cells)))
+        elif header is not None:
+            tables.append(cur)
+            header, cur = None, None
+    if header is not None:
+        tables.append(cur)
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ablation study: the full build (notebook executed, artifacts logged)
+# ---------------------------------------------------------------------------------------------------------
+
+ABLATION_SPEC = {
+    "name": "ablation_tiny", "kind": "ablation", "description": "four paper rows and one extra on the digits teacher",
+    "base": "experiments/digits.yaml", "objective": {"metric": "fd_digits", "direction": "minimize"},
+    "sampler": {"type": "rows", "seed": 0}, "n_trials": 5,
+    "rows": [
+        {"id": "vanilla-heun-0.002-l2", "method": "Vanilla", "teacher": "Heun", "t_min": 0.002, "afs": None,
+         "loss": "L2", "nfe": 2, "paper_key": "cifar10/ablation/vanilla-heun-0.002-l2", "params": {}},
+        {"id": "sfd-dpmpp3m-0.002-noafs-l2", "method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.002, "afs": False,
+         "loss": "L2", "nfe": 2, "paper_key": "cifar10/ablation/sfd-dpmpp3m-0.002-noafs-l2", "params": {}},
+        {"id": "sfd-dpmpp3m-0.006-noafs-l2", "method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.006, "afs": False,
+         "loss": "L2", "nfe": 2, "paper_key": "cifar10/ablation/sfd-dpmpp3m-0.006-noafs-l2", "params": {}},
+        {"id": "sfd-dpmpp3m-0.006-afs-l2", "method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.006, "afs": True,
+         "loss": "L2", "nfe": 2, "paper_key": "cifar10/ablation/sfd-dpmpp3m-0.006-afs-l2", "params": {}},
+        # no paper_key: matched to the paper by its labels
+        {"id": "sfd-dpmpp3m-0.006-afs-lpips", "method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.006, "afs": True,
+         "loss": "LPIPS", "nfe": 2, "params": {}},
+        {"id": "sfd-dpmpp3m-0.006-afs-l1", "method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.006, "afs": True,
+         "loss": "L1", "nfe": 2, "paper_key": "cifar10/ablation/sfd-dpmpp3m-0.006-afs-l1", "params": {}},
+    ],
+}
+PAPER_FOR_ROW = {
+    "vanilla-heun-0.002-l2": 46.84, "sfd-dpmpp3m-0.002-noafs-l2": 11.65, "sfd-dpmpp3m-0.006-noafs-l2": 10.93, "sfd-dpmpp3m-0.006-afs-l2": 5.67,
+    "sfd-dpmpp3m-0.006-afs-lpips": 5.10, "sfd-dpmpp3m-0.006-afs-l1": 4.57,
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store and one Optuna storage for the whole file (creating a store costs seconds)."""
+    tmp = tmp_path_factory.mktemp("store")
+    return {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "storage": f"sqlite:///{tmp / 'optuna.db'}"}
+
+
+@pytest.fixture(scope="module")
+def ablation(store):
+    tmp = store["tmp"]
+    L = Layout(store, "ablation_tiny", "ablation", ABLATION_SPEC)
+    ids = {}
+    ids["vanilla"] = L.run(row="vanilla-heun-0.002-l2", params=_params("heun", 0.002, False, "l2", algorithm="vanilla"),
+                           metrics=_final(0.8123456))
+    ids["tmin"] = L.run(row="sfd-dpmpp3m-0.002-noafs-l2", params=_params("dpmpp3m", 0.002, False, "l2"),
+                        metrics=_final(0.61), samples=False)
+    # an interrupted first attempt, then the retry that finished: the finished one is reported
+    ids["noafs-crashed"] = L.run(row="sfd-dpmpp3m-0.006-noafs-l2", params=_params("dpmpp3m", 0.006, False, "l2"),
+                                 metrics=None, status="FAILED", error="interrupted (process killed)",
+                                 trial_state=optuna.trial.TrialState.FAIL)
+    ids["noafs"] = L.run(row="sfd-dpmpp3m-0.006-noafs-l2", params=_params("dpmpp3m", 0.006, False, "l2"),
+                         metrics=_final(0.4321), history_steps=(0, 1, 2))
+    ids["failed"] = L.run(row="sfd-dpmpp3m-0.006-afs-l2", params=_params("dpmpp3m", 0.006, True, "l2"),
+                          metrics=None, status="FAILED", error="DivergedError: NaN loss at iteration 3 | step 1",
+                          trial_state=optuna.trial.TrialState.FAIL)
+    ids["lpips"] = L.run(row="sfd-dpmpp3m-0.006-afs-lpips", params=_params("dpmpp3m", 0.006, True, "lpips"),
+                         metrics=_final(0.25, hours=0.004), history_steps=(1, 2))
+    # the L1 row is missing: its trial is enqueued but never ran ...
+    L.ostudy.enqueue_trial({}, user_attrs={"sfd.row": "sfd-dpmpp3m-0.006-afs-l1"})
+    # ... and a smoke run of it (a wiring test) must not fill the gap
+    ids["smoke"] = L.run(row="sfd-dpmpp3m-0.006-afs-l1", params=_params("dpmpp3m", 0.006, True, "l1"),
+                         metrics=_final(0.0777), smoke=True, link_trial=False)
+    L.client.set_terminated(L.parent)
+    out = tmp / "out"
+    md_path = rb.build_report("ablation_tiny", storage=L.storage, tracking_uri=L.tracking_uri, out_dir=out,
+                              spec=ABLATION_SPEC)
+    return {"L": L, "ids": ids, "out": out, "md": md_path.read_text()}
+
+
+def _main_table(md: str) -> list[dict]:
+    return parse_tables(md)[0]
+
+
+def test_ablation_cells_equal_tracked_metrics(ablation):
+    L, ids = ablation["L"], ablation["ids"]
+    rows = _main_table(ablation["md"])
+    assert [r["run id"].strip("`") for r in rows if r["run id"] != "—"] == [
+        ids["vanilla"], ids["tmin"], ids["noafs"], ids["failed"], ids["lpips"]]
+    ours_col = "ours (fd_digits)"
+    by_run = {r["run id"].strip("`"): r for r in rows}
+    for key in ("vanilla", "tmin", "noafs", "lpips"):
+        tracked = L.client.get_run(ids[key]).data.metrics["fd_digits"]
+        cell = by_run[ids[key]][ours_col]
+        assert cell == rb.fmt_value(tracked)
+        assert math.isclose(float(cell), tracked, rel_tol=1e-3)
+    # rows in the YAML's (= the paper's) order, labels from the YAML
+    assert [(r["Method"], r["Teacher"], r["t_min"], r["AFS"], r["Loss"], r["NFE"]) for r in rows] == [
+        ("Vanilla", "Heun", "0.002", "–", "L2", "2"), ("SFD", "DPM++(3M)", "0.002", "no", "L2", "2"),
+        ("SFD", "DPM++(3M)", "0.006", "no", "L2", "2"),
+        ("SFD", "DPM++(3M)", "0.006", "yes", "L2", "2"), ("SFD", "DPM++(3M)", "0.006", "yes", "LPIPS", "2"),
+        ("SFD", "DPM++(3M)", "0.006", "yes", "L1", "2")]
+
+
+def test_missing_and_failed_rows_are_marked_not_filled(ablation):
+    rows = {r["Loss"] + r["AFS"] + r["t_min"]: r for r in _main_table(ablation["md"])}
+    missing, failed = rows["L1yes0.006"], rows["L2yes0.006"]
+    assert missing["ours (fd_digits)"] == "not run"
+    assert missing["run id"] == "—"
+    assert failed["ours (fd_digits)"].startswith("failed: DivergedError: NaN loss at iteration 3")
+    assert failed["run id"].strip("`") == ablation["ids"]["failed"]
+    # the smoke run of the missing row appears nowhere in the report
+    assert ablation["ids"]["smoke"] not in ablation["md"]
+    assert rb.fmt_value(0.0777) not in ablation["md"]
+
+
+def test_paper_column_is_paper_numbers_yaml(ablation):
+    for r in _main_table(ablation["md"]):
+        rid = next(s["id"] for s in ABLATION_SPEC["rows"]
+                   if (s["loss"], rb.fmt_afs(s["afs"]), rb.fmt_tmin(s["t_min"])) == (r["Loss"], r["AFS"], r["t_min"])
+                   and s["method"] == r["Method"])
+        key = f"cifar10/ablation/{rid}"
+        assert PAPER_BY_KEY[key]["fid"] == PAPER_FOR_ROW[rid]
+        assert r["paper (FID)"] == rb.fmt_paper(PAPER_BY_KEY[key]["fid"])
+        assert float(r["paper (FID)"]) == PAPER_BY_KEY[key]["fid"]
+        # fd_digits is not FID: no difference is computed across metrics
+        assert r["Δ"] == "—"
+    md = ablation["md"]
+    assert "for orientation only" in md and "NOT FID" in md
+
+
+def test_header_and_reading(ablation):
+    md = ablation["md"]
+    for needle in ("Teacher:** digits", "device:** cpu", "Samples per evaluation:** 500", "2 kimg at batch 64",
+                   "0123456789ab", "Metric:** `fd_digits`", "Reading of the results",
+                   "factor that mattered most in our runs is `t_min`", "Spearman", "Kendall"):
+        assert needle in md, needle
+
+
+def test_notebook_executes_and_html_exists(ablation):
+    import nbformat
+
+    nb = nbformat.read(str(ablation["out"] / "report.ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.get("execution_count") for c in code)
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    text = "\n".join(o.get("data", {}).get("text/markdown", "") for c in code for o in c.get("outputs", []))
+    assert "not run" in text and rb.fmt_value(0.4321) in text  # the kernel loaded the data itself
+    assert "rb.load_study_data(" in code[0].source and "0.4321" not in "".join(c.source for c in code)
+    assert (ablation["out"] / "report.html").stat().st_size > 10_000
+
+
+def test_figures_exist_png_and_svg(ablation):
+    fig_dir = ablation["out"] / "figures"
+    for name in ("metric_vs_nfe", "metric_vs_hours", "ablation_bars", "loss_curves", "sample_grids"):
+        for ext in ("png", "svg"):
+            f = fig_dir / f"{name}.{ext}"
+            assert f.exists() and f.stat().st_size > 1000, f
+    assert (fig_dir / "samples" / "vanilla-heun-0.002-l2.png").exists()
+    assert "![loss_curves](figures/loss_curves.png)" in ablation["md"]
+
+
+def test_report_logged_on_parent_run(ablation):
+    L = ablation["L"]
+
+    def walk(path):
+        out = []
+        for a in L.client.list_artifacts(L.parent, path):
+            out.extend(walk(a.path) if a.is_dir else [a.path])
+        return out
+    logged = set(walk("report"))
+    for p in ("report/report.md", "report/report.ipynb", "report/report.html", "report/figures/metric_vs_nfe.png",
+              "report/figures/metric_vs_nfe.svg", "report/figures/loss_curves.svg", "report/figures/sample_grids.png"):
+        assert p in logged, (p, sorted(logged))
+    assert L.client.get_run(L.parent).data.tags.get("sfd.report") == "report/report.md"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparison and search layouts (no notebook execution here)
+# ---------------------------------------------------------------------------------------------------------
+
+COMPARISON_SPEC = {
+    "name": "comparison_tiny", "kind": "comparison", "objective": {"metric": "fid", "direction": "minimize"},
+    "rows": [
+        {"id": "dpmpp3m-5", "group": "solver", "method": "DPM++(3M)", "nfe": 5, "paper_key": "cifar10/dpmpp3m/5"},
+        {"id": "sfd-2", "group": "sfd", "method": "SFD", "nfe": 2, "paper_key": "cifar10/sfd/2"},
+        {"id": "sfd-3", "group": "sfd", "method": "SFD", "nfe": 3},
+        {"id": "sfd-v-2", "group": "sfd-v", "method": "SFD-v", "nfe": 2, "paper_key": "cifar10/sfd-v/2"},
+    ],
+}
+
+
+def test_comparison_layout(store, tmp_path):
+    L = Layout(store, "comparison_tiny", "comparison", COMPARISON_SPEC)
+    fid = {"dpmpp3m-5": 30.5, "sfd-2": 5.1, "sfd-3": 4.0}
+    ids = {}
+    for rid, nfe, algo in (("dpmpp3m-5", 5, "baseline"), ("sfd-2", 2, "sfd"), ("sfd-3", 3, "sfd")):
+        p = _params("dpmpp3m", 0.006, True, "l1", nfe=nfe, algorithm=algo, teacher="cifar10-uncond",
+                    num_samples=50000)
+        ids[rid] = L.run(row=rid, params=p, metrics=_final(fid[rid], metric="fid", hours=0.0 if algo == "baseline" else 0.5),
+                         history_steps=() if algo == "baseline" else (1, 2), samples=False)
+    out = tmp_path / "out"
+    md = rb.build_report("comparison_tiny", storage=L.storage, tracking_uri=L.tracking_uri, out_dir=out,
+                         spec=COMPARISON_SPEC, execute_notebook=False, log_to_mlflow=False).read_text()
+    rows = parse_tables(md)[0]
+    ours = [r for r in rows if r["Source"] == "ours"]
+    assert [r["run id"].strip("`") for r in ours[:3]] == [ids["dpmpp3m-5"], ids["sfd-2"], ids["sfd-3"]]
+    for r in ours[:3]:
+        rid = next(k for k, v in ids.items() if v == r["run id"].strip("`"))
+        assert r["ours (fid)"] == rb.fmt_value(fid[rid])
+    sfd2 = next(r for r in ours if r["run id"].strip("`") == ids["sfd-2"])
+    assert sfd2["paper (FID)"] == rb.fmt_paper(4.53) and sfd2["Δ"] == rb.fmt_delta(5.1 - 4.53)
+    sfd3 = next(r for r in ours if r["run id"].strip("`") == ids["sfd-3"])
+    assert sfd3["paper (FID)"] == rb.fmt_paper(3.58)  # matched by method + NFE
+    assert next(r for r in ours if r["Method"] == "SFD-v")["ours (fid)"] == "not run"
+    # distillation methods we did not run are the paper's rows, labelled as such, never measured
+    paper_only = [r for r in rows if r["Source"] == "paper"]
+    assert {"PD", "CD", "CTM", "Guided PD"} <= {r["Method"] for r in paper_only}
+    assert all(r["ours (fid)"] == "—" and r["run id"] == "—" for r in paper_only)
+    pd1 = next(r for r in paper_only if r["Method"] == "PD" and r["NFE"] == "1")
+    assert pd1["paper (FID)"] == rb.fmt_paper(PAPER_BY_KEY["cifar10/pd/1"]["fid"]) and pd1["paper A100-h"] == "~195"
+    # grouped in the paper's order
+    groups = list(dict.fromkeys(r["Group"] for r in rows))
+    assert groups == [PAPER["groups"][g] for g in ("solver", "distillation", "sfd", "sfd-v", "second-stage")]
+    assert "Δ = ours − paper" in md
+    for name in ("metric_vs_nfe", "metric_vs_hours", "loss_curves"):
+        assert (out / "figures" / f"{name}.svg").exists()
+    assert (out / "report.ipynb").exists()
+
+
+SEARCH_SPEC = {
+    "name": "search_tiny", "kind": "search", "objective": {"metric": "fd_digits", "direction": "minimize"},
+    "sampler": {"type": "tpe", "seed": 0}, "n_trials": 6,
+    "space": {"solver.name": {"type": "categorical", "choices": ["heun", "dpmpp3m"]},
+              "loss.name": {"type": "categorical", "choices": ["l1", "l2"]},
+              "student.t_min": {"type": "float", "low": 0.001, "high": 0.01, "log": True}},
+}
+
+
+def test_search_layout(store, tmp_path):
+    L = Layout(store, "search_tiny", "search", SEARCH_SPEC)
+    ids = []
+    for i, (solver, loss, tmin) in enumerate([("heun", "l2", 0.002), ("dpmpp3m", "l2", 0.002), ("heun", "l1", 0.006),
+                                              ("dpmpp3m", "l1", 0.006), ("dpmpp3m", "l1", 0.003),
+                                              ("heun", "l2", 0.008)]):
+        value = (1.0 if solver == "heun" else 0.3) + (0.05 if loss == "l2" else 0.0) + tmin
+        ids.append(L.run(row=None, params=_params(solver, tmin, True, loss), metrics=_final(value),
+                         trial_params={"solver.name": solver, "loss.name": loss, "student.t_min": tmin},
+                         history_steps=(1,), samples=(i == 0)))
+    L.run(row=None, params=_params("heun", 0.004, True, "l1"), metrics=None, status="FAILED", error="boom",
+          trial_state=optuna.trial.TrialState.FAIL, trial_params={"solver.name": "heun"})
+    out = tmp_path / "out"
+    md = rb.build_report("search_tiny", storage=L.storage, tracking_uri=L.tracking_uri, out_dir=out,
+                         spec=SEARCH_SPEC, execute_notebook=False, log_to_mlflow=False).read_text()
+    tables = parse_tables(md)
+    best = tables[0]
+    assert best[0]["run id"].strip("`") == ids[4] and best[0]["solver.name"] == "dpmpp3m"
+    assert best[0]["ours (fd_digits)"] == rb.fmt_value(L.client.get_run(ids[4]).data.metrics["fd_digits"])
+    imp = tables[1]
+    assert {r["parameter"] for r in imp} == {"solver.name", "loss.name", "student.t_min"}
+    assert max(imp, key=lambda r: float(r["importance"]))["parameter"] == "solver.name"
+    assert "Most important parameter:** `solver.name`" in md
+    for name in ("param_importances", "optimization_history"):
+        assert (out / "figures" / f"{name}.png").exists() and (out / "figures" / f"{name}.svg").exists()
+
+
+def test_missing_study_is_a_clear_error(store, ablation):
+    with pytest.raises(rb.ReportError, match="no MLflow experiment 'nope'"):
+        rb.load_study_data("nope", tracking_uri=store["tracking_uri"], spec={})
+    with pytest.raises(rb.ReportError, match="no MLflow experiment 'ablation_tiny-smoke'"):
+        rb.load_study_data("ablation_tiny", tracking_uri=store["tracking_uri"], smoke=True, spec={})
