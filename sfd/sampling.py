@@ -90,8 +90,9 @@ def generate(
     precision: str = "fp32",
     solver_opts: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    output_device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples for `seeds` (float32 on the CPU) and their class indices (None when unconditional).
+    """Samples for `seeds` (float32, on `output_device`) and their class indices (None when unconditional).
 
     `class_labels` fixes the class of every seed; otherwise each seed draws its own class.
     """
@@ -115,7 +116,7 @@ def generate(
             denoiser = guided(net, labels.to(device), guidance, step)
         with autocast_context(device, precision):
             y = solve(solver, denoiser, x, ts, afs=grid.afs, **(solver_opts or {}))
-        out.append(y.float().cpu())
+        out.append(y.float().to(output_device))
         if progress is not None:
             progress(len(chunk))
     return torch.cat(out), (torch.cat(classes) if classes else None)

@@ -42,9 +42,11 @@ class Sampler:
         return 2 * n if (self.num_classes and self.guidance != 1.0) else n
 
     def sample(self, seeds, shape, *, device, batch_size: int, precision: str = "fp32", class_labels=None):
+        """Samples stay on `device`: metrics accumulate there without a host copy per batch."""
         return generate(self.net, self.grid, seeds, shape, solver=self.solver, num_classes=self.num_classes,
                         class_labels=class_labels, guidance=self.guidance, step=self.step,
-                        batch_size=batch_size, device=device, precision=precision, solver_opts=self.solver_opts)
+                        batch_size=batch_size, device=device, precision=precision, solver_opts=self.solver_opts,
+                        output_device=device)
 
 
 def student_sampler(net, grid: GridSpec, *, step: int | None = None, guidance: float = 1.0,
@@ -155,18 +157,18 @@ def evaluate(
         samples, cls = sampler.sample(seeds, teacher.shape, device=device, batch_size=batch_size,
                                       precision=precision, class_labels=labels)
         samples = samples.clamp(-1, 1)
-        first = samples if first is None else first
+        first = samples.cpu() if first is None else first
         if fid is not None:
             fid.update(samples)
         if teacher.dataset == "digits":
-            kept.append(samples)
+            kept.append(samples.cpu())
         if cls is not None:
             classes.append(cls)
         if "teacher_gap" in metrics:
             ref = teacher_reference(teacher.net, sampler.grid, seeds, teacher.shape, solver=gap_solver, nfe=gap_nfe,
                                     num_classes=sampler.num_classes, guidance=sampler.guidance,
                                     class_labels=labels, batch_size=batch_size, device=device,
-                                    precision=precision)
+                                    precision=precision, output_device=device)
             gaps.append(per_sample_rmse(samples, ref.clamp(-1, 1)))
         bar.update(len(seeds))
     bar.close()
@@ -190,7 +192,7 @@ def _finish(metrics, fid, kept, classes, gaps) -> dict[str, float]:
         if "class_accuracy" in metrics:
             out["class_accuracy"] = digits.class_accuracy(images, torch.cat(classes))
     if gaps:
-        rmse = torch.cat(gaps)
+        rmse = torch.cat(gaps).cpu()
         out["teacher_gap_mean"] = float(rmse.mean())
         out["teacher_gap_std"] = float(rmse.std()) if len(rmse) > 1 else 0.0
     return out

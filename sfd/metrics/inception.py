@@ -31,7 +31,8 @@ def to_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class InceptionFeatures:
-    """Callable: uint8 images [B, 1 or 3, H, W] -> float32 pool3 features [B, 2048] (on CPU)."""
+    """Callable: uint8 images [B, 1 or 3, H, W] -> float32 pool3 features [B, 2048], on the extractor's
+    device (FeatureStats accumulates there, so evaluation never waits on a host copy per batch)."""
 
     dim = FEATURE_DIM
 
@@ -52,7 +53,7 @@ class InceptionFeatures:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale: same value in R, G, B
         (features,) = self.net(x.to(self.device, non_blocking=True))
-        return features.float().cpu()
+        return features.float()
 
 
 def _format_error(path: Path, e: Exception) -> ValueError:
