@@ -134,7 +134,7 @@ def fmt_value(value: Any) -> str:
     if v == 0:
         return "0"
     if abs(v) >= 1000:
-        return f"{v:.1f}"
+        return str(int(v)) if v.is_integer() else f"{v:.1f}"
     return f"{v:.4g}"
 
 
@@ -413,6 +413,10 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     if len(parents) > 1:
         notes.append(f"{len(parents)} parent runs found for this study; using the latest ({parents[-1]['run_id']}).")
     parent = parents[-1]
+    if not spec_dict and spec is None:
+        spec_dict, spec_path = _spec_from_parent(client, parent, art_hint=artifact_dir)
+        if spec_path:
+            notes.append(f"study YAML read from the parent run ({spec_path}).")
     want_smoke = "true" if smoke else "false"
     children_all = [_flatten_run(r) for r in _search_all(
         client, [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent['run_id']}'")]
@@ -482,6 +486,7 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
                 rid = run["tags"].get("sfd.row") if run else None
             if rid is not None:
                 trials_by_row.setdefault(rid, []).append(t)
+        skipped_rows = _skipped_rows(parent, {str(r.get("id")) for r in spec_rows})
         for order, srow in enumerate(spec_rows):
             rid = str(srow.get("id", order))
             cands = by_row.get(rid, [])
@@ -492,7 +497,10 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
                 if run is not None:
                     ts = [t for t in ts if t["number"] == run.get("trial_number")] or ts
                 trial = ts[-1] if ts else None
-            lines.append(_make_line(order, rid, srow, run, trial, metric, len(cands), paper, paper_dataset, kind))
+            line = _make_line(order, rid, srow, run, trial, metric, len(cands), paper, paper_dataset, kind)
+            if line["status"] == "not run" and rid in skipped_rows:
+                line["reason"] = f"skipped: {skipped_rows[rid]}"
+            lines.append(line)
         known = {str(r.get("id", i)) for i, r in enumerate(spec_rows)}
         extra = [c for c in children if c["tags"].get("sfd.row") not in known]
         if extra:
@@ -558,6 +566,42 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     return data
 
 
+def _spec_from_parent(client, parent: dict, art_hint=None) -> tuple[dict, str | None]:
+    """The study YAML the runner recorded: tag ``sfd.spec_path`` if that file exists, else a YAML artifact
+    logged on the parent run."""
+    path = parent["tags"].get("sfd.spec_path")
+    if path and Path(path).is_file():
+        with open(path) as f:
+            return (yaml.safe_load(f) or {}), path
+    try:
+        names = [a.path for a in client.list_artifacts(parent["run_id"]) if a.path.endswith((".yaml", ".yml"))]
+    except Exception:
+        names = []
+    for name in names:
+        dst = Path(tempfile.mkdtemp(prefix="sfd-spec-", dir=art_hint))
+        local = client.download_artifacts(parent["run_id"], name, str(dst))
+        with open(local) as f:
+            data = yaml.safe_load(f) or {}
+        if isinstance(data, dict) and ("rows" in data or "space" in data):
+            return data, f"runs:/{parent['run_id']}/{name}"
+    return {}, None
+
+
+def _skipped_rows(parent: dict, row_ids: set[str]) -> dict[str, str]:
+    """Rows the runner skipped for a missing asset (parent tag ``sfd.skipped_rows`` = 'id: reason; ...')."""
+    out: dict[str, str] = {}
+    text = parent["tags"].get("sfd.skipped_rows") or ""
+    current = None
+    for part in text.split("; "):
+        rid, sep, reason = part.partition(": ")
+        if sep and rid in row_ids:
+            current = rid
+            out[rid] = reason
+        elif current is not None:  # a reason that itself contained '; '
+            out[current] += "; " + part
+    return out
+
+
 def _make_line(order, rid, srow, run, trial, metric, attempts, paper, paper_dataset, kind) -> dict:
     params = run["params"] if run else {}
     labels = _row_labels(srow, params)
@@ -575,7 +619,7 @@ def _make_line(order, rid, srow, run, trial, metric, attempts, paper, paper_data
             "trial_values": (trial or {}).get("values"), "trial_params": (trial or {}).get("params") or {},
             "device_hours": _to_float(metrics.get("train/device_hours")) if status == "ok" else None,
             "train_wall_s": _to_float(metrics.get("train/wall_s")),
-            "eval_samples": _to_int(params.get("eval.num_samples")),
+            "eval_samples": _to_int(metrics.get("eval/num_samples", params.get("eval.num_samples"))),
             "teacher_name": params.get("teacher.name"), "algorithm": params.get("algorithm"),
             "params": params,
             "paper_value": _to_float(prow.get("fid")) if prow else None,
@@ -609,10 +653,11 @@ def _paper_row(srow: dict, labels: dict, paper: dict, dataset: str, kind: str) -
 def _ours_cell(r: dict) -> str:
     if r["status"] == "ok":
         return fmt_value(r["value"])
+    reason = re.sub(r"\s+", " ", str(r.get("reason") or "")).strip()
+    reason = f"{reason[:90]}{'…' if len(reason) > 90 else ''}"
     if r["status"] == "failed":
-        reason = re.sub(r"\s+", " ", str(r.get("reason") or "")).strip()
-        return f"failed: {reason[:90]}{'…' if len(reason) > 90 else ''}"
-    return r["status"]
+        return f"failed: {reason}"
+    return f"{r['status']} ({reason})" if reason else r["status"]
 
 
 def _run_cell(r: dict) -> str:
@@ -813,7 +858,7 @@ def frame_to_markdown(df: pd.DataFrame) -> str:
 def _uniq(values) -> list[str]:
     out = []
     for v in values:
-        if v not in (None, "") and str(v) not in out:
+        if v not in (None, "", "None", "null") and str(v) not in out:
             out.append(str(v))
     return out
 
@@ -831,7 +876,8 @@ def header_markdown(data: StudyData) -> str:
             c = c[:12] + (" (dirty)" if str(r["tags"].get("git.dirty", "")).lower() == "true" else "")
             if c not in commits:
                 commits.append(c)
-    samples = P("eval.num_samples")
+    samples = _uniq(fmt_value(r["metrics"]["eval/num_samples"]) for r in runs if "eval/num_samples" in r["metrics"]) \
+        or P("eval.num_samples")
     lines = [f"# Report: `{data.study}`" + (" — SMOKE RUNS" if data.smoke else ""), ""]
     if data.spec.get("description"):
         lines += [str(data.spec["description"]).strip(), ""]

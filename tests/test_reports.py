@@ -194,7 +194,7 @@ def ablation(store):
     ids["lpips"] = L.run(row="sfd-dpmpp3m-0.006-afs-lpips", params=_params("dpmpp3m", 0.006, True, "lpips"),
                          metrics=_final(0.25, hours=0.004), history_steps=(1, 2))
     # the L1 row is missing: its trial is enqueued but never ran ...
-    L.ostudy.enqueue_trial({}, user_attrs={"sfd.row": "sfd-dpmpp3m-0.006-afs-l1"})
+    L.ostudy.enqueue_trial({}, user_attrs={"row": "sfd-dpmpp3m-0.006-afs-l1"})  # as studies/run.py enqueues rows
     # ... and a smoke run of it (a wiring test) must not fill the gap
     ids["smoke"] = L.run(row="sfd-dpmpp3m-0.006-afs-l1", params=_params("dpmpp3m", 0.006, True, "l1"),
                          metrics=_final(0.0777), smoke=True, link_trial=False)
@@ -327,9 +327,15 @@ def test_comparison_layout(store, tmp_path):
                     num_samples=50000)
         ids[rid] = L.run(row=rid, params=p, metrics=_final(fid[rid], metric="fid", hours=0.0 if algo == "baseline" else 0.5),
                          history_steps=() if algo == "baseline" else (1, 2), samples=False)
+    # no spec argument and no studies/comparison_tiny.yaml: the builder finds the YAML the runner recorded on
+    # the parent run, and the rows the runner skipped for a missing asset
+    spec_file = tmp_path / "comparison_tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(COMPARISON_SPEC))
+    L.client.set_tag(L.parent, "sfd.spec_path", str(spec_file))
+    L.client.set_tag(L.parent, "sfd.skipped_rows", "sfd-v-2: MissingAssetError: no sfd-v student; fetch it")
     out = tmp_path / "out"
     md = rb.build_report("comparison_tiny", storage=L.storage, tracking_uri=L.tracking_uri, out_dir=out,
-                         spec=COMPARISON_SPEC, execute_notebook=False, log_to_mlflow=False).read_text()
+                         execute_notebook=False, log_to_mlflow=False).read_text()
     rows = parse_tables(md)[0]
     ours = [r for r in rows if r["Source"] == "ours"]
     assert [r["run id"].strip("`") for r in ours[:3]] == [ids["dpmpp3m-5"], ids["sfd-2"], ids["sfd-3"]]
@@ -340,7 +346,8 @@ def test_comparison_layout(store, tmp_path):
     assert sfd2["paper (FID)"] == rb.fmt_paper(4.53) and sfd2["Δ"] == rb.fmt_delta(5.1 - 4.53)
     sfd3 = next(r for r in ours if r["run id"].strip("`") == ids["sfd-3"])
     assert sfd3["paper (FID)"] == rb.fmt_paper(3.58)  # matched by method + NFE
-    assert next(r for r in ours if r["Method"] == "SFD-v")["ours (fid)"] == "not run"
+    assert next(r for r in ours if r["Method"] == "SFD-v")["ours (fid)"] == \
+        "not run (skipped: MissingAssetError: no sfd-v student; fetch it)"
     # distillation methods we did not run are the paper's rows, labelled as such, never measured
     paper_only = [r for r in rows if r["Source"] == "paper"]
     assert {"PD", "CD", "CTM", "Guided PD"} <= {r["Method"] for r in paper_only}
