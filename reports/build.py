@@ -239,6 +239,14 @@ def load_study_spec(study_name: str, spec: str | Path | dict | None = None) -> t
         return (yaml.safe_load(f) or {}), str(path)
 
 
+def _sqlite_file(uri: str | None) -> Path | None:
+    """The file behind a sqlite URL (``sqlite:///relative`` or ``sqlite:////absolute``), else None."""
+    if not uri or not str(uri).startswith("sqlite:///"):
+        return None
+    rest = str(uri)[len("sqlite:///"):].split("?", 1)[0]
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'runs' / 'mlflow.db'}"
 
@@ -380,7 +388,7 @@ def _status_of(run: dict | None, trial: dict | None, metric: str) -> tuple[str, 
         return "failed", run["tags"].get("sfd.error") or (trial or {}).get("fail_reason") or "run FAILED (no sfd.error tag)"
     if run["status"] in ("RUNNING", "SCHEDULED"):
         if trial is not None and trial.get("state") == "RUNNING":
-            return "running", None
+            return "running", "or interrupted: re-running the study resumes it"
         return "failed", "interrupted: run never finished"
     if run["status"] == "KILLED":
         return "failed", run["tags"].get("sfd.error") or "run KILLED"
@@ -397,6 +405,11 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
 
     spec_dict, spec_path = load_study_spec(study_name, spec)
     tracking_uri = tracking_uri or default_tracking_uri()
+    db = _sqlite_file(tracking_uri)
+    if db is not None and not db.is_file():  # MlflowClient would create an empty store there
+        raise ReportError(f"no MLflow store at {db} (tracking URI {tracking_uri}); run "
+                          f"`python studies/run.py {study_name}{' --smoke' if smoke else ''}` first, or pass "
+                          f"--tracking-uri / set MLFLOW_TRACKING_URI")
     client = MlflowClient(tracking_uri=tracking_uri)
     exp_name = f"{study_name}-smoke" if smoke else study_name
     exp = client.get_experiment_by_name(exp_name)
@@ -429,6 +442,14 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     kind = spec_dict.get("kind") or parent["tags"].get("sfd.kind") or (
         "ablation" if any("sfd.row" in c["tags"] for c in children) else "search")
     metric, objective_metrics, directions = _primary_metric(spec_dict, children, kind)
+    finished = [c for c in children if c["status"] == "FINISHED"]
+    if finished and not any(metric in c["metrics"] for c in finished):
+        logged = [m for m in QUALITY_METRICS if any(m in c["metrics"] for c in finished)]
+        if logged:
+            why = _uniq(c["tags"].get(f"sfd.smoke.metric.{metric}") for c in finished)
+            notes.append(f"the study's metric `{metric}` was not logged by its runs"
+                         + (f" ({'; '.join(why)})" if why else "") + f"; the tables show `{logged[0]}` instead.")
+            metric = logged[0]
 
     # --- Optuna ---
     storage_url = storage or parent["tags"].get("optuna.storage") or default_storage()
@@ -439,6 +460,9 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        odb = _sqlite_file(storage_url)
+        if odb is not None and not odb.is_file():  # loading would create an empty storage there
+            raise FileNotFoundError(f"no such file {odb}")
         optuna_study = optuna.load_study(study_name=optuna_name, storage=open_optuna_storage(storage_url))
         for t in optuna_study.get_trials(deepcopy=False):
             sys_attrs = getattr(t, "system_attrs", {}) or {}
@@ -549,10 +573,13 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
         run = next(c for c in children if c["run_id"] == r["run_id"])
         keys = sorted((k for k in run["metrics"] if re.fullmatch(r"loss/step_\d+", k)),
                       key=lambda k: int(k.rsplit("_", 1)[1]))
+        if not keys and "loss" in run["metrics"]:
+            keys = ["loss"]  # e.g. vanilla rows train one random step per iteration: only the mean loss
         hist = []
         for k in keys:
+            label = int(k.rsplit("_", 1)[1]) if k != "loss" else "mean"
             for m in client.get_metric_history(run["run_id"], k):
-                hist.append({"key": k, "student_step": int(k.rsplit("_", 1)[1]), "step": m.step, "value": m.value})
+                hist.append({"key": k, "student_step": label, "step": m.step, "value": m.value})
         if hist:
             data.histories[run["run_id"]] = pd.DataFrame(hist)
         try:
@@ -1219,9 +1246,10 @@ def fig_loss_curves(data: StudyData):
     for i, r in enumerate(rows):
         ax = fig.add_subplot(nrows, cols, i + 1)
         h = data.histories[r["run_id"]]
-        for k, g in h.groupby("student_step"):
+        for k, g in h.groupby("key", sort=False):
             g = g.sort_values("step")
-            ax.plot(g["step"], g["value"], lw=0.9, label=f"step {k}")
+            step = g["student_step"].iloc[0]
+            ax.plot(g["step"], g["value"], lw=0.9, label=f"step {step}" if step != "mean" else "loss (mean)")
         if (h["value"] > 0).all():
             ax.set_yscale("log")
         ax.set_title(str(r["row_id"]), fontsize=7)

@@ -404,3 +404,7 @@ def test_missing_study_is_a_clear_error(store, ablation):
         rb.load_study_data("nope", tracking_uri=store["tracking_uri"], spec={})
     with pytest.raises(rb.ReportError, match="no MLflow experiment 'ablation_tiny-smoke'"):
         rb.load_study_data("ablation_tiny", tracking_uri=store["tracking_uri"], smoke=True, spec={})
+    missing = store["tmp"] / "nowhere" / "mlflow.db"
+    with pytest.raises(rb.ReportError, match="no MLflow store at"):
+        rb.load_study_data("ablation_tiny", tracking_uri=f"sqlite:///{missing}", spec={})
+    assert not missing.parent.exists()  # reading never creates a store
