@@ -522,6 +522,8 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
                     ts = [t for t in ts if t["number"] == run.get("trial_number")] or ts
                 trial = ts[-1] if ts else None
             line = _make_line(order, rid, srow, run, trial, metric, len(cands), paper, paper_dataset, kind)
+            if line["status"] == "failed" and any(t["state"] == "WAITING" for t in trials_by_row.get(rid, [])):
+                line["reason"] = f"{line['reason']} (queued again)"
             if line["status"] == "not run" and rid in skipped_rows:
                 line["reason"] = f"skipped: {skipped_rows[rid]}"
             lines.append(line)
@@ -1032,6 +1034,9 @@ def reading(data: StudyData) -> list[str]:
     rows = data.rows.to_dict("records")
     m = data.metric
     out: list[str] = []
+    if data.smoke:
+        out.append("_These are smoke runs (randomly initialised teacher, tiny budget): the reading below is "
+                   "produced by the same code as for real runs but says nothing about SFD._")
     ok = [r for r in rows if r["status"] == "ok"]
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
@@ -1054,8 +1059,8 @@ def reading(data: StudyData) -> list[str]:
                      f"(`{a['row_id']}` → `{b['row_id']}`) moved {m} from {fmt_value(a['value'])} to "
                      f"{fmt_value(b['value'])} (Δ {fmt_delta(d)}{rel}).")
                 if _is_num(a.get("paper_value")) and _is_num(b.get("paper_value")):
-                    s += (f" The paper's FID for the same pair goes {fmt_value(a['paper_value'])} → "
-                          f"{fmt_value(b['paper_value'])}.")
+                    s += (f" The paper's FID for the same pair goes {fmt_paper(a['paper_value'])} → "
+                          f"{fmt_paper(b['paper_value'])}.")
                 out.append(s)
                 order_ours = sorted(ours_eff, key=lambda k: -abs(ours_eff[k][0]))
                 txt = "Largest single-factor change per factor, ours: " + ", ".join(
@@ -1255,6 +1260,7 @@ def fig_loss_curves(data: StudyData):
         ax.set_title(str(r["row_id"]), fontsize=7)
         ax.tick_params(which="both", labelsize=6)
         ax.set_xlabel("iteration", fontsize=6)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=5)
     fig.suptitle(f"{data.study}: training loss per student step", fontsize=9)
     fig.tight_layout()
