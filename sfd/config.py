@@ -399,9 +399,14 @@ def save_yaml(cfg: RunConfig, path: str | Path) -> Path:
 
 # ----- validation ---------------------------------------------------------------------------------------
 
+def _suggest(value, allowed) -> str:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=2, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
+        raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}{_suggest(value, allowed)}")
 
 
 def _positive(key: str, value, strict: bool = True) -> None:
@@ -434,7 +439,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     try:
         check_teacher_name(cfg.teacher.name)
     except ValueError:
-        raise ConfigError(f"teacher.name: got {cfg.teacher.name!r}; allowed: {', '.join(TEACHERS)}") from None
+        raise ConfigError(f"teacher.name: got {cfg.teacher.name!r}; allowed: {', '.join(TEACHERS)}"
+                          + _suggest(cfg.teacher.name, TEACHERS)) from None
     if cfg.teacher.path is not None and not cfg.smoke and not Path(cfg.teacher.path).expanduser().exists():
         raise ConfigError(f"teacher.path: got {cfg.teacher.path!r}; the file does not exist")
 
@@ -523,6 +529,9 @@ def _validate_algorithm(cfg: RunConfig) -> None:
         if cfg.solver.name != "euler":
             raise ConfigError(f"solver.name: got {cfg.solver.name!r}; the second stage samples its first-stage "
                               "teacher with its own Euler sampler, so it must be euler")
+    if alg == "vanilla" and cfg.vanilla.data == "dataset" and not _has_training_images(cfg.teacher.name):
+        raise ConfigError(f"vanilla.data: got 'dataset', but teacher {cfg.teacher.name!r} has no training-image "
+                          "source for Algorithm 1; use vanilla.data=teacher (start from the teacher's trajectory)")
     if alg == "vanilla" and cfg.loss.final is not None:
         raise ConfigError("loss.final: Algorithm 1 trains one random step per iteration; a final-step loss "
                           "applies to sfd / sfd-v / second-stage only")
@@ -530,6 +539,15 @@ def _validate_algorithm(cfg: RunConfig) -> None:
         to_settings(cfg).validate()
     except ValueError as exc:  # a check the core knows that this module does not repeat
         raise ConfigError(f"invalid settings for the distillation core: {exc}") from None
+
+
+def _has_training_images(teacher: str) -> bool:
+    """Whether Algorithm 1 can draw real images for this teacher (digits / GMM samples / a registered data
+    asset such as cifar10-train)."""
+    from sfd.teachers import registry
+
+    edm = getattr(registry, "_EDM_TEACHERS", {})
+    return teacher not in edm or edm[teacher][4] is not None
 
 
 # ----- mapping onto the core ----------------------------------------------------------------------------

@@ -24,10 +24,13 @@ from sfd.config import ConfigError, RunConfig
 # Metrics a smoke run computes instead of ones that need large assets (and mean nothing on a random net).
 SMOKE_METRIC_SUBSTITUTES = {"fid": "teacher_gap"}
 SMOKE_OBJECTIVE_SUBSTITUTES = {"fid": "teacher_gap_mean"}
-SMOKE_ITERATIONS = 2
+# A 56M-parameter SongUNet costs ~1-2 s per forward at batch 2 on a 2-core CPU: a smoke row is one iteration
+# of batch 2 against a one-step-per-student-step teacher (M = 0), and two evaluation samples.
+SMOKE_ITERATIONS = 1
 SMOKE_BATCH = 2
-SMOKE_SAMPLES = 4
-SMOKE_GAP_NFE = 5
+SMOKE_M = 0
+SMOKE_SAMPLES = 2
+SMOKE_GAP_NFE = 1
 SMALL_TEACHER_PREFIXES = ("digits", "gmm")  # teachers small enough to keep their student weights in smoke runs
 
 
@@ -74,17 +77,18 @@ def _asset_present(name: str) -> bool:
 
 
 def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
-    """The same run at a wiring-test budget: a random teacher of the right architecture, two iterations of
-    batch 2, four evaluation samples, FID replaced by the teacher gap. Returns the config and notes (tagged
-    on the run) saying what was substituted."""
+    """The same run at a wiring-test budget: a random teacher of the right architecture, one iteration of
+    batch 2 with M = 0, two evaluation samples, FID replaced by the teacher gap against a 1-NFE reference.
+    Returns the config and notes (tagged on the run) saying what was substituted."""
     notes: dict[str, str] = {}
     metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
     new_metrics = []
     for m in metrics:
         sub = SMOKE_METRIC_SUBSTITUTES.get(m, m)
         if sub != m:
-            notes[f"sfd.smoke.metric.{m}"] = f"{sub} on {SMOKE_SAMPLES} samples (FID needs Inception weights " \
-                                            "and 50k samples; meaningless on a random teacher)"
+            notes[f"sfd.smoke.metric.{m}"] = (f"{sub} on {SMOKE_SAMPLES} samples against a {SMOKE_GAP_NFE}-NFE "
+                                              "reference (FID needs Inception weights and 50k samples, and "
+                                              "means nothing on a random teacher)")
         if sub not in new_metrics:
             new_metrics.append(sub)
     batch = min(cfg.optim.batch_size, SMOKE_BATCH)
@@ -93,6 +97,7 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         "optim.batch_size": batch,
         "optim.total_kimg": SMOKE_ITERATIONS * batch / 1000,
         "optim.nan_check_every": 1,
+        "solver.m": min(cfg.solver.m, SMOKE_M),
         "eval.metrics": new_metrics,
         "eval.num_samples": SMOKE_SAMPLES,
         "eval.batch_size": SMOKE_SAMPLES,
@@ -110,6 +115,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
                 notes[f"sfd.smoke.loss.{key}"] = f"l2 instead of lpips ({asset} weights are not installed)"
     if not _is_small_teacher(cfg.teacher.name):
         notes["sfd.smoke.student_weights"] = "not saved (a random network of this size is not worth storing)"
+    notes["sfd.smoke.budget"] = (f"{SMOKE_ITERATIONS} iteration(s) of batch {batch}, solver.m="
+                                 f"{updates['solver.m']}, {SMOKE_SAMPLES} evaluation samples")
     smoke = C.replace(cfg, updates)
     return smoke, notes
 
@@ -197,6 +204,21 @@ def load_first_stage(folder: Path, device) -> tuple[torch.nn.Module, dict]:
 
 
 # ----- the run -----------------------------------------------------------------------------------------
+
+_TEACHER_CACHE: dict[tuple, Any] = {}
+
+
+def load_teacher(cfg: RunConfig, device):
+    """`sfd.teachers.get_teacher`, keeping the last teacher: a study's trials share it (it is frozen and never
+    trained), so a checkpoint is read once per study, not once per trial."""
+    from sfd.teachers import get_teacher
+
+    key = (cfg.teacher.name, cfg.teacher.path, str(device), cfg.smoke)
+    if key not in _TEACHER_CACHE:
+        _TEACHER_CACHE.clear()
+        _TEACHER_CACHE[key] = get_teacher(cfg.teacher.name, path=cfg.teacher.path, device=device, smoke=cfg.smoke)
+    return _TEACHER_CACHE[key]
+
 
 def objective_values(metrics: dict[str, float], names: list[str], smoke: bool) -> list[float]:
     out = []
@@ -296,7 +318,6 @@ def _evaluate(cfg: RunConfig, teacher, net, step_condition: bool, device, *, num
 def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progress: bool = False) -> RunResult:
     """Distil (or, for `baseline`, only sample), evaluate and log one run. See the module docstring."""
     from sfd.distill import distill
-    from sfd.teachers import get_teacher
     from sfd.tracking import TAG_DEVICE, TAG_SEED, TAG_SMOKE, Tracker, device_description
 
     t_total = time.perf_counter()
@@ -307,7 +328,7 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
     tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: device_description(device), TAG_SEED: cfg.seed,
             "sfd.algorithm": cfg.algorithm, **notes}
     with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run:
-        teacher = get_teacher(cfg.teacher.name, path=cfg.teacher.path, device=device, smoke=cfg.smoke)
+        teacher = load_teacher(cfg, device)
         if cfg.student.guidance != 1.0 and not teacher.num_classes:
             raise ConfigError(f"student.guidance: got {cfg.student.guidance}; teacher {teacher.name!r} is "
                               "unconditional, so guidance must be 1.0")

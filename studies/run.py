@@ -402,6 +402,7 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
 
     rows = {r["id"]: r for r in spec.rows}
     failed: list[tuple[int, str]] = []
+    shown_metrics = objective_labels(spec, smoke)
 
     def objective(trial):
         t0 = time.perf_counter()
@@ -425,7 +426,7 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
             failed.append((trial.number, reason))
             say(f"[{trial.number}] {label}: FAILED after {time.perf_counter() - t0:.1f}s: {reason}")
             raise
-        shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(spec.metrics, result.objective))
+        shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(shown_metrics, result.objective))
         say(f"[{trial.number}] {label}: {shown} ({time.perf_counter() - t0:.1f}s)")
         for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
             trial.set_user_attr(key, result.metrics.get(key))
@@ -442,7 +443,7 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
                            storage=storage_url, tracking_uri=tracking_uri, ran=todo, failed=failed,
                            skipped=skipped, seconds=time.perf_counter() - start)
     if not quiet:
-        print_summary(spec, study)
+        print_summary(spec, study, smoke)
         print(f"study wall time {outcome.seconds:.1f}s ({todo} trial(s) this invocation)")
     if report:
         try:
@@ -453,12 +454,20 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     return outcome
 
 
-def print_summary(spec: StudySpec, study) -> None:
+def objective_labels(spec: StudySpec, smoke: bool) -> list[str]:
+    """The objective metrics as computed: a smoke run reports e.g. the teacher gap in place of FID."""
+    from sfd.runner import SMOKE_OBJECTIVE_SUBSTITUTES
+
+    return [SMOKE_OBJECTIVE_SUBSTITUTES.get(m, m) if smoke else m for m in spec.metrics]
+
+
+def print_summary(spec: StudySpec, study, smoke: bool = False) -> None:
     """One line per row (table studies) or per completed trial (search), from the Optuna study."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    head = f"{'row / trial':<40} {'state':<9} " + " ".join(f"{m:>18}" for m in spec.metrics) + f" {'train s':>9}"
+    head = (f"{'row / trial':<40} {'state':<9} " + " ".join(f"{m:>18}" for m in objective_labels(spec, smoke))
+            + f" {'train s':>9}")
     print(head)
     print("-" * len(head))
 
