@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import argparse
+import contextlib
 import datetime as _dt
 import io
 import json
@@ -187,6 +188,21 @@ def teacher_dataset(teacher_name: str | None) -> str | None:
         if name.startswith(ds):
             return ds
     return name
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar per artifact download; a report downloads one per row."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _git_commit() -> str | None:
@@ -591,7 +607,8 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
         if "samples.png" in names:
             dst = art_dir / _slug(r["row_id"])
             dst.mkdir(parents=True, exist_ok=True)
-            data.samples[run["run_id"]] = Path(client.download_artifacts(run["run_id"], "samples.png", str(dst)))
+            with _no_progress_bars():
+                data.samples[run["run_id"]] = Path(client.download_artifacts(run["run_id"], "samples.png", str(dst)))
     return data
 
 
@@ -608,7 +625,8 @@ def _spec_from_parent(client, parent: dict, art_hint=None) -> tuple[dict, str | 
         names = []
     for name in names:
         dst = Path(tempfile.mkdtemp(prefix="sfd-spec-", dir=art_hint))
-        local = client.download_artifacts(parent["run_id"], name, str(dst))
+        with _no_progress_bars():
+            local = client.download_artifacts(parent["run_id"], name, str(dst))
         with open(local) as f:
             data = yaml.safe_load(f) or {}
         if isinstance(data, dict) and ("rows" in data or "space" in data):
@@ -720,7 +738,7 @@ def comparison_table(data: StudyData) -> pd.DataFrame:
     """Table 2/3 layout: our rows beside the paper's, grouped as the paper groups them; paper-only rows
     (methods we did not run) are labelled 'paper'."""
     ours = data.rows.to_dict("records")
-    paper_rows = paper_comparison_frame(data.paper, data.paper_dataset).to_dict("records")
+    paper_rows = list(data.paper["comparison"].get(data.paper_dataset, []))
     used = {r["paper_key"] for r in ours if r.get("paper_key")}
     entries = []
     for r in ours:
@@ -985,7 +1003,9 @@ def _factor_effects(pairs, field_: str) -> dict[str, tuple[float, dict, dict]]:
     return best
 
 
-def _row_name(r: dict) -> str:
+def _row_name(r: dict, kind: str = "ablation") -> str:
+    if kind == "comparison" and r.get("method") and r.get("nfe") is not None:
+        return f"{r['method']} · NFE {r['nfe']}"
     parts = [r.get("method"), r.get("teacher"), None if r.get("t_min") is None else f"t_min={fmt_tmin(r['t_min'])}",
              None if r.get("afs") is None else ("AFS" if r["afs"] else "no AFS"), r.get("loss"),
              None if r.get("nfe") is None else f"NFE {r['nfe']}"]
@@ -1090,7 +1110,7 @@ def reading(data: StudyData) -> list[str]:
                 out.append(f"**NFE matters most for {meth}**: NFE {a['nfe']} → {b['nfe']} moves {m} from "
                            f"{fmt_value(a['value'])} to {fmt_value(b['value'])} (Δ {fmt_delta(d)}).")
             best = min(ok, key=lambda r: r["value"] if _lower_is_better(m) else -r["value"])
-            out.append(f"Best measured row: `{best['row_id']}` ({_row_name(best)}) with {m} = "
+            out.append(f"Best measured row: `{best['row_id']}` ({_row_name(best, data.kind)}) with {m} = "
                        f"{fmt_value(best['value'])}" + (f" after {fmt_hours(best['device_hours'])} training "
                                                         f"device-hours." if _is_num(best['device_hours']) else "."))
         ra = rank_agreement(data)
@@ -1491,6 +1511,7 @@ def write_notebook(data: StudyData, path: str | Path, *, spec_ref: str | None) -
             f"SPEC = {_nb_literal(spec_ref)}\n"
             "from IPython.display import Image, Markdown, display\n"
             "from reports import build as rb\n"
+            "print('kernel interpreter:', sys.executable)\n"
             "data = rb.load_study_data(STUDY, storage=STORAGE, tracking_uri=TRACKING_URI, smoke=SMOKE, spec=SPEC)\n"
             "display(Markdown(rb.header_markdown(data)))"),
         v4.new_markdown_cell("## Tables"),
@@ -1526,7 +1547,8 @@ def _kernel_manager(tmp: Path):
         "display_name": "Python 3 (ipykernel)", "language": "python"}))
     ksm = KernelSpecManager(kernel_dirs=[str(tmp / "kernels")])
     ksm.ensure_native_kernel = False
-    return KernelManager(kernel_name="python3", kernel_spec_manager=ksm)
+    # ipc: local sockets (files in the temporary folder), no TCP ports and no plain-TCP warning
+    return KernelManager(kernel_name="python3", kernel_spec_manager=ksm, transport="ipc", ip=str(tmp / "kernel"))
 
 
 def run_notebook(path: str | Path, *, cwd: str | Path | None = None, timeout: int = 600) -> Path:
@@ -1540,7 +1562,7 @@ def run_notebook(path: str | Path, *, cwd: str | Path | None = None, timeout: in
         client = NotebookClient(nb, km=_kernel_manager(Path(tmp)), timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(cwd or path.parent)}})
         try:
-            client.execute()
+            client.execute(cleanup_kc=True)  # we pass the manager, so ask nbclient to shut the kernel down now
         finally:
             nbformat.write(nb, str(path))
     return path

@@ -276,6 +276,8 @@ def test_notebook_executes_and_html_exists(ablation):
     assert "not run" in text and rb.fmt_value(0.4321) in text  # the kernel loaded the data itself
     assert "rb.load_study_data(" in code[0].source and "0.4321" not in "".join(c.source for c in code)
     assert (ablation["out"] / "report.html").stat().st_size > 10_000
+    streams = "".join(o.get("text", "") for o in code[0].get("outputs", []) if o.get("output_type") == "stream")
+    assert f"kernel interpreter: {sys.executable}" in streams  # the venv's ipykernel, not whatever is on PATH
 
 
 def test_figures_exist_png_and_svg(ablation):
