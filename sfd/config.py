@@ -37,6 +37,7 @@ TRAINING_ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage")
 PRECISIONS = ("fp32", "bf16")
 VANILLA_DATA = ("dataset", "teacher")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -189,6 +190,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string; it is plainly a number
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

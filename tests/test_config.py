@@ -1,0 +1,159 @@
+"""Run configs: typed YAML + overrides, clear errors before anything exists, exact round trip."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sfd.config import (
+    ConfigError,
+    RunConfig,
+    all_keys,
+    dump_yaml,
+    flatten,
+    from_dict,
+    load_config,
+    save_yaml,
+    to_dict,
+    to_settings,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_shipped_experiment_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    again = load_config(save_yaml(cfg, tmp_path / "resolved.yaml"))
+    assert again == cfg
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_paper_cifar10_settings():
+    cfg = load_config(ROOT / "experiments" / "cifar10_sfd.yaml")
+    assert (cfg.student.nfe, cfg.student.afs, cfg.student.t_min, cfg.student.t_max) == (2, True, 0.006, 80.0)
+    assert (cfg.student.schedule, cfg.student.rho, cfg.solver.name, cfg.solver.m) == ("polynomial", 7.0, "dpmpp3m", 3)
+    assert (cfg.loss.name, cfg.optim.lr, cfg.optim.total_kimg, cfg.optim.batch_size) == ("l1", 5e-5, 200, 128)
+    assert cfg.eval.metrics == ["fid"] and cfg.eval.num_samples == 50_000
+    assert load_config(ROOT / "experiments" / "imagenet64_sfd.yaml").optim.lr == 1e-5
+
+
+def test_overrides_are_yaml_typed_and_dotted():
+    cfg = load_config(None, ["student.nfe=3", "student.afs=false", "student.t_min=2e-3", "teacher.path=null",
+                             "sfdv.num_steps_choices=[4, 5]", "solver.opts.max_order=2", "eval.metrics=[teacher_gap]",
+                             "teacher.name=gmm-8"])
+    assert cfg.student.nfe == 3 and cfg.student.afs is False and cfg.student.t_min == 0.002
+    assert cfg.teacher.path is None and cfg.sfdv.num_steps_choices == [4, 5]
+    assert cfg.solver.opts == {"max_order": 2} and cfg.eval.metrics == ["teacher_gap"]
+    assert cfg.num_steps == 4  # NFE 3 without AFS: an Euler student needs N = NFE + 1 timestamps
+
+
+def test_mapping_overrides_accept_nested_and_dotted_keys():
+    a = load_config(None, {"student": {"nfe": 4}, "loss.name": "l2", "solver": {"opts": {"max_order": 2}}})
+    b = load_config(None, ["student.nfe=4", "loss.name=l2", "solver.opts.max_order=2"])
+    assert a == b
+
+
+def test_flatten_has_every_schema_field():
+    flat = flatten(to_dict(RunConfig()))
+    assert set(all_keys()) <= set(flat)
+    for key in ("teacher.name", "student.nfe", "student.afs", "student.t_min", "student.schedule", "solver.name",
+                "solver.m", "loss.name", "algorithm", "optim.lr", "optim.total_kimg", "optim.batch_size",
+                "eval.num_samples", "precision", "device", "seed"):
+        assert key in flat
+
+
+@pytest.mark.parametrize("overrides,names", [
+    (["studnet.nfe=2"], ["unknown config key 'studnet.nfe'", "student.nfe"]),
+    (["optim.learning_rate=1"], ["optim.learning_rate", "optim.lr"]),
+    (["lr=1e-4"], ["'lr'", "optim.lr"]),
+    (["student.nfe=0"], ["student.nfe", "0", ">= 1"]),
+    (["student.nfe=two"], ["student.nfe", "'two'", "integer"]),
+    (["student.afs=maybe"], ["student.afs", "'maybe'", "true/false"]),
+    (["student.t_min=80"], ["t_min=80.0", "t_max=80.0", "0 < t_min < t_max"]),
+    (["student.t_min=-1"], ["student.t_min", "-1"]),
+    (["solver.name=dpmpp"], ["solver.name", "'dpmpp'", "dpmpp3m", "euler"]),
+    (["loss.name=huber"], ["loss.name", "'huber'", "pseudo_huber"]),
+    (["student.schedule=cosine"], ["student.schedule", "'cosine'", "polynomial"]),
+    (["teacher.name=cifar10"], ["teacher.name", "'cifar10'", "cifar10-uncond"]),
+    (["algorithm=distill"], ["algorithm", "'distill'", "sfd-v", "second-stage", "baseline"]),
+    (["precision=fp16"], ["precision", "'fp16'", "bf16"]),
+    (["device=gpu"], ["device", "'gpu'", "cuda"]),
+    (["eval.metrics=[fid, is]"], ["eval.metrics[1]", "'is'", "teacher_gap"]),
+    (["optim.batch_size=0"], ["optim.batch_size", "0"]),
+    (["solver.m=-1"], ["solver.m", "-1"]),
+    (["algorithm=sfd-v", "sfdv.num_steps_choices=[2, 4]"], ["sfdv.num_steps_choices[0]", "N=2", "AFS"]),
+    (["algorithm=sfd-v", "student.nfe=9"], ["student.nfe", "9", "[4, 5, 6, 7]"]),
+    (["algorithm=second-stage"], ["second_stage.first_stage", "null"]),
+    (["algorithm=second-stage", "second_stage.first_stage=abc"], ["solver.name", "euler"]),
+    (["algorithm=baseline", "solver.name=heun", "student.nfe=3", "student.afs=false"], ["student.nfe", "heun"]),
+    (["algorithm=vanilla", "teacher.name=imagenet64-cond"], ["vanilla.data", "imagenet64-cond", "teacher"]),
+    (["vanilla.data=images"], ["vanilla.data", "'images'", "dataset"]),
+    (["student"], ["override 'student'", "key=value"]),
+    (["student=3"], ["student is a section"]),
+])
+def test_bad_values_name_the_field_the_value_and_what_is_allowed(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for text in names:
+        assert text in str(err.value), str(err.value)
+
+
+def test_sfdv_and_second_stage_defaults():
+    cfg = RunConfig()
+    assert cfg.sfdv.num_steps_choices == [4, 5, 6, 7]  # NFE 2-5 with AFS (spec §9)
+    stage2 = load_config(None, ["algorithm=second-stage", "second_stage.first_stage=some-run-id", "solver.name=euler",
+                                "solver.m=2", "student.nfe=1", "optim.lr=5e-4", "loss.final=lpips"])
+    assert stage2.num_steps == 3  # N = 3 with AFS: 1 NFE (spec §10)
+    s = to_settings(stage2)
+    assert (s.teacher_solver, s.m, s.final_loss, s.lr, s.grid.num_steps) == ("euler", 2, "lpips", 5e-4, 3)
+
+
+def test_to_settings_maps_every_training_field():
+    cfg = load_config(None, ["teacher.name=gmm-8", "student.nfe=3", "student.t_min=0.002", "student.schedule=logsnr",
+                             "solver.name=heun", "solver.m=2", "loss.name=pseudo_huber", "optim.lr=1e-3",
+                             "optim.total_kimg=1.0", "optim.batch_size=16", "seed=7", "precision=bf16"])
+    s = to_settings(cfg, num_classes=10)
+    assert s.algorithm == "sfd" and s.grid.num_steps == 5 and s.grid.afs and s.grid.t_min == 0.002
+    assert s.grid.schedule == "logsnr" and s.teacher_solver == "heun" and s.m == 2 and s.loss == "pseudo_huber"
+    assert (s.lr, s.total_kimg, s.batch_size, s.seed, s.precision, s.num_classes) == (1e-3, 1.0, 16, 7, "bf16", 10)
+    assert s.total_iterations == 63 and s.num_steps_choices is None and not s.teacher_afs
+    v = to_settings(load_config(None, ["algorithm=sfd-v"]))
+    assert v.algorithm == "sfd" and v.num_steps_choices == (4, 5, 6, 7)
+    free = to_settings(load_config(None, ["algorithm=vanilla", "vanilla.data=teacher"]))
+    assert free.algorithm == "vanilla" and free.vanilla_data_free
+    with pytest.raises(ConfigError, match="does not train"):
+        to_settings(load_config(None, ["algorithm=baseline", "student.afs=false"]))
+
+
+def test_missing_file_and_non_mapping_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_cli_bad_field_fails_clearly_and_creates_nothing(tmp_path):
+    """experiments/run.py with a typo in the YAML: exit 2, one-line error naming the key, no store created."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((ROOT / "experiments" / "gmm_sfd.yaml").read_text().replace("loss: {name: l1}",
+                                                                                "loss: {nmae: l1}"))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "SFD_RUNS_DIR": str(runs)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), str(cfg)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown config key 'loss.nmae'" in proc.stderr and "loss.name" in proc.stderr
+    assert not runs.exists()
+    dry = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"),
+                          str(ROOT / "experiments" / "gmm_sfd.yaml"), "student.nfe=3", "--dry-run"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    assert from_dict(yaml.safe_load(dry.stdout)).student.nfe == 3
+    assert not runs.exists()

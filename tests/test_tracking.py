@@ -1,0 +1,184 @@
+"""MLflow logging from one module: run layout, batched metrics, provenance, FAILED runs, nothing half-created."""
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from sfd import tracking as T
+from sfd.assets import MissingAssetError
+from sfd.config import flatten, from_dict, load_config, to_dict
+from sfd.distill import DivergedError, IterationStats
+from sfd.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+GMM = ROOT / "experiments" / "gmm_sfd.yaml"
+TINY = ["teacher.name=gmm-img-4", "optim.batch_size=16", "optim.total_kimg=0.08", "eval.num_samples=16",
+        "eval.gap_nfe=10", "log.every=2"]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "runs"
+
+
+def _client() -> MlflowClient:
+    return MlflowClient(T.default_tracking_uri())
+
+
+def _artifacts(client, run_id, path=None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def test_default_locations_follow_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SFD_RUNS_DIR", str(tmp_path / "r"))
+    assert T.default_tracking_uri() == f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}"
+    assert T.default_optuna_storage() == f"sqlite:///{tmp_path / 'r' / 'optuna.db'}"
+    assert T.artifact_location(T.default_tracking_uri(), "exp") == (tmp_path / "r" / "artifacts" / "exp").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert T.default_tracking_uri() == "http://mlflow.example:5000"
+    assert T.artifact_location("http://mlflow.example:5000", "exp") is None  # the server decides
+    monkeypatch.delenv("SFD_RUNS_DIR")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert T.default_tracking_uri() == f"sqlite:///{ROOT / 'runs' / 'mlflow.db'}"
+
+
+def test_provenance_tags():
+    git = T.git_info()
+    assert re.fullmatch(r"[0-9a-f]{40}", git["git.commit"]) and git["git.dirty"] in ("true", "false")
+    versions = T.package_versions()
+    assert versions["version.torch"] == torch.__version__.split("+")[0] or versions["version.torch"] == torch.__version__
+    assert {"version.sfd", "version.mlflow", "version.optuna", "version.python"} <= set(versions)
+
+
+def _stats(i, losses):
+    return IterationStats(iteration=i, kimg=(i + 1) * 0.016, lr=1e-3, num_steps=4,
+                          step_losses=torch.tensor(losses), teacher_seconds=0.5, student_seconds=0.25)
+
+
+def test_iteration_metrics_are_batched_and_keyed_by_student_step(store):
+    tracker = T.Tracker("unit")
+    run = tracker.start_run("batched", every=4)
+    calls = []
+    original = run.client.log_batch
+    run.client.log_batch = lambda *a, **k: (calls.append(len(k.get("metrics", ()))), original(*a, **k))[1]
+    callback = run.iteration_callback(afs=True)
+    for i in range(10):
+        callback(_stats(i, [1.0 + i, 2.0 + i]))
+    assert len(calls) == 2  # iterations 0-3 and 4-7, one write each; 8-9 still buffered
+    run.end()
+    assert len(calls) == 3  # the rest on end
+    client = _client()
+    hist = client.get_metric_history(run.run_id, "loss/step_1")
+    assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(i, 1.0 + i) for i in range(10)]
+    assert len(client.get_metric_history(run.run_id, "loss/step_2")) == 10
+    keys = set(client.get_run(run.run_id).data.metrics)
+    assert {"loss", "lr", "kimg", "time/teacher_s", "time/student_s"} <= keys and "loss/step_0" not in keys  # AFS step
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+
+    run2 = tracker.start_run("no-afs-vanilla", every=50)
+    cb = run2.iteration_callback(afs=False)
+    cb(_stats(0, [3.0, 4.0]))
+    cb_vanilla = run2.iteration_callback(afs=False, per_step=False)
+    cb_vanilla(_stats(1, [5.0]))
+    run2.end()
+    hist0 = client.get_metric_history(run2.run_id, "loss/step_0")
+    assert [m.value for m in hist0] == [3.0]  # without AFS the first step is step 0
+    assert sorted(m.value for m in client.get_metric_history(run2.run_id, "loss")) == [3.5, 5.0]
+
+
+def test_failing_run_ends_failed_with_its_error(store):
+    tracker = T.Tracker("unit")
+    with pytest.raises(RuntimeError):
+        with tracker.start_run("boom") as run:
+            run.log_params({"a": 1})
+            raise RuntimeError("exploded on purpose")
+    info = _client().get_run(run.run_id)
+    assert info.info.status == "FAILED"
+    assert info.data.tags[T.TAG_ERROR] == "RuntimeError: exploded on purpose"
+    assert "error.txt" in _artifacts(_client(), run.run_id)
+
+
+def test_study_parent_run_is_reused(store):
+    client = T.get_client()
+    first = T.study_parent_run(client, "exp", "s", {T.TAG_KIND: "ablation"})
+    client.set_terminated(first, "FINISHED")
+    again = T.study_parent_run(client, "exp", "s", {T.TAG_KIND: "ablation"})
+    assert first == again and client.get_run(first).info.status == "RUNNING"
+    exp = client.get_experiment_by_name("exp")
+    assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_run_experiment_logs_the_contract_layout(store):
+    """One real (tiny, GMM) run: every config field as a param, per-iteration and final metrics, artifacts
+    that replay the run and hold the student, provenance tags."""
+    cfg = load_config(GMM, TINY)
+    tracker = T.Tracker("layout", tags={"sfd.study": "unit"}, objective=["teacher_gap_mean"])
+    result = run_experiment(cfg, tracker=tracker)
+    client = _client()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == cfg.name
+    params = run.data.params
+    assert set(flatten(to_dict(result.config))) <= set(params)
+    assert params["student.nfe"] == "2" and params["solver.name"] == "dpmpp3m" and params["eval.num_samples"] == "16"
+    m = run.data.metrics
+    for key in ("teacher_gap_mean", "teacher_gap_std", "nfe", "train/wall_s", "train/device_hours", "eval/wall_s",
+                "total/wall_s", "objective", "loss/step_1", "loss/step_2", "lr", "time/teacher_s", "time/student_s"):
+        assert key in m, key
+    assert m["objective"] == m["teacher_gap_mean"] == result.metrics["teacher_gap_mean"]
+    assert m["nfe"] == 2 and m["train/device_hours"] == pytest.approx(m["train/wall_s"] / 3600)
+    assert len(client.get_metric_history(result.run_id, "loss/step_1")) == 5  # 80 trajectories / batch 16
+    tags = run.data.tags
+    assert tags["sfd.smoke"] == "false" and tags["sfd.study"] == "unit" and tags["sfd.seed"] == "0"
+    assert tags["sfd.device"] == "cpu" and tags["sfd.role"] == "run"
+    assert {"git.commit", "git.dirty", "version.torch", "version.sfd"} <= set(tags)
+    files = _artifacts(client, result.run_id)
+    assert {"config.yaml", "samples.png", "loss_curve.png", "student/student.safetensors",
+            "student/sampling.json"} <= files
+    local = Path(client.download_artifacts(result.run_id, "config.yaml", str(store.parent / "dl")))
+    assert load_config(local) == result.config  # the logged YAML replays exactly this run
+    sampling = yaml.safe_load(Path(client.download_artifacts(result.run_id, "student/sampling.json",
+                                                             str(store.parent / "dl"))).read_text())
+    assert sampling["grid"]["num_steps"] == 4 and sampling["grid"]["afs"] is True and sampling["nfe"] == 2
+
+
+def test_baseline_run_samples_the_teacher_without_training(store):
+    cfg = load_config(GMM, TINY + ["algorithm=baseline", "solver.name=heun", "student.nfe=4", "student.afs=false"])
+    result = run_experiment(cfg, tracker=T.Tracker("layout"))
+    run = _client().get_run(result.run_id)
+    assert run.data.metrics["nfe"] == 4 and run.data.metrics["train/wall_s"] == 0
+    assert "loss" not in run.data.metrics
+    files = _artifacts(_client(), result.run_id)
+    assert "samples.png" in files and not any(f.startswith("student") for f in files)
+
+
+def test_diverging_run_is_failed_with_reason(store):
+    cfg = load_config(GMM, ["teacher.name=gmm-8", "optim.lr=1e12", "loss.name=l2", "optim.total_kimg=0.32",
+                            "optim.batch_size=16", "optim.nan_check_every=5"])
+    with pytest.raises(DivergedError):
+        run_experiment(cfg, tracker=T.Tracker("layout"))
+    client = _client()
+    exp = client.get_experiment_by_name("layout")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags[T.TAG_ERROR].startswith("DivergedError: loss became non-finite")
+
+
+def test_missing_asset_fails_before_anything_is_created(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFD_HOME", str(tmp_path / "no-assets"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch"))
+    cfg = load_config(ROOT / "experiments" / "cifar10_sfd.yaml")
+    with pytest.raises(MissingAssetError, match="edm-cifar10-32x32-uncond-vp"):
+        run_experiment(cfg)
+    assert not store.exists()  # no tracking store, no experiment, no run
