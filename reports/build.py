@@ -272,9 +272,7 @@ def default_storage() -> str:
 
 
 def open_optuna_storage(url: str):
-    """An RDB URL is passed through; a journal file (path, ``journal:`` / ``file:`` prefix, .log/.jsonl) is opened."""
-    import optuna
-
+    """An RDB URL is passed through; a journal file (a path, or a ``journal:`` / ``file://`` prefix) is opened."""
     s = str(url)
     if "://" in s and not s.startswith("file://"):
         return s
@@ -1615,7 +1613,7 @@ def build_report(study_name: str, *, storage: str | None = None, tracking_uri: s
         data = load_study_data(study_name, storage=storage, tracking_uri=tracking_uri, smoke=smoke, spec=spec,
                                artifact_dir=art)
         # the study definition the report was built against travels with it
-        spec_ref = data.spec_path
+        spec_ref = data.spec_path if data.spec_path and Path(data.spec_path).is_file() else None
         if data.spec:
             (out / "study.yaml").write_text(yaml.safe_dump(data.spec, sort_keys=False))
             spec_ref = spec_ref or str((out / "study.yaml").resolve())
