@@ -1,0 +1,272 @@
+"""Studies: Optuna trials as linked MLflow child runs, resumable, failures recorded, nothing created on bad input.
+
+Everything runs on the analytic GMM teacher at a few iterations, except the last test, which runs the shipped
+`python studies/run.py ablation_cifar --smoke` end to end (random 56M-parameter SongUNet, 11 rows).
+"""
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import optuna
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PY = ROOT / "studies" / "run.py"
+GMM = ROOT / "experiments" / "gmm_sfd.yaml"
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("sfd_studies_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+studies = _load_runner()
+TINY = {"teacher.name": "gmm-img-4", "optim.batch_size": 16, "optim.total_kimg": 0.048, "eval.num_samples": 16,
+        "eval.gap_nfe": 10}
+ROWS = [
+    {"id": "sfd-l1", "method": "SFD", "loss": "L1", "params": {"loss.name": "l1"}},
+    {"id": "sfd-l2-noafs", "method": "SFD", "loss": "L2", "afs": False,
+     "params": {"loss.name": "l2", "student.afs": False}},
+    {"id": "diverges", "method": "SFD", "params": {"optim.lr": 1.0e12, "loss.name": "l2", "optim.nan_check_every": 1}},
+]
+
+
+def _write_study(tmp_path, name="mini", **fields) -> Path:
+    spec = {"name": name, "kind": "ablation", "description": "A tiny GMM study for tests.", "base": str(GMM),
+            "overrides": TINY, "objective": {"metric": "teacher_gap_mean", "direction": "minimize"},
+            "sampler": {"type": "rows", "seed": 0}, "rows": ROWS}
+    spec.update(fields)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def stores(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SFD_RUNS_DIR", str(runs))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return runs
+
+
+def _uris(runs: Path) -> tuple[str, str]:
+    return f"sqlite:///{runs / 'mlflow.db'}", f"sqlite:///{runs / 'optuna.db'}"
+
+
+def _children(client, exp_id, parent_id):
+    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, stores):
+    path = _write_study(tmp_path)
+    out = studies.run_study(str(path), report=False, quiet=True)
+    tracking, storage = _uris(stores)
+    assert (out.tracking_uri, out.storage) == (tracking, storage)
+    assert [n for n, _ in out.failed] == [2]
+
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("mini")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`sfd.role` = 'study'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_id == out.parent_run_id and parent.info.run_name == "mini"
+    assert parent.data.tags["sfd.study"] == "mini" and parent.data.tags["sfd.kind"] == "ablation"
+    assert parent.data.tags["optuna.study_name"] == "mini" and parent.data.tags["optuna.storage"] == storage
+    assert parent.data.tags["sfd.smoke"] == "false"
+
+    study = optuna.load_study(study_name="mini", storage=storage)
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    trials = study.get_trials()
+    assert [t.user_attrs["row"] for t in trials] == ["sfd-l1", "sfd-l2-noafs", "diverges"]  # the YAML's order
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[2].user_attrs["fail_reason"].startswith("DivergedError")
+
+    children = {r.info.run_id: r for r in _children(client, exp.experiment_id, parent.info.run_id)}
+    assert len(children) == 3
+    for t in trials:
+        run = children[t.user_attrs["mlflow_run_id"]]  # trial -> run ...
+        assert run.data.tags["sfd.trial_number"] == str(t.number)  # ... and run -> trial
+        assert run.data.tags["sfd.row"] == t.user_attrs["row"] and run.data.tags["sfd.role"] == "trial"
+        assert run.data.tags["sfd.study"] == "mini" and run.data.tags["sfd.smoke"] == "false"
+        assert run.data.params["eval.num_samples"] == "16"
+    ok = children[trials[0].user_attrs["mlflow_run_id"]]
+    assert ok.info.status == "FINISHED" and ok.data.metrics["objective"] == trials[0].value
+    assert ok.data.params["loss.name"] == "l1" and ok.data.params["student.afs"] == "True"
+    assert children[trials[1].user_attrs["mlflow_run_id"]].data.params["student.afs"] == "False"
+    assert {"config.yaml", "samples.png", "loss_curve.png", "student"} <= {
+        a.path for a in client.list_artifacts(ok.info.run_id)}
+    bad = children[trials[2].user_attrs["mlflow_run_id"]]
+    assert bad.info.status == "FAILED" and bad.data.tags["sfd.error"].startswith("DivergedError")
+
+    again = studies.run_study(str(path), report=False, quiet=True)  # resume: nothing left to do
+    assert again.ran == 0 and again.parent_run_id == out.parent_run_id
+    assert len(optuna.load_study(study_name="mini", storage=storage).trials) == 3
+    assert len(_children(client, exp.experiment_id, parent.info.run_id)) == 3
+
+
+def test_search_study_samples_the_space_seeded(tmp_path, stores):
+    space = {"solver.name": {"type": "categorical", "choices": ["euler", "dpmpp3m"]},
+             "student.t_min": {"type": "float", "low": 0.002, "high": 0.02, "log": True},
+             "student.afs": {"type": "categorical", "choices": [True, False]},
+             "loss.name": {"type": "categorical", "choices": ["l1", "l2"]},
+             "student.nfe": {"type": "int", "low": 1, "high": 3}}
+    kw = dict(kind="search", rows=None, space=space, sampler={"type": "tpe", "seed": 3}, n_trials=3,
+              objective={"metrics": ["teacher_gap_mean", "train/device_hours"], "directions": ["minimize"] * 2})
+    path = _write_study(tmp_path, "search_a", **kw)
+    out = studies.run_study(str(path), report=False, quiet=True)
+    assert out.ran == 3 and not out.failed
+    _, storage = _uris(stores)
+    study = optuna.load_study(study_name="search_a", storage=storage)
+    assert len(study.directions) == 2
+    params = [t.params for t in study.trials]
+    assert all(set(p) == set(space) for p in params)
+    client = MlflowClient(out.tracking_uri)
+    for t in study.trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert "sfd.row" not in run.data.tags
+        assert run.data.params["solver.name"] == t.params["solver.name"]
+        assert float(run.data.params["student.t_min"]) == pytest.approx(t.params["student.t_min"])
+        assert run.data.metrics["objective_1"] == run.data.metrics["train/device_hours"] == t.values[1]
+    # Same seed, fresh storage: the same first (random start-up) trials.
+    other = tmp_path / "other"
+    studies.run_study(str(path), report=False, quiet=True, n_trials=2,
+                      storage=f"sqlite:///{other / 'optuna.db'}", tracking_uri=f"sqlite:///{other / 'mlflow.db'}")
+    replay = optuna.load_study(study_name="search_a", storage=f"sqlite:///{other / 'optuna.db'}")
+    assert [t.params for t in replay.trials] == params[:2]
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"kind": "ablations"}, "kind: got 'ablations'"),
+    ({"objectve": {"metric": "fid"}}, "unknown field 'objectve'; did you mean objective?"),
+    ({"objective": {"metric": "FID"}}, "objective.metric: got 'FID'"),
+    ({"overrides": {"student.tmin": 0.01}}, "unknown config key 'student.tmin'"),
+    ({"rows": [{"id": "a", "params": {"loss.name": "l3"}}]}, "row a: loss.name: got 'l3'"),
+    ({"rows": [{"id": "a", "params": {"student.nfe": 0}}]}, "row a: student.nfe: got 0"),
+    ({"sampler": {"type": "tpe"}}, "a study with rows: uses 'rows'"),
+])
+def test_bad_study_yaml_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
+    path = _write_study(tmp_path, **edit)
+    with pytest.raises(ValueError) as err:
+        studies.run_study(str(path), report=False, quiet=True)
+    assert message in str(err.value)
+    assert not stores.exists()
+
+
+def _env(runs: Path, **extra) -> dict:
+    env = {**os.environ, "SFD_RUNS_DIR": str(runs), "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def test_cli_list_and_missing_asset(tmp_path):
+    listing = subprocess.run([sys.executable, str(RUN_PY), "--list"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0
+    names = [line.split()[0] for line in listing.stdout.splitlines()]
+    assert {"ablation_cifar", "comparison_cifar", "ablation_imagenet64", "comparison_imagenet64",
+            "ablation_digits", "search_digits"} <= set(names)
+    assert len(names) == len(list((ROOT / "studies").glob("*.yaml")))
+    runs = tmp_path / "runs"
+    env = _env(runs, SFD_HOME=str(tmp_path / "no-assets"), TORCH_HOME=str(tmp_path / "no-torch"))
+    proc = subprocess.run([sys.executable, str(RUN_PY), "ablation_cifar"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "asset 'edm-cifar10-32x32-uncond-vp'" in proc.stderr and "python -m sfd.assets fetch" in proc.stderr
+    assert not runs.exists()  # no MLflow experiment, no Optuna study
+
+
+def test_sigkill_mid_trial_then_rerun_completes_without_duplicates(tmp_path):
+    """Kill the study process (SIGKILL: no cleanup) while its first trial is running; the same command then
+    marks that trial and its MLflow run FAILED, reruns its row and finishes the others, each row once."""
+    rows = [{"id": "slow", "params": {"optim.total_kimg": 1.6}},  # ~100 iterations: time to kill it mid-trial
+            {"id": "quick", "params": {"loss.name": "l2"}}]
+    path = _write_study(tmp_path, "killme", rows=rows)
+    runs = tmp_path / "runs"
+    tracking, storage = _uris(runs)
+    cmd = [sys.executable, str(RUN_PY), str(path), "--no-report"]
+    proc = subprocess.Popen(cmd, env=_env(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    killed_run = None
+    try:
+        while time.time() < deadline and killed_run is None:
+            time.sleep(0.5)
+            assert proc.poll() is None, "the study finished before it could be killed"
+            if not (runs / "optuna.db").exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="killme", storage=storage).get_trials()
+            except KeyError:  # study not created yet
+                continue
+            running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            if running:
+                killed_run = running[0].user_attrs["mlflow_run_id"]
+                time.sleep(1.0)  # well inside the trial's training loop
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_run is not None and proc.returncode == -signal.SIGKILL
+    client = MlflowClient(tracking)
+    assert client.get_run(killed_run).info.status == "RUNNING"  # left behind by the dead process
+
+    done = subprocess.run(cmd, env=_env(runs), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "1 interrupted trial(s) marked FAILED" in done.stdout
+    trials = optuna.load_study(study_name="killme", storage=storage).get_trials()
+    complete = [t.user_attrs["row"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == ["quick", "slow"]  # every row exactly once
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["mlflow_run_id"] == killed_run
+    assert failed[0].user_attrs["interrupted"] is True and "interrupted" in failed[0].user_attrs["fail_reason"]
+    killed = client.get_run(killed_run)
+    assert killed.info.status == "FAILED" and killed.data.tags["sfd.error"].startswith("interrupted")
+    exp = client.get_experiment_by_name("killme")
+    every = client.search_runs([exp.experiment_id])
+    assert not [r for r in every if r.info.status == "RUNNING"]
+    assert len([r for r in every if r.data.tags.get("sfd.role") == "study"]) == 1
+    assert len([r for r in every if r.data.tags.get("sfd.role") == "trial"]) == 3  # 2 rows + the killed try
+
+    rerun = subprocess.run(cmd, env=_env(runs), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "0 trial(s) to run" in rerun.stdout
+    assert len(optuna.load_study(study_name="killme", storage=storage).trials) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_ablation_cifar_smoke_cli_end_to_end(tmp_path):
+    """Proves the CIFAR-10 wiring (SongUNet teacher, all 11 rows incl. vanilla on stand-in images, MLflow,
+    Optuna, report) on a random network: `python studies/run.py ablation_cifar --smoke`. Not a result."""
+    runs = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(RUN_PY), "ablation_cifar", "--smoke", "--out", str(tmp_path / "report")],
+                          env=_env(runs), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tracking, storage = _uris(runs)
+    study = optuna.load_study(study_name="ablation_cifar-smoke", storage=storage)
+    rows = [r["id"] for r in yaml.safe_load((ROOT / "studies" / "ablation_cifar.yaml").read_text())["rows"]]
+    assert len(rows) == 11
+    assert [t.user_attrs["row"] for t in study.trials] == rows
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    client = MlflowClient(tracking)
+    assert client.get_experiment_by_name("ablation_cifar") is None  # smoke never mixes with real results
+    for t in study.trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["sfd.smoke"] == "true" and "teacher_gap" in run.data.tags["sfd.smoke.metric.fid"]
+        assert run.data.params["teacher.name"] == "cifar10-uncond" and run.data.params["smoke"] == "True"
+        assert "fid" not in run.data.metrics and run.data.metrics["objective"] == run.data.metrics["teacher_gap_mean"]
+    vanilla = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert vanilla.data.params["algorithm"] == "vanilla" and vanilla.data.params["vanilla.data"] == "dataset"
+    assert (tmp_path / "report" / "report.md").is_file()
