@@ -515,6 +515,9 @@ def _validate_algorithm(cfg: RunConfig) -> None:
                 "(two-evaluation solvers need an even NFE without AFS, odd with AFS)") from None
         return
     if alg == "sfd-v":
+        if cfg.teacher.name.startswith("gmm"):
+            raise ConfigError(f"algorithm: sfd-v needs a step-conditioned EDM network student; teacher "
+                              f"{cfg.teacher.name!r} is analytic (its student is a small MLP)")
         choices = cfg.sfdv.num_steps_choices
         if not choices:
             raise ConfigError("sfdv.num_steps_choices: got []; give the student timestamps N to train, e.g. [4,5,6,7]")

@@ -121,9 +121,10 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
     return smoke, notes
 
 
-def check_assets(cfg: RunConfig) -> None:
+def check_assets(cfg: RunConfig, tracking_uri: str | None = None) -> None:
     """Raise MissingAssetError / ConfigError for anything the run will need but cannot find — before any
-    run or file is created."""
+    run or file is created. A second stage's first-stage model is located (downloaded once from its run)
+    and its grid checked against the Euler teacher grid."""
     from sfd.assets import require
     from sfd.teachers import check_teacher_assets
 
@@ -143,16 +144,18 @@ def check_assets(cfg: RunConfig) -> None:
             if loss == "lpips":
                 require({"alex": "lpips-alexnet"}.get(cfg.loss.opts.get("net"), "lpips-vgg16"))
     if cfg.algorithm == "second-stage":
-        locate_first_stage(cfg.second_stage.first_stage)
+        folder = locate_first_stage(cfg.second_stage.first_stage, tracking_uri)
+        check_first_stage(cfg, json.loads((folder / SAMPLING_FILE).read_text()))
 
 
-def prepare(cfg: RunConfig, *, smoke: bool = False) -> tuple[RunConfig, dict[str, str]]:
+def prepare(cfg: RunConfig, *, smoke: bool = False, tracking_uri: str | None = None
+            ) -> tuple[RunConfig, dict[str, str]]:
     """Validate, apply the smoke budget when asked, check assets. Creates nothing."""
     C.validate(cfg)
     notes: dict[str, str] = {}
     if smoke and not cfg.smoke:
         cfg, notes = smoke_config(cfg)
-    check_assets(cfg)
+    check_assets(cfg, tracking_uri)
     return cfg, notes
 
 
@@ -162,9 +165,13 @@ STUDENT_FILE = "student.safetensors"
 SAMPLING_FILE = "sampling.json"
 
 
+_FIRST_STAGE_DOWNLOADS: dict[tuple[str, str], Path] = {}
+
+
 def locate_first_stage(ref: str, tracking_uri: str | None = None) -> Path:
     """The folder holding a first-stage student's `student.safetensors` + `sampling.json`: `ref` is such a
-    folder, the .safetensors file, or an MLflow run id (its `student/` artifacts are downloaded)."""
+    folder, the .safetensors file, or an MLflow run id (its `student/` artifacts are downloaded, once per
+    process)."""
     path = Path(ref).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
         path = path.parent
@@ -174,9 +181,16 @@ def locate_first_stage(ref: str, tracking_uri: str | None = None) -> Path:
                 raise ConfigError(f"second_stage.first_stage: {ref!r} has no {name}; point it at the student/ "
                                   "folder a first-stage run logged, or give that run's MLflow id")
         return path
-    from sfd.tracking import get_client
+    from sfd.tracking import default_tracking_uri, get_client, sqlite_path
 
-    client = get_client(tracking_uri)
+    uri = tracking_uri or default_tracking_uri()
+    if (uri, ref) in _FIRST_STAGE_DOWNLOADS:
+        return _FIRST_STAGE_DOWNLOADS[uri, ref]
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # do not create an empty store just to look a run up
+        raise ConfigError(f"second_stage.first_stage: got {ref!r}; neither a folder / .safetensors file nor a "
+                          f"run id (there is no tracking store at {db})")
+    client = get_client(uri)
     try:
         client.get_run(ref)
     except Exception:  # noqa: BLE001 - MLflow raises its own exception types for unknown ids
@@ -187,7 +201,20 @@ def locate_first_stage(ref: str, tracking_uri: str | None = None) -> Path:
         folder = Path(client.download_artifacts(ref, "student", str(dst)))
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"second_stage.first_stage: run {ref} has no student/ artifacts ({exc})") from None
-    return locate_first_stage(str(folder))
+    _FIRST_STAGE_DOWNLOADS[uri, ref] = locate_first_stage(str(folder))
+    return _FIRST_STAGE_DOWNLOADS[uri, ref]
+
+
+def check_first_stage(cfg: RunConfig, info: dict) -> None:
+    """The second stage's Euler teacher grid ((M+1)(N-1)+1 points) must be the first stage's own grid."""
+    g = info["grid"]
+    expected = (cfg.solver.m + 1) * (cfg.num_steps - 1) + 1
+    mismatch = {k: (g[k], getattr(cfg.student, k)) for k in ("schedule", "t_min", "t_max", "rho")
+                if g[k] != getattr(cfg.student, k)}
+    if g["num_steps"] != expected or mismatch:
+        raise ConfigError(f"second stage: the Euler teacher grid ((solver.m+1)(N-1)+1 = {expected} points) must be "
+                          f"the first stage's own grid (N={g['num_steps']}, {g['schedule']}, t_min={g['t_min']}, "
+                          f"t_max={g['t_max']}, rho={g['rho']}); differs: {mismatch or 'N'}")
 
 
 def load_first_stage(folder: Path, device) -> tuple[torch.nn.Module, dict]:
@@ -271,7 +298,7 @@ def _save_student(run, student: torch.nn.Module, info: dict) -> None:
         run.log_artifact(Path(tmp) / SAMPLING_FILE, "student")
 
 
-def _distill_setup(cfg: RunConfig, teacher, device):
+def _distill_setup(cfg: RunConfig, teacher, device, tracking_uri: str | None = None):
     """(teacher network, student, settings, step condition) for a training algorithm."""
     from sfd.distill import make_student
 
@@ -280,15 +307,9 @@ def _distill_setup(cfg: RunConfig, teacher, device):
         return teacher.net, teacher.make_student(step_condition=True), settings, True
     if cfg.algorithm != "second-stage":
         return teacher.net, teacher.make_student(), settings, False
-    first_net, info = load_first_stage(locate_first_stage(cfg.second_stage.first_stage), device)
+    first_net, info = load_first_stage(locate_first_stage(cfg.second_stage.first_stage, tracking_uri), device)
+    check_first_stage(cfg, info)
     g = info["grid"]
-    expected = (cfg.solver.m + 1) * (cfg.num_steps - 1) + 1
-    mismatch = {k: (g[k], getattr(cfg.student, k)) for k in ("schedule", "t_min", "t_max", "rho")
-                if g[k] != getattr(cfg.student, k)}
-    if g["num_steps"] != expected or mismatch:
-        raise ConfigError(f"second stage: the Euler teacher grid ((solver.m+1)(N-1)+1 = {expected} points) must be "
-                          f"the first stage's own grid (N={g['num_steps']}, {g['schedule']}, t_min={g['t_min']}, "
-                          f"t_max={g['t_max']}, rho={g['rho']}); differs: {mismatch or 'N'}")
     step_cond = bool(info.get("step_condition"))
     teacher_step = cfg.second_stage.first_stage_step or (g["num_steps"] if step_cond else None)
     settings = dataclasses.replace(settings, teacher_afs=g["afs"], teacher_step=teacher_step,
@@ -321,7 +342,8 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
     from sfd.tracking import TAG_DEVICE, TAG_SEED, TAG_SMOKE, Tracker, device_description
 
     t_total = time.perf_counter()
-    cfg, notes = prepare(cfg, smoke=smoke)
+    uri = tracker.tracking_uri if tracker is not None else None
+    cfg, notes = prepare(cfg, smoke=smoke, tracking_uri=uri)
     device = resolve_device(cfg.device)
     if tracker is None:
         tracker = Tracker("experiments-smoke" if cfg.smoke else "experiments")
@@ -344,7 +366,7 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
 
         net, step_cond, train_s = teacher.net, False, 0.0
         if cfg.algorithm != "baseline":
-            teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device)
+            teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device, tracker.tracking_uri)
             data = None
             if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
                 data = teacher.data(settings.batch_size, cfg.seed)

@@ -229,7 +229,7 @@ def trial_config(spec: StudySpec, params: dict, number: int):
     return validate(from_dict(merge(base_data(spec), {"name": f"{spec.name}/trial-{number}", **params})))
 
 
-def check_study(spec: StudySpec, smoke: bool) -> dict[str, str]:
+def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -> dict[str, str]:
     """Validate every row's config (search: the base and each categorical choice) and check its assets.
     Returns {row id: reason} for rows skipped for a missing asset (`missing_assets: skip_row`); raises
     otherwise. Creates nothing."""
@@ -242,19 +242,19 @@ def check_study(spec: StudySpec, smoke: bool) -> dict[str, str]:
         for row in spec.rows:
             cfg = row_config(spec, row)
             try:
-                prepare(cfg, smoke=smoke)
+                prepare(cfg, smoke=smoke, tracking_uri=tracking_uri)
             except MissingAssetError as exc:
                 if spec.missing_assets != "skip_row":
                     raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
                 skipped[row["id"]] = str(exc)
         return skipped
     cfg = trial_config(spec, {}, 0)
-    prepare(cfg, smoke=smoke)
+    prepare(cfg, smoke=smoke, tracking_uri=tracking_uri)
     for key, dist in spec.space.items():
         values = dist["choices"] if dist["type"] == "categorical" else [dist["low"], dist["high"]]
         for value in values:
             try:
-                prepare(trial_config(spec, {key: value}, 0), smoke=smoke)
+                prepare(trial_config(spec, {key: value}, 0), smoke=smoke, tracking_uri=tracking_uri)
             except ConfigError as exc:
                 raise ConfigError(f"study {spec.name}, space.{key}={value!r}: {exc}") from None
     return skipped

@@ -182,3 +182,21 @@ def test_missing_asset_fails_before_anything_is_created(store, tmp_path, monkeyp
     with pytest.raises(MissingAssetError, match="edm-cifar10-32x32-uncond-vp"):
         run_experiment(cfg)
     assert not store.exists()  # no tracking store, no experiment, no run
+
+
+def test_second_stage_distils_a_logged_first_stage_run(store):
+    """Spec §10 wiring on the GMM: a first stage with N = 7 (5 NFE + AFS), then 1 NFE from its MLflow run id;
+    a teacher grid that is not the first stage's own is refused before a run is created."""
+    from sfd.config import ConfigError
+
+    first = run_experiment(load_config(GMM, TINY + ["student.nfe=5"]), tracker=T.Tracker("stages"))
+    stage2 = TINY + ["algorithm=second-stage", f"second_stage.first_stage={first.run_id}", "solver.name=euler",
+                     "student.nfe=1", "optim.lr=5e-4"]
+    second = run_experiment(load_config(GMM, stage2 + ["solver.m=2"]), tracker=T.Tracker("stages"))
+    run = _client().get_run(second.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["nfe"] == 1
+    assert run.data.params["second_stage.first_stage"] == first.run_id and run.data.params["solver.m"] == "2"
+    with pytest.raises(ConfigError, match="first stage's own grid"):
+        run_experiment(load_config(GMM, stage2 + ["solver.m=3"]), tracker=T.Tracker("stages"))
+    exp = _client().get_experiment_by_name("stages")
+    assert len(_client().search_runs([exp.experiment_id])) == 2
