@@ -457,6 +457,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                           "need 0 < t_min < t_max")
     _positive("student.rho", s.rho)
     _positive("student.guidance", s.guidance, strict=False)
+    if s.guidance != 1.0 and not cfg.teacher.name.endswith("-cond"):
+        raise ConfigError(f"student.guidance: got {s.guidance}; teacher {cfg.teacher.name!r} is unconditional, so "
+                          "classifier-free guidance does not apply (use 1.0)")
 
     _choice("solver.name", cfg.solver.name, sorted(SOLVERS))
     if cfg.solver.m < 0:

@@ -148,13 +148,35 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None) -> None:
         check_first_stage(cfg, json.loads((folder / SAMPLING_FILE).read_text()))
 
 
+def resolve_eval(cfg: RunConfig) -> RunConfig:
+    """Fill eval.metrics / eval.num_samples left null with their defaults, so the logged YAML replays exactly
+    this run."""
+    if cfg.eval.metrics is not None and cfg.eval.num_samples is not None:
+        return cfg
+    from sfd.metrics.evaluate import default_num_samples
+
+    metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
+    num = cfg.eval.num_samples or default_num_samples(None, metrics)
+    return C.replace(cfg, {"eval.metrics": metrics, "eval.num_samples": num})
+
+
+def computed_metrics(cfg: RunConfig) -> set[str]:
+    """The final metric names a run of this (resolved) config logs."""
+    names = {"nfe", "train/wall_s", "train/device_hours", "eval/wall_s", "total/wall_s"}
+    for m in cfg.eval.metrics or default_metrics(cfg.teacher.name):
+        names |= {"teacher_gap_mean", "teacher_gap_std"} if m == "teacher_gap" else {m}
+    return names
+
+
 def prepare(cfg: RunConfig, *, smoke: bool = False, tracking_uri: str | None = None
             ) -> tuple[RunConfig, dict[str, str]]:
-    """Validate, apply the smoke budget when asked, check assets. Creates nothing."""
+    """Validate, apply the smoke budget when asked, resolve evaluation defaults, check assets. Creates
+    nothing."""
     C.validate(cfg)
     notes: dict[str, str] = {}
     if smoke and not cfg.smoke:
         cfg, notes = smoke_config(cfg)
+    cfg = resolve_eval(cfg)
     check_assets(cfg, tracking_uri)
     return cfg, notes
 
@@ -247,14 +269,13 @@ def load_teacher(cfg: RunConfig, device):
     return _TEACHER_CACHE[key]
 
 
+def objective_key(name: str, smoke: bool) -> str:
+    """The metric a run logs for objective `name` (a smoke run's teacher gap stands in for FID)."""
+    return SMOKE_OBJECTIVE_SUBSTITUTES.get(name, name) if smoke else name
+
+
 def objective_values(metrics: dict[str, float], names: list[str], smoke: bool) -> list[float]:
-    out = []
-    for name in names:
-        key = SMOKE_OBJECTIVE_SUBSTITUTES.get(name, name) if smoke and name not in metrics else name
-        if key not in metrics:
-            raise KeyError(f"objective metric {name!r} was not computed; the run has {sorted(metrics)}")
-        out.append(metrics[key])
-    return out
+    return [metrics[objective_key(name, smoke)] for name in names]
 
 
 def _loss_curve(history: dict[str, list[tuple[int, float]]]):
@@ -347,20 +368,14 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
     device = resolve_device(cfg.device)
     if tracker is None:
         tracker = Tracker("experiments-smoke" if cfg.smoke else "experiments")
+    missing = [m for m in tracker.objective if objective_key(m, cfg.smoke) not in computed_metrics(cfg)]
+    if missing:
+        raise ConfigError(f"objective metric(s) {missing} are not computed by this run (eval.metrics="
+                          f"{cfg.eval.metrics}); add them to eval.metrics")
     tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: device_description(device), TAG_SEED: cfg.seed,
             "sfd.algorithm": cfg.algorithm, **notes}
     with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run:
         teacher = load_teacher(cfg, device)
-        if cfg.student.guidance != 1.0 and not teacher.num_classes:
-            raise ConfigError(f"student.guidance: got {cfg.student.guidance}; teacher {teacher.name!r} is "
-                              "unconditional, so guidance must be 1.0")
-        # Resolve what evaluation defaults to, so the logged YAML replays exactly this run.
-        if cfg.eval.metrics is None or cfg.eval.num_samples is None:
-            from sfd.metrics.evaluate import default_num_samples
-
-            metrics = cfg.eval.metrics or [teacher.default_metric]
-            num = cfg.eval.num_samples or default_num_samples(teacher, metrics)
-            cfg = C.replace(cfg, {"eval.metrics": metrics, "eval.num_samples": num})
         run.log_params(C.flatten(C.to_dict(cfg)))
         run.log_text(C.dump_yaml(cfg), "config.yaml")
 

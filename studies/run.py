@@ -235,28 +235,36 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
     otherwise. Creates nothing."""
     from sfd.assets import MissingAssetError
     from sfd.config import ConfigError
-    from sfd.runner import prepare
+    from sfd.runner import computed_metrics, objective_key, prepare
 
     skipped: dict[str, str] = {}
+
+    def check(make_config, where: str) -> None:
+        try:
+            resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri)
+        except ConfigError as exc:
+            text = str(exc)
+            raise ConfigError(text if text.startswith(f"study {spec.name},") else
+                              f"study {spec.name}, {where}: {text}") from None
+        missing = [m for m in spec.metrics if objective_key(m, smoke) not in computed_metrics(resolved)]
+        if missing:
+            raise ConfigError(f"study {spec.name}, {where}: objective {missing} is not among the metrics the run "
+                              f"computes (eval.metrics={resolved.eval.metrics}); add it to eval.metrics")
+
     if spec.rows:
         for row in spec.rows:
-            cfg = row_config(spec, row)
             try:
-                prepare(cfg, smoke=smoke, tracking_uri=tracking_uri)
+                check(lambda: row_config(spec, row), f"row {row['id']}")
             except MissingAssetError as exc:
                 if spec.missing_assets != "skip_row":
                     raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
                 skipped[row["id"]] = str(exc)
         return skipped
-    cfg = trial_config(spec, {}, 0)
-    prepare(cfg, smoke=smoke, tracking_uri=tracking_uri)
+    check(lambda: trial_config(spec, {}, 0), "base")
     for key, dist in spec.space.items():
         values = dist["choices"] if dist["type"] == "categorical" else [dist["low"], dist["high"]]
         for value in values:
-            try:
-                prepare(trial_config(spec, {key: value}, 0), smoke=smoke, tracking_uri=tracking_uri)
-            except ConfigError as exc:
-                raise ConfigError(f"study {spec.name}, space.{key}={value!r}: {exc}") from None
+            check(lambda: trial_config(spec, {key: value}, 0), f"space.{key}={value!r}")
     return skipped
 
 
@@ -456,9 +464,9 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
 
 def objective_labels(spec: StudySpec, smoke: bool) -> list[str]:
     """The objective metrics as computed: a smoke run reports e.g. the teacher gap in place of FID."""
-    from sfd.runner import SMOKE_OBJECTIVE_SUBSTITUTES
+    from sfd.runner import objective_key
 
-    return [SMOKE_OBJECTIVE_SUBSTITUTES.get(m, m) if smoke else m for m in spec.metrics]
+    return [objective_key(m, smoke) for m in spec.metrics]
 
 
 def print_summary(spec: StudySpec, study, smoke: bool = False) -> None:
@@ -489,7 +497,8 @@ def print_summary(spec: StudySpec, study, smoke: bool = False) -> None:
     else:
         for t in trials:
             if t.state == TrialState.COMPLETE:
-                line(f"trial {t.number} " + ",".join(f"{v}" for v in t.params.values()), t)
+                shown = ",".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in t.params.values())
+                line(f"trial {t.number} {shown}", t)
 
 
 def build_report(name: str, storage: str, tracking_uri: str, out_dir, smoke: bool, say) -> Path | None:

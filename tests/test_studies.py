@@ -157,6 +157,8 @@ def test_search_study_samples_the_space_seeded(tmp_path, stores):
     ({"rows": [{"id": "a", "params": {"loss.name": "l3"}}]}, "row a: loss.name: got 'l3'"),
     ({"rows": [{"id": "a", "params": {"student.nfe": 0}}]}, "row a: student.nfe: got 0"),
     ({"sampler": {"type": "tpe"}}, "a study with rows: uses 'rows'"),
+    ({"objective": {"metric": "fd_digits"}}, "row sfd-l1: objective ['fd_digits'] is not among the metrics"),
+    ({"rows": [{"id": "a", "params": {"student.guidance": 2.0}}]}, "row a: student.guidance: got 2.0"),
 ])
 def test_bad_study_yaml_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
     path = _write_study(tmp_path, **edit)

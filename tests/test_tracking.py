@@ -184,6 +184,14 @@ def test_missing_asset_fails_before_anything_is_created(store, tmp_path, monkeyp
     assert not store.exists()  # no tracking store, no experiment, no run
 
 
+def test_default_metric_by_name_matches_the_teacher():
+    from sfd.runner import default_metrics
+    from sfd.teachers import get_teacher
+
+    for name in ("digits", "gmm-8"):
+        assert default_metrics(name) == [get_teacher(name).default_metric]
+
+
 def test_second_stage_distils_a_logged_first_stage_run(store):
     """Spec §10 wiring on the GMM: a first stage with N = 7 (5 NFE + AFS), then 1 NFE from its MLflow run id;
     a teacher grid that is not the first stage's own is refused before a run is created."""
