@@ -1004,6 +1004,29 @@ def _factor_effects(pairs, field_: str) -> dict[str, tuple[float, dict, dict]]:
     return best
 
 
+def _same_direction(ours_delta: float, paper_delta: float, metric: str) -> bool | None:
+    """Do our change and the paper's FID change point the same way (both better or both worse)?"""
+    if ours_delta == 0 or paper_delta == 0:
+        return None
+    ours_better = ours_delta < 0 if _lower_is_better(metric) else ours_delta > 0
+    return ours_better == (paper_delta < 0)
+
+
+def _direction_agreement(pairs, metric: str) -> dict[str, tuple[int, int]]:
+    """Per factor: (pairs whose change has the paper's sign, pairs with both values), in FACTORS order."""
+    out: dict[str, list[int]] = {}
+    for f, a, b in pairs:
+        if not all(_is_num(x) for x in (a.get("value"), b.get("value"), a.get("paper_value"), b.get("paper_value"))):
+            continue
+        same = _same_direction(b["value"] - a["value"], b["paper_value"] - a["paper_value"], metric)
+        if same is None:
+            continue
+        hit_n = out.setdefault(f, [0, 0])
+        hit_n[0] += int(same)
+        hit_n[1] += 1
+    return {f: tuple(out[f]) for f in FACTORS if f in out}
+
+
 def _row_name(r: dict, kind: str = "ablation") -> str:
     if kind == "comparison" and r.get("method") and r.get("nfe") is not None:
         return f"{r['method']} · NFE {r['nfe']}"
@@ -1080,8 +1103,12 @@ def reading(data: StudyData) -> list[str]:
                      f"(`{a['row_id']}` → `{b['row_id']}`) moved {m} from {fmt_value(a['value'])} to "
                      f"{fmt_value(b['value'])} (Δ {fmt_delta(d)}{rel}).")
                 if _is_num(a.get("paper_value")) and _is_num(b.get("paper_value")):
+                    pd_ = b["paper_value"] - a["paper_value"]
+                    same = _same_direction(d, pd_, m)
                     s += (f" The paper's FID for the same pair goes {fmt_paper(a['paper_value'])} → "
-                          f"{fmt_paper(b['paper_value'])}.")
+                          f"{fmt_paper(b['paper_value'])}"
+                          + (" (the same direction)." if same else " (the opposite direction)." if same is False
+                             else "."))
                 out.append(s)
                 order_ours = sorted(ours_eff, key=lambda k: -abs(ours_eff[k][0]))
                 txt = "Largest single-factor change per factor, ours: " + ", ".join(
@@ -1090,10 +1117,17 @@ def reading(data: StudyData) -> list[str]:
                     order_paper = sorted(paper_eff, key=lambda k: -abs(paper_eff[k][0]))
                     txt += (" Paper (same rows, FID): " + ", ".join(f"{k} {fmt_delta(paper_eff[k][0])}"
                                                                      for k in order_paper) + ".")
-                    txt += (" The most influential factor is the same as in the paper."
-                            if order_paper and order_paper[0] == order_ours[0] else
+                    txt += (" By the size of its largest change, the most influential factor is the same as in "
+                            "the paper." if order_paper and order_paper[0] == order_ours[0] else
                             f" The paper's most influential factor is `{order_paper[0]}`.")
                 out.append(txt)
+                agree = _direction_agreement(pairs, m)
+                if agree:
+                    tot = sum(v[1] for v in agree.values())
+                    hit = sum(v[0] for v in agree.values())
+                    out.append(f"**Direction of each single-factor change vs the paper:** the same sign as the "
+                               f"paper's FID change on {hit} of {tot} one-factor pairs ("
+                               + ", ".join(f"{f} {h}/{n}" for f, (h, n) in agree.items()) + ").")
             else:
                 out.append("No two measured rows differ in exactly one factor, so no single factor can be isolated.")
         else:
