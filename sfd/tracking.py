@@ -289,9 +289,6 @@ class RunLogger:
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file, save_kwargs={"dpi": 120, "bbox_inches": "tight"})
 
-    def artifact_uri(self) -> str:
-        return self.client.get_run(self.run_id).info.artifact_uri
-
     # -- end
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         if self.ended:
@@ -312,8 +309,7 @@ class RunLogger:
             self.end("FINISHED")
             return False
         reason = f"{exc_type.__name__}: {exc}"
-        try:
-            self._pending = []  # the failing iteration's buffer may hold the bad values; the error says why
+        try:  # the buffered iterations are still written by end(): a diverging loss shows in its curve
             self.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
         except Exception:  # noqa: BLE001 - logging the traceback must not hide the original error
             pass

@@ -31,12 +31,11 @@ STUDIES_DIR = Path(__file__).resolve().parent
 KINDS = ("ablation", "comparison", "search")
 SAMPLERS = ("rows", "grid", "tpe", "random", "nsga2")
 DIRECTIONS = ("minimize", "maximize")
-MISSING_ASSETS = ("stop", "skip_row")
 # What a run logs that a study may optimise (the evaluation metrics plus cost).
 OBJECTIVE_METRICS = ("fid", "fd_digits", "pixel_fd", "class_accuracy", "teacher_gap_mean", "teacher_gap_std",
                      "train/device_hours", "train/wall_s", "total/wall_s", "nfe")
 SPEC_KEYS = ("name", "kind", "description", "base", "overrides", "objective", "sampler", "n_trials", "rows",
-             "space", "missing_assets")
+             "space", "skip_rows")
 ROW_KEYS_REQUIRED = ("id", "params")
 SMOKE_SEARCH_TRIALS = 3
 INTERRUPTED = "interrupted: the study process stopped during this trial"
@@ -60,7 +59,7 @@ class StudySpec:
     n_trials: int
     rows: list[dict] = field(default_factory=list)
     space: dict = field(default_factory=dict)
-    missing_assets: str = "stop"
+    skip_rows: dict = field(default_factory=dict)  # row id -> why it is not run (shown in the report)
     path: Path | None = None
 
     @property
@@ -160,12 +159,13 @@ def load_spec(name_or_path: str) -> StudySpec:
                                             if stype == "grid" else None)
         if not isinstance(n_trials, int) or n_trials < 1:
             raise _fail(where, f"n_trials: got {data.get('n_trials')!r}; a positive integer")
-    missing = data.get("missing_assets", "stop")
-    if missing not in MISSING_ASSETS:
-        raise _fail(where, f"missing_assets: got {missing!r}; allowed: {', '.join(MISSING_ASSETS)}")
+    skip_rows = data.get("skip_rows") or {}
+    unknown = set(skip_rows) - {r["id"] for r in rows or []} if isinstance(skip_rows, dict) else None
+    if unknown is None or unknown:
+        raise _fail(where, f"skip_rows: expected a mapping of row ids to reasons, got {skip_rows!r}")
     return StudySpec(name=name, kind=kind, description=str(data.get("description", "")).strip(), base=base,
                      overrides=overrides, metrics=metrics, directions=directions, sampler=stype, seed=seed,
-                     n_trials=n_trials, rows=rows or [], space=space or {}, missing_assets=missing, path=path)
+                     n_trials=n_trials, rows=rows or [], space=space or {}, skip_rows=skip_rows, path=path)
 
 
 def _check_rows(where: str, rows) -> None:
@@ -231,13 +231,13 @@ def trial_config(spec: StudySpec, params: dict, number: int):
 
 def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -> dict[str, str]:
     """Validate every row's config (search: the base and each categorical choice) and check its assets.
-    Returns {row id: reason} for rows skipped for a missing asset (`missing_assets: skip_row`); raises
-    otherwise. Creates nothing."""
+    Returns {row id: reason} for the rows the study YAML skips (`skip_rows`), which are not checked. Creates
+    nothing."""
     from sfd.assets import MissingAssetError
     from sfd.config import ConfigError
     from sfd.runner import computed_metrics, objective_key, prepare
 
-    skipped: dict[str, str] = {}
+    skipped = {row: str(reason) for row, reason in spec.skip_rows.items()}
 
     def check(make_config, where: str) -> None:
         try:
@@ -253,12 +253,12 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
 
     if spec.rows:
         for row in spec.rows:
+            if row["id"] in skipped:
+                continue
             try:
                 check(lambda: row_config(spec, row), f"row {row['id']}")
             except MissingAssetError as exc:
-                if spec.missing_assets != "skip_row":
-                    raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
-                skipped[row["id"]] = str(exc)
+                raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
         return skipped
     check(lambda: trial_config(spec, {}, 0), "base")
     for key, dist in spec.space.items():

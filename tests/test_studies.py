@@ -72,7 +72,8 @@ def _children(client, exp_id, parent_id):
 
 
 def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, stores):
-    path = _write_study(tmp_path)
+    skipped = {"id": "skipped", "params": {"loss.name": "lpips"}}
+    path = _write_study(tmp_path, rows=ROWS + [skipped], skip_rows={"skipped": "not on a CPU"})
     out = studies.run_study(str(path), report=False, quiet=True)
     tracking, storage = _uris(stores)
     assert (out.tracking_uri, out.storage) == (tracking, storage)
@@ -86,7 +87,7 @@ def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, store
     assert parent.info.run_id == out.parent_run_id and parent.info.run_name == "mini"
     assert parent.data.tags["sfd.study"] == "mini" and parent.data.tags["sfd.kind"] == "ablation"
     assert parent.data.tags["optuna.study_name"] == "mini" and parent.data.tags["optuna.storage"] == storage
-    assert parent.data.tags["sfd.smoke"] == "false"
+    assert parent.data.tags["sfd.smoke"] == "false" and parent.data.tags["sfd.skipped_rows"] == "skipped: not on a CPU"
 
     study = optuna.load_study(study_name="mini", storage=storage)
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
@@ -158,6 +159,7 @@ def test_search_study_samples_the_space_seeded(tmp_path, stores):
     ({"rows": [{"id": "a", "params": {"student.nfe": 0}}]}, "row a: student.nfe: got 0"),
     ({"sampler": {"type": "tpe"}}, "a study with rows: uses 'rows'"),
     ({"objective": {"metric": "fd_digits"}}, "row sfd-l1: objective ['fd_digits'] is not among the metrics"),
+    ({"skip_rows": {"sfd-l3": "typo"}}, "skip_rows: expected a mapping of row ids to reasons"),
     ({"rows": [{"id": "a", "params": {"student.guidance": 2.0}}]}, "row a: student.guidance: got 2.0"),
 ])
 def test_bad_study_yaml_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
