@@ -806,7 +806,8 @@ def search_best_table(data: StudyData, top: int = 10) -> pd.DataFrame:
         for j, n in enumerate(names):
             line[f"objective: {n}"] = fmt_value(vals[j]) if j < len(vals) else "—"
         line[f"ours ({metric_label(data)})"] = fmt_value(r["value"])
-        line["NFE"] = "—" if r["nfe"] is None else str(r["nfe"])
+        if "student.nfe" not in space:
+            line["NFE"] = "—" if r["nfe"] is None else str(r["nfe"])
         for p in space:
             v = r["trial_params"].get(p, r["params"].get(p))
             line[p] = "—" if v is None else (fmt_value(v) if _is_num(v) else str(v))
@@ -1164,8 +1165,10 @@ def reading(data: StudyData) -> list[str]:
         imp, why = param_importances(data)
         if not imp.empty:
             first = imp.sort_values("importance", ascending=False).iloc[0]
+            n_done = int((data.trials["state"] == "COMPLETE").sum()) if len(data.trials) else 0
             out.append(f"**Most important parameter:** `{first['parameter']}` (fANOVA importance "
-                       f"{first['importance']:.2f} for {first['objective']}).")
+                       f"{first['importance']:.2f} for {first['objective']}, from {n_done} completed trials"
+                       + ("; with so few trials this is indicative only" if n_done < 10 else "") + ").")
         else:
             out.append(f"Parameter importances: {why}.")
         best = search_best_table(data, top=1)
@@ -1188,7 +1191,8 @@ def reading(data: StudyData) -> list[str]:
                     if key in cfg:
                         got = str(cfg[key]).lower()
                         same = (abs(float(got) - float(want)) < 1e-9) if key == "student.t_min" else got == want
-                        checks.append(f"{show}: {'yes' if same else f'no ({cfg[key]})'}")
+                        val = fmt_value(_to_float(cfg[key])) if key == "student.t_min" else cfg[key]
+                        checks.append(f"{show}: {'yes' if same else f'no ({val})'}")
                 if checks:
                     out.append("Does the best trial make the paper's choices? " + "; ".join(checks) + ".")
     return out
