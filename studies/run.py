@@ -62,10 +62,6 @@ class StudySpec:
     skip_rows: dict = field(default_factory=dict)  # row id -> why it is not run (shown in the report)
     path: Path | None = None
 
-    @property
-    def optuna_name(self) -> str:
-        return self.name
-
     def experiment(self, smoke: bool) -> str:
         return f"{self.name}-smoke" if smoke else self.name
 
@@ -322,10 +318,10 @@ def plan_trials(spec: StudySpec, study, stale: list, retry_failed: bool, skipped
         if not retry_failed:  # failed for a reason of their own (not interrupted): stay failed
             done |= {t.user_attrs.get("row") for t in trials
                      if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
-        queued = {t.params.get("row", t.user_attrs.get("row")) for t in waiting}
+        queued = {t.user_attrs.get("row") for t in waiting}
         todo = [r["id"] for r in spec.rows if r["id"] not in done | queued | set(skipped)]
-        for row_id in todo:
-            study.enqueue_trial({"row": row_id}, user_attrs={"row": row_id})
+        for row_id in todo:  # the row is a user attribute, not a parameter: rows may be added to the YAML later
+            study.enqueue_trial({}, user_attrs={"row": row_id})
         n = len(waiting) + len(todo)
         return n if limit is None else min(n, limit)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -365,15 +361,17 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
               report: bool = True, out_dir: str | None = None, quiet: bool = False) -> StudyOutcome:
     """Check everything, then create / resume the study and run what is left. See the module docstring."""
     start = time.perf_counter()
+    from sfd import tracking as T
+
     spec = load_spec(name_or_path)
-    skipped = check_study(spec, smoke)  # raises before anything exists
+    tracking_uri = tracking_uri or T.default_tracking_uri()
+    skipped = check_study(spec, smoke, tracking_uri)  # raises before anything exists
 
     import optuna
-    from sfd import tracking as T
+
     from sfd.runner import run_experiment
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tracking_uri = tracking_uri or T.default_tracking_uri()
     storage_url = storage or T.default_optuna_storage()
     T.ensure_sqlite_parent(storage_url)
     experiment = spec.experiment(smoke)
@@ -414,7 +412,7 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
 
     def objective(trial):
         t0 = time.perf_counter()
-        row_id = trial.suggest_categorical("row", list(rows)) if rows else None
+        row_id = trial.user_attrs.get("row") if rows else None
         label = row_id or f"trial {trial.number}"
         tags = {T.TAG_STUDY: spec.name, T.TAG_TRIAL: trial.number, T.TAG_KIND: spec.kind}
         if row_id is not None:
@@ -423,7 +421,10 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
                             objective=spec.metrics,
                             on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
         try:
-            if row_id is not None:
+            if rows:
+                if row_id not in rows:
+                    raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the "
+                                     "study YAML no longer has")
                 cfg = row_config(spec, rows[row_id])
             else:
                 cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)

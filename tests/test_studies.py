@@ -118,6 +118,14 @@ def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, store
     assert len(optuna.load_study(study_name="mini", storage=storage).trials) == 3
     assert len(_children(client, exp.experiment_id, parent.info.run_id)) == 3
 
+    spec = yaml.safe_load(path.read_text())  # a row added to the YAML later: only it runs
+    spec["rows"].append({"id": "sfd-pseudo-huber", "params": {"loss.name": "pseudo_huber"}})
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    third = studies.run_study(str(path), report=False, quiet=True)
+    trials = optuna.load_study(study_name="mini", storage=storage).get_trials()
+    assert third.ran == 1 and trials[-1].user_attrs["row"] == "sfd-pseudo-huber"
+    assert trials[-1].state == TrialState.COMPLETE and len(trials) == 4
+
 
 def test_search_study_samples_the_space_seeded(tmp_path, stores):
     space = {"solver.name": {"type": "categorical", "choices": ["euler", "dpmpp3m"]},
