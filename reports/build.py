@@ -524,7 +524,8 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
                 rid = run["tags"].get("sfd.row") if run else None
             if rid is not None:
                 trials_by_row.setdefault(rid, []).append(t)
-        skipped_rows = _skipped_rows(parent, {str(r.get("id")) for r in spec_rows})
+        skipped_rows = {str(k): str(v) for k, v in (spec_dict.get("skip_rows") or {}).items()}
+        skipped_rows.update(_skipped_rows(parent, {str(r.get("id")) for r in spec_rows}))
         for order, srow in enumerate(spec_rows):
             rid = str(srow.get("id", order))
             cands = by_row.get(rid, [])
