@@ -380,6 +380,7 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
         run.log_text(C.dump_yaml(cfg), "config.yaml")
 
         net, step_cond, train_s = teacher.net, False, 0.0
+        torch.manual_seed(cfg.seed)  # the student's dropout (and new SFD-v layers) draw from the global generator
         if cfg.algorithm != "baseline":
             teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device, tracker.tracking_uri)
             data = None

@@ -208,3 +208,11 @@ def test_second_stage_distils_a_logged_first_stage_run(store):
         run_experiment(load_config(GMM, stage2 + ["solver.m=3"]), tracker=T.Tracker("stages"))
     exp = _client().get_experiment_by_name("stages")
     assert len(_client().search_runs([exp.experiment_id])) == 2
+
+
+def test_same_config_same_numbers(store):
+    """A logged run is reproducible: the embedded digits teacher (student with dropout) twice, same metrics."""
+    cfg = load_config(ROOT / "experiments" / "digits_sfd.yaml", ["optim.total_kimg=0.64", "eval.num_samples=200"])
+    a = run_experiment(cfg, tracker=T.Tracker("repro"))
+    b = run_experiment(cfg, tracker=T.Tracker("repro"))
+    assert a.metrics["fd_digits"] == b.metrics["fd_digits"] and a.run_id != b.run_id
