@@ -32,6 +32,10 @@ SMOKE_M = 0
 SMOKE_SAMPLES = 2
 SMOKE_GAP_NFE = 1
 SMALL_TEACHER_PREFIXES = ("digits", "gmm")  # teachers small enough to keep their student weights in smoke runs
+# `second_stage.first_stage: row:<id>` names another row of the same study; studies/run.py resolves it to that
+# row's finished run id before the run starts (a lone run cannot).
+ROW_REF_PREFIX = "row:"
+TAG_FIRST_STAGE = "sfd.first_stage"
 
 
 @dataclass
@@ -97,15 +101,16 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         "optim.batch_size": batch,
         "optim.total_kimg": SMOKE_ITERATIONS * batch / 1000,
         "optim.nan_check_every": 1,
-        "solver.m": min(cfg.solver.m, SMOKE_M),
+        # the second stage's Euler teacher walks its first stage's own grid, so its M is not a budget knob
+        "solver.m": cfg.solver.m if cfg.algorithm == "second-stage" else min(cfg.solver.m, SMOKE_M),
         "eval.metrics": new_metrics,
         "eval.num_samples": SMOKE_SAMPLES,
         "eval.batch_size": SMOKE_SAMPLES,
         "eval.gap_nfe": SMOKE_GAP_NFE,
         "log.every": SMOKE_ITERATIONS,
     }
-    if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two
-        updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, min(cfg.sfdv.num_steps_choices)})
+    if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two (the main one and another)
+        updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.sfdv.num_steps_choices)})
     for key in ("name", "final"):
         loss = getattr(cfg.loss, key)
         if loss == "lpips":
@@ -121,10 +126,11 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
     return smoke, notes
 
 
-def check_assets(cfg: RunConfig, tracking_uri: str | None = None) -> None:
+def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_info: dict | None = None) -> None:
     """Raise MissingAssetError / ConfigError for anything the run will need but cannot find — before any
     run or file is created. A second stage's first-stage model is located (downloaded once from its run)
-    and its grid checked against the Euler teacher grid."""
+    and its grid checked against the Euler teacher grid; `first_stage_info` (a sampling.json-like dict with
+    the `grid`) stands in for a first stage that does not exist yet (a study row run earlier in the study)."""
     from sfd.assets import require
     from sfd.teachers import check_teacher_assets
 
@@ -144,8 +150,10 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None) -> None:
             if loss == "lpips":
                 require({"alex": "lpips-alexnet"}.get(cfg.loss.opts.get("net"), "lpips-vgg16"))
     if cfg.algorithm == "second-stage":
-        folder = locate_first_stage(cfg.second_stage.first_stage, tracking_uri)
-        check_first_stage(cfg, json.loads((folder / SAMPLING_FILE).read_text()))
+        if first_stage_info is None:
+            folder = locate_first_stage(cfg.second_stage.first_stage, tracking_uri)
+            first_stage_info = json.loads((folder / SAMPLING_FILE).read_text())
+        check_first_stage(cfg, first_stage_info)
 
 
 def resolve_eval(cfg: RunConfig) -> RunConfig:
@@ -168,16 +176,16 @@ def computed_metrics(cfg: RunConfig) -> set[str]:
     return names
 
 
-def prepare(cfg: RunConfig, *, smoke: bool = False, tracking_uri: str | None = None
-            ) -> tuple[RunConfig, dict[str, str]]:
-    """Validate, apply the smoke budget when asked, resolve evaluation defaults, check assets. Creates
-    nothing."""
+def prepare(cfg: RunConfig, *, smoke: bool = False, tracking_uri: str | None = None,
+            first_stage_info: dict | None = None) -> tuple[RunConfig, dict[str, str]]:
+    """Validate, apply the smoke budget when asked, resolve evaluation defaults, check assets (see
+    `check_assets` for `first_stage_info`). Creates nothing."""
     C.validate(cfg)
     notes: dict[str, str] = {}
     if smoke and not cfg.smoke:
         cfg, notes = smoke_config(cfg)
     cfg = resolve_eval(cfg)
-    check_assets(cfg, tracking_uri)
+    check_assets(cfg, tracking_uri, first_stage_info)
     return cfg, notes
 
 
@@ -194,6 +202,9 @@ def locate_first_stage(ref: str, tracking_uri: str | None = None) -> Path:
     """The folder holding a first-stage student's `student.safetensors` + `sampling.json`: `ref` is such a
     folder, the .safetensors file, or an MLflow run id (its `student/` artifacts are downloaded, once per
     process)."""
+    if ref.startswith(ROW_REF_PREFIX):
+        raise ConfigError(f"second_stage.first_stage: got {ref!r}, a row of a study; only studies/run.py resolves "
+                          "it (to that row's finished run id); give a run id or a student/ folder here")
     path = Path(ref).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
         path = path.parent
@@ -305,6 +316,7 @@ def _sampling_info(cfg: RunConfig, teacher, step_condition: bool) -> dict:
         "step_condition": step_condition, "step": cfg.num_steps if step_condition else None,
         "num_steps_choices": cfg.sfdv.num_steps_choices if cfg.algorithm == "sfd-v" else None,
         "guidance": cfg.student.guidance, "num_classes": teacher.num_classes,
+        "first_stage": cfg.second_stage.first_stage if cfg.algorithm == "second-stage" else None,
     }
 
 
@@ -357,8 +369,12 @@ def _evaluate(cfg: RunConfig, teacher, net, step_condition: bool, device, *, num
     return result, sampler.nfe
 
 
-def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progress: bool = False) -> RunResult:
-    """Distil (or, for `baseline`, only sample), evaluate and log one run. See the module docstring."""
+def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progress: bool = False,
+                   save_student: bool | None = None) -> RunResult:
+    """Distil (or, for `baseline`, only sample), evaluate and log one run. See the module docstring.
+
+    `save_student`: None keeps the default (every trained student is logged, except a smoke run's large
+    random network); True logs it anyway (a study row that a later second-stage row starts from)."""
     from sfd.distill import distill
     from sfd.tracking import TAG_DEVICE, TAG_SEED, TAG_SMOKE, Tracker, device_description
 
@@ -374,6 +390,8 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
                           f"{cfg.eval.metrics}); add them to eval.metrics")
     tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: device_description(device), TAG_SEED: cfg.seed,
             "sfd.algorithm": cfg.algorithm, **notes}
+    if cfg.algorithm == "second-stage":  # which first-stage model (run id or folder) this one came from
+        tags[TAG_FIRST_STAGE] = cfg.second_stage.first_stage
     with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run:
         teacher = load_teacher(cfg, device)
         run.log_params(C.flatten(C.to_dict(cfg)))
@@ -411,7 +429,7 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
         run.log_image(result.grid_image, "samples.png")
         if cfg.algorithm != "baseline":
             run.log_figure(_loss_curve(run.history), "loss_curve.png")
-            if not (cfg.smoke and not _is_small_teacher(cfg.teacher.name)):
+            if save_student or (save_student is None and not (cfg.smoke and not _is_small_teacher(cfg.teacher.name))):
                 _save_student(run, net, _sampling_info(cfg, teacher, step_cond))
         metrics["total/wall_s"] = time.perf_counter() - t_total
         run.log_metrics(metrics, step=0)

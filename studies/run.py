@@ -14,6 +14,7 @@ missing checkpoint or data set) is reported before any MLflow experiment or Optu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import math
 import os
@@ -225,19 +226,55 @@ def trial_config(spec: StudySpec, params: dict, number: int):
     return validate(from_dict(merge(base_data(spec), {"name": f"{spec.name}/trial-{number}", **params})))
 
 
+def first_stage_row(spec: StudySpec, row: dict) -> str | None:
+    """The row id a second-stage row names as its first stage (`second_stage.first_stage: row:<id>`), else
+    None."""
+    from sfd.runner import ROW_REF_PREFIX
+
+    ref = row["params"].get("second_stage.first_stage",
+                            (row["params"].get("second_stage") or {}).get("first_stage"))
+    if ref is None:
+        ref = (spec.overrides.get("second_stage.first_stage")
+               or (spec.overrides.get("second_stage") or {}).get("first_stage"))
+    if isinstance(ref, str) and ref.startswith(ROW_REF_PREFIX):
+        return ref[len(ROW_REF_PREFIX):].strip()
+    return None
+
+
+def first_stage_run_id(spec: StudySpec, study, row_id: str, target: str) -> str:
+    """The MLflow run id of row `target`'s latest finished trial in this study (row `row_id` names it as its
+    first stage), or a StudyError saying why there is none."""
+    from optuna.trial import TrialState
+
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("row") == target]
+    done = [t for t in mine if t.state == TrialState.COMPLETE and t.user_attrs.get("mlflow_run_id")]
+    if done:
+        return done[-1].user_attrs["mlflow_run_id"]
+    if mine:
+        last = mine[-1]
+        why = f"its latest trial (#{last.number}) is {last.state.name}"
+        if last.user_attrs.get("fail_reason"):
+            why += f": {last.user_attrs['fail_reason'][:300]}"
+    else:
+        why = "it has not been run"
+    raise StudyError(f"study {spec.name}, row {row_id}: its first stage is row {target!r}, which has not finished "
+                     f"({why}); rows run in YAML order, so fix that row (or --retry-failed) and run the study again")
+
+
 def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -> dict[str, str]:
     """Validate every row's config (search: the base and each categorical choice) and check its assets.
     Returns {row id: reason} for the rows the study YAML skips (`skip_rows`), which are not checked. Creates
     nothing."""
     from sfd.assets import MissingAssetError
-    from sfd.config import ConfigError
+    from sfd.config import ConfigError, grid_spec
     from sfd.runner import computed_metrics, objective_key, prepare
 
     skipped = {row: str(reason) for row, reason in spec.skip_rows.items()}
 
-    def check(make_config, where: str) -> None:
+    def check(make_config, where: str, first_stage_info: dict | None = None):
         try:
-            resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri)
+            resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri,
+                                  first_stage_info=first_stage_info)
         except ConfigError as exc:
             text = str(exc)
             raise ConfigError(text if text.startswith(f"study {spec.name},") else
@@ -246,13 +283,26 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
         if missing:
             raise ConfigError(f"study {spec.name}, {where}: objective {missing} is not among the metrics the run "
                               f"computes (eval.metrics={resolved.eval.metrics}); add it to eval.metrics")
+        return resolved
 
     if spec.rows:
+        resolved_rows: dict[str, Any] = {}
         for row in spec.rows:
             if row["id"] in skipped:
                 continue
+            info = None
+            target = first_stage_row(spec, row)
+            if target is not None:  # its first stage is an earlier row: check that row's grid, not a model
+                if target not in resolved_rows:
+                    order = [r["id"] for r in spec.rows]
+                    why = ("is skipped by the study (skip_rows)" if target in skipped else
+                           "comes later in the YAML (rows run in YAML order)" if target in order else
+                           f"is not a row of this study (rows: {', '.join(order)})")
+                    raise StudyError(f"study {spec.name}, row {row['id']}: second_stage.first_stage names row "
+                                     f"{target!r}, which {why}")
+                info = {"grid": dataclasses.asdict(grid_spec(resolved_rows[target]))}
             try:
-                check(lambda: row_config(spec, row), f"row {row['id']}")
+                resolved_rows[row["id"]] = check(lambda: row_config(spec, row), f"row {row['id']}", info)
             except MissingAssetError as exc:
                 raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
         return skipped
@@ -407,6 +457,7 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
         f"experiment {experiment!r}, Optuna {storage_url} study {study_name!r}")
 
     rows = {r["id"]: r for r in spec.rows}
+    first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
     failed: list[tuple[int, str]] = []
     shown_metrics = objective_labels(spec, smoke)
 
@@ -426,9 +477,17 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
                     raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the "
                                      "study YAML no longer has")
                 cfg = row_config(spec, rows[row_id])
+                target = first_stage_row(spec, rows[row_id])
+                if target is not None:
+                    from sfd.config import replace
+
+                    run_id = first_stage_run_id(spec, study, row_id, target)
+                    cfg = replace(cfg, {"second_stage.first_stage": run_id})
+                    tracker.tags["sfd.first_stage_row"] = target
             else:
                 cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
-            result = run_experiment(cfg, tracker=tracker, smoke=smoke)
+            result = run_experiment(cfg, tracker=tracker, smoke=smoke,
+                                    save_student=True if row_id in first_stages else None)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("fail_reason", reason[:2000])
