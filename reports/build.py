@@ -60,7 +60,7 @@ METRIC_DESCRIPTIONS = {
     "objective": "objective: the study's objective value",
 }
 # The ablation table's label columns (the factors the paper varies).
-FACTORS = ("method", "teacher", "t_min", "afs", "loss", "nfe")
+FACTORS = ("method", "teacher", "t_min", "afs", "loss", "nfe", "guidance")
 GROUP_ORDER = ("solver", "distillation", "sfd", "sfd-v", "second-stage")
 ALGORITHM_GROUP = {"sfd": "sfd", "sfd-v": "sfd-v", "sfdv": "sfd-v", "second-stage": "second-stage",
                    "second_stage": "second-stage", "vanilla": "distillation", "baseline": "solver",
@@ -379,7 +379,8 @@ def _row_labels(row: dict, params: dict) -> dict:
         algo = str(rp.get("algorithm", "")).lower()
         group = ALGORITHM_GROUP.get(algo) if algo else None
     return {"method": method, "teacher": teacher, "t_min": _to_float(pick("t_min", "student.t_min")),
-            "afs": _to_bool(afs), "loss": loss, "nfe": _to_int(pick("nfe", "student.nfe", "nfe")), "group": group}
+            "afs": _to_bool(afs), "loss": loss, "nfe": _to_int(pick("nfe", "student.nfe", "nfe")), "group": group,
+            "guidance": _to_float(pick("guidance", "student.guidance"))}
 
 
 def _choose_run(candidates: list[dict], metric: str) -> dict | None:
@@ -542,6 +543,7 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
             if line["status"] == "not run" and rid in skipped_rows:
                 line["reason"] = f"skipped: {skipped_rows[rid]}"
             lines.append(line)
+            lines.extend(_per_nfe_lines(line, run, metric, paper, paper_dataset, kind))
         known = {str(r.get("id", i)) for i, r in enumerate(spec_rows)}
         extra = [c for c in children if c["tags"].get("sfd.row") not in known]
         if extra:
@@ -584,7 +586,8 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
                      optuna_study=optuna_study, notes=notes)
 
     # --- loss histories and sample grids of the runs shown in the table ---
-    shown = [r for r in rows_df.to_dict("records") if r.get("run_id")] if len(rows_df) else []
+    shown = [r for r in rows_df.to_dict("records") if r.get("run_id") and not r.get("derived_from")] \
+        if len(rows_df) else []
     art_dir = Path(artifact_dir) if artifact_dir else Path(tempfile.mkdtemp(prefix="sfd-report-"))
     for r in shown:
         run = next(c for c in children if c["run_id"] == r["run_id"])
@@ -655,7 +658,13 @@ def _make_line(order, rid, srow, run, trial, metric, attempts, paper, paper_data
     metrics = run["metrics"] if run else {}
     value = _to_float(metrics.get(metric)) if status == "ok" else None
     prow = _paper_row(srow, labels, paper, paper_dataset, kind)
-    return {"order": order, "row_id": rid, **labels,
+    # NFE as the run accounted it (guidance doubles it); the student's own NFE stays the ablation factor
+    labels["student_nfe"] = labels["nfe"]
+    if status == "ok" and _to_int(metrics.get("nfe")) is not None:
+        labels["nfe"] = _to_int(metrics["nfe"])
+    extra = {m: _to_float(metrics.get(m)) for m in QUALITY_METRICS
+             if m != metric and status == "ok" and _to_float(metrics.get(m)) is not None}
+    return {"order": order, "row_id": rid, **labels, "extra": extra, "derived_from": None,
             "paper_key": prow["key"] if prow else srow.get("paper_key"),
             "status": status, "reason": reason, "run_id": run["run_id"] if run else None,
             "run_status": run["status"] if run else None,
@@ -673,11 +682,41 @@ def _make_line(order, rid, srow, run, trial, metric, attempts, paper, paper_data
             "paper_hours_text": prow.get("hours_text") if prow else None}
 
 
+def _per_nfe_lines(line: dict, run: dict | None, metric: str, paper: dict, paper_dataset: str,
+                   kind: str) -> list[dict]:
+    """An SFD-v run (one model) also logged `<metric>/nfe_<k>` at its other trained NFE: one more table line
+    per NFE, as the paper shows SFD-v, marked as derived from the row (same run, same training cost)."""
+    if run is None or line["status"] != "ok":
+        return []
+    out = []
+    pattern = re.compile(rf"{re.escape(metric)}/nfe_(\d+)")
+    nfes = sorted(int(m.group(1)) for k in run["metrics"] if (m := pattern.fullmatch(k)))
+    for k in nfes:
+        if k == line["nfe"]:
+            continue
+        new = {**line, "row_id": f"{line['row_id']}@nfe{k}", "nfe": k, "student_nfe": k, "derived_from": line["row_id"],
+               "value": _to_float(run["metrics"][f"{metric}/nfe_{k}"]),
+               "extra": {m: _to_float(run["metrics"][f"{m}/nfe_{k}"]) for m in line["extra"]
+                         if f"{m}/nfe_{k}" in run["metrics"]}}
+        key = line.get("paper_key")
+        prow = None
+        if key and re.search(rf"/{line['nfe']}$", str(key)):
+            prow = paper["index"].get(re.sub(r"/\d+$", f"/{k}", str(key)))
+        elif not key:
+            prow = _paper_row({"id": new["row_id"]}, new, paper, paper_dataset, kind)
+        new.update({"paper_key": prow["key"] if prow else None,
+                    "paper_value": _to_float(prow.get("fid")) if prow else None,
+                    "paper_hours": _to_float(prow.get("hours")) if prow else None,
+                    "paper_hours_text": prow.get("hours_text") if prow else None})
+        out.append(new)
+    return out
+
+
 def _paper_row(srow: dict, labels: dict, paper: dict, dataset: str, kind: str) -> dict | None:
     key = srow.get("paper_key")
     if key:
         return paper["index"].get(key)
-    if not srow:
+    if not srow or ("paper_key" in srow and key is None):  # `paper_key: null`: no paper counterpart
         return None
     if kind == "ablation":
         for p in paper["ablation"]["rows"]:
@@ -720,14 +759,40 @@ def metric_label(data: StudyData) -> str:
     return data.metric
 
 
+def extra_metrics(data: StudyData) -> list[str]:
+    """Quality metrics the rows logged besides the report's metric (a column each; the teacher gap's std
+    goes with its mean)."""
+    rows = data.rows.to_dict("records") if len(data.rows) else []
+    have = {m for r in rows for m in (r.get("extra") or {})}
+    return [m for m in QUALITY_METRICS if m in have and m != "teacher_gap_std"]
+
+
+def _extra_cells(data: StudyData, r: dict) -> dict:
+    out = {}
+    for m in extra_metrics(data):
+        ex = r.get("extra") or {}
+        v = ex.get(m)
+        text = "—" if v is None else fmt_value(v)
+        if m == "teacher_gap_mean" and v is not None and ex.get("teacher_gap_std") is not None:
+            text += f" ± {fmt_value(ex['teacher_gap_std'])}"
+        out[f"ours ({'teacher_gap' if m == 'teacher_gap_mean' else m})"] = text
+    return out
+
+
+def _shows_guidance(data: StudyData) -> bool:
+    rows = data.rows.to_dict("records") if len(data.rows) else []
+    return any(r.get("guidance") not in (None, 1.0) for r in rows)
+
+
 def ablation_table(data: StudyData) -> pd.DataFrame:
     """The paper's ablation layout, rows in the study YAML's (= the paper's) order."""
     out = []
     for r in data.rows.to_dict("records"):
         out.append({"Method": r["method"] or "—", "Teacher": r["teacher"] or "—", "t_min": fmt_tmin(r["t_min"]),
                     "AFS": fmt_afs(r["afs"]), "Loss": r["loss"] or "—",
+                    **({"guidance ω": fmt_value(r.get("guidance"))} if _shows_guidance(data) else {}),
                     "NFE": "—" if r["nfe"] is None else str(r["nfe"]),
-                    f"ours ({metric_label(data)})": _ours_cell(r),
+                    f"ours ({metric_label(data)})": _ours_cell(r), **_extra_cells(data, r),
                     "paper (FID)": fmt_paper(r["paper_value"]), "Δ": fmt_delta(_delta(data, r)),
                     "run id": _run_cell(r)})
     return pd.DataFrame(out)
@@ -761,13 +826,18 @@ def comparison_table(data: StudyData) -> pd.DataFrame:
             ours_h = fmt_hours(r["device_hours"]) if r["status"] == "ok" else "—"
             out.append({"Group": labels.get(e["group"], e["group"]), "Method": e["method"],
                         "NFE": "—" if e["nfe"] is None else str(e["nfe"]), "Source": "ours",
-                        f"ours ({metric_label(data)})": _ours_cell(r), "paper (FID)": fmt_paper(r["paper_value"]),
-                        "Δ": fmt_delta(_delta(data, r)), "ours device-h": ours_h,
-                        "paper A100-h": r.get("paper_hours_text") or "—", "run id": _run_cell(r)})
+                        f"ours ({metric_label(data)})": _ours_cell(r), **_extra_cells(data, r),
+                        "paper (FID)": fmt_paper(r["paper_value"]),
+                        "Δ": fmt_delta(_delta(data, r)),
+                        "ours device-h": ours_h + (" (one model)" if r.get("derived_from") or any(
+                            x.get("derived_from") == r["row_id"] for x in ours) else ""),
+                        "paper A100-h": r.get("paper_hours_text") or "—",
+                        "run id": _run_cell(r) + (f" (row {r['derived_from']})" if r.get("derived_from") else "")})
         else:
             p = e["p"]
             out.append({"Group": labels.get(e["group"], e["group"]), "Method": e["method"], "NFE": str(e["nfe"]),
-                        "Source": "paper", f"ours ({metric_label(data)})": "—", "paper (FID)": fmt_paper(p["fid"]),
+                        "Source": "paper", f"ours ({metric_label(data)})": "—",
+                        **{k: "—" for k in _extra_cells(data, {})}, "paper (FID)": fmt_paper(p["fid"]),
                         "Δ": "—", "ours device-h": "—", "paper A100-h": p.get("hours_text") or "—", "run id": "—"})
     return pd.DataFrame(out)
 
@@ -984,6 +1054,10 @@ def _pairs_one_factor(rows: list[dict]) -> list[tuple[str, dict, dict]]:
             return bool(v)
         if f == "t_min":
             return None if v is None else round(float(v), 9)
+        if f == "nfe":  # the student's NFE: guidance doubles the accounted NFE, not the student's steps
+            return r.get("student_nfe", v)
+        if f == "guidance":
+            return 1.0 if v is None else float(v)
         return _canon(v)
     pairs = []
     for i, a in enumerate(rows):
@@ -1219,7 +1293,8 @@ def _series_name(data: StudyData, r: dict) -> str:
     if data.kind == "comparison":
         return str(r["method"])
     parts = [r.get("method"), r.get("teacher"), None if r.get("t_min") is None else f"t_min {fmt_tmin(r['t_min'])}",
-             None if r.get("afs") is None else ("AFS" if r["afs"] else "no AFS"), r.get("loss")]
+             None if r.get("afs") is None else ("AFS" if r["afs"] else "no AFS"), r.get("loss"),
+             None if r.get("guidance") in (None, 1.0) else f"ω {fmt_value(r['guidance'])}"]
     return " · ".join(str(p) for p in parts if p)
 
 
@@ -1315,7 +1390,7 @@ def fig_metric_vs_hours(data: StudyData):
 def fig_loss_curves(data: StudyData):
     """Per-student-step training loss (metric histories loss/step_<k>) for every row that trained."""
     Figure = _plt()
-    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in data.histories]
+    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in data.histories and not r.get("derived_from")]
     if not rows:
         return None
     n = len(rows)
@@ -1436,7 +1511,7 @@ def fig_sample_grids(data: StudyData):
     Figure = _plt()
     import matplotlib.image as mpimg
 
-    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in data.samples]
+    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in data.samples and not r.get("derived_from")]
     if not rows:
         return None
     cols = min(4, len(rows))
