@@ -1220,6 +1220,7 @@ def reading(data: StudyData) -> list[str]:
                 d, meth, a, b = max(effects, key=lambda e: abs(e[0]))
                 out.append(f"**NFE matters most for {meth}**: NFE {a['nfe']} → {b['nfe']} moves {m} from "
                            f"{fmt_value(a['value'])} to {fmt_value(b['value'])} (Δ {fmt_delta(d)}).")
+            out.extend(_same_nfe_comparisons(data, ok))
             best = min(ok, key=lambda r: r["value"] if _lower_is_better(m) else -r["value"])
             out.append(f"Best measured row: `{best['row_id']}` ({_row_name(best, data.kind)}) with {m} = "
                        f"{fmt_value(best['value'])}" + (f" after {fmt_hours(best['device_hours'])} training "
@@ -1273,6 +1274,37 @@ def reading(data: StudyData) -> list[str]:
     return out
 
 
+def _same_nfe_comparisons(data: StudyData, ok: list[dict]) -> list[str]:
+    """Comparison reading: SFD-v (one model) against the separately distilled SFD students at each NFE, and
+    the second stage against the solver rows at its NFE, on every metric the rows logged."""
+    metrics = [data.metric] + extra_metrics(data)
+
+    def vals(r):
+        ex = r.get("extra") or {}
+        return ", ".join(f"{mm} {fmt_value(r['value'] if mm == data.metric else ex.get(mm))}" for mm in metrics)
+
+    def better(a, b):
+        return a["value"] < b["value"] if _lower_is_better(data.metric) else a["value"] > b["value"]
+
+    out = []
+    by = lambda g: [r for r in ok if r.get("group") == g and r.get("nfe") is not None]  # noqa: E731
+    sfd = {r["nfe"]: r for r in by("sfd")}
+    pairs = [(v, sfd[v["nfe"]]) for v in sorted(by("sfd-v"), key=lambda r: r["nfe"]) if v["nfe"] in sfd]
+    if pairs:
+        wins = sum(better(v, s) for v, s in pairs)
+        out.append(f"**SFD-v (one model) vs separately distilled SFD at the same NFE:** " + "; ".join(
+            f"NFE {v['nfe']}: SFD-v {vals(v)} vs SFD {vals(s)}" for v, s in pairs)
+                   + f". SFD-v is better by {data.metric} at {wins} of {len(pairs)} NFE.")
+    for st in by("second-stage"):
+        rivals = [r for r in by("solver") if r["nfe"] == st["nfe"]]
+        if rivals:
+            out.append(f"**Second stage at {st['nfe']} NFE** (`{st['row_id']}`: {vals(st)}) vs the solver rows at "
+                       f"the same NFE: " + "; ".join(f"`{r['row_id']}` {vals(r)}" for r in rivals) + " — "
+                       + ("better than all of them." if all(better(st, r) for r in rivals) else
+                          "not better than all of them.") + f" (by {data.metric})")
+    return out
+
+
 def reading_markdown(data: StudyData) -> str:
     return "## Reading of the results (auto-written)\n\n" + "\n\n".join(reading(data)) + "\n"
 
@@ -1318,6 +1350,10 @@ def fig_metric_vs_nfe(data: StudyData):
     ax.set_xlabel("NFE")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(f"ours: {data.metric}")
+    values = [r["value"] for r in ok]
+    if min(values) > 0 and max(values) / min(values) > 30:  # e.g. a 1-step solver far above the rest
+        ax.set_yscale("log")
+        ax.set_ylabel(f"ours: {data.metric} (log)")
     pax = ax if data.comparable else ax.twinx()
     paper = paper_comparison_frame(data.paper, data.paper_dataset)
     wanted = {_canon(r["method"]) for r in ok} | {"sfd"}
