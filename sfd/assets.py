@@ -163,7 +163,7 @@ for _asset in (
           how_to_get="torchvision looks for it in torch hub's checkpoints folder"),
     Asset(name="cifar10-train", filename="cifar-10-python.tar.gz",
           url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", subdir="datasets",
-          description="CIFAR-10 (python version): training images for FID reference statistics",
+          description="CIFAR-10 (python version): training images (the vanilla rows of the ablation draw x0 from them; also FID reference statistics)",
           md5="c58f30108f718f92721af3b95e74349a", size=170498071),
 ):
     register(_asset)
