@@ -1466,18 +1466,22 @@ def fig_ablation_bars(data: StudyData):
     for i, r in enumerate(rows):
         if r["status"] != "ok":
             ax.text(i - 0.2, 0, r["status"], rotation=90, fontsize=6, va="bottom", ha="center", color="red")
-    pax = ax if data.comparable else ax.twinx()
-    pv = [r["paper_value"] if _is_num(r.get("paper_value")) else 0 for r in rows]
-    pax.bar([i + 0.2 for i in x], pv, width=0.4, color="gray", alpha=0.6, label="paper (FID)")
-    if pax is not ax:
-        pax.set_ylabel("paper FID (orientation only)")
+    pax = ax
+    has_paper = any(_is_num(r.get("paper_value")) for r in rows)
+    if has_paper:  # no paper bars (nor axis) for rows without one
+        pax = ax if data.comparable else ax.twinx()
+        pv = [r["paper_value"] if _is_num(r.get("paper_value")) else 0 for r in rows]
+        pax.bar([i + 0.2 for i in x], pv, width=0.4, color="gray", alpha=0.6, label="paper (FID)")
+        if pax is not ax:
+            pax.set_ylabel("paper FID (orientation only)")
     ax.set_ylabel(f"ours: {data.metric}")
     ax.set_xticks(x)
     ax.set_xticklabels([str(r["row_id"]) for r in rows], rotation=45, ha="right", fontsize=6)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = (pax.get_legend_handles_labels() if pax is not ax else ([], []))
     ax.legend(h1 + h2, l1 + l2, fontsize=7)
-    ax.set_title(f"{data.study}: ours vs paper per ablation row")
+    ax.set_title(f"{data.study}: ours vs paper per ablation row" if has_paper else
+                 f"{data.study}: ours per row (no paper counterpart)")
     fig.tight_layout()
     return fig
 
