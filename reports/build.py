@@ -1292,7 +1292,7 @@ def _same_nfe_comparisons(data: StudyData, ok: list[dict]) -> list[str]:
     pairs = [(v, sfd[v["nfe"]]) for v in sorted(by("sfd-v"), key=lambda r: r["nfe"]) if v["nfe"] in sfd]
     if pairs:
         wins = sum(better(v, s) for v, s in pairs)
-        out.append(f"**SFD-v (one model) vs separately distilled SFD at the same NFE:** " + "; ".join(
+        out.append("**SFD-v (one model) vs separately distilled SFD at the same NFE:** " + "; ".join(
             f"NFE {v['nfe']}: SFD-v {vals(v)} vs SFD {vals(s)}" for v, s in pairs)
                    + f". SFD-v is better by {data.metric} at {wins} of {len(pairs)} NFE.")
     for st in by("second-stage"):

@@ -4,9 +4,7 @@ row of the same study (`second_stage.first_stage: row:<id>`), and guidance rows 
 The embedded digits teachers at two or three iterations of batch 16 and 16 evaluation samples: seconds per row.
 """
 import hashlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,20 +15,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from study_runner import load_studies_runner
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_PY = ROOT / "studies" / "run.py"
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("sfd_studies_run_issue7", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-studies = _load_runner()
+studies = load_studies_runner("sfd_studies_run_issue7")
 TINY = {"optim.batch_size": 16, "optim.total_kimg": 0.032, "eval.num_samples": 16, "eval.batch_size": 16,
         "eval.gap_nfe": 10, "log.every": 1}
 SECOND = {"algorithm": "second-stage", "second_stage.first_stage": "row:sfd-nfe5", "solver.name": "euler",

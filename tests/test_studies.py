@@ -3,7 +3,6 @@
 Everything runs on the analytic GMM teacher at a few iterations, except the last test, which runs the shipped
 `python studies/run.py ablation_cifar --smoke` end to end (random 56M-parameter SongUNet, 11 rows).
 """
-import importlib.util
 import os
 import signal
 import subprocess
@@ -19,21 +18,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from study_runner import load_studies_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
 GMM = ROOT / "experiments" / "gmm_sfd.yaml"
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("sfd_studies_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-studies = _load_runner()
+studies = load_studies_runner("sfd_studies_run")
 TINY = {"teacher.name": "gmm-img-4", "optim.batch_size": 16, "optim.total_kimg": 0.048, "eval.num_samples": 16,
         "eval.gap_nfe": 10}
 ROWS = [

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from sfd import tracking as T
 from sfd.assets import MissingAssetError
-from sfd.config import flatten, from_dict, load_config, to_dict
+from sfd.config import flatten, load_config, to_dict
 from sfd.distill import DivergedError, IterationStats
 from sfd.runner import run_experiment
 
