@@ -102,8 +102,9 @@ def _endless(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
 class _CifarUnpickler(pickle.Unpickler):
     """CIFAR-10's python batches are pickled dicts of numpy arrays: allow exactly what rebuilds those."""
 
+    # _codecs.encode only turns a string into bytes: protocol-2 pickles written by Python 3 need it.
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
