@@ -38,14 +38,6 @@ def _write(tmp_path, name, rows, base="experiments/digits_sfd.yaml", kind="compa
     return path
 
 
-@pytest.fixture
-def stores(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("SFD_RUNS_DIR", str(runs))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return runs
-
-
 def _runs_by_row(client, out) -> dict:
     exp = client.get_experiment_by_name(out.experiment)
     runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")

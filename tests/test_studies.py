@@ -47,14 +47,6 @@ def _write_study(tmp_path, name="mini", **fields) -> Path:
     return path
 
 
-@pytest.fixture
-def stores(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("SFD_RUNS_DIR", str(runs))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return runs
-
-
 def _uris(runs: Path) -> tuple[str, str]:
     return f"sqlite:///{runs / 'mlflow.db'}", f"sqlite:///{runs / 'optuna.db'}"
 
