@@ -62,7 +62,7 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         torch.cuda.reset_peak_memory_stats(device)
     records = []
     for i in range(warmup + iters):
-        _, t_teacher, t_student = d.sfd_iteration(nfe + 2)
+        _, _, t_teacher, t_student = d.sfd_iteration(nfe + 2)
         if i >= warmup:
             records.append((t_teacher + t_student, t_teacher, t_student))
     total = statistics.median(r[0] for r in records)

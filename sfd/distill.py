@@ -118,6 +118,7 @@ class IterationStats:
     step_losses: torch.Tensor  # [trained student steps], detached, on the training device
     teacher_seconds: float
     student_seconds: float
+    step_indices: tuple[int, ...] = ()  # the grid step (t_n -> t_n+1) each loss belongs to
 
 
 def sanitize_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -233,7 +234,7 @@ class Distiller:
         return z.contiguous(memory_format=torch.channels_last) if self.s.channels_last and z.ndim == 4 else z
 
     # ----- the two algorithms ----------------------------------------------------------------------
-    def sfd_iteration(self, num_steps: int) -> tuple[torch.Tensor, float, float]:
+    def sfd_iteration(self, num_steps: int) -> tuple[torch.Tensor, tuple[int, ...], float, float]:
         """Algorithm 2: one teacher trajectory, then the student follows it step by step from its own state."""
         teacher_grid, student_grid = self.grids(num_steps)
         ts = student_grid.tolist()
@@ -253,7 +254,8 @@ class Distiller:
             x, loss = self.train_step(x, ts[n], ts[n + 1], targets[n + 1], labels, step, final)
             losses.append(loss)
         _sync(self.device)
-        return torch.stack(losses), t1 - t0, time.perf_counter() - t1
+        first = 1 if self.s.grid.afs else 0
+        return torch.stack(losses), tuple(range(first, num_steps - 1)), t1 - t0, time.perf_counter() - t1
 
     def next_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._data_iter is None:
@@ -268,7 +270,7 @@ class Distiller:
             labels = torch.nn.functional.one_hot(labels.long(), self.s.num_classes).float()
         return images.to(self.device, torch.float32), (labels.to(self.device) if labels is not None else None)
 
-    def vanilla_iteration(self, num_steps: int) -> tuple[torch.Tensor, float, float]:
+    def vanilla_iteration(self, num_steps: int) -> tuple[torch.Tensor, tuple[int, ...], float, float]:
         """Algorithm 1: a random student step n; student and teacher both start from the same x_n."""
         teacher_grid, student_grid = self.grids(num_steps)
         k = self.s.m + 1
@@ -289,7 +291,7 @@ class Distiller:
         t1 = time.perf_counter()
         _, loss = self.train_step(x_n, t, t_next, target, labels, step, final=n == num_steps - 2)
         _sync(self.device)
-        return loss[None], t1 - t0, time.perf_counter() - t1
+        return loss[None], (n,), t1 - t0, time.perf_counter() - t1
 
     # ----- driver ------------------------------------------------------------------------------------
     def run(self, shape: tuple[int, ...]) -> torch.nn.Module:
@@ -302,14 +304,14 @@ class Distiller:
             for group in self.opt.param_groups:
                 group["lr"] = lr
             num_steps = self.draw_num_steps()
-            losses, t_teacher, t_student = iteration_fn(num_steps)
+            losses, steps, t_teacher, t_student = iteration_fn(num_steps)
             recent.append(losses)
             if (it + 1) % self.s.nan_check_every == 0 or it + 1 == self.s.total_iterations:
                 self._check_finite(recent, it)
                 recent = []
             if self.callback is not None:
                 kimg = (it + 1) * self.s.batch_size / 1000
-                self.callback(IterationStats(it, kimg, lr, num_steps, losses, t_teacher, t_student))
+                self.callback(IterationStats(it, kimg, lr, num_steps, losses, t_teacher, t_student, steps))
         return self.student
 
     @staticmethod

@@ -404,7 +404,7 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
             data = None
             if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
                 data = teacher.data(settings.batch_size, cfg.seed)
-            callback = run.iteration_callback(afs=cfg.student.afs, per_step=settings.algorithm == "sfd")
+            callback = run.iteration_callback(afs=cfg.student.afs)
             t0 = time.perf_counter()
             net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback)
             train_s = time.perf_counter() - t0

@@ -261,7 +261,8 @@ class RunLogger:
             values = {"loss": sum(losses) / max(n, 1), "lr": stats.lr, "kimg": stats.kimg,
                       "time/teacher_s": stats.teacher_seconds, "time/student_s": stats.student_seconds}
             if per_step:
-                values.update({f"loss/step_{first + k}": v for k, v in enumerate(losses)})
+                steps = stats.step_indices or range(first, first + n)
+                values.update({f"loss/step_{k}": v for k, v in zip(steps, losses)})
             for key, value in values.items():
                 metrics.append(Metric(key, float(value), ts, stats.iteration))
                 self.history.setdefault(key, []).append((stats.iteration, float(value)))

@@ -60,6 +60,7 @@ def test_optimizer_steps_equal_non_afs_student_steps(monkeypatch):
                 callback=lambda s: seen.append(s))
         assert CountingAdam.steps == 3 * expected_per_iter
         assert [len(s.step_losses) for s in seen] == [expected_per_iter] * 3
+        assert all(s.step_indices == tuple(range(3 - expected_per_iter, 3)) for s in seen)
 
 
 def test_gradient_flows_through_current_step_only():
@@ -123,6 +124,7 @@ def test_vanilla_with_data_and_data_free():
     distill(MIX, MLPDenoiser((2,)), _settings(algorithm="vanilla", grid=GridSpec(num_steps=4, afs=False)), (2,),
             data=data, callback=seen.append)
     assert len(seen) == 3 and all(len(s.step_losses) == 1 for s in seen)
+    assert all(len(s.step_indices) == 1 and 0 <= s.step_indices[0] <= 2 for s in seen)
     seen.clear()
     distill(MIX, MLPDenoiser((2,)), _settings(algorithm="vanilla", vanilla_data_free=True), (2,),
             callback=seen.append)

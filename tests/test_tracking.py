@@ -1,4 +1,5 @@
 """MLflow logging from one module: run layout, batched metrics, provenance, FAILED runs, nothing half-created."""
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -93,10 +94,13 @@ def test_iteration_metrics_are_batched_and_keyed_by_student_step(store):
     cb(_stats(0, [3.0, 4.0]))
     cb_vanilla = run2.iteration_callback(afs=False, per_step=False)
     cb_vanilla(_stats(1, [5.0]))
+    # Algorithm 1 trains one random step per iteration: its loss is keyed by the step it drew.
+    cb(dataclasses.replace(_stats(2, [7.0]), step_indices=(2,)))
     run2.end()
     hist0 = client.get_metric_history(run2.run_id, "loss/step_0")
     assert [m.value for m in hist0] == [3.0]  # without AFS the first step is step 0
-    assert sorted(m.value for m in client.get_metric_history(run2.run_id, "loss")) == [3.5, 5.0]
+    assert [(m.step, m.value) for m in client.get_metric_history(run2.run_id, "loss/step_2")] == [(2, 7.0)]
+    assert sorted(m.value for m in client.get_metric_history(run2.run_id, "loss")) == [3.5, 5.0, 7.0]
 
 
 def test_failing_run_ends_failed_with_its_error(store):
