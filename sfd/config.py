@@ -538,7 +538,9 @@ def _validate_algorithm(cfg: RunConfig) -> None:
         if cfg.solver.name != "euler":
             raise ConfigError(f"solver.name: got {cfg.solver.name!r}; the second stage samples its first-stage "
                               "teacher with its own Euler sampler, so it must be euler")
-    if alg == "vanilla" and cfg.vanilla.data == "dataset" and not _has_training_images(cfg.teacher.name):
+    from sfd.teachers.registry import has_training_images
+
+    if alg == "vanilla" and cfg.vanilla.data == "dataset" and not has_training_images(cfg.teacher.name):
         raise ConfigError(f"vanilla.data: got 'dataset', but teacher {cfg.teacher.name!r} has no training-image "
                           "source for Algorithm 1; use vanilla.data=teacher (start from the teacher's trajectory)")
     if alg == "vanilla" and cfg.loss.final is not None:
@@ -548,15 +550,6 @@ def _validate_algorithm(cfg: RunConfig) -> None:
         to_settings(cfg).validate()
     except ValueError as exc:  # a check the core knows that this module does not repeat
         raise ConfigError(f"invalid settings for the distillation core: {exc}") from None
-
-
-def _has_training_images(teacher: str) -> bool:
-    """Whether Algorithm 1 can draw real images for this teacher (digits / GMM samples / a registered data
-    asset such as cifar10-train)."""
-    from sfd.teachers import registry
-
-    edm = getattr(registry, "_EDM_TEACHERS", {})
-    return teacher not in edm or edm[teacher][4] is not None
 
 
 # ----- mapping onto the core ----------------------------------------------------------------------------

@@ -66,12 +66,10 @@ def _is_small_teacher(name: str) -> bool:
 
 
 def default_metrics(teacher_name: str) -> list[str]:
-    """The metric a teacher is judged by when eval.metrics is null (as the registry's `default_metric`)."""
-    if teacher_name.startswith("digits"):
-        return ["fd_digits"]
-    if teacher_name.startswith("gmm"):
-        return ["teacher_gap"]
-    return ["fid"]
+    """The metrics a run reports when eval.metrics is null: the teacher's default metric."""
+    from sfd.teachers.registry import default_metric
+
+    return [default_metric(teacher_name)]
 
 
 def _asset_present(name: str) -> bool:
@@ -139,10 +137,10 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_in
         check_teacher_assets(cfg.teacher.name, cfg.teacher.path, needs_data=needs_data)
         metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
         if "fid" in metrics:
-            from sfd.teachers.registry import FID_REFS, _EDM_TEACHERS
+            from sfd.teachers.registry import FID_REFS, teacher_dataset
 
             require("inception-2015-12-05")
-            dataset = _EDM_TEACHERS[cfg.teacher.name][2] if cfg.teacher.name in _EDM_TEACHERS else None
+            dataset = teacher_dataset(cfg.teacher.name)
             if dataset not in FID_REFS:
                 raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
             require(FID_REFS[dataset])

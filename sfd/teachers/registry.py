@@ -133,7 +133,7 @@ def _gmm_teacher(name: str, k: int, image: bool, device) -> Teacher:
 
     shape = (1, 8, 8) if image else (2,)
     gmm = GaussianMixture.random(k, shape, spread=0.7, std=0.05 if image else 0.08, seed=k).to(device)
-    return Teacher(name=name, net=gmm, shape=shape, dataset="gmm", default_metric="teacher_gap",
+    return Teacher(name=name, net=gmm, shape=shape, dataset=teacher_dataset(name), default_metric=default_metric(name),
                    description=TEACHERS["gmm-img-<k>" if image else "gmm-<k>"],
                    student_fn=lambda: MLPDenoiser(shape, hidden=128, depth=3).to(device),
                    data_fn=lambda b, s: _endless(gmm.sample(max(4096, b), torch.Generator().manual_seed(s)),
@@ -147,8 +147,8 @@ def _digits_teacher(name: str, device) -> Teacher:
     net = load_embedded_teacher(name, device=device)
     cond = name == "digits-cond"
     images, labels = load_digits_data()
-    return Teacher(name=name, net=net, shape=(1, 8, 8), num_classes=10 if cond else 0, dataset="digits",
-                   default_metric="fd_digits", init_kwargs=getattr(net, "init_kwargs", None), description=TEACHERS[name],
+    return Teacher(name=name, net=net, shape=(1, 8, 8), num_classes=10 if cond else 0,
+                   dataset=teacher_dataset(name), default_metric=default_metric(name), init_kwargs=getattr(net, "init_kwargs", None), description=TEACHERS[name],
                    data_fn=lambda b, s: _endless(images, labels if cond else None, b, s))
 
 
@@ -190,6 +190,27 @@ def check_teacher_name(name: str) -> None:
     if name in ("digits", "digits-cond") or name in _EDM_TEACHERS or _GMM.match(name):
         return
     raise ValueError(f"unknown teacher {name!r}; choose one of {sorted(TEACHERS)}")
+
+
+def teacher_dataset(name: str) -> str:
+    """The dataset a teacher models ("digits", "gmm", "cifar10", ...), known without loading it."""
+    check_teacher_name(name)
+    if name in _EDM_TEACHERS:
+        return _EDM_TEACHERS[name][2]
+    return "digits" if name.startswith("digits") else "gmm"
+
+
+def default_metric(name: str) -> str:
+    """The metric a teacher is judged by when a run names none, known without loading it."""
+    if name in _EDM_TEACHERS:
+        return _EDM_TEACHERS[name][3]
+    return {"digits": "fd_digits", "gmm": "teacher_gap"}[teacher_dataset(name)]
+
+
+def has_training_images(name: str) -> bool:
+    """Whether Algorithm 1 can draw real images for this teacher (digits, mixture samples, a data asset)."""
+    check_teacher_name(name)
+    return name not in _EDM_TEACHERS or _EDM_TEACHERS[name][4] is not None
 
 
 def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None:
