@@ -192,6 +192,10 @@ def test_sigkill_mid_trial_then_rerun_completes_without_duplicates(tmp_path):
     path = _write_study(tmp_path, "killme", rows=rows)
     runs = tmp_path / "runs"
     tracking, storage = _uris(runs)
+    runs.mkdir()
+    # Create the Optuna schema before the study process starts: polling a fresh sqlite file while the child
+    # creates the same tables races on Optuna's alembic_version row (UNIQUE constraint failed).
+    optuna.storages.RDBStorage(storage)
     cmd = [sys.executable, str(RUN_PY), str(path), "--no-report"]
     proc = subprocess.Popen(cmd, env=_env(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
