@@ -197,6 +197,15 @@ def test_attention_is_scaled_softmax_over_keys():
     w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / math.sqrt(8), dim=-1)
     expected = torch.einsum("nqk,nck->ncq", w, v)
     torch.testing.assert_close(attention(q, k, v), expected)
+    # Under bf16 autocast (inputs rounded to bf16 as the qkv convolution would give them) the fused kernel
+    # stays within bf16 rounding of EDM's float32-weights formula on the same rounded inputs.
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    w = torch.softmax(torch.einsum("ncq,nck->nqk", qb.float(), kb.float()) / math.sqrt(8), dim=-1)
+    edm_style = torch.einsum("nqk,nck->ncq", w, vb.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = attention(qb, kb, vb)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), edm_style, atol=2e-2, rtol=2e-2)
 
 
 def test_resampling_with_box_filter():

@@ -132,11 +132,14 @@ class GroupNorm(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Single-head attention over pixels; q, k, v are [N, C, L]; returns [N, C, L].
 
-    softmax over keys of q·k/√C. EDM computes the weights in float32; so does this, under any autocast.
+    softmax over keys of q·k/√C, through PyTorch's fused scaled-dot-product attention: on a GPU that is a
+    flash / memory-efficient kernel (softmax accumulated in float32) instead of a materialised [N, L, L] weight
+    matrix. EDM casts q and k to float32 for the product; under autocast they come out of the qkv convolution
+    already rounded to bf16/fp16, so the fused kernel's float32 accumulation loses nothing further.
     """
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1])).softmax(dim=2)
-    return torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
+                                         v.transpose(1, 2).unsqueeze(1))
+    return out.squeeze(1).transpose(1, 2)
 
 
 class UNetBlock(nn.Module):
