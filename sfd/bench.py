@@ -1,13 +1,15 @@
-"""Benchmark one SFD iteration: `python -m sfd.bench distill --arch cifar10 --batch 128 --nfe 2`.
+"""Benchmark SFD distillation: `python -m sfd.bench distill --arch cifar10 --batch 128 --nfe 2`.
 
-Prints seconds per iteration (median of the timed iterations after warm-up), the teacher / student split,
-trajectories per second and peak memory. Teachers are randomly initialised networks of the named
-architecture: the cost of an iteration does not depend on the weights. `--arch tiny` runs on a CPU in
-seconds.
+`distill` prints seconds per iteration (median of the timed iterations after warm-up), the teacher / student
+split, trajectories per second and peak memory. `track` distils the same random teacher twice, in fp32 and in
+a faster setting (bf16 by default), from the same seeds, and prints how far apart the two runs end up
+compared with how far training moved them. Teachers are randomly initialised networks of the named
+architecture: the cost of an iteration does not depend on the weights. `--arch tiny` runs on a CPU in seconds.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import resource
 import statistics
@@ -16,7 +18,7 @@ import sys
 import torch
 
 from sfd.distill import DistillSettings, Distiller, make_student
-from sfd.sampling import GridSpec
+from sfd.sampling import GridSpec, generate
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -77,6 +79,77 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
     }
 
 
+def excite(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give EDM's zero-initialised layers (each block's last conv, attention projections, the output conv)
+    random weights, so a freshly initialised teacher is a non-trivial function of its input rather than
+    almost exactly c_skip·x."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim > 1 and float(p.abs().max()) < 1e-3:
+                fan_in = p[0].numel()
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * math.sqrt(1 / fan_in))
+    return net
+
+
+def _flat_params(net: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in net.parameters()])
+
+
+def _distil_once(teacher, settings: DistillSettings, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    student = make_student(teacher)
+    losses = []
+    d = Distiller(teacher, student, settings, device=device, callback=lambda st: losses.append(st.step_losses.mean()))
+    d.run((teacher.img_channels, teacher.img_resolution, teacher.img_resolution))
+    return student, torch.stack(losses).cpu()
+
+
+def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: str = "bf16",
+                     compile: bool = False, compile_mode: str | None = None, channels_last: bool = False,
+                     lr: float = 5e-5, samples: int = 64, seed: int = 0, device: str | None = None) -> dict:
+    """Distil one excited random teacher in fp32 eager and in the given setting; compare the two runs."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    teacher = excite(build_arch(arch), seed).to(device).eval().requires_grad_(False)
+    initial = _flat_params(teacher)
+    common = dict(grid=GridSpec(num_steps=nfe + 2, afs=True), batch_size=batch, total_kimg=iters * batch / 1000,
+                  lr=lr, seed=seed, num_classes=getattr(teacher, "label_dim", 0))
+    ref, ref_losses = _distil_once(teacher, DistillSettings(**common), device)
+    fast, fast_losses = _distil_once(teacher, DistillSettings(**common, precision=precision, compile=compile,
+                                                              compile_mode=compile_mode,
+                                                              channels_last=channels_last), device)
+    moved = (_flat_params(ref) - initial).norm()
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    draw = dict(grid=common["grid"], seeds=range(samples), shape=shape, device=device,
+                num_classes=common["num_classes"], output_device=device)
+    x_init, _ = generate(teacher, **draw)
+    x_ref, _ = generate(ref.eval(), **draw)
+    x_fast, _ = generate(fast.eval(), **draw)
+    rmse = lambda a, b: float((a - b).pow(2).mean().sqrt())  # noqa: E731
+    tail = max(1, iters // 5)
+    return {
+        "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch": batch, "nfe": nfe, "iters": iters, "precision": precision, "compile": compile,
+        "channels_last": channels_last, "lr": lr,
+        "loss_fp32_last_fifth": float(ref_losses[-tail:].mean()), "loss_fast_last_fifth": float(fast_losses[-tail:].mean()),
+        "loss_fp32_first": float(ref_losses[0]), "loss_fast_first": float(fast_losses[0]),
+        "weights_apart_over_moved": float((_flat_params(fast) - _flat_params(ref)).norm() / moved),
+        "samples_rmse_fast_vs_fp32": rmse(x_fast, x_ref), "samples_rmse_trained_vs_initial": rmse(x_ref, x_init),
+        "loss_curve_fp32": ref_losses.tolist(), "loss_curve_fast": fast_losses.tolist(),
+    }
+
+
+def _format_track(r: dict) -> str:
+    setting = r["precision"] + (", compiled" if r["compile"] else "") + (", channels-last" if r["channels_last"] else "")
+    return (f"{r['arch']} on {r['device']}: {r['iters']} SFD iterations, batch {r['batch']}, NFE {r['nfe']}, "
+            f"fp32 eager vs {setting}\n"
+            f"  mean step loss, first iteration: {r['loss_fp32_first']:.5f} vs {r['loss_fast_first']:.5f}; "
+            f"last fifth: {r['loss_fp32_last_fifth']:.5f} vs {r['loss_fast_last_fifth']:.5f}\n"
+            f"  students' weights apart / fp32 training's move: {r['weights_apart_over_moved']:.3f}\n"
+            f"  samples RMSE, {setting} vs fp32 student: {r['samples_rmse_fast_vs_fp32']:.5f} "
+            f"(fp32 student vs the untrained copy: {r['samples_rmse_trained_vs_initial']:.5f})")
+
+
 def _format(r: dict) -> str:
     return (f"{r['arch']} on {r['device']}: batch {r['batch']}, NFE {r['nfe']} (N={r['num_steps']}, AFS, "
             f"M={r['m']}, {r['teacher_solver']} teacher), {r['precision']}"
@@ -86,29 +159,88 @@ def _format(r: dict) -> str:
             f"peak memory {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params")
 
 
+# Named speed settings for `suite`: the baseline and each option added in turn, so one run on a card shows
+# what every option buys there.
+SUITE = {
+    "fp32": dict(precision="fp32"),
+    "bf16": dict(precision="bf16"),
+    "bf16-cl": dict(precision="bf16", channels_last=True),
+    "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
+    "bf16-cl-cudagraphs": dict(precision="bf16", channels_last=True, compile=True, compile_mode="reduce-overhead"),
+}
+
+
+def run_suite(arch: str, batch: int, nfes: list[int], configs: list[str], *, device: str | None = None,
+              warmup: int = 2, iters: int = 5) -> list[dict]:
+    """`bench_distill` for each named setting and NFE; a setting that fails is reported and the rest still run."""
+    unknown = [c for c in configs if c not in SUITE]
+    if unknown:
+        raise SystemExit(f"error: unknown suite setting(s) {unknown}; choose from {', '.join(SUITE)}")
+    results = []
+    for name in configs:
+        for nfe in nfes:
+            try:
+                r = bench_distill(arch, batch, nfe, warmup=warmup, iters=iters, device=device, **SUITE[name])
+            except Exception as err:  # e.g. out of memory or a compiler error: record it, go on
+                r = {"arch": arch, "batch": batch, "nfe": nfe, "error": f"{type(err).__name__}: {err}"}
+            results.append({"setting": name, **r})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return results
+
+
+def _add_speed_options(p: argparse.ArgumentParser, default_precision: str) -> None:
+    p.add_argument("--arch", default="tiny", help="tiny | cifar10 | imagenet64 | ffhq64")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--nfe", type=int, nargs="+", default=[2])
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=default_precision)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sfd.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="time SFD iterations")
-    d.add_argument("--arch", default="tiny", help="tiny | cifar10 | imagenet64 | ffhq64")
-    d.add_argument("--batch", type=int, default=128)
-    d.add_argument("--nfe", type=int, nargs="+", default=[2])
+    _add_speed_options(d, "fp32")
     d.add_argument("--solver", default="dpmpp3m")
     d.add_argument("--m", type=int, default=3)
-    d.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    d.add_argument("--compile", action="store_true")
-    d.add_argument("--compile-mode", default=None)
-    d.add_argument("--channels-last", action="store_true")
     d.add_argument("--warmup", type=int, default=2)
     d.add_argument("--iters", type=int, default=5)
-    d.add_argument("--device", default=None)
-    d.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+    t = sub.add_parser("track", help="distil in fp32 and in a faster setting; show the runs track each other")
+    _add_speed_options(t, "bf16")
+    t.add_argument("--iters", type=int, default=100)
+    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--samples", type=int, default=64)
+    u = sub.add_parser("suite", help="time the baseline and each speed option in turn, on one card")
+    u.add_argument("--arch", default="tiny", help="tiny | cifar10 | imagenet64 | ffhq64")
+    u.add_argument("--batch", type=int, default=128)
+    u.add_argument("--nfe", type=int, nargs="+", default=[2, 4])
+    u.add_argument("--configs", nargs="+", default=list(SUITE), help=f"any of {', '.join(SUITE)}")
+    u.add_argument("--warmup", type=int, default=2)
+    u.add_argument("--iters", type=int, default=5)
+    u.add_argument("--device", default=None)
+    u.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     args = p.parse_args(argv)
+    if args.command == "suite":
+        for r in run_suite(args.arch, args.batch, args.nfe, args.configs, device=args.device,
+                           warmup=args.warmup, iters=args.iters):
+            text = f"[{r['setting']}] NFE {r['nfe']}: {r['error']}" if "error" in r else f"[{r['setting']}] {_format(r)}"
+            print(json.dumps(r) if args.json else text, flush=True)
+        return 0
+    speed = dict(precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
+                 channels_last=args.channels_last, device=args.device)
     for nfe in args.nfe:
-        r = bench_distill(args.arch, args.batch, nfe, solver=args.solver, m=args.m, precision=args.precision,
-                          compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last,
-                          warmup=args.warmup, iters=args.iters, device=args.device)
-        print(json.dumps(r) if args.json else _format(r), flush=True)
+        if args.command == "distill":
+            r = bench_distill(args.arch, args.batch, nfe, solver=args.solver, m=args.m, warmup=args.warmup,
+                              iters=args.iters, **speed)
+            print(json.dumps(r) if args.json else _format(r), flush=True)
+        else:
+            r = track_precisions(args.arch, args.batch, nfe, args.iters, lr=args.lr, samples=args.samples, **speed)
+            print(json.dumps(r) if args.json else _format_track(r), flush=True)
     return 0
 
 

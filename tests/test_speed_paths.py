@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sfd.bench import TINY, bench_distill, main
+from sfd.bench import TINY, bench_distill, build_arch, excite, main, track_precisions
 from sfd.distill import DistillSettings, Distiller, make_student
 from sfd.networks.edm import EDMPrecond
 from sfd.sampling import GridSpec
@@ -71,3 +71,74 @@ def test_benchmark_cpu_mode_runs(capsys):
     assert r["s_per_iter"] == pytest.approx(r["teacher_s"] + r["student_s"], rel=0.5)
     assert main(["distill", "--arch", "tiny", "--batch", "2", "--nfe", "2", "--iters", "1", "--warmup", "0"]) == 0
     assert "s/iter" in capsys.readouterr().out
+
+
+def test_cudagraph_outputs_are_copied_before_the_next_replay():
+    """A CUDA-graph replay overwrites the previous output buffer. Simulate that with a network that always
+    returns one static buffer: the multistep teacher then goes wrong unless the wrapper copies each output."""
+    from sfd.distill import _EagerFallback
+    from sfd.solvers import solve
+
+    def unit_gaussian_denoiser(x, sigma):  # exact D for data ~ N(0, I)
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return x / (1 + s**2)
+
+    static = torch.empty(4, 3)
+
+    def replay(x, sigma):
+        return static.copy_(unit_gaussian_denoiser(x, sigma))
+
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 80
+    grid = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.2])
+    exact = solve("dpmpp3m", unit_gaussian_denoiser, x, grid, thresholding=False)
+    copied = solve("dpmpp3m", _EagerFallback(replay, unit_gaussian_denoiser, cudagraphs=True), x, grid,
+                   thresholding=False)
+    shared = solve("dpmpp3m", _EagerFallback(replay, unit_gaussian_denoiser, cudagraphs=False), x, grid,
+                   thresholding=False)
+    torch.testing.assert_close(copied, exact)
+    assert not torch.allclose(shared, exact, rtol=1e-3)  # the hazard is real for a multistep solver
+
+
+def test_excite_makes_the_random_teacher_depend_on_its_input():
+    torch.manual_seed(0)
+    net = build_arch("tiny").eval()
+    x, sigma = torch.randn(4, 1, 8, 8) * 2, torch.full((4,), 2.0)
+    c_skip = 0.25 / (4 + 0.25)
+    plain = (net(x, sigma) - c_skip * x).abs().max()  # EDM's zero-initialised output: D is almost c_skip·x
+    excited = (excite(net)(x, sigma) - c_skip * x).abs().max()
+    assert plain < 1e-3 < 0.1 < excited, (float(plain), float(excited))
+
+
+def test_track_same_setting_is_deterministic_and_bf16_tracks_fp32():
+    same = track_precisions("tiny", batch=8, nfe=2, iters=6, precision="fp32", samples=8, device="cpu")
+    assert same["weights_apart_over_moved"] == 0 and same["samples_rmse_fast_vs_fp32"] == 0
+    assert same["loss_curve_fp32"] == same["loss_curve_fast"] and len(same["loss_curve_fp32"]) == 6
+    bf16 = track_precisions("tiny", batch=8, nfe=2, iters=6, precision="bf16", samples=8, device="cpu")
+    assert 0 < bf16["weights_apart_over_moved"] < 0.3
+    assert bf16["samples_rmse_fast_vs_fp32"] < 0.2 * bf16["samples_rmse_trained_vs_initial"]
+    for a, b in zip(bf16["loss_curve_fp32"], bf16["loss_curve_fast"]):
+        assert abs(a - b) < 0.02 * a
+
+
+def test_track_cli_prints_the_comparison(capsys):
+    assert main(["track", "--arch", "tiny", "--batch", "4", "--iters", "2", "--samples", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 eager vs bf16" in out and "weights apart" in out
+
+
+def test_suite_refuses_unknown_settings_and_records_a_failing_one(monkeypatch):
+    import sfd.bench as bench
+
+    with pytest.raises(SystemExit, match="unknown suite setting"):
+        bench.run_suite("tiny", 4, [2], ["fp32", "fp64"], device="cpu")
+    real = bench.bench_distill
+
+    def flaky(arch, batch, nfe, **kw):
+        if kw.get("channels_last"):
+            raise RuntimeError("out of memory")
+        return real(arch, batch, nfe, **kw)
+
+    monkeypatch.setattr(bench, "bench_distill", flaky)
+    rows = bench.run_suite("tiny", 4, [2], ["bf16-cl", "fp32"], device="cpu", warmup=0, iters=1)
+    assert [r["setting"] for r in rows] == ["bf16-cl", "fp32"]
+    assert rows[0]["error"] == "RuntimeError: out of memory" and rows[1]["s_per_iter"] > 0
