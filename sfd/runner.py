@@ -349,7 +349,7 @@ def _distill_setup(cfg: RunConfig, teacher, device, tracking_uri: str | None = N
 
 
 def _evaluate(cfg: RunConfig, teacher, net, step_condition: bool, device, *, num_steps: int | None = None,
-              progress: bool = False):
+              progress: bool = False, reference_cache: dict | None = None):
     from sfd.metrics.evaluate import evaluate, solver_sampler, student_sampler
 
     s = cfg.student
@@ -363,7 +363,8 @@ def _evaluate(cfg: RunConfig, teacher, net, step_condition: bool, device, *, num
                                   guidance=s.guidance, num_classes=teacher.num_classes)
     e = cfg.eval
     result = evaluate(sampler, teacher, e.metrics, e.num_samples, batch_size=e.batch_size, device=device,
-                      precision=cfg.precision, progress=progress, gap_solver=e.gap_solver, gap_nfe=e.gap_nfe)
+                      precision=cfg.precision, progress=progress, gap_solver=e.gap_solver, gap_nfe=e.gap_nfe,
+                      reference_cache=reference_cache)
     return result, sampler.nfe
 
 
@@ -410,12 +411,14 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
             net.eval()
 
         t0 = time.perf_counter()
-        result, nfe = _evaluate(cfg, teacher, net, step_cond, device, progress=progress)
+        references: dict = {}  # teacher-gap references: SFD-v's NFEs share one grid's endpoints
+        result, nfe = _evaluate(cfg, teacher, net, step_cond, device, progress=progress, reference_cache=references)
         metrics = dict(result.metrics)
         if cfg.algorithm == "sfd-v":  # the one model at every other trained NFE
             for n in cfg.sfdv.num_steps_choices:
                 if n != cfg.num_steps:
-                    extra, extra_nfe = _evaluate(cfg, teacher, net, True, device, num_steps=n, progress=progress)
+                    extra, extra_nfe = _evaluate(cfg, teacher, net, True, device, num_steps=n, progress=progress,
+                                                 reference_cache=references)
                     metrics.update({f"{k}/nfe_{extra_nfe}": v for k, v in extra.metrics.items()})
         eval_s = time.perf_counter() - t0
 

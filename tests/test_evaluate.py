@@ -38,6 +38,24 @@ def test_results_do_not_depend_on_batch_size(gmm):
     assert a == pytest.approx(b, abs=1e-9)
 
 
+def test_shared_reference_cache_solves_each_reference_once_and_changes_nothing(gmm, monkeypatch):
+    import sfd.metrics.evaluate as ev
+
+    calls = []
+    real = ev.teacher_reference
+    monkeypatch.setattr(ev, "teacher_reference", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    samplers = [solver_sampler(gmm.net, "euler", n, t_min=0.006) for n in (3, 6)]
+    cache = {}
+    shared = [evaluate(s, gmm, ["teacher_gap"], 12, batch_size=8, progress=False, reference_cache=cache).metrics
+              for s in samplers]
+    assert len(calls) == 2  # two batches of seeds, solved for the first sampler only
+    alone = [evaluate(s, gmm, ["teacher_gap"], 12, batch_size=8, progress=False).metrics for s in samplers]
+    assert shared == alone and len(calls) == 6
+    other_end = solver_sampler(gmm.net, "euler", 3, t_min=0.05)  # a different end time needs its own reference
+    evaluate(other_end, gmm, ["teacher_gap"], 12, batch_size=8, progress=False, reference_cache=cache)
+    assert len(calls) == 8 and len(cache) == 4
+
+
 def test_per_sample_rmse():
     a = torch.zeros(2, 1, 2, 2)
     b = torch.tensor([[1.0, 1, 1, 1], [2.0, 0, 0, 0]]).reshape(2, 1, 2, 2)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from sfd import solvers
-from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, teacher_reference
+from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, reference_grid, teacher_reference
 from sfd.sampling import GridSpec, generate
 
 METRICS = ("fid", "fd_digits", "pixel_fd", "class_accuracy", "teacher_gap")
@@ -140,8 +140,13 @@ def evaluate(
     inception_weights=None,
     fid_ref=None,
     class_labels=None,
+    reference_cache: dict | None = None,
 ) -> EvalResult:
-    """Sample seeds 0..num_samples-1 and compute `metrics` (see METRICS). Returns the metrics and a grid image."""
+    """Sample seeds 0..num_samples-1 and compute `metrics` (see METRICS). Returns the metrics and a grid image.
+
+    `reference_cache`: a dict shared by evaluations of one teacher (e.g. an SFD-v student at each NFE); the
+    teacher-gap reference of a batch of seeds is solved once and reused wherever its inputs are the same.
+    """
     from tqdm.auto import tqdm
 
     metrics = list(metrics)
@@ -165,10 +170,16 @@ def evaluate(
         if cls is not None:
             classes.append(cls)
         if "teacher_gap" in metrics:
-            ref = teacher_reference(teacher.net, sampler.grid, seeds, teacher.shape, solver=gap_solver, nfe=gap_nfe,
-                                    num_classes=sampler.num_classes, guidance=sampler.guidance,
-                                    class_labels=labels, batch_size=batch_size, device=device,
-                                    precision=precision, output_device=device)
+            key = (reference_grid(sampler.grid, gap_solver, gap_nfe), gap_solver, tuple(seeds), sampler.num_classes,
+                   sampler.guidance, None if labels is None else tuple(int(c) for c in labels), precision)
+            cache = reference_cache if reference_cache is not None else {}
+            if key not in cache:
+                cache[key] = teacher_reference(teacher.net, sampler.grid, seeds, teacher.shape, solver=gap_solver,
+                                               nfe=gap_nfe, num_classes=sampler.num_classes,
+                                               guidance=sampler.guidance, class_labels=labels,
+                                               batch_size=batch_size, device=device, precision=precision,
+                                               output_device=device)
+            ref = cache[key]
             gaps.append(per_sample_rmse(samples, ref.clamp(-1, 1)))
         bar.update(len(seeds))
     bar.close()
