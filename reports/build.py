@@ -1240,11 +1240,12 @@ def reading(data: StudyData) -> list[str]:
     else:
         imp, why = param_importances(data)
         if not imp.empty:
-            first = imp.sort_values("importance", ascending=False).iloc[0]
             n_done = int((data.trials["state"] == "COMPLETE").sum()) if len(data.trials) else 0
-            out.append(f"**Most important parameter:** `{first['parameter']}` (fANOVA importance "
-                       f"{first['importance']:.2f} for {first['objective']}, from {n_done} completed trials"
-                       + ("; with so few trials this is indicative only" if n_done < 10 else "") + ").")
+            caveat = "; with so few trials this is indicative only" if n_done < 10 else ""
+            for objective, rows in imp.groupby("objective", sort=False):  # one answer per objective: quality
+                first = rows.sort_values("importance", ascending=False).iloc[0]  # and cost differ in what drives them
+                out.append(f"**Most important parameter for {objective}:** `{first['parameter']}` (fANOVA "
+                           f"importance {first['importance']:.2f}, from {n_done} completed trials{caveat}).")
         else:
             out.append(f"Parameter importances: {why}.")
         best = search_best_table(data, top=1)

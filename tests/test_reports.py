@@ -398,7 +398,7 @@ def test_search_layout(store, tmp_path):
     imp = tables[1]
     assert {r["parameter"] for r in imp} == {"solver.name", "loss.name", "student.t_min"}
     assert max(imp, key=lambda r: float(r["importance"]))["parameter"] == "solver.name"
-    assert "Most important parameter:** `solver.name`" in md
+    assert "Most important parameter for fd_digits:** `solver.name`" in md
     for name in ("param_importances", "optimization_history"):
         assert (out / "figures" / f"{name}.png").exists() and (out / "figures" / f"{name}.svg").exists()
 
