@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from sfd.distill import DistillSettings, Distiller, make_student
+from sfd.distill import DistillSettings, Distiller, make_student, runs_compiled
 from sfd.sampling import GridSpec, generate
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
@@ -51,6 +51,8 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if compile:  # each configuration compiles afresh: no graphs or recompile budget left over from the last
+        torch._dynamo.reset()
     torch.manual_seed(0)
     teacher = build_arch(arch).to(device).eval().requires_grad_(False)
     student = make_student(teacher)
@@ -72,6 +74,8 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "nfe": nfe, "num_steps": nfe + 2, "teacher_solver": solver, "m": m,
         "precision": precision, "compile": compile, "channels_last": channels_last,
+        "compile_mode": compile_mode,
+        "compile_fell_back": compile and not (runs_compiled(d.teacher_fwd) and runs_compiled(d.student_fwd)),
         "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
         "s_per_iter": total, "teacher_s": statistics.median(r[1] for r in records),
         "student_s": statistics.median(r[2] for r in records), "trajectories_per_s": batch / total,
@@ -153,7 +157,9 @@ def _format_track(r: dict) -> str:
 def _format(r: dict) -> str:
     return (f"{r['arch']} on {r['device']}: batch {r['batch']}, NFE {r['nfe']} (N={r['num_steps']}, AFS, "
             f"M={r['m']}, {r['teacher_solver']} teacher), {r['precision']}"
-            f"{', compiled' if r['compile'] else ''}{', channels-last' if r['channels_last'] else ''}\n"
+            f"{', compiled' if r['compile'] else ''}{' ' + r['compile_mode'] if r['compile_mode'] else ''}"
+            f"{' (FELL BACK TO EAGER)' if r['compile_fell_back'] else ''}"
+            f"{', channels-last' if r['channels_last'] else ''}\n"
             f"  {r['s_per_iter']:.4f} s/iter (median of {r['timed_iters']}) = teacher {r['teacher_s']:.4f} s"
             f" + student {r['student_s']:.4f} s; {r['trajectories_per_s']:.1f} trajectories/s; "
             f"peak memory {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params")

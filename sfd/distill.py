@@ -65,6 +65,11 @@ class _EagerFallback:
         return self.eager(x, sigma, **kwargs)
 
 
+def runs_compiled(fn: Callable) -> bool:
+    """True when `fn` came from `maybe_compile` and has not fallen back to eager."""
+    return isinstance(fn, _EagerFallback) and not fn.failed
+
+
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite: the run is recorded as failed with this reason."""
 

@@ -71,6 +71,17 @@ def test_benchmark_cpu_mode_runs(capsys):
     assert r["s_per_iter"] == pytest.approx(r["teacher_s"] + r["student_s"], rel=0.5)
     assert main(["distill", "--arch", "tiny", "--batch", "2", "--nfe", "2", "--iters", "1", "--warmup", "0"]) == 0
     assert "s/iter" in capsys.readouterr().out
+    assert r["compile_fell_back"] is False
+
+
+def test_benchmark_says_when_compile_fell_back_to_eager(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(UserWarning, match="torch.compile unavailable"):
+        r = bench_distill("tiny", batch=2, nfe=2, warmup=0, iters=1, device="cpu", compile=True)
+    assert r["compile_fell_back"] is True
 
 
 def test_cudagraph_outputs_are_copied_before_the_next_replay():
