@@ -32,6 +32,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -392,6 +393,21 @@ def _choose_run(candidates: list[dict], metric: str) -> dict | None:
     return max(pool, key=lambda r: (r["end_time"] or 0, r["start_time"] or 0))
 
 
+def _replicate_run(candidates: list[dict], metric: str, seeds: list[int]) -> dict | None:
+    """A row run once per seed: the chosen run of each seed merged into one run whose metrics are the means
+    over the seeds that finished; `replicates` keeps each seed's run id and value for the ± and the links."""
+    per_seed = [_choose_run([c for c in candidates if _to_int(c["params"].get("seed")) == s], metric) for s in seeds]
+    chosen = [r for r in per_seed if r is not None]
+    ok = [r for r in chosen if r["status"] == "FINISHED"]
+    if not ok:
+        return _choose_run(chosen, metric)  # nothing finished: the row shows its latest failure
+    shared = set.intersection(*(set(r["metrics"]) for r in ok))
+    means = {k: statistics.fmean(float(r["metrics"][k]) for r in ok) for k in shared}
+    return {**ok[0], "metrics": means, "replicates": {
+        "seeds": [_to_int(r["params"].get("seed")) for r in ok], "run_ids": [r["run_id"] for r in ok],
+        "values": [_to_float(r["metrics"].get(metric)) for r in ok], "expected": len(seeds)}}
+
+
 def _status_of(run: dict | None, trial: dict | None, metric: str) -> tuple[str, str | None]:
     if run is None:
         if trial is not None and trial.get("state") == "FAIL":
@@ -527,10 +543,11 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
                 trials_by_row.setdefault(rid, []).append(t)
         skipped_rows = {str(k): str(v) for k, v in (spec_dict.get("skip_rows") or {}).items()}
         skipped_rows.update(_skipped_rows(parent, {str(r.get("id")) for r in spec_rows}))
+        seeds = spec_dict.get("seeds") or None
         for order, srow in enumerate(spec_rows):
             rid = str(srow.get("id", order))
             cands = by_row.get(rid, [])
-            run = _choose_run(cands, metric)
+            run = _replicate_run(cands, metric, seeds) if seeds else _choose_run(cands, metric)
             trial = trial_by_run.get(run["run_id"]) if run else None
             if trial is None:
                 ts = trials_by_row.get(rid, [])
@@ -679,7 +696,18 @@ def _make_line(order, rid, srow, run, trial, metric, attempts, paper, paper_data
             "params": params,
             "paper_value": _to_float(prow.get("fid")) if prow else None,
             "paper_hours": _to_float(prow.get("hours")) if prow else None,
-            "paper_hours_text": prow.get("hours_text") if prow else None}
+            "paper_hours_text": prow.get("hours_text") if prow else None,
+            **_replicate_fields(run, status)}
+
+
+def _replicate_fields(run: dict | None, status: str) -> dict:
+    """n, sd and per-seed run ids of a replicated row (a study with `seeds:`); nothing for a single run."""
+    rep = (run or {}).get("replicates")
+    if not rep or status != "ok":
+        return {}
+    values = [v for v in rep["values"] if v is not None]
+    return {"n_seeds": len(values), "seeds_expected": rep["expected"], "seed_run_ids": rep["run_ids"],
+            "seeds": rep["seeds"], "value_sd": statistics.stdev(values) if len(values) > 1 else None}
 
 
 def _per_nfe_lines(line: dict, run: dict | None, metric: str, paper: dict, paper_dataset: str,
@@ -695,6 +723,7 @@ def _per_nfe_lines(line: dict, run: dict | None, metric: str, paper: dict, paper
         if k == line["nfe"]:
             continue
         new = {**line, "row_id": f"{line['row_id']}@nfe{k}", "nfe": k, "student_nfe": k, "derived_from": line["row_id"],
+               "value_sd": None,  # replicates: the mean over seeds carries over; the sd was the row's own NFE
                "value": _to_float(run["metrics"][f"{metric}/nfe_{k}"]),
                "extra": {m: _to_float(run["metrics"][f"{m}/nfe_{k}"]) for m in line["extra"]
                          if f"{m}/nfe_{k}" in run["metrics"]}}
@@ -737,7 +766,11 @@ def _paper_row(srow: dict, labels: dict, paper: dict, dataset: str, kind: str) -
 
 def _ours_cell(r: dict) -> str:
     if r["status"] == "ok":
-        return fmt_value(r["value"])
+        if not _is_num(r.get("n_seeds")):
+            return fmt_value(r["value"])
+        n, expected = int(r["n_seeds"]), int(r["seeds_expected"])
+        sd = f" ± {fmt_value(r['value_sd'])}" if _is_num(r.get("value_sd")) else ""
+        return f"{fmt_value(r['value'])}{sd} (n={n}{'' if n == expected else f' of {expected}'})"
     reason = re.sub(r"\s+", " ", str(r.get("reason") or "")).strip()
     reason = f"{reason[:90]}{'…' if len(reason) > 90 else ''}"
     if r["status"] == "failed":
@@ -746,6 +779,9 @@ def _ours_cell(r: dict) -> str:
 
 
 def _run_cell(r: dict) -> str:
+    others = r.get("seed_run_ids")
+    if isinstance(others, list) and len(others) > 1:
+        return f"`{r['run_id']}` +{len(others) - 1} more (seeds {', '.join(str(x) for x in r['seeds'])})"
     return f"`{r['run_id']}`" if r.get("run_id") else "—"
 
 
@@ -1166,6 +1202,12 @@ def reading(data: StudyData) -> list[str]:
     if not ok:
         out.append("No row has a measured value yet, so there is nothing to read.")
         return out
+    sds = [r["value_sd"] for r in ok if _is_num(r.get("value_sd"))]
+    if sds:  # replicates: say how large a difference must be before it is more than seed noise
+        n = max(int(r["n_seeds"]) for r in ok if _is_num(r.get("n_seeds")))
+        out.append(f"**Seed noise:** each row ran with up to {n} seeds; the median spread (sd) across rows is "
+                   f"{fmt_value(statistics.median(sds))} in {m}. Differences between rows smaller than about "
+                   f"{fmt_value(2 * statistics.median(sds))} are within that noise.")
     if data.kind in ("ablation", "comparison"):
         if data.kind == "ablation":
             pairs = _pairs_one_factor(ok)
@@ -1691,7 +1733,7 @@ def write_notebook(data: StudyData, path: str | Path, *, spec_ref: str | None) -
         v4.new_markdown_cell("### The rows as loaded (pandas)"),
         v4.new_code_cell(
             "cols = ['row_id', 'method', 'teacher', 't_min', 'afs', 'loss', 'nfe', 'status', 'reason', 'value',\n"
-            "        'paper_value', 'device_hours', 'run_id', 'trial_number']\n"
+            "        'value_sd', 'n_seeds', 'paper_value', 'device_hours', 'run_id', 'trial_number']\n"
             "data.rows[[c for c in cols if c in data.rows.columns]]"),
         v4.new_markdown_cell("## Figures"),
         v4.new_code_cell(

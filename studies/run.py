@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Run a study: an Optuna study whose every trial is one tracked SFD run (MLflow child of the study's run).
 
-    python studies/run.py <study> [--smoke] [--storage URL] [--n-trials N] [--no-report] [--retry-failed]
+    python studies/run.py <study> [--smoke] [--seeds 0 1 2] [--storage URL] [--n-trials N] [--no-report]
+                          [--retry-failed]
     python studies/run.py --list
 
 `<study>` is a name in studies/ (e.g. ablation_digits) or a path to a study YAML. Table studies (`rows:`)
-enqueue one trial per row, in the paper's order; search studies (`space:`) let a seeded sampler pick.
+enqueue one trial per row, in the paper's order (one per row and seed when the study lists `seeds:`, so
+the report can say mean ± sd; `--seeds` does that for any table study, as a study of its own named
+`<study>-seeds-0-1-2`); search studies (`space:`) let a seeded sampler pick.
 Re-running the same command resumes: finished trials are kept, trials left RUNNING by a dead process are
 marked FAILED (their MLflow runs too) and their rows / parameters are tried again; failed trials stay failed
 unless `--retry-failed`. Everything that can be wrong in the study or its rows (a typo, a bad value, a
@@ -36,7 +39,7 @@ DIRECTIONS = ("minimize", "maximize")
 OBJECTIVE_METRICS = ("fid", "fd_digits", "pixel_fd", "class_accuracy", "teacher_gap_mean", "teacher_gap_std",
                      "train/device_hours", "train/wall_s", "total/wall_s", "nfe")
 SPEC_KEYS = ("name", "kind", "description", "base", "overrides", "objective", "sampler", "n_trials", "rows",
-             "space", "skip_rows")
+             "space", "skip_rows", "seeds")
 ROW_KEYS_REQUIRED = ("id", "params")
 SMOKE_SEARCH_TRIALS = 3
 INTERRUPTED = "interrupted: the study process stopped during this trial"
@@ -62,6 +65,11 @@ class StudySpec:
     space: dict = field(default_factory=dict)
     skip_rows: dict = field(default_factory=dict)  # row id -> why it is not run (shown in the report)
     path: Path | None = None
+    seeds: list[int] | None = None  # table studies: run every row once per seed (replicates)
+
+    def replicates(self) -> list[int | None]:
+        """The seeds each row runs with; [None] means once, with the seed its config gives."""
+        return list(self.seeds) if self.seeds else [None]
 
     def experiment(self, smoke: bool) -> str:
         return f"{self.name}-smoke" if smoke else self.name
@@ -156,13 +164,40 @@ def load_spec(name_or_path: str) -> StudySpec:
                                             if stype == "grid" else None)
         if not isinstance(n_trials, int) or n_trials < 1:
             raise _fail(where, f"n_trials: got {data.get('n_trials')!r}; a positive integer")
+    seeds = data.get("seeds")
+    if seeds is not None:
+        _check_seeds(where, seeds, rows is not None)
     skip_rows = data.get("skip_rows") or {}
     unknown = set(skip_rows) - {r["id"] for r in rows or []} if isinstance(skip_rows, dict) else None
     if unknown is None or unknown:
         raise _fail(where, f"skip_rows: expected a mapping of row ids to reasons, got {skip_rows!r}")
     return StudySpec(name=name, kind=kind, description=str(data.get("description", "")).strip(), base=base,
                      overrides=overrides, metrics=metrics, directions=directions, sampler=stype, seed=seed,
-                     n_trials=n_trials, rows=rows or [], space=space or {}, skip_rows=skip_rows, path=path)
+                     n_trials=n_trials * len(seeds or [None]), rows=rows or [], space=space or {},
+                     skip_rows=skip_rows, path=path, seeds=seeds)
+
+
+def _check_seeds(where: str, seeds, table: bool) -> None:
+    if not table:
+        raise _fail(where, "seeds: replicates are for table studies (rows:); a search varies its own trials")
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise _fail(where, f"seeds: got {seeds!r}; a non-empty list of distinct integers, e.g. [0, 1, 2]")
+
+
+def with_seeds(spec: StudySpec, seeds: list[int]) -> tuple[StudySpec, str]:
+    """The table study replicated over `seeds` (`--seeds`), as a study of its own: its name says the seeds,
+    so its runs never mix with the single-seed study's. Returns it and the YAML that defines it (the original
+    plus `name` and `seeds`), which `run_study` saves beside the stores once every check has passed."""
+    import yaml
+
+    _check_seeds(spec.name, list(seeds), bool(spec.rows))
+    name = f"{spec.name}-seeds-{'-'.join(str(x) for x in seeds)}"
+    data = yaml.safe_load(spec.path.read_text()) if spec.path else {}
+    data.update(name=name, seeds=list(seeds), base=str(spec.base))  # base made absolute: the copy lives elsewhere
+    replicated = dataclasses.replace(spec, name=name, seeds=list(seeds),
+                                     n_trials=len(spec.rows) * len(seeds), path=None)
+    return replicated, yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def _check_rows(where: str, rows) -> None:
@@ -241,12 +276,13 @@ def first_stage_row(spec: StudySpec, row: dict) -> str | None:
     return None
 
 
-def first_stage_run_id(spec: StudySpec, study, row_id: str, target: str) -> str:
+def first_stage_run_id(spec: StudySpec, study, row_id: str, target: str, seed: int | None = None) -> str:
     """The MLflow run id of row `target`'s latest finished trial in this study (row `row_id` names it as its
-    first stage), or a StudyError saying why there is none."""
+    first stage; with replicates, the trial of the same seed), or a StudyError saying why there is none."""
     from optuna.trial import TrialState
 
-    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("row") == target]
+    mine = [t for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("row") == target and t.user_attrs.get("seed") == seed]
     done = [t for t in mine if t.state == TrialState.COMPLETE and t.user_attrs.get("mlflow_run_id")]
     if done:
         return done[-1].user_attrs["mlflow_run_id"]
@@ -364,14 +400,17 @@ def plan_trials(spec: StudySpec, study, stale: list, retry_failed: bool, skipped
     trials = study.get_trials(deepcopy=False)
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     if spec.rows:
-        done = {t.user_attrs.get("row") for t in trials if t.state == TrialState.COMPLETE}
+        def key(t):
+            return t.user_attrs.get("row"), t.user_attrs.get("seed")
+
+        done = {key(t) for t in trials if t.state == TrialState.COMPLETE}
         if not retry_failed:  # failed for a reason of their own (not interrupted): stay failed
-            done |= {t.user_attrs.get("row") for t in trials
-                     if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
-        queued = {t.user_attrs.get("row") for t in waiting}
-        todo = [r["id"] for r in spec.rows if r["id"] not in done | queued | set(skipped)]
-        for row_id in todo:  # the row is a user attribute, not a parameter: rows may be added to the YAML later
-            study.enqueue_trial({}, user_attrs={"row": row_id})
+            done |= {key(t) for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
+        queued = {key(t) for t in waiting}
+        todo = [(r["id"], seed) for r in spec.rows for seed in spec.replicates()
+                if r["id"] not in skipped and (r["id"], seed) not in done | queued]
+        for row_id, seed in todo:  # user attributes, not parameters: rows may be added to the YAML later
+            study.enqueue_trial({}, user_attrs={"row": row_id, **({"seed": seed} if seed is not None else {})})
         n = len(waiting) + len(todo)
         return n if limit is None else min(n, limit)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -408,14 +447,22 @@ class StudyOutcome:
 
 def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
               tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
-              report: bool = True, out_dir: str | None = None, quiet: bool = False) -> StudyOutcome:
+              report: bool = True, out_dir: str | None = None, quiet: bool = False,
+              seeds: list[int] | None = None) -> StudyOutcome:
     """Check everything, then create / resume the study and run what is left. See the module docstring."""
     start = time.perf_counter()
     from sfd import tracking as T
 
     spec = load_spec(name_or_path)
+    spec_text = None
+    if seeds is not None:
+        spec, spec_text = with_seeds(spec, seeds)
     tracking_uri = tracking_uri or T.default_tracking_uri()
     skipped = check_study(spec, smoke, tracking_uri)  # raises before anything exists
+    if spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
+        spec.path = T.runs_dir() / "studies" / f"{spec.name}.yaml"
+        spec.path.parent.mkdir(parents=True, exist_ok=True)
+        spec.path.write_text(spec_text)
 
     import optuna
 
@@ -464,7 +511,8 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     def objective(trial):
         t0 = time.perf_counter()
         row_id = trial.user_attrs.get("row") if rows else None
-        label = row_id or f"trial {trial.number}"
+        seed = trial.user_attrs.get("seed")
+        label = (row_id or f"trial {trial.number}") + (f" seed {seed}" if seed is not None else "")
         tags = {T.TAG_STUDY: spec.name, T.TAG_TRIAL: trial.number, T.TAG_KIND: spec.kind}
         if row_id is not None:
             tags[T.TAG_ROW] = row_id
@@ -476,12 +524,14 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
                 if row_id not in rows:
                     raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the "
                                      "study YAML no longer has")
+                from sfd.config import replace
+
                 cfg = row_config(spec, rows[row_id])
+                if seed is not None:
+                    cfg = replace(cfg, {"seed": seed})
                 target = first_stage_row(spec, rows[row_id])
                 if target is not None:
-                    from sfd.config import replace
-
-                    run_id = first_stage_run_id(spec, study, row_id, target)
+                    run_id = first_stage_run_id(spec, study, row_id, target, seed)
                     cfg = replace(cfg, {"second_stage.first_stage": run_id})
                     tracker.tags["sfd.first_stage_row"] = target
             else:
@@ -548,12 +598,14 @@ def print_summary(spec: StudySpec, study, smoke: bool = False) -> None:
 
     if spec.rows:
         for row in spec.rows:
-            mine = [t for t in trials if t.user_attrs.get("row") == row["id"]]
-            best = next((t for t in reversed(mine) if t.state == TrialState.COMPLETE), mine[-1] if mine else None)
-            if best is None:
-                print(f"{row['id']:<40} {'NOT RUN':<9}")
-            else:
-                line(row["id"], best)
+            for seed in spec.replicates():
+                label = row["id"] + (f" seed {seed}" if seed is not None else "")
+                mine = [t for t in trials if t.user_attrs.get("row") == row["id"] and t.user_attrs.get("seed") == seed]
+                best = next((t for t in reversed(mine) if t.state == TrialState.COMPLETE), mine[-1] if mine else None)
+                if best is None:
+                    print(f"{label:<40} {'NOT RUN':<9}")
+                else:
+                    line(label, best)
     else:
         for t in trials:
             if t.state == TrialState.COMPLETE:
@@ -596,6 +648,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<repo>/runs/optuna.db)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "sqlite:///<repo>/runs/mlflow.db)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run every row once per seed, as the study "
+                   "<study>-seeds-<seeds>; the report gives mean ± sd")
     p.add_argument("--n-trials", type=int, default=None, help="run at most N trials now (rows: the next N rows)")
     p.add_argument("--retry-failed", action="store_true", help="also retry rows / trials that failed")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
@@ -617,7 +671,7 @@ def main(argv=None) -> int:
     try:
         outcome = run_study(args.study, smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri,
                             n_trials=args.n_trials, retry_failed=args.retry_failed, report=not args.no_report,
-                            out_dir=args.out)
+                            out_dir=args.out, seeds=args.seeds)
     except (StudyError, ConfigError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

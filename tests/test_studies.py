@@ -153,12 +153,70 @@ def test_search_study_samples_the_space_seeded(tmp_path, stores):
     ({"objective": {"metric": "fd_digits"}}, "row sfd-l1: objective ['fd_digits'] is not among the metrics"),
     ({"skip_rows": {"sfd-l3": "typo"}}, "skip_rows: expected a mapping of row ids to reasons"),
     ({"rows": [{"id": "a", "params": {"student.guidance": 2.0}}]}, "row a: student.guidance: got 2.0"),
+    ({"seeds": [0, 0]}, "seeds: got [0, 0]; a non-empty list of distinct integers"),
+    ({"seeds": []}, "seeds: got []; a non-empty list"),
+    ({"seeds": [0, True]}, "seeds: got [0, True]"),
 ])
 def test_bad_study_yaml_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
     path = _write_study(tmp_path, **edit)
     with pytest.raises(ValueError) as err:
         studies.run_study(str(path), report=False, quiet=True)
     assert message in str(err.value)
+    assert not stores.exists()
+
+
+def test_replicate_seeds_run_each_row_per_seed_and_report_mean_and_sd(tmp_path, stores):
+    """`seeds:` runs every row once per seed (the seed reaches the run's config), a rerun repeats nothing,
+    and the report's cell is the mean ± sd over the seeds' tracked values with every seed's run linked."""
+    from reports import build as rb
+
+    path = _write_study(tmp_path, "reps", rows=ROWS[:2], seeds=[0, 3])
+    out = studies.run_study(str(path), report=False, quiet=True)
+    assert out.ran == 4 and not out.failed
+    tracking, storage = _uris(stores)
+    trials = optuna.load_study(study_name="reps", storage=storage).get_trials()
+    assert sorted((t.user_attrs["row"], t.user_attrs["seed"]) for t in trials) == [
+        ("sfd-l1", 0), ("sfd-l1", 3), ("sfd-l2-noafs", 0), ("sfd-l2-noafs", 3)]
+    client = MlflowClient(tracking)
+    runs = {(r.data.tags["sfd.row"], r.data.params["seed"]): r
+            for r in client.search_runs([client.get_experiment_by_name("reps").experiment_id],
+                                        filter_string="tags.`sfd.role` = 'trial'")}
+    assert set(runs) == {("sfd-l1", "0"), ("sfd-l1", "3"), ("sfd-l2-noafs", "0"), ("sfd-l2-noafs", "3")}
+    a, b = (runs[("sfd-l1", s)].data.metrics["teacher_gap_mean"] for s in ("0", "3"))
+    assert a != b  # the seed changed the run, not only its label
+
+    assert studies.run_study(str(path), report=False, quiet=True).ran == 0
+    md = rb.build_report("reps", storage=storage, tracking_uri=tracking, out_dir=tmp_path / "out",
+                         execute_notebook=False, log_to_mlflow=False).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| SFD") and "L1" in x)
+    mean, sd = (a + b) / 2, abs(a - b) / 2 ** 0.5
+    assert f"{rb.fmt_value(mean)} ± {rb.fmt_value(sd)} (n=2)" in line
+    assert runs[("sfd-l1", "0")].info.run_id in line and "+1 more (seeds 0, 3)" in line
+    assert "**Seed noise:** each row ran with up to 2 seeds" in md
+
+
+def test_seeds_option_replicates_any_table_study_as_a_study_of_its_own(tmp_path, stores):
+    from reports import build as rb
+
+    path = _write_study(tmp_path, "plain", rows=ROWS[:1])
+    out = studies.run_study(str(path), report=False, quiet=True, seeds=[1, 2])
+    assert out.experiment == "plain-seeds-1-2" and out.ran == 2 and not out.failed
+    saved = yaml.safe_load((stores / "studies" / "plain-seeds-1-2.yaml").read_text())
+    assert saved["seeds"] == [1, 2] and saved["rows"] == ROWS[:1] and Path(saved["base"]).is_absolute()
+    tracking, storage = _uris(stores)
+    md = rb.build_report("plain-seeds-1-2", storage=storage, tracking_uri=tracking, out_dir=tmp_path / "out",
+                         execute_notebook=False, log_to_mlflow=False).read_text()
+    assert "(n=2)" in md and "+1 more (seeds 1, 2)" in md
+    assert MlflowClient(tracking).get_experiment_by_name("plain") is None  # the single-seed study is untouched
+
+
+@pytest.mark.parametrize("how", ["yaml", "option"])
+def test_replicates_are_refused_for_a_search(tmp_path, stores, how):
+    path = _write_study(tmp_path, rows=None, sampler={"type": "tpe", "seed": 0}, n_trials=2,
+                        seeds=[0, 1] if how == "yaml" else None,
+                        space={"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}})
+    with pytest.raises(ValueError, match="seeds: replicates are for table studies"):
+        studies.run_study(str(path), report=False, quiet=True, seeds=[0, 1] if how == "option" else None)
     assert not stores.exists()
 
 
