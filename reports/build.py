@@ -966,7 +966,8 @@ def other_runs_table(data: StudyData) -> pd.DataFrame:
     """Every tracked attempt (including retries and rows not in the YAML) with its status."""
     out = []
     for r in data.runs.to_dict("records"):
-        out.append({"run id": f"`{r['run_id']}`", "row": r["row"] or "—",
+        seed = {"seed": str(r["params"].get("seed", "—"))} if data.spec.get("seeds") else {}  # replicates
+        out.append({"run id": f"`{r['run_id']}`", "row": r["row"] or "—", **seed,
                     "trial": "—" if r["trial"] is None else str(r["trial"]), "status": r["status"],
                     metric_label(data): fmt_value(_to_float(r["metrics"].get(data.metric))),
                     "device-h": fmt_hours(_to_float(r["metrics"].get("train/device_hours"))),

@@ -193,6 +193,8 @@ def test_replicate_seeds_run_each_row_per_seed_and_report_mean_and_sd(tmp_path, 
     assert f"{rb.fmt_value(mean)} ± {rb.fmt_value(sd)} (n=2)" in line
     assert runs[("sfd-l1", "0")].info.run_id in line and "+1 more (seeds 0, 3)" in line
     assert "**Seed noise:** each row ran with up to 2 seeds" in md
+    every_run = md[md.index("## All tracked runs"):]
+    assert "| run id | row | seed | trial |" in every_run and "| sfd-l1 | 3 |" in every_run
 
 
 def test_seeds_option_replicates_any_table_study_as_a_study_of_its_own(tmp_path, stores):
