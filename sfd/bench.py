@@ -100,6 +100,10 @@ def _flat_params(net: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in net.parameters()])
 
 
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt())
+
+
 def _distil_once(teacher, settings: DistillSettings, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
     student = make_student(teacher)
     losses = []
@@ -129,7 +133,6 @@ def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: 
     x_init, _ = generate(teacher, **draw)
     x_ref, _ = generate(ref.eval(), **draw)
     x_fast, _ = generate(fast.eval(), **draw)
-    rmse = lambda a, b: float((a - b).pow(2).mean().sqrt())  # noqa: E731
     tail = max(1, iters // 5)
     return {
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -138,7 +141,7 @@ def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: 
         "loss_fp32_last_fifth": float(ref_losses[-tail:].mean()), "loss_fast_last_fifth": float(fast_losses[-tail:].mean()),
         "loss_fp32_first": float(ref_losses[0]), "loss_fast_first": float(fast_losses[0]),
         "weights_apart_over_moved": float((_flat_params(fast) - _flat_params(ref)).norm() / moved),
-        "samples_rmse_fast_vs_fp32": rmse(x_fast, x_ref), "samples_rmse_trained_vs_initial": rmse(x_ref, x_init),
+        "samples_rmse_fast_vs_fp32": _rmse(x_fast, x_ref), "samples_rmse_trained_vs_initial": _rmse(x_ref, x_init),
         "loss_curve_fp32": ref_losses.tolist(), "loss_curve_fast": fast_losses.tolist(),
     }
 
