@@ -17,6 +17,7 @@ missing checkpoint or data set) is reported before any MLflow experiment or Optu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -429,6 +430,43 @@ def plan_trials(spec: StudySpec, study, stale: list, retry_failed: bool, skipped
 
 # ----- the study ------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def study_lock(study_name: str, storage_url: str):
+    """Hold an exclusive lock on (storage, study) for as long as the study runs on this machine.
+
+    A resume marks every RUNNING trial as interrupted, which is only right when no other process is running
+    the study. The lock is an OS file lock, released when the process ends in any way (SIGKILL too), so a
+    crashed run never blocks the next one; a second live process is refused before it touches anything."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX file locks (Windows): run unguarded
+        yield
+        return
+    import hashlib
+
+    from sfd.tracking import runs_dir
+
+    key = hashlib.sha1(f"{storage_url}\n{study_name}".encode()).hexdigest()[:12]
+    path = runs_dir() / ".locks" / f"{study_name}-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StudyError(f"study {study_name!r} in {storage_url} is already being run by {holder} on this "
+                             f"machine (lock {path}); run one process per study and re-run this command after "
+                             "it ends to resume") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
 @dataclass
 class StudyOutcome:
     name: str
@@ -470,106 +508,107 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_url = storage or T.default_optuna_storage()
-    T.ensure_sqlite_parent(storage_url)
-    experiment = spec.experiment(smoke)
-    study_name = experiment
-    client = T.get_client(tracking_uri)
-    parent_id = T.study_parent_run(client, experiment, spec.name, {
-        T.TAG_KIND: spec.kind, T.TAG_OPTUNA_STUDY: study_name, T.TAG_OPTUNA_STORAGE: storage_url,
-        T.TAG_SMOKE: str(smoke).lower(), "sfd.objective": ",".join(spec.metrics),
-        "sfd.directions": ",".join(spec.directions), "sfd.sampler": f"{spec.sampler}(seed={spec.seed})",
-        "sfd.spec_path": str(spec.path), "mlflow.note.content": spec.description,
-        **({"sfd.skipped_rows": "; ".join(f"{k}: {v}" for k, v in skipped.items())} if skipped else {})})
-    client.log_artifact(parent_id, str(spec.path))
-    optuna_storage = optuna.storages.get_storage(storage_url)
-    study = optuna.create_study(study_name=study_name, storage=optuna_storage, sampler=make_sampler(spec),
-                                directions=spec.directions, load_if_exists=True)
-    for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
-                       "mlflow_tracking_uri": tracking_uri, "sfd_study": spec.name, "kind": spec.kind,
-                       "spec_path": str(spec.path), "objective_metrics": spec.metrics,
-                       "smoke": smoke}.items():
-        study.set_user_attr(key, value)
+    with study_lock(spec.experiment(smoke), storage_url):  # one live process per study (see study_lock)
+        T.ensure_sqlite_parent(storage_url)
+        experiment = spec.experiment(smoke)
+        study_name = experiment
+        client = T.get_client(tracking_uri)
+        parent_id = T.study_parent_run(client, experiment, spec.name, {
+            T.TAG_KIND: spec.kind, T.TAG_OPTUNA_STUDY: study_name, T.TAG_OPTUNA_STORAGE: storage_url,
+            T.TAG_SMOKE: str(smoke).lower(), "sfd.objective": ",".join(spec.metrics),
+            "sfd.directions": ",".join(spec.directions), "sfd.sampler": f"{spec.sampler}(seed={spec.seed})",
+            "sfd.spec_path": str(spec.path), "mlflow.note.content": spec.description,
+            **({"sfd.skipped_rows": "; ".join(f"{k}: {v}" for k, v in skipped.items())} if skipped else {})})
+        client.log_artifact(parent_id, str(spec.path))
+        optuna_storage = optuna.storages.get_storage(storage_url)
+        study = optuna.create_study(study_name=study_name, storage=optuna_storage, sampler=make_sampler(spec),
+                                    directions=spec.directions, load_if_exists=True)
+        for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
+                           "mlflow_tracking_uri": tracking_uri, "sfd_study": spec.name, "kind": spec.kind,
+                           "spec_path": str(spec.path), "objective_metrics": spec.metrics,
+                           "smoke": smoke}.items():
+            study.set_user_attr(key, value)
 
-    stale = recover_interrupted(study, optuna_storage, client)
-    T.fail_stale_children(client, parent_id, experiment)
-    if smoke and spec.space and n_trials is None:
-        n_trials = SMOKE_SEARCH_TRIALS
-    todo = plan_trials(spec, study, stale, retry_failed, skipped, n_trials)
-    say = (lambda *a: None) if quiet else print
-    if stale:
-        say(f"resumed: {len(stale)} interrupted trial(s) marked FAILED and queued again")
-    for row_id, reason in skipped.items():
-        say(f"skipped row {row_id}: {reason}")
-    say(f"study {spec.name}{' (smoke)' if smoke else ''}: {todo} trial(s) to run; MLflow {tracking_uri} "
-        f"experiment {experiment!r}, Optuna {storage_url} study {study_name!r}")
+        stale = recover_interrupted(study, optuna_storage, client)
+        T.fail_stale_children(client, parent_id, experiment)
+        if smoke and spec.space and n_trials is None:
+            n_trials = SMOKE_SEARCH_TRIALS
+        todo = plan_trials(spec, study, stale, retry_failed, skipped, n_trials)
+        say = (lambda *a: None) if quiet else print
+        if stale:
+            say(f"resumed: {len(stale)} interrupted trial(s) marked FAILED and queued again")
+        for row_id, reason in skipped.items():
+            say(f"skipped row {row_id}: {reason}")
+        say(f"study {spec.name}{' (smoke)' if smoke else ''}: {todo} trial(s) to run; MLflow {tracking_uri} "
+            f"experiment {experiment!r}, Optuna {storage_url} study {study_name!r}")
 
-    rows = {r["id"]: r for r in spec.rows}
-    first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
-    failed: list[tuple[int, str]] = []
-    shown_metrics = objective_labels(spec, smoke)
+        rows = {r["id"]: r for r in spec.rows}
+        first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
+        failed: list[tuple[int, str]] = []
+        shown_metrics = objective_labels(spec, smoke)
 
-    def objective(trial):
-        t0 = time.perf_counter()
-        row_id = trial.user_attrs.get("row") if rows else None
-        seed = trial.user_attrs.get("seed")
-        label = (row_id or f"trial {trial.number}") + (f" seed {seed}" if seed is not None else "")
-        tags = {T.TAG_STUDY: spec.name, T.TAG_TRIAL: trial.number, T.TAG_KIND: spec.kind}
-        if row_id is not None:
-            tags[T.TAG_ROW] = row_id
-        tracker = T.Tracker(experiment, tracking_uri=tracking_uri, parent_run_id=parent_id, tags=tags,
-                            objective=spec.metrics,
-                            on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        def objective(trial):
+            t0 = time.perf_counter()
+            row_id = trial.user_attrs.get("row") if rows else None
+            seed = trial.user_attrs.get("seed")
+            label = (row_id or f"trial {trial.number}") + (f" seed {seed}" if seed is not None else "")
+            tags = {T.TAG_STUDY: spec.name, T.TAG_TRIAL: trial.number, T.TAG_KIND: spec.kind}
+            if row_id is not None:
+                tags[T.TAG_ROW] = row_id
+            tracker = T.Tracker(experiment, tracking_uri=tracking_uri, parent_run_id=parent_id, tags=tags,
+                                objective=spec.metrics,
+                                on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+            try:
+                if rows:
+                    if row_id not in rows:
+                        raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the "
+                                         "study YAML no longer has")
+                    from sfd.config import replace
+
+                    cfg = row_config(spec, rows[row_id])
+                    if seed is not None:
+                        cfg = replace(cfg, {"seed": seed})
+                    target = first_stage_row(spec, rows[row_id])
+                    if target is not None:
+                        run_id = first_stage_run_id(spec, study, row_id, target, seed)
+                        cfg = replace(cfg, {"second_stage.first_stage": run_id})
+                        tracker.tags["sfd.first_stage_row"] = target
+                else:
+                    cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
+                result = run_experiment(cfg, tracker=tracker, smoke=smoke,
+                                        save_student=True if row_id in first_stages else None)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                trial.set_user_attr("fail_reason", reason[:2000])
+                failed.append((trial.number, reason))
+                say(f"[{trial.number}] {label}: FAILED after {time.perf_counter() - t0:.1f}s: {reason}")
+                raise
+            shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(shown_metrics, result.objective))
+            say(f"[{trial.number}] {label}: {shown} ({time.perf_counter() - t0:.1f}s)")
+            for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
+                trial.set_user_attr(key, result.metrics.get(key))
+            return result.objective[0] if len(result.objective) == 1 else tuple(result.objective)
+
+        ok = False
         try:
-            if rows:
-                if row_id not in rows:
-                    raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the "
-                                     "study YAML no longer has")
-                from sfd.config import replace
-
-                cfg = row_config(spec, rows[row_id])
-                if seed is not None:
-                    cfg = replace(cfg, {"seed": seed})
-                target = first_stage_row(spec, rows[row_id])
-                if target is not None:
-                    run_id = first_stage_run_id(spec, study, row_id, target, seed)
-                    cfg = replace(cfg, {"second_stage.first_stage": run_id})
-                    tracker.tags["sfd.first_stage_row"] = target
-            else:
-                cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
-            result = run_experiment(cfg, tracker=tracker, smoke=smoke,
-                                    save_student=True if row_id in first_stages else None)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("fail_reason", reason[:2000])
-            failed.append((trial.number, reason))
-            say(f"[{trial.number}] {label}: FAILED after {time.perf_counter() - t0:.1f}s: {reason}")
-            raise
-        shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(shown_metrics, result.objective))
-        say(f"[{trial.number}] {label}: {shown} ({time.perf_counter() - t0:.1f}s)")
-        for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
-            trial.set_user_attr(key, result.metrics.get(key))
-        return result.objective[0] if len(result.objective) == 1 else tuple(result.objective)
-
-    ok = False
-    try:
-        if todo:
-            study.optimize(objective, n_trials=todo, catch=(Exception,))
-        ok = True
-    finally:  # Ctrl-C: the trial's run ended KILLED (RunLogger), Optuna failed the trial; the study too
-        client.set_terminated(parent_id, status="FINISHED" if ok else "KILLED")
-    outcome = StudyOutcome(name=spec.name, experiment=experiment, parent_run_id=parent_id, optuna_study=study_name,
-                           storage=storage_url, tracking_uri=tracking_uri, ran=todo, failed=failed,
-                           skipped=skipped, seconds=time.perf_counter() - start)
-    if not quiet:
-        print_summary(spec, study, smoke)
-        print(f"study wall time {outcome.seconds:.1f}s ({todo} trial(s) this invocation)")
-    if report:
-        try:
-            outcome.report = build_report(spec.name, storage_url, tracking_uri, out_dir, smoke, say)
-        except Exception as exc:  # noqa: BLE001 - the trials are done and tracked; say why the report is not
-            outcome.report_error = f"{type(exc).__name__}: {exc}"
-            print(f"error: the report could not be built: {outcome.report_error}", file=sys.stderr)
-    return outcome
+            if todo:
+                study.optimize(objective, n_trials=todo, catch=(Exception,))
+            ok = True
+        finally:  # Ctrl-C: the trial's run ended KILLED (RunLogger), Optuna failed the trial; the study too
+            client.set_terminated(parent_id, status="FINISHED" if ok else "KILLED")
+        outcome = StudyOutcome(name=spec.name, experiment=experiment, parent_run_id=parent_id, optuna_study=study_name,
+                               storage=storage_url, tracking_uri=tracking_uri, ran=todo, failed=failed,
+                               skipped=skipped, seconds=time.perf_counter() - start)
+        if not quiet:
+            print_summary(spec, study, smoke)
+            print(f"study wall time {outcome.seconds:.1f}s ({todo} trial(s) this invocation)")
+        if report:
+            try:
+                outcome.report = build_report(spec.name, storage_url, tracking_uri, out_dir, smoke, say)
+            except Exception as exc:  # noqa: BLE001 - the trials are done and tracked; say why the report is not
+                outcome.report_error = f"{type(exc).__name__}: {exc}"
+                print(f"error: the report could not be built: {outcome.report_error}", file=sys.stderr)
+        return outcome
 
 
 def objective_labels(spec: StudySpec, smoke: bool) -> list[str]:

@@ -222,6 +222,18 @@ def test_replicates_are_refused_for_a_search(tmp_path, stores, how):
     assert not stores.exists()
 
 
+def test_a_second_live_process_is_refused_before_it_touches_the_study(tmp_path, stores):
+    """Resuming marks RUNNING trials as interrupted, so a second process on a study that is running would fail
+    the first one's trial: it is refused instead (here the test holds the lock a running study would hold)."""
+    path = _write_study(tmp_path, "busy", rows=ROWS[:1])
+    tracking, storage = _uris(stores)
+    with studies.study_lock("busy", storage):
+        with pytest.raises(studies.StudyError, match=r"already being run by process \d+"):
+            studies.run_study(str(path), report=False, quiet=True)
+        assert not (stores / "optuna.db").exists() and not (stores / "mlflow.db").exists()
+    assert studies.run_study(str(path), report=False, quiet=True).ran == 1  # free again once the holder is gone
+
+
 def _env(runs: Path, **extra) -> dict:
     env = {**os.environ, "SFD_RUNS_DIR": str(runs), "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
