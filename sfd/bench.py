@@ -198,41 +198,45 @@ def run_suite(arch: str, batch: int, nfes: list[int], configs: list[str], *, dev
     return results
 
 
-def _add_speed_options(p: argparse.ArgumentParser, default_precision: str) -> None:
+def _add_common_options(p: argparse.ArgumentParser, default_nfe: list[int]) -> None:
     p.add_argument("--arch", default="tiny", help="tiny | cifar10 | imagenet64 | ffhq64")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--nfe", type=int, nargs="+", default=[2])
+    p.add_argument("--nfe", type=int, nargs="+", default=default_nfe)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+
+
+def _add_speed_options(p: argparse.ArgumentParser, default_precision: str) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=default_precision)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+
+
+def _add_timing_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sfd.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="time SFD iterations")
+    _add_common_options(d, [2])
     _add_speed_options(d, "fp32")
+    _add_timing_options(d)
     d.add_argument("--solver", default="dpmpp3m")
     d.add_argument("--m", type=int, default=3)
-    d.add_argument("--warmup", type=int, default=2)
-    d.add_argument("--iters", type=int, default=5)
     t = sub.add_parser("track", help="distil in fp32 and in a faster setting; show the runs track each other")
+    _add_common_options(t, [2])
     _add_speed_options(t, "bf16")
     t.add_argument("--iters", type=int, default=100)
     t.add_argument("--lr", type=float, default=5e-5)
     t.add_argument("--samples", type=int, default=64)
     u = sub.add_parser("suite", help="time the baseline and each speed option in turn, on one card")
-    u.add_argument("--arch", default="tiny", help="tiny | cifar10 | imagenet64 | ffhq64")
-    u.add_argument("--batch", type=int, default=128)
-    u.add_argument("--nfe", type=int, nargs="+", default=[2, 4])
+    _add_common_options(u, [2, 4])
+    _add_timing_options(u)
     u.add_argument("--configs", nargs="+", default=list(SUITE), help=f"any of {', '.join(SUITE)}")
-    u.add_argument("--warmup", type=int, default=2)
-    u.add_argument("--iters", type=int, default=5)
-    u.add_argument("--device", default=None)
-    u.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     args = p.parse_args(argv)
     if args.command == "suite":
         for r in run_suite(args.arch, args.batch, args.nfe, args.configs, device=args.device,
