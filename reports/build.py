@@ -1467,18 +1467,26 @@ def fig_metric_vs_hours(data: StudyData):
     return fig
 
 
-def fig_loss_curves(data: StudyData):
-    """Per-student-step training loss (metric histories loss/step_<k>) for every row that trained."""
+def _row_panels(data: StudyData, available: dict, width: float, height: float):
+    """A figure with one panel per row whose run has an entry in `available` (loss histories, sample grids),
+    four panels to a line: (figure, [(axes, row), ...]), or None when no row has one."""
     Figure = _plt()
-    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in data.histories and not r.get("derived_from")]
+    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in available and not r.get("derived_from")]
     if not rows:
         return None
-    n = len(rows)
-    cols = min(4, n)
-    nrows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.6 * nrows))
-    for i, r in enumerate(rows):
-        ax = fig.add_subplot(nrows, cols, i + 1)
+    cols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / cols)
+    fig = Figure(figsize=(width * cols, height * nrows))
+    return fig, [(fig.add_subplot(nrows, cols, i + 1), r) for i, r in enumerate(rows)]
+
+
+def fig_loss_curves(data: StudyData):
+    """Per-student-step training loss (metric histories loss/step_<k>) for every row that trained."""
+    panels = _row_panels(data, data.histories, 3.2, 2.6)
+    if panels is None:
+        return None
+    fig, axes_rows = panels
+    for ax, r in axes_rows:
         h = data.histories[r["run_id"]]
         for k, g in h.groupby("key", sort=False):
             g = g.sort_values("step")
@@ -1592,17 +1600,13 @@ def fig_optimization_history(data: StudyData):
 
 def fig_sample_grids(data: StudyData):
     """Each row's samples.png artifact, one panel per row."""
-    Figure = _plt()
     import matplotlib.image as mpimg
 
-    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in data.samples and not r.get("derived_from")]
-    if not rows:
+    panels = _row_panels(data, data.samples, 3, 3.2)
+    if panels is None:
         return None
-    cols = min(4, len(rows))
-    nrows = math.ceil(len(rows) / cols)
-    fig = Figure(figsize=(3 * cols, 3.2 * nrows))
-    for i, r in enumerate(rows):
-        ax = fig.add_subplot(nrows, cols, i + 1)
+    fig, axes_rows = panels
+    for ax, r in axes_rows:
         img = mpimg.imread(str(data.samples[r["run_id"]]))
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
         ax.set_axis_off()
