@@ -9,6 +9,7 @@ architecture: the cost of an iteration does not depend on the weights. `--arch t
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import json
 import resource
@@ -19,6 +20,7 @@ import torch
 
 from sfd.distill import DistillSettings, Distiller, make_student, runs_compiled
 from sfd.sampling import GridSpec, generate
+from sfd.solvers import nfe as solver_nfe
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -40,6 +42,30 @@ def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux -> GiB (process RSS)
+
+
+def _counted_tflop(net: torch.nn.Module, batch: int, backward: bool) -> float:
+    """Matrix-multiply and convolution TFLOP of one forward (and backward) of `net` at `batch`, counted on
+    the meta device: no memory or arithmetic spent, the same count on every card."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(net).to("meta").requires_grad_(backward)
+    x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device="meta")
+    labels = torch.zeros(batch, net.label_dim, device="meta") if getattr(net, "label_dim", 0) else None
+    with FlopCounterMode(display=False) as counter:
+        out = net(x, torch.ones(batch, device="meta"), labels)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops() / 1e12
+
+
+def iteration_tflop(net: torch.nn.Module, batch: int, nfe: int, solver: str = "dpmpp3m", m: int = 3,
+                    teacher_afs: bool = False) -> float:
+    """Model TFLOP of one SFD iteration (Algorithm 2, AFS student grid of nfe + 2 points): the teacher's
+    evaluations over the refined grid plus one forward-backward per non-AFS student step."""
+    teacher_points = (nfe + 1) * (m + 1) + 1
+    teacher_evals = solver_nfe(solver, teacher_points, teacher_afs)
+    return teacher_evals * _counted_tflop(net, batch, False) + nfe * _counted_tflop(net, batch, True)
 
 
 def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m: int = 3,
@@ -70,6 +96,7 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         if i >= warmup:
             records.append((t_teacher + t_student, t_teacher, t_student))
     total = statistics.median(r[0] for r in records)
+    tflop = iteration_tflop(teacher, batch, nfe, solver, m)
     return {
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "nfe": nfe, "num_steps": nfe + 2, "teacher_solver": solver, "m": m,
@@ -80,6 +107,8 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         "s_per_iter": total, "teacher_s": statistics.median(r[1] for r in records),
         "student_s": statistics.median(r[2] for r in records), "trajectories_per_s": batch / total,
         "peak_memory_gb": _peak_memory_gb(device), "timed_iters": iters,
+        "s_per_iter_min": min(r[0] for r in records), "s_per_iter_max": max(r[0] for r in records),
+        "tflop_per_iter": tflop, "achieved_tflops": tflop / total,
     }
 
 
@@ -165,7 +194,8 @@ def _format(r: dict) -> str:
             f"{', channels-last' if r['channels_last'] else ''}\n"
             f"  {r['s_per_iter']:.4f} s/iter (median of {r['timed_iters']}) = teacher {r['teacher_s']:.4f} s"
             f" + student {r['student_s']:.4f} s; {r['trajectories_per_s']:.1f} trajectories/s; "
-            f"peak memory {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params")
+            f"peak memory {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params; "
+            f"{r['tflop_per_iter']:.1f} model TFLOP/iter = {r['achieved_tflops']:.1f} TFLOP/s")
 
 
 # Named speed settings for `suite`: the baseline and each option added in turn, so one run on a card shows
@@ -196,6 +226,40 @@ def run_suite(arch: str, batch: int, nfes: list[int], configs: list[str], *, dev
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return results
+
+
+def timing_table(rows: list[dict]) -> str:
+    """A markdown table of `distill`/`suite` results (JSON objects), one line per setting and NFE."""
+    head = ("| device | setting | NFE | s/iter (min–max) | teacher s | student s | trajectories/s | peak GiB "
+            "| TFLOP/s |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        name = r.get("setting") or r.get("precision", "?")
+        if "error" in r:
+            lines.append(f"| {r.get('device', '?')} | {name} | {r['nfe']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        if r.get("compile_fell_back"):
+            name += " (fell back to eager)"
+        lines.append(f"| {r['device']} | {name} | {r['nfe']} | {r['s_per_iter']:.3f} "
+                     f"({r['s_per_iter_min']:.3f}–{r['s_per_iter_max']:.3f}) | {r['teacher_s']:.3f} "
+                     f"| {r['student_s']:.3f} | {r['trajectories_per_s']:.0f} | {r['peak_memory_gb']:.1f} "
+                     f"| {r['achieved_tflops']:.3g} |")
+    return "\n".join(lines)
+
+
+def show(paths: list[str]) -> str:
+    """Read JSON lines written by `--json` runs; a timing table for distill/suite rows, `track` summaries after."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip().startswith("{")]
+    timings = [r for r in rows if "s_per_iter" in r or "error" in r]
+    tracks = [r for r in rows if "weights_apart_over_moved" in r]
+    parts = [timing_table(timings)] if timings else []
+    parts += [_format_track(r) for r in tracks]
+    if not parts:
+        raise SystemExit(f"error: no benchmark results (JSON lines from --json) in {', '.join(paths)}")
+    return "\n\n".join(parts)
 
 
 def _add_common_options(p: argparse.ArgumentParser, default_nfe: list[int]) -> None:
@@ -237,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_common_options(u, [2, 4])
     _add_timing_options(u)
     u.add_argument("--configs", nargs="+", default=list(SUITE), help=f"any of {', '.join(SUITE)}")
+    w = sub.add_parser("show", help="a markdown table of results saved with --json")
+    w.add_argument("files", nargs="+")
     args = p.parse_args(argv)
+    if args.command == "show":
+        print(show(args.files))
+        return 0
     if args.command == "suite":
         for r in run_suite(args.arch, args.batch, args.nfe, args.configs, device=args.device,
                            warmup=args.warmup, iters=args.iters):
