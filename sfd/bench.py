@@ -204,6 +204,7 @@ SUITE = {
     "fp32": dict(precision="fp32"),
     "bf16": dict(precision="bf16"),
     "bf16-cl": dict(precision="bf16", channels_last=True),
+    "bf16-compile": dict(precision="bf16", compile=True),
     "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
     "bf16-cl-cudagraphs": dict(precision="bf16", channels_last=True, compile=True, compile_mode="reduce-overhead"),
 }
