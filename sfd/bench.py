@@ -68,26 +68,32 @@ def iteration_tflop(net: torch.nn.Module, batch: int, nfe: int, solver: str = "d
     return teacher_evals * _counted_tflop(net, batch, False) + nfe * _counted_tflop(net, batch, True)
 
 
+def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, device: torch.device,
+                     **speed) -> tuple[torch.nn.Module, Distiller]:
+    """A random teacher of `arch` and a Distiller for it, set up the way every benchmark times it."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if speed.get("compile"):  # each configuration compiles afresh: no graphs or recompile budget left over
+        torch._dynamo.reset()
+    torch.manual_seed(0)
+    teacher = build_arch(arch).to(device).eval().requires_grad_(False)
+    settings = DistillSettings(grid=GridSpec(num_steps=nfe + 2, afs=True), teacher_solver=solver, m=m,
+                               batch_size=batch, total_kimg=1e6, num_classes=getattr(teacher, "label_dim", 0),
+                               **speed)
+    d = Distiller(teacher, make_student(teacher), settings, device=device)
+    d.shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    return teacher, d
+
+
 def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m: int = 3,
                   precision: str = "fp32", compile: bool = False, compile_mode: str | None = None,
                   channels_last: bool = False, warmup: int = 2, iters: int = 5,
                   device: str | None = None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    if compile:  # each configuration compiles afresh: no graphs or recompile budget left over from the last
-        torch._dynamo.reset()
-    torch.manual_seed(0)
-    teacher = build_arch(arch).to(device).eval().requires_grad_(False)
-    student = make_student(teacher)
-    settings = DistillSettings(grid=GridSpec(num_steps=nfe + 2, afs=True), teacher_solver=solver, m=m,
-                               batch_size=batch, total_kimg=1e6, precision=precision, compile=compile,
-                               compile_mode=compile_mode, channels_last=channels_last,
-                               num_classes=getattr(teacher, "label_dim", 0))
-    d = Distiller(teacher, student, settings, device=device)
-    d.shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    teacher, d = _bench_distiller(arch, batch, nfe, solver, m, device, precision=precision, compile=compile,
+                                  compile_mode=compile_mode, channels_last=channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     records = []
@@ -110,6 +116,63 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         "s_per_iter_min": min(r[0] for r in records), "s_per_iter_max": max(r[0] for r in records),
         "tflop_per_iter": tflop, "achieved_tflops": tflop / total,
     }
+
+
+# Kernel (GPU) or operator (CPU) name fragments -> what the time is spent on, first match wins.
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer", ("adam", "foreach")),
+    ("gradient guard", ("nan_to_num",)),
+    ("convolution", ("conv", "cudnn", "implicit", "xmma", "dgrad", "wgrad", "fprop")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "addmm", "aten::mm", "aten::bmm")),
+    ("fused (inductor)", ("triton",)),
+    ("normalisation", ("norm",)),
+    ("copy / layout", ("copy", "memcpy", "memset", "cat", "contiguous")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts)), "other elementwise")
+
+
+def profile_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m: int = 3, warmup: int = 2,
+                    iters: int = 2, top: int = 20, device: str | None = None, **speed) -> str:
+    """Profile `iters` SFD iterations after warm-up: time per phase, per kind of kernel, and the top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _, d = _bench_distiller(arch, batch, nfe, solver, m, device, **speed)
+    for _ in range(warmup):
+        d.sfd_iteration(nfe + 2)
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in range(iters):
+            d.sfd_iteration(nfe + 2)
+    events = prof.key_averages()
+    self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    measured = [e for e in events if (e.device_type == DeviceType.CUDA) == on_gpu and self_time(e) > 0
+                and not e.key.startswith(("sfd/", "ProfilerStep"))]
+    total = sum(self_time(e) for e in measured)
+    kinds: dict[str, float] = {}
+    for e in measured:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + self_time(e)
+    unit = "GPU kernel" if on_gpu else "CPU operator"
+    lines = [f"{arch}, batch {batch}, NFE {nfe}, {speed}: {iters} profiled iterations, "
+             f"{total / iters / 1e3:.1f} ms of {unit} time per iteration"]
+    for phase in ("sfd/teacher_trajectory", "sfd/student_step"):
+        e = next((e for e in events if e.key == phase), None)
+        if e is not None:
+            spent = e.device_time_total if on_gpu else e.cpu_time_total
+            lines.append(f"  {phase}: {spent / iters / 1e3:.1f} ms per iteration ({e.count // iters} calls)")
+    lines.append(f"  by kind ({unit} self time):")
+    for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {kind:18s} {t / iters / 1e3:8.1f} ms  {100 * t / total:5.1f}%")
+    lines.append(f"  top {top} by self time:")
+    for e in sorted(measured, key=lambda e: -self_time(e))[:top]:
+        lines.append(f"    {self_time(e) / iters / 1e3:8.2f} ms  {e.count // iters:5d}x  {e.key[:110]}")
+    return "\n".join(lines)
 
 
 def excite(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -302,9 +365,21 @@ def main(argv: list[str] | None = None) -> int:
     _add_common_options(u, [2, 4])
     _add_timing_options(u)
     u.add_argument("--configs", nargs="+", default=list(SUITE), help=f"any of {', '.join(SUITE)}")
+    f = sub.add_parser("profile", help="where an iteration's time goes: per phase, per kind of kernel, top kernels")
+    _add_common_options(f, [2])
+    _add_speed_options(f, "fp32")
+    _add_timing_options(f)
+    f.add_argument("--top", type=int, default=20)
     w = sub.add_parser("show", help="a markdown table of results saved with --json")
     w.add_argument("files", nargs="+")
     args = p.parse_args(argv)
+    if args.command == "profile":
+        speed = dict(precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
+                     channels_last=args.channels_last)
+        for nfe in args.nfe:
+            print(profile_distill(args.arch, args.batch, nfe, warmup=args.warmup, iters=args.iters, top=args.top,
+                                  device=args.device, **speed), flush=True)
+        return 0
     if args.command == "show":
         print(show(args.files))
         return 0

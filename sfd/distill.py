@@ -258,7 +258,8 @@ class Distiller:
         step = num_steps if self.s.num_steps_choices else None
         z = self.noise()
         t0 = time.perf_counter()
-        targets = self.teacher_states(z, teacher_grid, labels)[:: self.s.m + 1]
+        with torch.profiler.record_function("sfd/teacher_trajectory"):  # named ranges for `sfd.bench profile`
+            targets = self.teacher_states(z, teacher_grid, labels)[:: self.s.m + 1]
         _sync(self.device)
         t1 = time.perf_counter()
         x, losses = z, []
@@ -267,7 +268,8 @@ class Distiller:
                 x = x + (ts[1] - ts[0]) * afs_derivative(x, ts[0])
                 continue
             final = n == num_steps - 2
-            x, loss = self.train_step(x, ts[n], ts[n + 1], targets[n + 1], labels, step, final)
+            with torch.profiler.record_function("sfd/student_step"):
+                x, loss = self.train_step(x, ts[n], ts[n + 1], targets[n + 1], labels, step, final)
             losses.append(loss)
         _sync(self.device)
         first = 1 if self.s.grid.afs else 0

@@ -153,3 +153,36 @@ def test_suite_refuses_unknown_settings_and_records_a_failing_one(monkeypatch):
     rows = bench.run_suite("tiny", 4, [2], ["bf16-cl", "fp32"], device="cpu", warmup=0, iters=1)
     assert [r["setting"] for r in rows] == ["bf16-cl", "fp32"]
     assert rows[0]["error"] == "RuntimeError: out of memory" and rows[1]["s_per_iter"] > 0
+
+
+def test_iteration_flops_count_teacher_forwards_and_student_forward_backwards():
+    """NFE 2 with M = 3: a DPM++(3M) teacher spends 12 evaluations on the 13-point refined grid; the AFS
+    student trains 2 steps. The cifar10 forward count is a golden value (EDM's SongUNet, batch 128)."""
+    from sfd.bench import _counted_tflop, iteration_tflop
+
+    net = build_arch("cifar10")
+    fwd, fwd_bwd = _counted_tflop(net, 128, False), _counted_tflop(net, 128, True)
+    assert fwd == pytest.approx(5.42503, rel=1e-4)
+    assert 2.9 < fwd_bwd / fwd < 3.1  # backward = two products per forward product
+    assert iteration_tflop(net, 128, 2) == pytest.approx(12 * fwd + 2 * fwd_bwd)
+    assert iteration_tflop(net, 128, 4) == pytest.approx(20 * fwd + 4 * fwd_bwd)
+    assert iteration_tflop(net, 128, 2, solver="heun") == pytest.approx(24 * fwd + 2 * fwd_bwd)  # 2 per step
+    assert next(net.parameters()).device.type == "cpu"  # counting used a copy
+
+
+def test_profile_and_show(tmp_path, capsys):
+    from sfd.bench import profile_distill, show
+
+    text = profile_distill("tiny", 4, 2, iters=1, warmup=1, device="cpu", precision="bf16")
+    assert "sfd/teacher_trajectory" in text and "sfd/student_step" in text and "(2 calls)" in text
+    shares = [float(line.split()[-1].rstrip("%")) for line in text.splitlines() if line.endswith("%")]
+    assert shares and sum(shares) == pytest.approx(100, abs=0.5)
+    path = tmp_path / "suite.jsonl"
+    assert main(["suite", "--arch", "tiny", "--batch", "2", "--nfe", "2", "--configs", "fp32", "--iters", "1",
+                 "--warmup", "0", "--device", "cpu", "--json"]) == 0
+    path.write_text(capsys.readouterr().out)
+    table = show([str(path)]).splitlines()
+    assert table[0].startswith("| device | setting |") and table[2].startswith("| cpu | fp32 | 2 |")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="no benchmark results"):
+        show([str(tmp_path / "empty.jsonl")])
