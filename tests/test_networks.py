@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sfd.networks.edm import (
-    EDM_CONFIGS, STEP_KEY_PREFIX, Conv2d, DhariwalUNet, EDMPrecond, PositionalEmbedding, SongUNet, attention,
-    build_edm,
+    EDM_CONFIGS, STEP_KEY_PREFIX, Conv2d, DhariwalUNet, EDMPrecond, PositionalEmbedding, SongUNet, build_edm,
+    multihead_attention, qkv_channel_order,
 )
 
 KEYS_DIR = Path(__file__).parent / "data" / "edm_keys"
@@ -192,35 +192,93 @@ def test_attributes_kept():
     assert isinstance(net.model, SongUNet) and isinstance(tiny_adm().model, DhariwalUNet)
 
 
-def test_attention_is_scaled_softmax_over_keys():
-    q, k, v = torch.randn(3, 2, 8, 5).unbind(0)  # [N=2, C=8, L=5]
-    w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / math.sqrt(8), dim=-1)
-    expected = torch.einsum("nqk,nck->ncq", w, v)
-    torch.testing.assert_close(attention(q, k, v), expected)
-    # Under bf16 autocast (inputs rounded to bf16 as the qkv convolution would give them) the fused kernel
-    # stays within bf16 rounding of EDM's float32-weights formula on the same rounded inputs.
-    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-    w = torch.softmax(torch.einsum("ncq,nck->nqk", qb.float(), kb.float()) / math.sqrt(8), dim=-1)
-    edm_style = torch.einsum("nqk,nck->ncq", w, vb.float())
+def _edm_attention(qkv_edm, num_heads):
+    """EDM's own formulation: (head, channel, q/k/v) channel layout, float32 weights via einsum."""
+    n, c3, h, w = qkv_edm.shape
+    c = c3 // 3
+    q, k, v = qkv_edm.reshape(n * num_heads, c // num_heads, 3, h * w).unbind(2)
+    weights = torch.softmax(torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1])), dim=2)
+    return torch.einsum("nqk,nck->ncq", weights, v.float()).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_equals_edm_formula_and_is_copy_free_under_channels_last(num_heads, monkeypatch):
+    torch.manual_seed(0)
+    c = 8
+    qkv_edm = torch.randn(2, 3 * c, 3, 4)
+    qkv = qkv_edm[:, qkv_channel_order(c, num_heads)]
+    torch.testing.assert_close(multihead_attention(qkv, num_heads), _edm_attention(qkv_edm, num_heads))
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: seen.append((q, k, v)) or real(q, k, v))
+    out = multihead_attention(qkv.contiguous(memory_format=torch.channels_last), num_heads)
+    assert all(t.stride(-1) == 1 for t in seen[0])  # channels are the unit stride: no transposing copy needed
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, _edm_attention(qkv_edm, num_heads))
+    # Under bf16 autocast (inputs rounded to bf16, as the qkv convolution gives them) the fused kernel stays
+    # within bf16 rounding of EDM's float32-weights formula on the same rounded inputs.
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = attention(qb, kb, vb)
+        fused = multihead_attention(qkv.bfloat16(), num_heads)
     assert fused.dtype == torch.bfloat16
-    torch.testing.assert_close(fused.float(), edm_style, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused.float(), _edm_attention(qkv_edm.bfloat16(), num_heads), atol=2e-2, rtol=2e-2)
 
 
-def test_resampling_with_box_filter():
-    x = torch.randn(2, 4, 6, 6)
-    down = Conv2d(4, 4, kernel=0, down=True)
-    up = Conv2d(4, 4, kernel=0, up=True)
-    torch.testing.assert_close(down(x), F.avg_pool2d(x, 2))
-    torch.testing.assert_close(up(x), F.interpolate(x, scale_factor=2, mode="nearest"))
-    # Fused up-sampling conv equals resample-then-conv for the [1, 1] filter.
-    fused = Conv2d(4, 5, kernel=3, up=True, fused_resample=True)
-    plain = Conv2d(4, 5, kernel=3, up=True)
-    plain.load_state_dict(fused.state_dict())
-    torch.testing.assert_close(fused(x), plain(x))
-    fused_down = Conv2d(4, 5, kernel=3, down=True, fused_resample=True)
-    assert fused_down(x).shape == (2, 5, 3, 3)
+def test_attention_block_keeps_edm_weight_layout():
+    """The block reorders qkv channels at run time only: its state dict is EDM's, and its output equals the
+    block computed with EDM's layout."""
+    from sfd.networks.edm import UNetBlock
+
+    torch.manual_seed(0)
+    block = UNetBlock(8, 8, emb_channels=4, attention=True, num_heads=2).eval()
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.normal_(0, 0.3)
+    assert "qkv_order" not in block.state_dict() and block.state_dict()["qkv.weight"].shape == (24, 8, 1, 1)
+    x, emb = torch.randn(2, 8, 3, 4), torch.randn(2, 4)
+    block_no_attn = UNetBlock(8, 8, emb_channels=4)
+    block_no_attn.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith(("norm2", "qkv", "proj"))})
+    h = block_no_attn.eval()(x, emb)
+    qkv_edm = block.qkv(block.norm2(h))
+    expected = (block.proj(_edm_attention(qkv_edm, 2)) + h) * block.skip_scale
+    torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block.to(memory_format=torch.channels_last)(
+        x.contiguous(memory_format=torch.channels_last), emb), expected, rtol=1e-5, atol=1e-5)
+
+
+def _edm_resample(x, up, filt=(1.0, 1.0), padding=0):
+    """EDM's own formulation: a depthwise (grouped) stride-2 convolution with the normalised outer filter."""
+    f = torch.tensor(filt)
+    f = (torch.outer(f, f) / f.sum().square())[None, None].tile([x.shape[1], 1, 1, 1])
+    if up:
+        return F.conv_transpose2d(x, f * 4, groups=x.shape[1], stride=2, padding=padding)
+    return F.conv2d(x, f, groups=x.shape[1], stride=2, padding=padding)
+
+
+@pytest.mark.parametrize("size", [6, 5])
+@pytest.mark.parametrize("fused", [False, True])
+def test_box_resampling_shortcut_equals_edm_depthwise_convolution(size, fused):
+    """The [1, 1] filter runs as nearest up-sampling / average pooling; values and gradients must equal
+    EDM's depthwise-convolution formulation, and other filters must still take the convolution path."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, size, size, requires_grad=True)
+    for up in (True, False):
+        layer = Conv2d(4, 5, kernel=3, up=up, down=not up, fused_resample=fused)
+        w, b = layer.weight, layer.bias.reshape(1, -1, 1, 1)
+        if up:
+            ref = F.conv2d(_edm_resample(x, up=True), w, padding=1) + b
+        else:
+            ref = _edm_resample(F.conv2d(x, w, padding=1), up=False) + b if fused else \
+                F.conv2d(_edm_resample(x, up=False), w, padding=1) + b
+        out = layer(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, layer.weight), g)
+        ref_grads = torch.autograd.grad(ref, (x, layer.weight), g)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    wide = Conv2d(4, 4, kernel=0, down=True, resample_filter=[1, 3, 3, 1])
+    assert not wide.box_filter
+    torch.testing.assert_close(wide(x), _edm_resample(x, up=False, filt=(1.0, 3.0, 3.0, 1.0), padding=1))
 
 
 def test_positional_embedding_formula():

@@ -83,9 +83,23 @@ class Conv2d(nn.Module):
         self.weight = (nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **kw) * init_weight)
                        if kernel else None)
         self.bias = nn.Parameter(weight_init([out_channels], **kw) * init_bias) if kernel and bias else None
+        # EDM's default [1, 1] filter is a plain 2x2 box: nearest up-sampling and 2x2 average pooling do the
+        # same arithmetic without cuDNN's slow depthwise (grouped) convolution kernels, forward and backward.
+        self.box_filter = len(resample_filter) == 2 and resample_filter[0] == resample_filter[1]
         f = torch.as_tensor(list(resample_filter), dtype=torch.float32)
         f = torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square()
         self.register_buffer("resample_filter", f if up or down else None)
+
+    def _up(self, x: torch.Tensor, f: torch.Tensor, padding: int) -> torch.Tensor:
+        if self.box_filter and padding == 0:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.conv_transpose2d(x, f.mul(4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2,
+                                  padding=padding)
+
+    def _down(self, x: torch.Tensor, f: torch.Tensor, padding: int) -> torch.Tensor:
+        if self.box_filter and padding == 0:
+            return F.avg_pool2d(x, 2)
+        return F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
@@ -93,19 +107,17 @@ class Conv2d(nn.Module):
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        cin, cout = self.in_channels, self.out_channels
         if self.fused_resample and self.up and w is not None:
-            x = F.conv_transpose2d(x, f.mul(4).tile([cin, 1, 1, 1]), groups=cin, stride=2,
-                                   padding=max(f_pad - w_pad, 0))
+            x = self._up(x, f, padding=max(f_pad - w_pad, 0))
             x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = F.conv2d(x, f.tile([cout, 1, 1, 1]), groups=cout, stride=2)
+            x = self._down(x, f, padding=0)
         else:
             if self.up:
-                x = F.conv_transpose2d(x, f.mul(4).tile([cin, 1, 1, 1]), groups=cin, stride=2, padding=f_pad)
+                x = self._up(x, f, padding=f_pad)
             if self.down:
-                x = F.conv2d(x, f.tile([cin, 1, 1, 1]), groups=cin, stride=2, padding=f_pad)
+                x = self._down(x, f, padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
         if b is not None:
@@ -129,17 +141,27 @@ class GroupNorm(nn.Module):
                             bias=self.bias.to(x.dtype), eps=self.eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Single-head attention over pixels; q, k, v are [N, C, L]; returns [N, C, L].
+def multihead_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Attention over pixels, per head: softmax over keys of q·k/√d, times v.
 
-    softmax over keys of q·k/√C, through PyTorch's fused scaled-dot-product attention: on a GPU that is a
-    flash / memory-efficient kernel (softmax accumulated in float32) instead of a materialised [N, L, L] weight
-    matrix. EDM casts q and k to float32 for the product; under autocast they come out of the qkv convolution
-    already rounded to bf16/fp16, so the fused kernel's float32 accumulation loses nothing further.
+    `qkv` is [N, 3C, H, W] with channels ordered (q/k/v, head, channel). Each of q, k, v is then a channel
+    slice: under channels-last its channels are the unit-stride dimension, which is what PyTorch's fused
+    scaled-dot-product kernels (flash / memory-efficient on GPU, softmax accumulated in float32) take without
+    transposing copies. Returns [N, C, H, W]; channels-last again when `qkv` was. EDM casts q and k to float32
+    for the product; under autocast they come out of the qkv convolution already rounded to bf16, so the fused
+    kernel's float32 accumulation loses nothing further.
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
-                                         v.transpose(1, 2).unsqueeze(1))
-    return out.squeeze(1).transpose(1, 2)
+    n, c3, h, w = qkv.shape
+    c = c3 // 3
+    q, k, v = (qkv[:, i * c:(i + 1) * c].reshape(n, num_heads, c // num_heads, h * w).transpose(2, 3)
+               for i in range(3))
+    return F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(n, c, h, w)
+
+
+def qkv_channel_order(channels: int, num_heads: int) -> torch.Tensor:
+    """EDM's qkv convolution orders its 3C outputs (head, channel, q/k/v); this index reorders them to
+    (q/k/v, head, channel), the order `multihead_attention` takes. Weights keep EDM's layout in state dicts."""
+    return torch.arange(3 * channels).reshape(num_heads, channels // num_heads, 3).permute(2, 0, 1).reshape(-1)
 
 
 class UNetBlock(nn.Module):
@@ -179,6 +201,7 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1,
                               **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+            self.register_buffer("qkv_order", qkv_channel_order(out_channels, self.num_heads), persistent=False)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
@@ -193,12 +216,10 @@ class UNetBlock(nn.Module):
         x = x + (self.skip(orig) if self.skip is not None else orig).to(x.dtype)
         x = x * self.skip_scale
         if self.num_heads:
-            # EDM's qkv layout: channels grouped per head, then (q, k, v) interleaved per channel.
-            b, c = x.shape[0], x.shape[1]
-            qkv = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, -1)
-            q, k, v = qkv.unbind(2)
-            a = attention(q, k, v)
-            x = (self.proj(a.reshape(*x.shape)) + x) * self.skip_scale
+            y = self.norm2(x)
+            w, b = (t[self.qkv_order].to(y.dtype) for t in (self.qkv.weight, self.qkv.bias))
+            qkv = F.conv2d(y, w, b)
+            x = (self.proj(multihead_attention(qkv, self.num_heads)) + x) * self.skip_scale
         return x
 
 
