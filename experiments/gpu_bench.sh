@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8's GPU measurements in one call: timings of every speed setting for an architecture at NFE 2 and 4,
-# and an fp32-vs-fast distillation that shows the two runs track each other. Results go to $OUT (JSON lines)
-# and a markdown summary is printed last. Each step has its own time limit, so a slow compile cannot take the
+# an fp32-vs-fast distillation that shows the two runs track each other, and a profile of the fastest compiled
+# setting (where the time goes). Results go to $OUT (JSON lines, profile.txt, all stderr in stderr.log: at most
+# 8 files, the device tool's limit) and a markdown summary is printed last. Each step has its own time limit, so a slow compile cannot take the
 # eager figures or the tracking run with it. Usage (from the repo root):
 #   OUT=/tmp/bench ARCH=cifar10 BATCH=128 bash experiments/gpu_bench.sh
 # PYTHON=.venv/bin/python ARCH=tiny BATCH=8 runs the whole script on a CPU in about a minute.
@@ -21,11 +22,15 @@ PY=${PYTHON:-python3}
 step() {  # step NAME SECONDS COMMAND...: run one measurement under a time limit, keep its JSON lines
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"
-  echo "== $name: exit $? after $((SECONDS - t0)) s"; tail -n 3 "$OUT/$name.err"
+  echo "== $name" >> "$OUT/stderr.log"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name" 2> >(tee -a "$OUT/stderr.log" | tail -n 3 >&2)
+  echo "== $name: exit $? after $((SECONDS - t0)) s"
 }
-step eager 150 "$PY" -m sfd.bench suite --arch "$ARCH" --batch "$BATCH" --nfe 2 4 --configs fp32 bf16 bf16-cl --iters 6 --json
-step track 120 "$PY" -m sfd.bench track --arch "$ARCH" --batch "$TRACK_BATCH" --nfe 2 --iters "$TRACK_ITERS" --channels-last --json
-step compile 170 "$PY" -m sfd.bench suite --arch "$ARCH" --batch "$BATCH" --nfe 2 4 --configs bf16-cl-compile --iters 6 --json
-step cudagraphs 150 "$PY" -m sfd.bench suite --arch "$ARCH" --batch "$BATCH" --nfe 2 4 --configs bf16-cl-cudagraphs --iters 6 --json
+step eager.jsonl 150 "$PY" -m sfd.bench suite --arch "$ARCH" --batch "$BATCH" --nfe 2 4 --configs fp32 bf16 bf16-cl --iters 6 --json
+step track.jsonl 120 "$PY" -m sfd.bench track --arch "$ARCH" --batch "$TRACK_BATCH" --nfe 2 --iters "$TRACK_ITERS" --channels-last --json
+step compile.jsonl 170 "$PY" -m sfd.bench suite --arch "$ARCH" --batch "$BATCH" --nfe 2 4 --configs bf16-cl-compile --iters 6 --json
+step cudagraphs.jsonl 150 "$PY" -m sfd.bench suite --arch "$ARCH" --batch "$BATCH" --nfe 2 4 --configs bf16-cl-cudagraphs --iters 6 --json
+step profile.txt 150 "$PY" -m sfd.bench profile --arch "$ARCH" --batch "$BATCH" --nfe 2 --precision bf16 \
+  --channels-last --compile --iters 2 --top 25
 "$PY" -m sfd.bench show "$OUT"/eager.jsonl "$OUT"/compile.jsonl "$OUT"/cudagraphs.jsonl "$OUT"/track.jsonl | tee "$OUT/summary.md"
+cat "$OUT/profile.txt"
