@@ -174,7 +174,7 @@ def test_profile_and_show(tmp_path, capsys):
     from sfd.bench import profile_distill, show
 
     text = profile_distill("tiny", 4, 2, iters=1, warmup=1, device="cpu", precision="bf16")
-    assert "sfd/teacher_trajectory" in text and "sfd/student_step" in text and "(2 calls)" in text
+    assert "teacher trajectory:" in text and "student steps" in text
     shares = [float(line.split()[-1].rstrip("%")) for line in text.splitlines() if line.endswith("%")]
     assert shares and sum(shares) == pytest.approx(100, abs=0.5)
     path = tmp_path / "suite.jsonl"
