@@ -405,7 +405,8 @@ def _replicate_run(candidates: list[dict], metric: str, seeds: list[int]) -> dic
     means = {k: statistics.fmean(float(r["metrics"][k]) for r in ok) for k in shared}
     return {**ok[0], "metrics": means, "replicates": {
         "seeds": [_to_int(r["params"].get("seed")) for r in ok], "run_ids": [r["run_id"] for r in ok],
-        "values": [_to_float(r["metrics"].get(metric)) for r in ok], "expected": len(seeds)}}
+        "values": [_to_float(r["metrics"].get(metric)) for r in ok], "expected": len(seeds),
+        "metrics": [r["metrics"] for r in ok]}}
 
 
 def _status_of(run: dict | None, trial: dict | None, metric: str) -> tuple[str, str | None]:
@@ -710,6 +711,13 @@ def _replicate_fields(run: dict | None, status: str) -> dict:
             "seeds": rep["seeds"], "value_sd": statistics.stdev(values) if len(values) > 1 else None}
 
 
+def _seed_sd(per_seed_metrics: list[dict], key: str) -> float | None:
+    """The sd over seeds of one logged metric; None for a single run or fewer than two values."""
+    values = [_to_float(m.get(key)) for m in per_seed_metrics]
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def _per_nfe_lines(line: dict, run: dict | None, metric: str, paper: dict, paper_dataset: str,
                    kind: str) -> list[dict]:
     """An SFD-v run (one model) also logged `<metric>/nfe_<k>` at its other trained NFE: one more table line
@@ -717,13 +725,14 @@ def _per_nfe_lines(line: dict, run: dict | None, metric: str, paper: dict, paper
     if run is None or line["status"] != "ok":
         return []
     out = []
+    per_seed = (run.get("replicates") or {}).get("metrics") or []
     pattern = re.compile(rf"{re.escape(metric)}/nfe_(\d+)")
     nfes = sorted(int(m.group(1)) for k in run["metrics"] if (m := pattern.fullmatch(k)))
     for k in nfes:
         if k == line["nfe"]:
             continue
         new = {**line, "row_id": f"{line['row_id']}@nfe{k}", "nfe": k, "student_nfe": k, "derived_from": line["row_id"],
-               "value_sd": None,  # replicates: the mean over seeds carries over; the sd was the row's own NFE
+               "value_sd": _seed_sd(per_seed, f"{metric}/nfe_{k}"),
                "value": _to_float(run["metrics"][f"{metric}/nfe_{k}"]),
                "extra": {m: _to_float(run["metrics"][f"{m}/nfe_{k}"]) for m in line["extra"]
                          if f"{m}/nfe_{k}" in run["metrics"]}}
@@ -1186,6 +1195,28 @@ def _agreement_words(rho: float | None) -> str:
     return "runs against the paper's"
 
 
+def _seed_noise_reading(ok: list[dict], metric: str) -> list[str]:
+    """How large a difference must be before it is more than seed noise (studies with replicate seeds). Rows
+    that gave one value for every seed (solver baselines: the run seed changes only training) say nothing
+    about that noise and are left out of the median."""
+    replicated = [r for r in ok if _is_num(r.get("value_sd"))]
+    if not replicated:
+        return []
+    n = max(int(r["n_seeds"]) for r in replicated)
+    varying = [r["value_sd"] for r in replicated if r["value_sd"] > 0]
+    fixed = len(replicated) - len(varying)
+    fixed_text = (f" {fixed} row{'s' if fixed != 1 else ''} gave the same value for every seed (nothing in "
+                  f"{'them' if fixed != 1 else 'it'} depends on the run seed) and {'are' if fixed != 1 else 'is'} "
+                  f"left out.") if fixed else ""
+    if not varying:
+        return [f"**Seed noise:** each row ran with up to {n} seeds, and every row gave the same value for "
+                f"every seed: nothing measured here depends on the run seed."]
+    sd = statistics.median(varying)
+    return [f"**Seed noise:** each row ran with up to {n} seeds; the median spread (sd) across the "
+            f"{len(varying)} rows that vary with the seed is {fmt_value(sd)} in {metric}. Differences between "
+            f"rows smaller than about {fmt_value(2 * sd)} are within that noise.{fixed_text}"]
+
+
 def reading(data: StudyData) -> list[str]:
     """Auto-written reading of the results, as a list of markdown paragraphs."""
     rows = data.rows.to_dict("records")
@@ -1203,12 +1234,7 @@ def reading(data: StudyData) -> list[str]:
     if not ok:
         out.append("No row has a measured value yet, so there is nothing to read.")
         return out
-    sds = [r["value_sd"] for r in ok if _is_num(r.get("value_sd"))]
-    if sds:  # replicates: say how large a difference must be before it is more than seed noise
-        n = max(int(r["n_seeds"]) for r in ok if _is_num(r.get("n_seeds")))
-        out.append(f"**Seed noise:** each row ran with up to {n} seeds; the median spread (sd) across rows is "
-                   f"{fmt_value(statistics.median(sds))} in {m}. Differences between rows smaller than about "
-                   f"{fmt_value(2 * statistics.median(sds))} are within that noise.")
+    out += _seed_noise_reading(ok, m)
     if data.kind in ("ablation", "comparison"):
         if data.kind == "ablation":
             pairs = _pairs_one_factor(ok)

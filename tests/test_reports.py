@@ -412,3 +412,31 @@ def test_missing_study_is_a_clear_error(store, ablation):
     with pytest.raises(rb.ReportError, match="no MLflow store at"):
         rb.load_study_data("ablation_tiny", tracking_uri=f"sqlite:///{missing}", spec={})
     assert not missing.parent.exists()  # reading never creates a store
+
+
+def test_seed_noise_reading_leaves_out_rows_the_seed_cannot_move():
+    from reports.build import _seed_noise_reading
+
+    rows = [{"value_sd": 0.0, "n_seeds": 3}, {"value_sd": 0.0, "n_seeds": 3},  # solver baselines
+            {"value_sd": 1.0, "n_seeds": 3}, {"value_sd": 3.0, "n_seeds": 3}, {"value_sd": 2.0, "n_seeds": 3},
+            {"value_sd": None}]  # a single run
+    (text,) = _seed_noise_reading(rows, "fd_digits")
+    assert "across the 3 rows that vary with the seed is 2 in fd_digits" in text
+    assert "smaller than about 4 are within" in text and "2 rows gave the same value for every seed" in text
+    (text,) = _seed_noise_reading(rows[:2], "fd_digits")
+    assert "nothing measured here depends on the run seed" in text
+    assert _seed_noise_reading([{"value_sd": None}], "fd_digits") == []
+
+
+def test_sfdv_lines_carry_the_seed_spread_of_their_own_nfe():
+    from reports.build import _per_nfe_lines
+
+    per_seed = [{"fd_digits": 10.0, "fd_digits/nfe_3": 12.0}, {"fd_digits": 14.0, "fd_digits/nfe_3": 20.0}]
+    run = {"metrics": {"fd_digits": 12.0, "fd_digits/nfe_3": 16.0},
+           "replicates": {"metrics": per_seed, "values": [10.0, 14.0], "expected": 2}}
+    line = {"row_id": "sfd-v", "nfe": 2, "status": "ok", "extra": {}, "paper_key": None, "value_sd": 2.83}
+    (nfe3,) = _per_nfe_lines(line, run, "fd_digits", {"index": {}, "comparison": {}}, "digits", "comparison")
+    assert nfe3["value"] == 16.0 and nfe3["value_sd"] == pytest.approx(5.656854, rel=1e-6)  # sd of 12 and 20
+    run.pop("replicates")
+    (single,) = _per_nfe_lines({**line, "value_sd": None}, run, "fd_digits", {"index": {}, "comparison": {}}, "digits", "comparison")
+    assert single["value_sd"] is None
