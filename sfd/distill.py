@@ -258,7 +258,7 @@ class Distiller:
         step = num_steps if self.s.num_steps_choices else None
         z = self.noise()
         t0 = time.perf_counter()
-        with torch.profiler.record_function("sfd/teacher_trajectory"):  # named ranges for `sfd.bench profile`
+        with torch.profiler.record_function("sfd/teacher_trajectory"):  # named ranges in profiler traces
             targets = self.teacher_states(z, teacher_grid, labels)[:: self.s.m + 1]
         _sync(self.device)
         t1 = time.perf_counter()
