@@ -2,8 +2,8 @@
 # Issue 8's GPU measurements in one call: timings of every speed setting for an architecture at NFE 2 and 4,
 # an fp32-vs-fast distillation that shows the two runs track each other, and a profile of the fastest compiled
 # setting (where the time goes). Results go to $OUT (JSON lines, profile.txt, all stderr in stderr.log: at most
-# 8 files, the device tool's limit) and a markdown summary is printed last. Each step has its own time limit, so a slow compile cannot take the
-# eager figures or the tracking run with it. Usage (from the repo root):
+# 8 files, the device tool's limit) and a markdown summary is printed last. Each step has its own time limit,
+# so a slow compile cannot take the eager figures or the tracking run with it. Usage (from the repo root):
 #   OUT=/tmp/bench ARCH=cifar10 BATCH=128 bash experiments/gpu_bench.sh
 # PYTHON=.venv/bin/python ARCH=tiny BATCH=8 runs the whole script on a CPU in about a minute.
 set -u

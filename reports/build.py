@@ -708,14 +708,18 @@ def _replicate_fields(run: dict | None, status: str) -> dict:
         return {}
     values = [v for v in rep["values"] if v is not None]
     return {"n_seeds": len(values), "seeds_expected": rep["expected"], "seed_run_ids": rep["run_ids"],
-            "seeds": rep["seeds"], "value_sd": statistics.stdev(values) if len(values) > 1 else None}
+            "seeds": rep["seeds"], "value_sd": _sd(values)}
+
+
+def _sd(values: list[float]) -> float | None:
+    """Sample sd over seeds; None below two values."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _seed_sd(per_seed_metrics: list[dict], key: str) -> float | None:
-    """The sd over seeds of one logged metric; None for a single run or fewer than two values."""
+    """The sd over seeds of one logged metric (seeds that did not log it are left out)."""
     values = [_to_float(m.get(key)) for m in per_seed_metrics]
-    values = [v for v in values if v is not None]
-    return statistics.stdev(values) if len(values) > 1 else None
+    return _sd([v for v in values if v is not None])
 
 
 def _per_nfe_lines(line: dict, run: dict | None, metric: str, paper: dict, paper_dataset: str,

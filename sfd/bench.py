@@ -157,7 +157,8 @@ def profile_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m",
     total = sum(self_time(e) for e in measured)
     kinds: dict[str, float] = {}
     for e in measured:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + self_time(e)
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + self_time(e)
     unit = "GPU kernel" if on_gpu else "CPU operator"
     lines = [f"{arch}, batch {batch}, NFE {nfe}, {speed}: {iters} profiled iterations, "
              f"{total / iters / 1e3:.1f} ms of {unit} time per iteration"]
