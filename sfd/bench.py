@@ -19,6 +19,7 @@ import sys
 import torch
 
 from sfd.distill import DistillSettings, Distiller, make_student, runs_compiled
+from sfd.networks.edm import GROUP_NORMS
 from sfd.sampling import GridSpec, generate
 from sfd.solvers import nfe as solver_nfe
 
@@ -89,11 +90,11 @@ def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, devic
 
 def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m: int = 3,
                   precision: str = "fp32", compile: bool = False, compile_mode: str | None = None,
-                  channels_last: bool = False, warmup: int = 2, iters: int = 5,
+                  channels_last: bool = False, group_norm: str = "native", warmup: int = 2, iters: int = 5,
                   device: str | None = None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher, d = _bench_distiller(arch, batch, nfe, solver, m, device, precision=precision, compile=compile,
-                                  compile_mode=compile_mode, channels_last=channels_last)
+                                  compile_mode=compile_mode, channels_last=channels_last, group_norm=group_norm)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     records = []
@@ -107,7 +108,7 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "nfe": nfe, "num_steps": nfe + 2, "teacher_solver": solver, "m": m,
         "precision": precision, "compile": compile, "channels_last": channels_last,
-        "compile_mode": compile_mode,
+        "compile_mode": compile_mode, "group_norm": group_norm,
         "compile_fell_back": compile and not (runs_compiled(d.teacher_fwd) and runs_compiled(d.student_fwd)),
         "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
         "s_per_iter": total, "teacher_s": statistics.median(r[1] for r in records),
@@ -178,6 +179,81 @@ def profile_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m",
     return "\n".join(lines)
 
 
+def _memory_layout(t) -> str | None:
+    """NCHW or NHWC for a dense 4-D image tensor; None where the layout does not matter (one channel, or
+    H·W = 1: per-channel vectors, 1×1 kernels) or the tensor is a strided view."""
+    if not isinstance(t, torch.Tensor) or t.ndim != 4 or t.shape[1] == 1 or t.shape[2] * t.shape[3] == 1:
+        return None
+    if t.is_contiguous():
+        return "NCHW"
+    return "NHWC" if t.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def _attention_stand_in(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The shape and layout of `multihead_attention`'s output (layout census only)."""
+    fmt = torch.channels_last if _memory_layout(qkv) == "NHWC" else torch.contiguous_format
+    return qkv[:, : qkv.shape[1] // 3].clone(memory_format=fmt)
+
+
+def layout_census(arch: str, group_norm: str = "native", batch: int = 2) -> dict:
+    """Memory layouts in one channels-last forward as the compiler sees it on a GPU, worked out on a CPU.
+
+    The network's forward is traced on fake CUDA tensors (shapes and strides, no data, no GPU) through
+    Inductor's decompositions, where group norm becomes the reference decomposition that makes non-CPU inputs
+    contiguous. Counts convolutions by (input, weight) layout and the ops that turn an NHWC activation into
+    NCHW or back: each is a transposing copy of a whole activation on the GPU. Attention is left out (a stand-in
+    returns its input's layout): without a GPU it would trace as plain matmuls over [N, heads, pixels,
+    channels], where a GPU compile keeps one fused kernel.
+    """
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from unittest import mock
+
+    import sfd.networks.edm as edm
+
+    net = edm.set_group_norm(build_arch(arch), group_norm).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(edm, "multihead_attention", _attention_stand_in):
+        def fake_cuda(v: torch.Tensor) -> torch.Tensor:
+            t = torch.empty(v.shape, dtype=v.dtype, device="cuda")
+            return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+
+        state = {k: fake_cuda(v) for k, v in [*net.named_parameters(), *net.named_buffers()]}
+        size = (batch, net.img_channels, net.img_resolution, net.img_resolution)
+        x = torch.empty(size, device="cuda").contiguous(memory_format=torch.channels_last)
+        labels = torch.zeros(batch, net.label_dim, device="cuda") if getattr(net, "label_dim", 0) else None
+        graph = make_fx(lambda st, x, s: torch.func.functional_call(net, st, (x, s, labels)),
+                        decomposition_table=select_decomp_table())(state, x, torch.ones(batch, device="cuda")).graph
+    convs: dict[str, int] = {}
+    changes: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        inputs = [_memory_layout(a.meta.get("val")) for a in node.all_input_nodes]
+        if "convolution" in str(node.target):
+            key = f"input {inputs[0] or 'any'}, weight {inputs[1] or 'any'}"
+            convs[key] = convs.get(key, 0) + 1
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.returns and schema.returns[0].alias_info is not None:
+            continue  # a view (permute, slice, ...) copies nothing
+        out = _memory_layout(node.meta.get("val"))
+        if out and any(i and i != out for i in inputs):
+            key = f"{node.target} {'NCHW' if out == 'NHWC' else 'NHWC'} -> {out}"
+            changes[key] = changes.get(key, 0) + 1
+    return {"arch": arch, "group_norm": group_norm, "convolutions": convs, "layout_changes": changes,
+            "total_layout_changes": sum(changes.values())}
+
+
+def _format_census(r: dict) -> str:
+    lines = [f"{r['arch']}, channels-last, group norm {r['group_norm']}: one forward as traced for a GPU compile"]
+    lines += [f"  {n:4d} convolutions with {k}" for k, n in sorted(r["convolutions"].items(), key=lambda kv: -kv[1])]
+    lines.append(f"  {r['total_layout_changes']:4d} NCHW<->NHWC changes of an activation")
+    lines += [f"       {n:4d}  {k}" for k, n in sorted(r["layout_changes"].items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+
 def excite(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give EDM's zero-initialised layers (each block's last conv, attention projections, the output conv)
     random weights, so a freshly initialised teacher is a non-trivial function of its input rather than
@@ -209,7 +285,7 @@ def _distil_once(teacher, settings: DistillSettings, device: torch.device) -> tu
 
 def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: str = "bf16",
                      compile: bool = False, compile_mode: str | None = None, channels_last: bool = False,
-                     lr: float = 5e-5, samples: int = 64, seed: int = 0, device: str | None = None) -> dict:
+                     group_norm: str = "native", lr: float = 5e-5, samples: int = 64, seed: int = 0, device: str | None = None) -> dict:
     """Distil one excited random teacher in fp32 eager and in the given setting; compare the two runs."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
@@ -220,7 +296,8 @@ def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: 
     ref, ref_losses = _distil_once(teacher, DistillSettings(**common), device)
     fast, fast_losses = _distil_once(teacher, DistillSettings(**common, precision=precision, compile=compile,
                                                               compile_mode=compile_mode,
-                                                              channels_last=channels_last), device)
+                                                              channels_last=channels_last,
+                                                              group_norm=group_norm), device)
     moved = (_flat_params(ref) - initial).norm()
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     draw = dict(grid=common["grid"], seeds=range(samples), shape=shape, device=device,
@@ -232,7 +309,7 @@ def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: 
     return {
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "nfe": nfe, "iters": iters, "precision": precision, "compile": compile,
-        "channels_last": channels_last, "lr": lr,
+        "channels_last": channels_last, "group_norm": group_norm, "lr": lr,
         "loss_fp32_last_fifth": float(ref_losses[-tail:].mean()), "loss_fast_last_fifth": float(fast_losses[-tail:].mean()),
         "loss_fp32_first": float(ref_losses[0]), "loss_fast_first": float(fast_losses[0]),
         "weights_apart_over_moved": float((_flat_params(fast) - _flat_params(ref)).norm() / moved),
@@ -241,8 +318,21 @@ def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: 
     }
 
 
+def _describe_speed(r: dict) -> str:
+    """The speed setting of a result in words, e.g. "bf16, compiled reduce-overhead, channels-last"."""
+    words = [r["precision"]]
+    if r["compile"]:
+        words.append("compiled" + (f" {r['compile_mode']}" if r.get("compile_mode") else "")
+                     + (" (FELL BACK TO EAGER)" if r.get("compile_fell_back") else ""))
+    if r["channels_last"]:
+        words.append("channels-last")
+    if r.get("group_norm", "native") != "native":
+        words.append(f"group norm {r['group_norm']}")
+    return ", ".join(words)
+
+
 def _format_track(r: dict) -> str:
-    setting = r["precision"] + (", compiled" if r["compile"] else "") + (", channels-last" if r["channels_last"] else "")
+    setting = _describe_speed(r)
     return (f"{r['arch']} on {r['device']}: {r['iters']} SFD iterations, batch {r['batch']}, NFE {r['nfe']}, "
             f"fp32 eager vs {setting}\n"
             f"  mean step loss, first iteration: {r['loss_fp32_first']:.5f} vs {r['loss_fast_first']:.5f}; "
@@ -254,10 +344,7 @@ def _format_track(r: dict) -> str:
 
 def _format(r: dict) -> str:
     return (f"{r['arch']} on {r['device']}: batch {r['batch']}, NFE {r['nfe']} (N={r['num_steps']}, AFS, "
-            f"M={r['m']}, {r['teacher_solver']} teacher), {r['precision']}"
-            f"{', compiled' if r['compile'] else ''}{' ' + r['compile_mode'] if r['compile_mode'] else ''}"
-            f"{' (FELL BACK TO EAGER)' if r['compile_fell_back'] else ''}"
-            f"{', channels-last' if r['channels_last'] else ''}\n"
+            f"M={r['m']}, {r['teacher_solver']} teacher), {_describe_speed(r)}\n"
             f"  {r['s_per_iter']:.4f} s/iter (median of {r['timed_iters']}) = teacher {r['teacher_s']:.4f} s"
             f" + student {r['student_s']:.4f} s; {r['trajectories_per_s']:.1f} trajectories/s; "
             f"peak memory {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params; "
@@ -273,6 +360,12 @@ SUITE = {
     "bf16-compile": dict(precision="bf16", compile=True),
     "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
     "bf16-cl-cudagraphs": dict(precision="bf16", channels_last=True, compile=True, compile_mode="reduce-overhead"),
+    # Candidates after the first H100 profile, each against the setting above it:
+    "bf16-cl-compile-gn": dict(precision="bf16", channels_last=True, compile=True, group_norm="channel-stats"),
+    "bf16-cl-cudagraphs-gn": dict(precision="bf16", channels_last=True, compile=True, compile_mode="reduce-overhead",
+                                  group_norm="channel-stats"),
+    "bf16-cl-autotune": dict(precision="bf16", channels_last=True, compile=True,
+                             compile_mode="max-autotune-no-cudagraphs"),
 }
 
 
@@ -342,6 +435,8 @@ def _add_speed_options(p: argparse.ArgumentParser, default_precision: str) -> No
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--group-norm", choices=GROUP_NORMS, default="native",
+                   help="channel-stats: group statistics from per-channel ones (for compiled channels-last)")
 
 
 def _add_timing_options(p: argparse.ArgumentParser) -> None:
@@ -373,15 +468,26 @@ def main(argv: list[str] | None = None) -> int:
     _add_speed_options(f, "fp32")
     _add_timing_options(f)
     f.add_argument("--top", type=int, default=20)
+    c = sub.add_parser("layout", help="memory layouts of one channels-last forward as compiled for a GPU (runs "
+                                      "on a CPU): convolutions by layout and NCHW<->NHWC changes")
+    c.add_argument("--arch", default="cifar10", help="tiny | cifar10 | imagenet64 | ffhq64")
+    c.add_argument("--group-norm", nargs="+", choices=GROUP_NORMS, default=list(GROUP_NORMS))
+    c.add_argument("--json", action="store_true")
     w = sub.add_parser("show", help="a markdown table of results saved with --json")
     w.add_argument("files", nargs="+")
     args = p.parse_args(argv)
-    if args.command == "profile":
+    if args.command in ("profile", "distill", "track"):
         speed = dict(precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
-                     channels_last=args.channels_last)
+                     channels_last=args.channels_last, group_norm=args.group_norm, device=args.device)
+    if args.command == "profile":
         for nfe in args.nfe:
             print(profile_distill(args.arch, args.batch, nfe, warmup=args.warmup, iters=args.iters, top=args.top,
-                                  device=args.device, **speed), flush=True)
+                                  **speed), flush=True)
+        return 0
+    if args.command == "layout":
+        for gn in args.group_norm:
+            r = layout_census(args.arch, gn)
+            print(json.dumps(r) if args.json else _format_census(r), flush=True)
         return 0
     if args.command == "show":
         print(show(args.files))
@@ -392,8 +498,6 @@ def main(argv: list[str] | None = None) -> int:
             text = f"[{r['setting']}] NFE {r['nfe']}: {r['error']}" if "error" in r else f"[{r['setting']}] {_format(r)}"
             print(json.dumps(r) if args.json else text, flush=True)
         return 0
-    speed = dict(precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
-                 channels_last=args.channels_last, device=args.device)
     for nfe in args.nfe:
         if args.command == "distill":
             r = bench_distill(args.arch, args.batch, nfe, solver=args.solver, m=args.m, warmup=args.warmup,

@@ -35,6 +35,7 @@ import yaml
 ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage", "baseline")
 TRAINING_ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage")
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 VANILLA_DATA = ("dataset", "teacher")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -130,7 +131,12 @@ class RunConfig:
     algorithm: str = "sfd"
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "fp32"  # bf16: autocast forwards and backwards, fp32 master weights and optimizer
+    # Speed options for image networks (see the README's "Speed (GPU)"): results change only by rounding.
+    compile: bool = False  # torch.compile teacher and student (falls back to eager if compiling fails)
+    compile_mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs); null: torch's default
+    channels_last: bool = False  # NHWC activations for the convolutions
+    group_norm: str = "native"  # channel-stats: group statistics from per-channel ones (see sfd.networks.edm)
     smoke: bool = False  # a randomly initialised teacher of the right architecture: proves wiring, not numbers
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -437,6 +443,14 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     _choice("algorithm", cfg.algorithm, ALGORITHMS)
     _choice("precision", cfg.precision, PRECISIONS)
+    if cfg.compile_mode is not None:
+        _choice("compile_mode", cfg.compile_mode, COMPILE_MODES)
+        if not cfg.compile:
+            raise ConfigError(f"compile_mode: got {cfg.compile_mode!r} with compile=false; set compile=true to "
+                              "compile, or compile_mode=null")
+    from sfd.networks.edm import GROUP_NORMS
+
+    _choice("group_norm", cfg.group_norm, GROUP_NORMS)
     if not _DEVICE.match(cfg.device):
         raise ConfigError(f"device: got {cfg.device!r}; allowed: auto, cpu, cuda, cuda:<index>, mps")
     try:
@@ -593,6 +607,10 @@ def to_settings(cfg: RunConfig, *, num_classes: int = 0, teacher_afs: bool | Non
         total_kimg=o.total_kimg,
         num_classes=num_classes,
         precision=cfg.precision,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+        channels_last=cfg.channels_last,
+        group_norm=cfg.group_norm,
         seed=cfg.seed,
         vanilla_data_free=cfg.vanilla.data == "teacher",
         nan_check_every=o.nan_check_every,

@@ -103,6 +103,7 @@ class DistillSettings:
     compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs"; None = torch's default
     compile_backend: str = "inductor"
     channels_last: bool = False  # NHWC memory format for image networks (faster convolutions on GPU)
+    group_norm: str = "native"  # EDM networks' group-norm computation, see sfd.networks.edm.GROUP_NORMS
     seed: int = 0
     vanilla_data_free: bool = False  # Algorithm 1 without data: x_{n+1} from the teacher's trajectory
     nan_check_every: int = 50  # iterations between (host-syncing) divergence checks
@@ -119,6 +120,10 @@ class DistillSettings:
             get_schedule(self.grid.schedule, n, self.grid.t_min, self.grid.t_max, self.grid.rho)
             if self.grid.afs and n < 3:
                 raise ValueError(f"AFS needs at least 3 student timestamps, got num_steps={n}")
+        from sfd.networks.edm import GROUP_NORMS
+
+        if self.group_norm not in GROUP_NORMS:
+            raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {self.group_norm!r}")
         if self.m < 0:
             raise ValueError(f"m (intermediate teacher steps) must be >= 0, got {self.m}")
         if self.batch_size < 1 or self.total_kimg <= 0 or self.lr <= 0:
@@ -178,10 +183,7 @@ class Distiller:
         if isinstance(teacher, torch.nn.Module):
             teacher.eval().requires_grad_(False)
         self.student = student.to(self.device).train()
-        if settings.channels_last:
-            for net in (teacher, self.student):
-                if isinstance(net, torch.nn.Module):
-                    net.to(memory_format=torch.channels_last)
+        self._prepare_networks(teacher, self.student)
         compile_args = (settings.compile, settings.compile_mode, settings.compile_backend)
         self.teacher_fwd = maybe_compile(teacher, *compile_args)
         self.student_fwd = maybe_compile(self.student, *compile_args)
@@ -197,6 +199,16 @@ class Distiller:
         self.gen = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.rng = random.Random(settings.seed)
         self.shape: tuple[int, ...] | None = None
+
+    def _prepare_networks(self, *nets) -> None:
+        """Memory format and group-norm computation, set on the networks themselves before compiling."""
+        from sfd.networks.edm import set_group_norm
+
+        for net in nets:
+            if isinstance(net, torch.nn.Module):
+                set_group_norm(net, self.s.group_norm)
+                if self.s.channels_last:
+                    net.to(memory_format=torch.channels_last)
 
     def _to_device(self, fn):
         return fn.to(self.device) if isinstance(fn, torch.nn.Module) else fn

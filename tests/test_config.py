@@ -82,6 +82,10 @@ def test_flatten_has_every_schema_field():
     (["algorithm=distill"], ["algorithm", "'distill'", "sfd-v", "second-stage", "baseline"]),
     (["precision=fp16"], ["precision", "'fp16'", "bf16"]),
     (["device=gpu"], ["device", "'gpu'", "cuda"]),
+    (["compile=true", "compile_mode=fast"], ["compile_mode", "'fast'", "reduce-overhead"]),
+    (["compile_mode=reduce-overhead"], ["compile_mode", "compile=false", "compile=true"]),
+    (["group_norm=fused"], ["group_norm", "'fused'", "channel-stats"]),
+    (["channels_last=yes please"], ["channels_last", "true/false"]),
     (["eval.metrics=[fid, is]"], ["eval.metrics[1]", "'is'", "teacher_gap"]),
     (["optim.batch_size=0"], ["optim.batch_size", "0"]),
     (["solver.m=-1"], ["solver.m", "-1"]),
@@ -115,8 +119,11 @@ def test_sfdv_and_second_stage_defaults():
 def test_to_settings_maps_every_training_field():
     cfg = load_config(None, ["teacher.name=gmm-8", "student.nfe=3", "student.t_min=0.002", "student.schedule=logsnr",
                              "solver.name=heun", "solver.m=2", "loss.name=pseudo_huber", "optim.lr=1e-3",
-                             "optim.total_kimg=1.0", "optim.batch_size=16", "seed=7", "precision=bf16"])
+                             "optim.total_kimg=1.0", "optim.batch_size=16", "seed=7", "precision=bf16",
+                             "compile=true", "compile_mode=reduce-overhead", "channels_last=true",
+                             "group_norm=channel-stats"])
     s = to_settings(cfg, num_classes=10)
+    assert (s.compile, s.compile_mode, s.channels_last, s.group_norm) == (True, "reduce-overhead", True, "channel-stats")
     assert s.algorithm == "sfd" and s.grid.num_steps == 5 and s.grid.afs and s.grid.t_min == 0.002
     assert s.grid.schedule == "logsnr" and s.teacher_solver == "heun" and s.m == 2 and s.loss == "pseudo_huber"
     assert (s.lr, s.total_kimg, s.batch_size, s.seed, s.precision, s.num_classes) == (1e-3, 1.0, 16, 7, "bf16", 10)

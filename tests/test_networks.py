@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sfd.networks.edm import (
     EDM_CONFIGS, STEP_KEY_PREFIX, Conv2d, DhariwalUNet, EDMPrecond, PositionalEmbedding, SongUNet, build_edm,
-    multihead_attention, qkv_channel_order,
+    group_norm_from_channel_stats, multihead_attention, nearest_upsample2x, qkv_channel_order, set_group_norm,
 )
 
 KEYS_DIR = Path(__file__).parent / "data" / "edm_keys"
@@ -243,6 +243,81 @@ def test_attention_block_keeps_edm_weight_layout():
     torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(block.to(memory_format=torch.channels_last)(
         x.contiguous(memory_format=torch.channels_last), emb), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_stats_group_norm_is_group_norm(channels_last):
+    """Group statistics from per-channel ones (law of total variance) are the group's statistics exactly:
+    in float64 value and gradients equal F.group_norm to rounding, in either memory layout."""
+    g = torch.Generator().manual_seed(0)
+    x = (3 + 2 * torch.randn(3, 16, 5, 6, generator=g, dtype=torch.float64)) * torch.rand(1, 16, 1, 1, generator=g,
+                                                                                          dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(16, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, generator=g, dtype=torch.float64, requires_grad=True)
+    out = group_norm_from_channel_stats(x, 4, w, b, 1e-5)
+    ref = F.group_norm(x, 4, w, b, 1e-5)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(out, (x, w, b), up), torch.autograd.grad(ref, (x, w, b), up)):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_channel_stats_group_norm_float32_and_autocast():
+    """float32: within float32 rounding of the float64 truth even when the mean dwarfs the spread (the
+    per-channel variances are one-pass stable); under autocast the output is float32, like CUDA autocast's
+    group_norm, and within bf16 rounding of the float32 result."""
+    g = torch.Generator().manual_seed(1)
+    x = 100 + 0.5 * torch.randn(2, 8, 6, 6, generator=g)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    truth = F.group_norm(x.double(), 2, w.double(), b.double(), 1e-5)
+    out = group_norm_from_channel_stats(x, 2, w, b, 1e-5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), truth, rtol=0, atol=2e-4)
+    x = torch.randn(2, 8, 6, 6, generator=g)  # bf16 keeps 8 bits: 100 + 0.5·noise would round to a few levels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = group_norm_from_channel_stats(x.bfloat16(), 2, w.bfloat16(), b.bfloat16(), 1e-5)
+    assert low.dtype == torch.float32
+    high = group_norm_from_channel_stats(x, 2, w, b, 1e-5)
+    assert (low - high).abs().max() < 2 ** -6 * high.abs().max()
+
+
+def test_set_group_norm_switches_a_whole_network():
+    """A network with every norm on channel-stats computes what it computed before, keeps its state dict,
+    and refuses an unknown computation."""
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, model_channels=32, channel_mult=[1, 2], num_blocks=1,
+                     attn_resolutions=[4], dropout=0.0).eval()
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))  # wake the zero-initialised layers
+    x, sigma = torch.randn(2, 3, 8, 8) * 2, torch.tensor([0.5, 3.0])
+    keys = list(net.state_dict())
+    ref = net(x, sigma)
+    set_group_norm(net, "channel-stats")
+    assert {m.impl for m in net.modules() if hasattr(m, "impl")} == {"channel-stats"}
+    torch.testing.assert_close(net(x, sigma), ref, rtol=1e-5, atol=1e-5)
+    assert list(net.state_dict()) == keys
+    with pytest.raises(ValueError, match="group norm must be one of"):
+        set_group_norm(net, "fused")
+
+
+def test_nearest_upsampling_keeps_channels_last():
+    """The layout-keeping 2x nearest up-sampling equals F.interpolate in value and gradient, and its output
+    is channels-last when its input is (NCHW inputs take F.interpolate itself)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out, ref = nearest_upsample2x(x), F.interpolate(x, scale_factor=2, mode="nearest")
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == (2, 5, 6, 8)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    nchw = x.detach().contiguous()
+    assert nearest_upsample2x(nchw).is_contiguous()
 
 
 def _edm_resample(x, up, filt=(1.0, 1.0), padding=0):

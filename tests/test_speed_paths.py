@@ -65,6 +65,40 @@ def test_channels_last_matches():
     torch.testing.assert_close(_one_update(b), _one_update(a), rtol=1e-4, atol=1e-6)  # 1% of lr: Adam step of near-zero grads
 
 
+def test_channel_stats_group_norm_gives_the_same_update_eager_and_compiled():
+    """The group-norm candidate for compiled channels-last runs: same teacher states and student update as
+    the native norm, eager and under graph capture (which must trace it without falling back)."""
+    native = _distiller()
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 80
+    grid, _ = native.grids(4)
+    expected_states, expected_update = native.teacher_states(z, grid, None), _one_update(native)
+    for kw in ({}, dict(compile=True, compile_backend="aot_eager")):
+        d = _distiller(group_norm="channel-stats", channels_last=True, **kw)
+        assert {m.impl for m in d.student.modules() if hasattr(m, "impl")} == {"channel-stats"}
+        torch.testing.assert_close(d.teacher_states(z, grid, None), expected_states, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_one_update(d), expected_update, rtol=1e-4, atol=1e-6)
+        assert not getattr(d.student_fwd, "failed", False)
+    with pytest.raises(ValueError, match="group_norm must be one of"):
+        DistillSettings(group_norm="fast").validate()
+
+
+def test_layout_census_finds_the_group_norm_transposes_and_none_with_channel_stats(capsys):
+    """Traced for a GPU compile on fake CUDA tensors: the native group norm's decomposition turns each NHWC
+    activation into NCHW (so the convolutions after it get NCHW inputs); channel-stats keeps every
+    activation and every convolution input NHWC, up-sampling included."""
+    from sfd.bench import layout_census
+
+    native = layout_census("cifar10", "native")
+    assert native["total_layout_changes"] >= 60, native
+    assert native["convolutions"].get("input NCHW, weight NHWC", 0) >= 60
+    stats = layout_census("cifar10", "channel-stats")
+    assert stats["total_layout_changes"] == 0, stats["layout_changes"]
+    assert set(stats["convolutions"]) <= {"input NHWC, weight NHWC", "input NHWC, weight any"}
+    assert sum(stats["convolutions"].values()) == sum(native["convolutions"].values())
+    assert main(["layout", "--arch", "tiny", "--group-norm", "channel-stats"]) == 0
+    assert "NCHW<->NHWC changes of an activation" in capsys.readouterr().out
+
+
 def test_benchmark_cpu_mode_runs(capsys):
     r = bench_distill("tiny", batch=4, nfe=2, warmup=1, iters=2, device="cpu")
     assert r["s_per_iter"] > 0 and r["teacher_s"] > 0 and r["student_s"] > 0

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "weight_init", "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding",
+    "weight_init", "Linear", "Conv2d", "GroupNorm", "GROUP_NORMS", "group_norm_from_channel_stats", "set_group_norm",
+    "nearest_upsample2x", "UNetBlock", "PositionalEmbedding", "FourierEmbedding",
     "SongUNet", "DhariwalUNet", "EDMPrecond", "EDM_CONFIGS", "build_edm", "STEP_KEY_PREFIX",
 ]
 
@@ -61,6 +62,20 @@ class Linear(nn.Module):
         return x
 
 
+def nearest_upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """2× nearest-neighbour up-sampling of [N, C, H, W] that keeps a channels-last input channels-last.
+
+    `F.interpolate` does in eager mode, but the compiler's decomposition of it returns NCHW, which costs a
+    transposing copy of the output and another before the next convolution. Repeating each pixel of the NHWC
+    view gives the same values (and, through expand, the same gradient: the sum over each 2×2 block).
+    """
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    n, c, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, 2, w, 2, c)
+    return pixels.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
 class Conv2d(nn.Module):
     """Convolution with optional 2x up/down-sampling by a separable FIR filter (EDM's resample_filter).
 
@@ -92,7 +107,7 @@ class Conv2d(nn.Module):
 
     def _up(self, x: torch.Tensor, f: torch.Tensor, padding: int) -> torch.Tensor:
         if self.box_filter and padding == 0:
-            return F.interpolate(x, scale_factor=2, mode="nearest")
+            return nearest_upsample2x(x)
         return F.conv_transpose2d(x, f.mul(4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2,
                                   padding=padding)
 
@@ -125,8 +140,41 @@ class Conv2d(nn.Module):
         return x
 
 
+GROUP_NORMS = ("native", "channel-stats")
+
+
+def group_norm_from_channel_stats(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                                  eps: float) -> torch.Tensor:
+    """Group norm whose statistics are reduced per channel first, then combined per group.
+
+    Under channels-last a group's values are short channel runs strided across every pixel, so a reduction over
+    (group, H, W) reads memory out of order (or through a transposing copy); a per-channel reduction over H, W
+    reads whole pixel rows in order. The group's mean is the mean of its channel means and its variance is the
+    law of total variance: mean of the channel variances plus the variance of the channel means (exact, and
+    each piece is a stable one-pass variance). Computed in at least float32; under autocast it returns float32
+    like CUDA autocast's group_norm, outside it the input's dtype.
+    """
+    n, c = x.shape[:2]
+    per_group = c // num_groups
+    x_acc = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
+    var_c, mean_c = torch.var_mean(x_acc, dim=tuple(range(2, x.ndim)), correction=0)
+    mean_c, var_c = mean_c.view(n, num_groups, per_group), var_c.view(n, num_groups, per_group)
+    mean = mean_c.mean(2, keepdim=True)
+    var = var_c.mean(2, keepdim=True) + (mean_c - mean).square().mean(2, keepdim=True)
+    scale = torch.rsqrt(var + eps) * weight.to(x_acc.dtype).view(num_groups, per_group)
+    spatial = (1,) * (x.ndim - 2)
+    y = (x_acc - mean.expand(n, num_groups, per_group).reshape(n, c, *spatial)) * scale.reshape(n, c, *spatial)
+    y = y + bias.to(x_acc.dtype).view(c, *spatial)
+    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
 class GroupNorm(nn.Module):
-    """Group norm with EDM's group count: min(num_groups, channels // min_channels_per_group)."""
+    """Group norm with EDM's group count: min(num_groups, channels // min_channels_per_group).
+
+    `impl` picks the computation: "native" (F.group_norm) or "channel-stats" (`group_norm_from_channel_stats`,
+    equal up to float32 rounding; meant for compiled channels-last networks). `set_group_norm` sets it for a
+    whole network; it is not part of the state dict.
+    """
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4,
                  eps: float = 1e-5):
@@ -135,10 +183,24 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.impl = "native"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                            bias=self.bias.to(x.dtype), eps=self.eps)
+        # EDM casts the affine parameters to the activation dtype (bf16 under autocast) before the norm.
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if self.impl == "channel-stats":
+            return group_norm_from_channel_stats(x, self.num_groups, weight, bias, self.eps)
+        return F.group_norm(x, num_groups=self.num_groups, weight=weight, bias=bias, eps=self.eps)
+
+
+def set_group_norm(net: nn.Module, impl: str) -> nn.Module:
+    """Use group-norm computation `impl` (one of GROUP_NORMS) in every GroupNorm of `net`; returns `net`."""
+    if impl not in GROUP_NORMS:
+        raise ValueError(f"group norm must be one of {GROUP_NORMS}, got {impl!r}")
+    for module in net.modules():
+        if isinstance(module, GroupNorm):
+            module.impl = impl
+    return net
 
 
 def multihead_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
