@@ -195,13 +195,14 @@ def _attention_stand_in(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return qkv[:, : qkv.shape[1] // 3].clone(memory_format=fmt)
 
 
-def layout_census(arch: str, group_norm: str = "native", batch: int = 2) -> dict:
+def layout_census(arch: str, group_norm: str = "native", batch: int = 128) -> dict:
     """Memory layouts in one channels-last forward as the compiler sees it on a GPU, worked out on a CPU.
 
     The network's forward is traced on fake CUDA tensors (shapes and strides, no data, no GPU) through
     Inductor's decompositions, where group norm becomes the reference decomposition that makes non-CPU inputs
     contiguous. Counts convolutions by (input, weight) layout and the ops that turn an NHWC activation into
-    NCHW or back: each is a transposing copy of a whole activation on the GPU. Attention is left out (a stand-in
+    NCHW or back: each is a transposing copy of a whole activation on the GPU (or a transposed read or write
+    fused into a neighbouring kernel), as is an NCHW input to a convolution with NHWC weights. Attention is left out (a stand-in
     returns its input's layout): without a GPU it would trace as plain matmuls over [N, heads, pixels,
     channels], where a GPU compile keeps one fused kernel.
     """
@@ -227,6 +228,7 @@ def layout_census(arch: str, group_norm: str = "native", batch: int = 2) -> dict
                         decomposition_table=select_decomp_table())(state, x, torch.ones(batch, device="cuda")).graph
     convs: dict[str, int] = {}
     changes: dict[str, int] = {}
+    moved = 0  # elements rewritten in the other layout, by the ops counted and by convolutions' input conversions
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -234,6 +236,8 @@ def layout_census(arch: str, group_norm: str = "native", batch: int = 2) -> dict
         if "convolution" in str(node.target):
             key = f"input {inputs[0] or 'any'}, weight {inputs[1] or 'any'}"
             convs[key] = convs.get(key, 0) + 1
+            if inputs[0] == "NCHW" and inputs[1] == "NHWC":  # the convolution converts its input first
+                moved += node.all_input_nodes[0].meta["val"].numel()
             continue
         schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.returns and schema.returns[0].alias_info is not None:
@@ -242,14 +246,17 @@ def layout_census(arch: str, group_norm: str = "native", batch: int = 2) -> dict
         if out and any(i and i != out for i in inputs):
             key = f"{node.target} {'NCHW' if out == 'NHWC' else 'NHWC'} -> {out}"
             changes[key] = changes.get(key, 0) + 1
-    return {"arch": arch, "group_norm": group_norm, "convolutions": convs, "layout_changes": changes,
-            "total_layout_changes": sum(changes.values())}
+            moved += node.meta["val"].numel()
+    return {"arch": arch, "group_norm": group_norm, "batch": batch, "convolutions": convs,
+            "layout_changes": changes, "total_layout_changes": sum(changes.values()),
+            "changed_elements": moved}
 
 
 def _format_census(r: dict) -> str:
     lines = [f"{r['arch']}, channels-last, group norm {r['group_norm']}: one forward as traced for a GPU compile"]
     lines += [f"  {n:4d} convolutions with {k}" for k, n in sorted(r["convolutions"].items(), key=lambda kv: -kv[1])]
-    lines.append(f"  {r['total_layout_changes']:4d} NCHW<->NHWC changes of an activation")
+    lines.append(f"  {r['total_layout_changes']:4d} NCHW<->NHWC changes of an activation; with the convolutions' "
+                 f"input conversions {r['changed_elements'] / 1e6:.0f}M elements rewritten at batch {r['batch']}")
     lines += [f"       {n:4d}  {k}" for k, n in sorted(r["layout_changes"].items(), key=lambda kv: -kv[1])]
     return "\n".join(lines)
 
@@ -275,8 +282,18 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
-def _distil_once(teacher, settings: DistillSettings, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
-    student = make_student(teacher)
+def without_dropout(net: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability of an EDM network (block dropout, label dropout) to 0; returns `net`."""
+    for module in net.modules():
+        for name in ("dropout", "label_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return net
+
+
+def _distil_once(teacher, settings: DistillSettings, device: torch.device,
+                 dropout: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    student = make_student(teacher) if dropout else without_dropout(make_student(teacher))
     losses = []
     d = Distiller(teacher, student, settings, device=device, callback=lambda st: losses.append(st.step_losses.mean()))
     d.run((teacher.img_channels, teacher.img_resolution, teacher.img_resolution))
@@ -285,19 +302,25 @@ def _distil_once(teacher, settings: DistillSettings, device: torch.device) -> tu
 
 def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: str = "bf16",
                      compile: bool = False, compile_mode: str | None = None, channels_last: bool = False,
-                     group_norm: str = "native", lr: float = 5e-5, samples: int = 64, seed: int = 0, device: str | None = None) -> dict:
-    """Distil one excited random teacher in fp32 eager and in the given setting; compare the two runs."""
+                     group_norm: str = "native", dropout: bool = False, lr: float = 5e-5, samples: int = 64,
+                     seed: int = 0, device: str | None = None) -> dict:
+    """Distil one excited random teacher in fp32 eager and in the given setting; compare the two runs.
+
+    The students train without dropout unless `dropout`: masks are drawn in memory order (and by the compiler's
+    own generator when compiled), so channels-last or compiled runs would draw other masks than the fp32 eager
+    reference, and the comparison would measure that as well as the arithmetic.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     teacher = excite(build_arch(arch), seed).to(device).eval().requires_grad_(False)
     initial = _flat_params(teacher)
     common = dict(grid=GridSpec(num_steps=nfe + 2, afs=True), batch_size=batch, total_kimg=iters * batch / 1000,
                   lr=lr, seed=seed, num_classes=getattr(teacher, "label_dim", 0))
-    ref, ref_losses = _distil_once(teacher, DistillSettings(**common), device)
+    ref, ref_losses = _distil_once(teacher, DistillSettings(**common), device, dropout)
     fast, fast_losses = _distil_once(teacher, DistillSettings(**common, precision=precision, compile=compile,
                                                               compile_mode=compile_mode,
                                                               channels_last=channels_last,
-                                                              group_norm=group_norm), device)
+                                                              group_norm=group_norm), device, dropout)
     moved = (_flat_params(ref) - initial).norm()
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     draw = dict(grid=common["grid"], seeds=range(samples), shape=shape, device=device,
@@ -309,7 +332,7 @@ def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: 
     return {
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "nfe": nfe, "iters": iters, "precision": precision, "compile": compile,
-        "channels_last": channels_last, "group_norm": group_norm, "lr": lr,
+        "channels_last": channels_last, "group_norm": group_norm, "dropout": dropout, "lr": lr,
         "loss_fp32_last_fifth": float(ref_losses[-tail:].mean()), "loss_fast_last_fifth": float(fast_losses[-tail:].mean()),
         "loss_fp32_first": float(ref_losses[0]), "loss_fast_first": float(fast_losses[0]),
         "weights_apart_over_moved": float((_flat_params(fast) - _flat_params(ref)).norm() / moved),
@@ -334,7 +357,7 @@ def _describe_speed(r: dict) -> str:
 def _format_track(r: dict) -> str:
     setting = _describe_speed(r)
     return (f"{r['arch']} on {r['device']}: {r['iters']} SFD iterations, batch {r['batch']}, NFE {r['nfe']}, "
-            f"fp32 eager vs {setting}\n"
+            f"fp32 eager vs {setting}, student dropout {'on' if r.get('dropout', True) else 'off'}\n"
             f"  mean step loss, first iteration: {r['loss_fp32_first']:.5f} vs {r['loss_fast_first']:.5f}; "
             f"last fifth: {r['loss_fp32_last_fifth']:.5f} vs {r['loss_fast_last_fifth']:.5f}\n"
             f"  students' weights apart / fp32 training's move: {r['weights_apart_over_moved']:.3f}\n"
@@ -360,7 +383,8 @@ SUITE = {
     "bf16-compile": dict(precision="bf16", compile=True),
     "bf16-cl-compile": dict(precision="bf16", channels_last=True, compile=True),
     "bf16-cl-cudagraphs": dict(precision="bf16", channels_last=True, compile=True, compile_mode="reduce-overhead"),
-    # Candidates after the first H100 profile, each against the setting above it:
+    # Candidates after the first H100 profile (group norm that keeps channels-last; Inductor's autotuning):
+    "bf16-cl-gn": dict(precision="bf16", channels_last=True, group_norm="channel-stats"),
     "bf16-cl-compile-gn": dict(precision="bf16", channels_last=True, compile=True, group_norm="channel-stats"),
     "bf16-cl-cudagraphs-gn": dict(precision="bf16", channels_last=True, compile=True, compile_mode="reduce-overhead",
                                   group_norm="channel-stats"),
@@ -459,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--iters", type=int, default=100)
     t.add_argument("--lr", type=float, default=5e-5)
     t.add_argument("--samples", type=int, default=64)
+    t.add_argument("--dropout", action="store_true",
+                   help="keep the student's dropout (its masks then differ between the two runs' layouts)")
     u = sub.add_parser("suite", help="time the baseline and each speed option in turn, on one card")
     _add_common_options(u, [2, 4])
     _add_timing_options(u)
@@ -472,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "on a CPU): convolutions by layout and NCHW<->NHWC changes")
     c.add_argument("--arch", default="cifar10", help="tiny | cifar10 | imagenet64 | ffhq64")
     c.add_argument("--group-norm", nargs="+", choices=GROUP_NORMS, default=list(GROUP_NORMS))
+    c.add_argument("--batch", type=int, default=128, help="sizes only: fake tensors hold no memory")
     c.add_argument("--json", action="store_true")
     w = sub.add_parser("show", help="a markdown table of results saved with --json")
     w.add_argument("files", nargs="+")
@@ -486,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "layout":
         for gn in args.group_norm:
-            r = layout_census(args.arch, gn)
+            r = layout_census(args.arch, gn, args.batch)
             print(json.dumps(r) if args.json else _format_census(r), flush=True)
         return 0
     if args.command == "show":
@@ -504,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                               iters=args.iters, **speed)
             print(json.dumps(r) if args.json else _format(r), flush=True)
         else:
-            r = track_precisions(args.arch, args.batch, nfe, args.iters, lr=args.lr, samples=args.samples, **speed)
+            r = track_precisions(args.arch, args.batch, nfe, args.iters, lr=args.lr, samples=args.samples,
+                                 dropout=args.dropout, **speed)
             print(json.dumps(r) if args.json else _format_track(r), flush=True)
     return 0
 

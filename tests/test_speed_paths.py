@@ -165,6 +165,23 @@ def test_track_same_setting_is_deterministic_and_bf16_tracks_fp32():
         assert abs(a - b) < 0.02 * a
 
 
+def test_track_turns_the_students_dropout_off_by_default():
+    """Dropout masks depend on memory layout and on the compiler's generator, so `track` compares students
+    without dropout unless asked; `without_dropout` makes a train-mode network deterministic."""
+    from sfd.bench import without_dropout
+
+    net = EDMPrecond(**{**TINY, "dropout": 0.5}).train()
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    x, sigma = torch.randn(2, 1, 8, 8), torch.ones(2)
+    assert not torch.equal(net(x, sigma), net(x, sigma))
+    without_dropout(net)
+    torch.testing.assert_close(net(x, sigma), net(x, sigma), rtol=0, atol=0)
+    r = track_precisions("tiny", batch=4, nfe=2, iters=2, precision="fp32", samples=4, device="cpu")
+    assert r["dropout"] is False
+
+
 def test_track_cli_prints_the_comparison(capsys):
     assert main(["track", "--arch", "tiny", "--batch", "4", "--iters", "2", "--samples", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

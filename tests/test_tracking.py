@@ -1,5 +1,6 @@
 """MLflow logging from one module: run layout, batched metrics, provenance, FAILED runs, nothing half-created."""
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -220,3 +221,19 @@ def test_same_config_same_numbers(store):
     a = run_experiment(cfg, tracker=T.Tracker("repro"))
     b = run_experiment(cfg, tracker=T.Tracker("repro"))
     assert a.metrics["fd_digits"] == b.metrics["fd_digits"] and a.run_id != b.run_id
+
+
+def test_speed_options_are_run_config_values(store):
+    """The speed options in a run's config reach the distillation core and are logged. The channel-stats group
+    norm changes the embedded digits run's metric only by rounding; channels-last draws the student's dropout
+    masks in memory order, i.e. other masks, so that run differs as another seed would (not asserted equal)."""
+    base = ["optim.total_kimg=0.64", "eval.num_samples=200"]
+    digits = ROOT / "experiments" / "digits_sfd.yaml"
+    plain = run_experiment(load_config(digits, base), tracker=T.Tracker("speed"))
+    stats = run_experiment(load_config(digits, base + ["group_norm=channel-stats"]), tracker=T.Tracker("speed"))
+    assert stats.metrics["fd_digits"] == pytest.approx(plain.metrics["fd_digits"], rel=1e-5)
+    fast = run_experiment(load_config(digits, base + ["channels_last=true", "group_norm=channel-stats"]),
+                          tracker=T.Tracker("speed"))
+    params = _client().get_run(fast.run_id).data.params
+    assert params["channels_last"] == "True" and params["group_norm"] == "channel-stats"
+    assert math.isfinite(fast.metrics["fd_digits"])
