@@ -106,6 +106,9 @@ def test_benchmark_cpu_mode_runs(capsys):
     assert main(["distill", "--arch", "tiny", "--batch", "2", "--nfe", "2", "--iters", "1", "--warmup", "0"]) == 0
     assert "s/iter" in capsys.readouterr().out
     assert r["compile_fell_back"] is False
+    gn = bench_distill("tiny", batch=4, nfe=2, warmup=0, iters=1, device="cpu", precision="bf16",
+                       channels_last=True, group_norm="channel-stats")  # FLOPs are counted on "meta": no autocast
+    assert gn["group_norm"] == "channel-stats" and gn["tflop_per_iter"] == r["tflop_per_iter"]
 
 
 def test_benchmark_says_when_compile_fell_back_to_eager(monkeypatch):

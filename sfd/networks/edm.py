@@ -165,7 +165,8 @@ def group_norm_from_channel_stats(x: torch.Tensor, num_groups: int, weight: torc
     spatial = (1,) * (x.ndim - 2)
     y = (x_acc - mean.expand(n, num_groups, per_group).reshape(n, c, *spatial)) * scale.reshape(n, c, *spatial)
     y = y + bias.to(x_acc.dtype).view(c, *spatial)
-    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+    device = x.device.type  # autocast exists for real devices only (not for "meta", where FLOPs are counted)
+    return y if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) else y.to(x.dtype)
 
 
 class GroupNorm(nn.Module):
