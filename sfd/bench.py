@@ -15,10 +15,11 @@ import json
 import resource
 import statistics
 import sys
+import time
 
 import torch
 
-from sfd.distill import DistillSettings, Distiller, make_student, runs_compiled
+from sfd.distill import DistillSettings, Distiller, make_student, runs_compiled, sync_device
 from sfd.networks.edm import GROUP_NORMS
 from sfd.sampling import GridSpec, generate
 from sfd.solvers import nfe as solver_nfe
@@ -117,6 +118,67 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         "s_per_iter_min": min(r[0] for r in records), "s_per_iter_max": max(r[0] for r in records),
         "tflop_per_iter": tflop, "achieved_tflops": tflop / total,
     }
+
+
+def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = "fp32", channels_last: bool = False,
+                 group_norm: str = "native", inception: str | None = None, device: str | None = None) -> dict:
+    """Time evaluation's two halves as `sfd.metrics.evaluate` runs them: a student of `arch` sampling `num` seeds
+    with Euler + AFS at `nfe` in batches of `batch`, and (given a weights file) Inception features folded into
+    running statistics. One warm-up batch first; each half is synchronised separately to split the time."""
+    from sfd.metrics.evaluate import student_sampler
+    from sfd.metrics.fd import FeatureStats
+    from sfd.metrics.inception import InceptionFeatures, to_uint8
+    from sfd.networks.edm import set_group_norm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    net = set_group_norm(build_arch(arch), group_norm).to(device).eval().requires_grad_(False)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    sampler = student_sampler(net, GridSpec(num_steps=nfe + 2, afs=True), num_classes=getattr(net, "label_dim", 0))
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    features = InceptionFeatures(inception, device=device) if inception else None
+    stats = FeatureStats()
+    timed = {"sampling": 0.0, "features": 0.0}
+
+    def one_batch(seeds, record: bool) -> None:
+        t0 = time.perf_counter()
+        samples, _ = sampler.sample(seeds, shape, device=device, batch_size=batch, precision=precision)
+        sync_device(device)
+        t1 = time.perf_counter()
+        if features is not None:
+            stats.update(features(to_uint8(samples.clamp(-1, 1))))
+            sync_device(device)
+        if record:
+            timed["sampling"] += t1 - t0
+            timed["features"] += time.perf_counter() - t1
+
+    one_batch(range(min(batch, num)), record=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for lo in range(0, num, batch):
+        one_batch(range(lo, min(lo + batch, num)), record=True)
+    sample_rate = num / timed["sampling"]
+    feature_rate = num / timed["features"] if features is not None else None
+    return {
+        "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch": batch, "nfe": nfe, "num_samples": num, "precision": precision, "compile": False,
+        "channels_last": channels_last, "group_norm": group_norm, "sampling_images_per_s": sample_rate, "features_images_per_s": feature_rate,
+        "peak_memory_gb": _peak_memory_gb(device),
+        # 50k samples (the FID protocol) at the measured rates: an extrapolation, labelled as one when printed.
+        "extrapolated_50k_s": 50_000 / sample_rate + (50_000 / feature_rate if feature_rate else 0.0),
+    }
+
+
+def _format_sample(r: dict) -> str:
+    feats = (f"Inception features {r['features_images_per_s']:.0f} images/s" if r["features_images_per_s"]
+             else "Inception features not timed (no --inception weights file)")
+    return (f"{r['arch']} on {r['device']}: {r['num_samples']} samples at NFE {r['nfe']} (Euler + AFS), batch "
+            f"{r['batch']}, {_describe_speed(r)}\n"
+            f"  sampling {r['sampling_images_per_s']:.0f} images/s; {feats}; peak memory "
+            f"{r['peak_memory_gb']:.2f} GiB\n"
+            f"  50k samples at these rates (extrapolated, not timed): {r['extrapolated_50k_s']:.0f} s"
+            f"{'' if r['features_images_per_s'] else ' of sampling'}")
 
 
 # Kernel (GPU) or operator (CPU) name fragments -> what the time is spent on, first match wins.
@@ -432,15 +494,17 @@ def timing_table(rows: list[dict]) -> str:
 
 
 def show(paths: list[str]) -> str:
-    """Read JSON lines written by `--json` runs; a timing table for distill/suite rows, `track` summaries after."""
+    """Read JSON lines written by `--json` runs: a timing table for distill/suite rows, then `track` and `sample`
+    summaries."""
     rows = []
     for path in paths:
         with open(path) as f:
             rows += [json.loads(line) for line in f if line.strip().startswith("{")]
     timings = [r for r in rows if "s_per_iter" in r or "error" in r]
     tracks = [r for r in rows if "weights_apart_over_moved" in r]
+    samples = [r for r in rows if "sampling_images_per_s" in r]
     parts = [timing_table(timings)] if timings else []
-    parts += [_format_track(r) for r in tracks]
+    parts += [_format_track(r) for r in tracks] + [_format_sample(r) for r in samples]
     if not parts:
         raise SystemExit(f"error: no benchmark results (JSON lines from --json) in {', '.join(paths)}")
     return "\n\n".join(parts)
@@ -494,6 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_speed_options(f, "fp32")
     _add_timing_options(f)
     f.add_argument("--top", type=int, default=20)
+    e = sub.add_parser("sample", help="evaluation speed: student sampling and Inception features, images/s")
+    _add_common_options(e, [2])
+    e.set_defaults(batch=1024)
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--channels-last", action="store_true")
+    e.add_argument("--group-norm", choices=GROUP_NORMS, default="native")
+    e.add_argument("--num", type=int, default=10_000, help="samples to time (after one warm-up batch)")
+    e.add_argument("--inception", default=None, help="Inception-v3 2015-12-05 weights file: also time features")
     c = sub.add_parser("layout", help="memory layouts of one channels-last forward as compiled for a GPU (runs "
                                       "on a CPU): convolutions by layout and NCHW<->NHWC changes")
     c.add_argument("--arch", default="cifar10", help="tiny | cifar10 | imagenet64 | ffhq64")
@@ -510,6 +582,13 @@ def main(argv: list[str] | None = None) -> int:
         for nfe in args.nfe:
             print(profile_distill(args.arch, args.batch, nfe, warmup=args.warmup, iters=args.iters, top=args.top,
                                   **speed), flush=True)
+        return 0
+    if args.command == "sample":
+        for nfe in args.nfe:
+            r = bench_sample(args.arch, args.batch, nfe, args.num, precision=args.precision,
+                             channels_last=args.channels_last, group_norm=args.group_norm, inception=args.inception,
+                             device=args.device)
+            print(json.dumps(r) if args.json else _format_sample(r), flush=True)
         return 0
     if args.command == "layout":
         for gn in args.group_norm:

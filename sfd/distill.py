@@ -156,7 +156,8 @@ def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work: twice per iteration, to time the teacher and student phases apart."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -272,7 +273,7 @@ class Distiller:
         t0 = time.perf_counter()
         with torch.profiler.record_function("sfd/teacher_trajectory"):  # named ranges in profiler traces
             targets = self.teacher_states(z, teacher_grid, labels)[:: self.s.m + 1]
-        _sync(self.device)
+        sync_device(self.device)
         t1 = time.perf_counter()
         x, losses = z, []
         for n in range(num_steps - 1):
@@ -283,7 +284,7 @@ class Distiller:
             with torch.profiler.record_function("sfd/student_step"):
                 x, loss = self.train_step(x, ts[n], ts[n + 1], targets[n + 1], labels, step, final)
             losses.append(loss)
-        _sync(self.device)
+        sync_device(self.device)
         first = 1 if self.s.grid.afs else 0
         return torch.stack(losses), tuple(range(first, num_steps - 1)), t1 - t0, time.perf_counter() - t1
 
@@ -317,10 +318,10 @@ class Distiller:
                 labels = _one_hot_labels(x0.shape[0], self.s.num_classes, self.gen, self.device)
             x_n = x0 + t * torch.randn(x0.shape, generator=self.gen, device=self.device)
         target = self.teacher_states(x_n, teacher_grid[k * n: k * (n + 1) + 1], labels)[-1]
-        _sync(self.device)
+        sync_device(self.device)
         t1 = time.perf_counter()
         _, loss = self.train_step(x_n, t, t_next, target, labels, step, final=n == num_steps - 2)
-        _sync(self.device)
+        sync_device(self.device)
         return loss[None], (n,), t1 - t0, time.perf_counter() - t1
 
     # ----- driver ------------------------------------------------------------------------------------

@@ -145,3 +145,17 @@ def test_build_reference_stats_finds_weights_in_sfd_home(empty_homes, random_wei
 def test_build_reference_stats_checks_output_before_work(empty_homes, tmp_path):
     with pytest.raises(ValueError, match=r"\.npz"):
         build_reference_stats(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "out.txt")
+
+
+def test_evaluation_benchmark_times_sampling_and_features(random_weights, capsys):
+    """`sfd.bench sample` times a student's sampling and the Inception features of its samples (any weights
+    file in the right format times the same arithmetic), and says when the features were not timed."""
+    from sfd.bench import bench_sample, main
+
+    r = bench_sample("tiny", batch=4, nfe=2, num=8, inception=str(random_weights), device="cpu")
+    assert r["sampling_images_per_s"] > 0 and r["features_images_per_s"] > 0
+    assert r["extrapolated_50k_s"] == pytest.approx(50_000 / r["sampling_images_per_s"]
+                                                    + 50_000 / r["features_images_per_s"])
+    assert main(["sample", "--arch", "tiny", "--batch", "4", "--num", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Inception features not timed" in out and "of sampling" in out
