@@ -3,8 +3,11 @@
 `distill` prints seconds per iteration (median of the timed iterations after warm-up), the teacher / student
 split, trajectories per second and peak memory. `track` distils the same random teacher twice, in fp32 and in
 a faster setting (bf16 by default), from the same seeds, and prints how far apart the two runs end up
-compared with how far training moved them. Teachers are randomly initialised networks of the named
-architecture: the cost of an iteration does not depend on the weights. `--arch tiny` runs on a CPU in seconds.
+compared with how far training moved them. `suite` times named settings in turn, `profile` shows where the
+time goes, `sample` times evaluation (sampling, Inception features), `layout` counts NCHW/NHWC changes of a
+forward as compiled for a GPU (on a CPU, from fake tensors) and `show` tabulates saved results. Teachers are
+randomly initialised networks of the named architecture: the cost of an iteration does not depend on the
+weights. `--arch tiny` runs on a CPU in seconds.
 """
 from __future__ import annotations
 
@@ -163,8 +166,8 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
     return {
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "nfe": nfe, "num_samples": num, "precision": precision, "compile": False,
-        "channels_last": channels_last, "group_norm": group_norm, "sampling_images_per_s": sample_rate, "features_images_per_s": feature_rate,
-        "peak_memory_gb": _peak_memory_gb(device),
+        "channels_last": channels_last, "group_norm": group_norm, "sampling_images_per_s": sample_rate,
+        "features_images_per_s": feature_rate, "peak_memory_gb": _peak_memory_gb(device),
         # 50k samples (the FID protocol) at the measured rates: an extrapolation, labelled as one when printed.
         "extrapolated_50k_s": 50_000 / sample_rate + (50_000 / feature_rate if feature_rate else 0.0),
     }
@@ -264,20 +267,22 @@ def layout_census(arch: str, group_norm: str = "native", batch: int = 128) -> di
     Inductor's decompositions, where group norm becomes the reference decomposition that makes non-CPU inputs
     contiguous. Counts convolutions by (input, weight) layout and the ops that turn an NHWC activation into
     NCHW or back: each is a transposing copy of a whole activation on the GPU (or a transposed read or write
-    fused into a neighbouring kernel), as is an NCHW input to a convolution with NHWC weights. Attention is left out (a stand-in
-    returns its input's layout): without a GPU it would trace as plain matmuls over [N, heads, pixels,
-    channels], where a GPU compile keeps one fused kernel.
+    fused into a neighbouring kernel), as is an NCHW input to a convolution with NHWC weights. Attention is left
+    out (a stand-in returns its input's layout): without a GPU it would trace as plain matmuls over [N, heads,
+    pixels, channels], where a GPU compile keeps one fused kernel. The backward is not traced: autograd needs a
+    real device.
     """
+    from unittest import mock
+
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from unittest import mock
-
     import sfd.networks.edm as edm
 
     net = edm.set_group_norm(build_arch(arch), group_norm).eval()
-    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(edm, "multihead_attention", _attention_stand_in):
+    stand_in = mock.patch.object(edm, "multihead_attention", _attention_stand_in)
+    with FakeTensorMode(allow_non_fake_inputs=True), stand_in:
         def fake_cuda(v: torch.Tensor) -> torch.Tensor:
             t = torch.empty(v.shape, dtype=v.dtype, device="cuda")
             return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t

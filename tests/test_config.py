@@ -123,7 +123,8 @@ def test_to_settings_maps_every_training_field():
                              "compile=true", "compile_mode=reduce-overhead", "channels_last=true",
                              "group_norm=channel-stats"])
     s = to_settings(cfg, num_classes=10)
-    assert (s.compile, s.compile_mode, s.channels_last, s.group_norm) == (True, "reduce-overhead", True, "channel-stats")
+    speed = (s.compile, s.compile_mode, s.channels_last, s.group_norm)
+    assert speed == (True, "reduce-overhead", True, "channel-stats")
     assert s.algorithm == "sfd" and s.grid.num_steps == 5 and s.grid.afs and s.grid.t_min == 0.002
     assert s.grid.schedule == "logsnr" and s.teacher_solver == "heun" and s.m == 2 and s.loss == "pseudo_huber"
     assert (s.lr, s.total_kimg, s.batch_size, s.seed, s.precision, s.num_classes) == (1e-3, 1.0, 16, 7, "bf16", 10)
