@@ -260,7 +260,7 @@ def _attention_stand_in(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return qkv[:, : qkv.shape[1] // 3].clone(memory_format=fmt)
 
 
-def layout_census(arch: str, group_norm: str = "native", batch: int = 128) -> dict:
+def layout_census(arch: str, group_norm: str = "native", batch: int = 128, train: bool = False) -> dict:
     """Memory layouts in one channels-last forward as the compiler sees it on a GPU, worked out on a CPU.
 
     The network's forward is traced on fake CUDA tensors (shapes and strides, no data, no GPU) through
@@ -280,7 +280,7 @@ def layout_census(arch: str, group_norm: str = "native", batch: int = 128) -> di
 
     import sfd.networks.edm as edm
 
-    net = edm.set_group_norm(build_arch(arch), group_norm).eval()
+    net = edm.set_group_norm(build_arch(arch), group_norm).train(train)  # train: the student's dropout
     stand_in = mock.patch.object(edm, "multihead_attention", _attention_stand_in)
     with FakeTensorMode(allow_non_fake_inputs=True), stand_in:
         def fake_cuda(v: torch.Tensor) -> torch.Tensor:
@@ -314,13 +314,15 @@ def layout_census(arch: str, group_norm: str = "native", batch: int = 128) -> di
             key = f"{node.target} {'NCHW' if out == 'NHWC' else 'NHWC'} -> {out}"
             changes[key] = changes.get(key, 0) + 1
             moved += node.meta["val"].numel()
-    return {"arch": arch, "group_norm": group_norm, "batch": batch, "convolutions": convs,
+    return {"arch": arch, "group_norm": group_norm, "batch": batch, "train": train, "convolutions": convs,
             "layout_changes": changes, "total_layout_changes": sum(changes.values()),
             "changed_elements": moved}
 
 
 def _format_census(r: dict) -> str:
-    lines = [f"{r['arch']}, channels-last, group norm {r['group_norm']}: one forward as traced for a GPU compile"]
+    mode = "train-mode (dropout on)" if r.get("train") else "eval-mode"
+    lines = [f"{r['arch']}, channels-last, group norm {r['group_norm']}: one {mode} forward as traced for a GPU "
+             "compile"]
     lines += [f"  {n:4d} convolutions with {k}" for k, n in sorted(r["convolutions"].items(), key=lambda kv: -kv[1])]
     lines.append(f"  {r['total_layout_changes']:4d} NCHW<->NHWC changes of an activation; with the convolutions' "
                  f"input conversions {r['changed_elements'] / 1e6:.0f}M elements rewritten at batch {r['batch']}")
@@ -576,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--arch", default="cifar10", help="tiny | cifar10 | imagenet64 | ffhq64")
     c.add_argument("--group-norm", nargs="+", choices=GROUP_NORMS, default=list(GROUP_NORMS))
     c.add_argument("--batch", type=int, default=128, help="sizes only: fake tensors hold no memory")
+    c.add_argument("--train", action="store_true", help="the student's train-mode forward (dropout on)")
     c.add_argument("--json", action="store_true")
     w = sub.add_parser("show", help="a markdown table of results saved with --json")
     w.add_argument("files", nargs="+")
@@ -597,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "layout":
         for gn in args.group_norm:
-            r = layout_census(args.arch, gn, args.batch)
+            r = layout_census(args.arch, gn, args.batch, args.train)
             print(json.dumps(r) if args.json else _format_census(r), flush=True)
         return 0
     if args.command == "show":

@@ -95,6 +95,7 @@ def test_layout_census_finds_the_group_norm_transposes_and_none_with_channel_sta
     assert stats["total_layout_changes"] == 0, stats["layout_changes"]
     assert set(stats["convolutions"]) <= {"input NHWC, weight NHWC", "input NHWC, weight any"}
     assert sum(stats["convolutions"].values()) == sum(native["convolutions"].values())
+    assert layout_census("cifar10", "channel-stats", train=True)["total_layout_changes"] == 0  # dropout too
     assert main(["layout", "--arch", "tiny", "--group-norm", "channel-stats"]) == 0
     assert "NCHW<->NHWC changes of an activation" in capsys.readouterr().out
 
