@@ -539,6 +539,18 @@ def _add_timing_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5)
 
 
+def _check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts must be positive (warm-up may be 0): a clear error before anything is built or timed."""
+    for name in ("batch", "iters", "num", "samples", "top"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
+    if getattr(args, "warmup", 0) < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if any(n < 1 for n in getattr(args, "nfe", None) or []):
+        parser.error(f"--nfe must be at least 1, got {args.nfe}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sfd.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -583,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("show", help="a markdown table of results saved with --json")
     w.add_argument("files", nargs="+")
     args = p.parse_args(argv)
+    _check_counts(p, args)
     if args.command in ("profile", "distill", "track"):
         speed = dict(precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
                      channels_last=args.channels_last, group_norm=args.group_norm, device=args.device)

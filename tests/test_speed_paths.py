@@ -112,6 +112,14 @@ def test_benchmark_cpu_mode_runs(capsys):
     assert gn["group_norm"] == "channel-stats" and gn["tflop_per_iter"] == r["tflop_per_iter"]
 
 
+@pytest.mark.parametrize("argv", [["distill", "--iters", "0"], ["sample", "--num", "0"], ["distill", "--nfe", "0"],
+                                  ["suite", "--batch", "0"], ["profile", "--warmup", "-1"]])
+def test_benchmark_refuses_bad_counts_before_work(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(argv + ["--arch", "tiny", "--device", "cpu"])
+    assert err.value.code == 2 and "must be at least" in capsys.readouterr().err
+
+
 def test_benchmark_says_when_compile_fell_back_to_eager(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no compiler here")
