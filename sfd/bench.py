@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from sfd.distill import DistillSettings, Distiller, make_student, runs_compiled, sync_device
+from sfd.distill import DistillSettings, Distiller, make_student, prepare_network, runs_compiled, sync_device
 from sfd.networks.edm import GROUP_NORMS
 from sfd.sampling import GridSpec, generate
 from sfd.solvers import nfe as solver_nfe
@@ -131,13 +131,10 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
     from sfd.metrics.evaluate import student_sampler
     from sfd.metrics.fd import FeatureStats
     from sfd.metrics.inception import InceptionFeatures, to_uint8
-    from sfd.networks.edm import set_group_norm
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    net = set_group_norm(build_arch(arch), group_norm).to(device).eval().requires_grad_(False)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
+    net = build_arch(arch).to(device).eval().requires_grad_(False)
+    prepare_network(net, channels_last=channels_last, group_norm=group_norm)
     sampler = student_sampler(net, GridSpec(num_steps=nfe + 2, afs=True), num_classes=getattr(net, "label_dim", 0))
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     features = InceptionFeatures(inception, device=device) if inception else None

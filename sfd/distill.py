@@ -149,6 +149,18 @@ def sanitize_gradients(params: Iterable[torch.nn.Parameter]) -> None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
+def prepare_network(net, *, channels_last: bool, group_norm: str):
+    """Group-norm computation and memory format, set on an image network itself (before compiling it);
+    anything that is not a torch module (an analytic teacher) is returned untouched."""
+    from sfd.networks.edm import set_group_norm
+
+    if isinstance(net, torch.nn.Module):
+        set_group_norm(net, group_norm)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+    return net
+
+
 def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
     """The default student: a trainable full copy of the teacher network, in train mode (dropout on)."""
     student = copy.deepcopy(teacher)
@@ -184,7 +196,8 @@ class Distiller:
         if isinstance(teacher, torch.nn.Module):
             teacher.eval().requires_grad_(False)
         self.student = student.to(self.device).train()
-        self._prepare_networks(teacher, self.student)
+        for net in (teacher, self.student):
+            prepare_network(net, channels_last=settings.channels_last, group_norm=settings.group_norm)
         compile_args = (settings.compile, settings.compile_mode, settings.compile_backend)
         self.teacher_fwd = maybe_compile(teacher, *compile_args)
         self.student_fwd = maybe_compile(self.student, *compile_args)
@@ -200,16 +213,6 @@ class Distiller:
         self.gen = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.rng = random.Random(settings.seed)
         self.shape: tuple[int, ...] | None = None
-
-    def _prepare_networks(self, *nets) -> None:
-        """Memory format and group-norm computation, set on the networks themselves before compiling."""
-        from sfd.networks.edm import set_group_norm
-
-        for net in nets:
-            if isinstance(net, torch.nn.Module):
-                set_group_norm(net, self.s.group_norm)
-                if self.s.channels_last:
-                    net.to(memory_format=torch.channels_last)
 
     def _to_device(self, fn):
         return fn.to(self.device) if isinstance(fn, torch.nn.Module) else fn
