@@ -132,7 +132,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # bf16: autocast forwards and backwards, fp32 master weights and optimizer
-    # Speed options for image networks (see the README's "Speed (GPU)"): results change only by rounding.
+    # Speed options for image networks (see the README's "Speed (GPU)"): results change only by rounding, but a
+    # channels-last student draws other dropout masks (they follow memory order), as another seed would.
     compile: bool = False  # torch.compile teacher and student (falls back to eager if compiling fails)
     compile_mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs); null: torch's default
     channels_last: bool = False  # NHWC activations for the convolutions
