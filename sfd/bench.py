@@ -82,6 +82,7 @@ def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, devic
         torch.backends.cudnn.benchmark = True
     if speed.get("compile"):  # each configuration compiles afresh: no graphs or recompile budget left over
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()  # graph and graph-break counts of this configuration only
     torch.manual_seed(0)
     teacher = build_arch(arch).to(device).eval().requires_grad_(False)
     settings = DistillSettings(grid=GridSpec(num_steps=nfe + 2, afs=True), teacher_solver=solver, m=m,
@@ -95,10 +96,11 @@ def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, devic
 def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m: int = 3,
                   precision: str = "fp32", compile: bool = False, compile_mode: str | None = None,
                   channels_last: bool = False, group_norm: str = "native", warmup: int = 2, iters: int = 5,
-                  device: str | None = None) -> dict:
+                  device: str | None = None, compile_backend: str = "inductor") -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher, d = _bench_distiller(arch, batch, nfe, solver, m, device, precision=precision, compile=compile,
-                                  compile_mode=compile_mode, channels_last=channels_last, group_norm=group_norm)
+                                  compile_mode=compile_mode, compile_backend=compile_backend,
+                                  channels_last=channels_last, group_norm=group_norm)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     records = []
@@ -114,6 +116,7 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         "precision": precision, "compile": compile, "channels_last": channels_last,
         "compile_mode": compile_mode, "group_norm": group_norm,
         "compile_fell_back": compile and not (runs_compiled(d.teacher_fwd) and runs_compiled(d.student_fwd)),
+        **(_graph_counts() if compile else {}),
         "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
         "s_per_iter": total, "teacher_s": statistics.median(r[1] for r in records),
         "student_s": statistics.median(r[2] for r in records), "trajectories_per_s": batch / total,
@@ -179,6 +182,14 @@ def _format_sample(r: dict) -> str:
             f"{r['peak_memory_gb']:.2f} GiB\n"
             f"  50k samples at these rates (extrapolated, not timed): {r['extrapolated_50k_s']:.0f} s"
             f"{'' if r['features_images_per_s'] else ' of sampling'}")
+
+
+def _graph_counts() -> dict:
+    """Graphs compiled and graph breaks since the configuration was set up: a graph break splits the network
+    into pieces compiled apart, which costs fusion across the break and a return to Python at each."""
+    counters = torch._dynamo.utils.counters
+    return {"graphs_compiled": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 # Kernel (GPU) or operator (CPU) name fragments -> what the time is spent on, first match wins.
@@ -412,7 +423,8 @@ def _describe_speed(r: dict) -> str:
     words = [r["precision"]]
     if r["compile"]:
         words.append("compiled" + (f" {r['compile_mode']}" if r.get("compile_mode") else "")
-                     + (" (FELL BACK TO EAGER)" if r.get("compile_fell_back") else ""))
+                     + (" (FELL BACK TO EAGER)" if r.get("compile_fell_back") else "")
+                     + (f" ({r['graph_breaks']} GRAPH BREAKS)" if r.get("graph_breaks") else ""))
     if r["channels_last"]:
         words.append("channels-last")
     if r.get("group_norm", "native") != "native":
@@ -490,6 +502,8 @@ def timing_table(rows: list[dict]) -> str:
             continue
         if r.get("compile_fell_back"):
             name += " (fell back to eager)"
+        if r.get("graph_breaks"):
+            name += f" ({r['graph_breaks']} graph breaks)"
         lines.append(f"| {r['device']} | {name} | {r['nfe']} | {r['s_per_iter']:.3f} "
                      f"({r['s_per_iter_min']:.3f}–{r['s_per_iter_max']:.3f}) | {r['teacher_s']:.3f} "
                      f"| {r['student_s']:.3f} | {r['trajectories_per_s']:.0f} | {r['peak_memory_gb']:.1f} "

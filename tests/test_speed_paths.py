@@ -120,6 +120,16 @@ def test_benchmark_refuses_bad_counts_before_work(argv, capsys):
     assert err.value.code == 2 and "must be at least" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("group_norm", ["native", "channel-stats"])
+def test_compiled_benchmark_counts_graphs_and_the_network_has_no_graph_breaks(group_norm):
+    """A graph break would split the network into separately compiled pieces; the benchmark records them so a
+    GPU table shows it, and neither group norm (nor autocast's dtype query in channel-stats) causes one."""
+    r = bench_distill("tiny", batch=4, nfe=2, warmup=0, iters=1, device="cpu", precision="bf16", compile=True,
+                      compile_backend="aot_eager", channels_last=True, group_norm=group_norm)
+    assert r["graph_breaks"] == 0 and r["graphs_compiled"] >= 2  # teacher and student forwards
+    assert not r["compile_fell_back"]
+
+
 def test_benchmark_says_when_compile_fell_back_to_eager(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no compiler here")
