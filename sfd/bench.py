@@ -536,10 +536,11 @@ def _add_common_options(p: argparse.ArgumentParser, default_nfe: list[int]) -> N
     p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
 
 
-def _add_speed_options(p: argparse.ArgumentParser, default_precision: str) -> None:
+def _add_speed_options(p: argparse.ArgumentParser, default_precision: str, compile: bool = True) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=default_precision)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
+    if compile:
+        p.add_argument("--compile", action="store_true")
+        p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--group-norm", choices=GROUP_NORMS, default="native",
                    help="channel-stats: group statistics from per-channel ones (for compiled channels-last)")
@@ -591,9 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("sample", help="evaluation speed: student sampling and Inception features, images/s")
     _add_common_options(e, [2])
     e.set_defaults(batch=1024)
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    e.add_argument("--channels-last", action="store_true")
-    e.add_argument("--group-norm", choices=GROUP_NORMS, default="native")
+    _add_speed_options(e, "fp32", compile=False)  # evaluation samples eagerly
     e.add_argument("--num", type=int, default=10_000, help="samples to time (after one warm-up batch)")
     e.add_argument("--inception", default=None, help="Inception-v3 2015-12-05 weights file: also time features")
     c = sub.add_parser("layout", help="memory layouts of one channels-last forward as compiled for a GPU (runs "
