@@ -58,7 +58,7 @@ class LPIPSLoss(torch.nn.Module):
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        if x.shape[-1] != self.resize:
+        if x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
         return x
 

@@ -35,8 +35,9 @@ def derivative(denoiser: Denoiser, x: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def afs_derivative(x: torch.Tensor, t: float) -> torch.Tensor:
-    """AFS direction d0 = x / sqrt(1 + t^2): the PF-ODE direction when the data is a point mass at 0 with
-    unit-scale noise, which is what the network sees at t_max."""
+    """AFS direction d0 = x / sqrt(1 + t^2): the input rescaled to unit variance taken as the noise estimate,
+    since at t_max the data is negligible next to the noise (for unit-variance Gaussian data the exact
+    direction t·x / (1 + t^2) differs by a factor 1 - O(1/t^2))."""
     return x / math.sqrt(1.0 + t * t)
 
 

@@ -43,12 +43,21 @@ def test_teacher_grid_targets_match_direct_solve(solver, opts):
         torch.testing.assert_close(states[4 * i], direct, rtol=0, atol=1e-6)
 
 
-def test_teacher_trajectory_is_one_uninterrupted_solve():
+def test_teacher_keeps_multistep_history_across_student_timestamps():
+    """The DPM++(3M) teacher runs one solve over the refined grid: restarting it at each student timestamp
+    (dropping its history, as a per-segment solve would) gives other targets, and the loop does not."""
     d = Distiller(MIX, MLPDenoiser((2,)), _settings())
     teacher_grid, _ = d.grids(4)
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)) * 80
+    states = d.teacher_states(z, teacher_grid, None)
+    x, restarted = z, [z]
+    for i in range(3):
+        x = solve("dpmpp3m", MIX, x, teacher_grid[4 * i: 4 * i + 5], thresholding=False)
+        restarted.append(x)
     full = solve("dpmpp3m", MIX, z, teacher_grid, return_trajectory=True, thresholding=False)
-    torch.testing.assert_close(d.teacher_states(z, teacher_grid, None), full)
+    torch.testing.assert_close(states, full)
+    for i in (2, 3):
+        assert (states[4 * i] - restarted[i]).abs().max() > 1e-4
 
 
 def test_optimizer_steps_equal_non_afs_student_steps(monkeypatch):
