@@ -342,3 +342,16 @@ def test_ablation_cifar_smoke_cli_end_to_end(tmp_path):
     vanilla = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert vanilla.data.params["algorithm"] == "vanilla" and vanilla.data.params["vanilla.data"] == "dataset"
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("name,lr", [("comparison_cifar", 5e-5), ("comparison_imagenet64", 1e-5)])
+def test_paper_comparison_rows_train_with_the_papers_budgets(name, lr):
+    """Spec §8: 200 kimg for an SFD student, 800 for SFD-v, 2000 (lr 5e-4) for the second stage."""
+    spec = studies.load_spec(name)
+    budgets = {}
+    for row in spec.rows:
+        cfg = studies.row_config(spec, row)
+        budgets[cfg.algorithm] = budgets.get(cfg.algorithm, set()) | {(cfg.optim.total_kimg, cfg.optim.lr)}
+    assert budgets["sfd"] == {(200, lr)}
+    assert budgets["sfd-v"] == {(800, lr)}
+    assert budgets["second-stage"] == {(2000, 5e-4)}
