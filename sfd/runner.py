@@ -236,16 +236,37 @@ def locate_first_stage(ref: str, tracking_uri: str | None = None) -> Path:
     return _FIRST_STAGE_DOWNLOADS[uri, ref]
 
 
-def check_first_stage(cfg: RunConfig, info: dict) -> None:
-    """The second stage's Euler teacher grid ((M+1)(N-1)+1 points) must be the first stage's own grid."""
+def first_stage_num_steps(cfg: RunConfig, info: dict) -> int:
+    """The first-stage N the second stage distils: an SFD model's own N, or for SFD-v the step condition
+    `second_stage.first_stage_step` (default: its main N), which must be one of the N it was trained on."""
+    own = info["grid"]["num_steps"]
+    asked = cfg.second_stage.first_stage_step
+    if not info.get("step_condition"):
+        if asked is not None:
+            raise ConfigError(f"second_stage.first_stage_step: got {asked}; the first stage is a plain SFD model "
+                              f"(N={own}) without a step condition, so leave it null")
+        return own
+    trained = info.get("num_steps_choices") or [own]
+    n = own if asked is None else asked
+    if n not in trained:
+        raise ConfigError(f"second_stage.first_stage_step: got {n}; the SFD-v first stage was trained on N in "
+                          f"{trained}")
+    return n
+
+
+def check_first_stage(cfg: RunConfig, info: dict) -> int:
+    """The second stage's Euler teacher grid ((M+1)(N-1)+1 points) must be the first stage's own grid at the N
+    it distils (see `first_stage_num_steps`); returns that N."""
     g = info["grid"]
+    n = first_stage_num_steps(cfg, info)
     expected = (cfg.solver.m + 1) * (cfg.num_steps - 1) + 1
     mismatch = {k: (g[k], getattr(cfg.student, k)) for k in ("schedule", "t_min", "t_max", "rho")
                 if g[k] != getattr(cfg.student, k)}
-    if g["num_steps"] != expected or mismatch:
+    if n != expected or mismatch:
         raise ConfigError(f"second stage: the Euler teacher grid ((solver.m+1)(N-1)+1 = {expected} points) must be "
-                          f"the first stage's own grid (N={g['num_steps']}, {g['schedule']}, t_min={g['t_min']}, "
+                          f"the first stage's own grid (N={n}, {g['schedule']}, t_min={g['t_min']}, "
                           f"t_max={g['t_max']}, rho={g['rho']}); differs: {mismatch or 'N'}")
+    return n
 
 
 def load_first_stage(folder: Path, device) -> tuple[torch.nn.Module, dict]:
@@ -339,10 +360,10 @@ def _distill_setup(cfg: RunConfig, teacher, device, tracking_uri: str | None = N
     if cfg.algorithm != "second-stage":
         return teacher.net, teacher.make_student(), settings, False
     first_net, info = load_first_stage(locate_first_stage(cfg.second_stage.first_stage, tracking_uri), device)
-    check_first_stage(cfg, info)
+    first_n = check_first_stage(cfg, info)
     g = info["grid"]
     step_cond = bool(info.get("step_condition"))
-    teacher_step = cfg.second_stage.first_stage_step or (g["num_steps"] if step_cond else None)
+    teacher_step = first_n if step_cond else None
     settings = dataclasses.replace(settings, teacher_afs=g["afs"], teacher_step=teacher_step,
                                    num_steps_choices=(cfg.num_steps,) if step_cond else None)
     return first_net, make_student(first_net), settings, step_cond

@@ -215,6 +215,28 @@ def test_second_stage_distils_a_logged_first_stage_run(store):
     assert len(_client().search_runs([exp.experiment_id])) == 2
 
 
+def test_second_stage_starts_from_an_sfdv_run_at_a_trained_step_condition(store):
+    """Spec §10: the second stage may start from "SFD-v with condition 7". Its first stage's main N is 4, so the
+    step condition is asked for explicitly; one the SFD-v model was not trained on is refused before a run."""
+    from sfd.config import ConfigError
+
+    digits = ROOT / "experiments" / "digits_sfd.yaml"
+    tiny = ["optim.batch_size=16", "optim.total_kimg=0.032", "eval.num_samples=16", "eval.gap_nfe=10"]
+    first = run_experiment(load_config(digits, tiny + ["algorithm=sfd-v", "student.nfe=2",
+                                                       "sfdv.num_steps_choices=[4,7]"]), tracker=T.Tracker("stages"))
+    stage2 = tiny + ["algorithm=second-stage", f"second_stage.first_stage={first.run_id}", "solver.name=euler",
+                     "student.nfe=1", "solver.m=2", "optim.lr=5e-4"]
+    second = run_experiment(load_config(digits, stage2 + ["second_stage.first_stage_step=7"]),
+                            tracker=T.Tracker("stages"))
+    assert _client().get_run(second.run_id).info.status == "FINISHED"
+    for step, message in ((5, r"trained on N in \[4, 7\]"), (None, "first stage's own grid")):
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(load_config(digits, stage2 + [f"second_stage.first_stage_step={step or 'null'}"]),
+                           tracker=T.Tracker("stages"))
+    exp = _client().get_experiment_by_name("stages")
+    assert len(_client().search_runs([exp.experiment_id])) == 2
+
+
 def test_same_config_same_numbers(store):
     """A logged run is reproducible: the embedded digits teacher (student with dropout) twice, same metrics."""
     cfg = load_config(ROOT / "experiments" / "digits_sfd.yaml", ["optim.total_kimg=0.64", "eval.num_samples=200"])
