@@ -24,7 +24,7 @@ import torch
 
 from sfd.distill import DistillSettings, Distiller, make_student, prepare_network, runs_compiled, sync_device
 from sfd.networks.edm import GROUP_NORMS
-from sfd.sampling import GridSpec, generate
+from sfd.sampling import PRECISIONS, GridSpec, generate
 from sfd.solvers import nfe as solver_nfe
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
@@ -76,9 +76,7 @@ def iteration_tflop(net: torch.nn.Module, batch: int, nfe: int, solver: str = "d
 def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, device: torch.device,
                      **speed) -> tuple[torch.nn.Module, Distiller]:
     """A random teacher of `arch` and a Distiller for it, set up the way every benchmark times it."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # TF32 follows the precision setting (sfd.sampling.use_precision)
         torch.backends.cudnn.benchmark = True
     if speed.get("compile"):  # each configuration compiles afresh: no graphs or recompile budget left over
         torch._dynamo.reset()
@@ -456,6 +454,7 @@ def _format(r: dict) -> str:
 # what every option buys there.
 SUITE = {
     "fp32": dict(precision="fp32"),
+    "tf32": dict(precision="tf32"),
     "bf16": dict(precision="bf16"),
     "bf16-cl": dict(precision="bf16", channels_last=True),
     "bf16-compile": dict(precision="bf16", compile=True),
@@ -537,7 +536,7 @@ def _add_common_options(p: argparse.ArgumentParser, default_nfe: list[int]) -> N
 
 
 def _add_speed_options(p: argparse.ArgumentParser, default_precision: str, compile: bool = True) -> None:
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=default_precision)
+    p.add_argument("--precision", choices=PRECISIONS, default=default_precision)
     if compile:
         p.add_argument("--compile", action="store_true")
         p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from sfd.losses import get_loss
-from sfd.sampling import GridSpec, autocast_context, bind
+from sfd.sampling import GridSpec, autocast_context, bind, use_precision
 from sfd.schedules import get_schedule, refine_grid
 from sfd.solvers import afs_derivative, check_solver, solve
 
@@ -98,7 +98,7 @@ class DistillSettings:
     batch_size: int = 128
     total_kimg: float = 200.0
     num_classes: int = 0  # >0: one random one-hot label per trajectory
-    precision: str = "fp32"  # "bf16": autocast forwards, fp32 master weights and optimizer
+    precision: str = "fp32"  # see sfd.sampling.PRECISIONS; "bf16": autocast forwards, fp32 master weights
     compile: bool = False  # torch.compile teacher and student forwards (falls back to eager on failure)
     compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs"; None = torch's default
     compile_backend: str = "inductor"
@@ -161,6 +161,16 @@ def prepare_network(net, *, channels_last: bool, group_norm: str):
     return net
 
 
+def conditional_branch_only(net: torch.nn.Module) -> torch.nn.Module:
+    """Switch off classifier-free label dropout (spec §11: distil with ω = 1, the conditional branch only): a
+    train-mode student would otherwise see the null label on some trajectories whose targets the conditional
+    teacher made. Ordinary dropout stays on."""
+    for module in net.modules():
+        if getattr(module, "label_dropout", 0):
+            module.label_dropout = 0.0
+    return net
+
+
 def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
     """The default student: a trainable full copy of the teacher network, in train mode (dropout on)."""
     student = copy.deepcopy(teacher)
@@ -195,7 +205,8 @@ class Distiller:
         self.teacher = teacher
         if isinstance(teacher, torch.nn.Module):
             teacher.eval().requires_grad_(False)
-        self.student = student.to(self.device).train()
+        self.student = conditional_branch_only(student.to(self.device).train())
+        use_precision(settings.precision)
         for net in (teacher, self.student):
             prepare_network(net, channels_last=settings.channels_last, group_norm=settings.group_norm)
         compile_args = (settings.compile, settings.compile_mode, settings.compile_backend)

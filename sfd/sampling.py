@@ -64,13 +64,30 @@ def seed_labels(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(classes), num_classes).float()
 
 
+# fp32: true float32 (TF32 off, as the reference runs); tf32: float32 storage with TF32 matrix products and
+# convolutions on NVIDIA GPUs since Ampere (the same as fp32 elsewhere); bf16: autocast, fp32 master weights.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def use_precision(precision: str) -> None:
+    """Set the process-wide TF32 switches for `precision`. cuDNN's own default is TF32 on, so without this an
+    'fp32' run would silently convolve in TF32 on a GPU; bf16's autocast covers the convolutions itself."""
+    _check_precision(precision)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
 def autocast_context(device: torch.device, precision: str):
-    """fp32 runs plainly; bf16 under autocast (weights stay fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
+    """fp32 and tf32 run plainly; bf16 under autocast (weights stay fp32)."""
+    _check_precision(precision)
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -97,6 +114,7 @@ def generate(
     `class_labels` fixes the class of every seed; otherwise each seed draws its own class.
     """
     device = torch.device(device)
+    use_precision(precision)
     ts = grid.timestamps()
     seeds = [int(s) for s in seeds]
     if class_labels is not None and len(class_labels) != len(seeds):

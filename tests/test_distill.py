@@ -72,17 +72,116 @@ def test_optimizer_steps_equal_non_afs_student_steps(monkeypatch):
         assert all(s.step_indices == tuple(range(3 - expected_per_iter, 3)) for s in seen)
 
 
+class Recorded(torch.nn.Module):
+    """A student that records every call: its input, sigma, train mode and output."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, sigma, **kw):
+        out = self.net(x, sigma, **kw)
+        self.calls.append((x.detach().clone(), float(sigma), self.training, out.detach().clone()))
+        return out
+
+
+def test_student_steps_from_its_own_state_in_train_mode_on_fresh_noise():
+    """Algorithm 2 (spec §6): each iteration draws new noise; the AFS step moves it analytically; every later
+    student step starts from the student's own (detached) previous output, not the teacher's state; the
+    student is in train mode throughout."""
+    noises = []
+
+    def teacher(x, sigma):
+        if float(sigma) == 80.0:
+            noises.append(x.clone())
+        return MIX(x, sigma)
+
+    student = Recorded(MLPDenoiser((2,)))
+    d = Distiller(teacher, student, _settings())
+    ts = d.grids(4)[1].tolist()
+    d.run((2,))
+    assert len(noises) == 3 and len(student.calls) == 6  # 3 iterations x 2 trained student steps
+    assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[1], noises[2])
+    assert all(training for _, _, training, _ in student.calls)
+    for z, (x1, t1, _, d1), (x2, t2, _, _) in zip(noises, student.calls[::2], student.calls[1::2]):
+        assert (t1, t2) == (ts[1], ts[2])
+        torch.testing.assert_close(x1, z + (ts[1] - ts[0]) * z / (1 + ts[0] ** 2) ** 0.5)
+        torch.testing.assert_close(x2, x1 + (ts[2] - ts[1]) * (x1 - d1) / ts[1])
+        teacher_state = d.teacher_states(z, d.grids(4)[0], None)[8]
+        assert (x2 - teacher_state).abs().max() > 1e-3  # the student's own state, not the teacher's
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, p):
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class NanGradientStudent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.extra = MLPDenoiser((2,)), torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x, sigma, **kw):
+        return self.net(x, sigma, **kw) + _NanGradient.apply(self.extra)
+
+
+def test_loop_turns_nan_gradients_to_zero_before_the_optimizer():
+    """Spec §8's gradient guard inside the loop: a NaN gradient becomes 0, so Adam leaves that weight alone
+    (unguarded, the weight would become NaN) while the others train."""
+    student = NanGradientStudent()
+    before = [p.detach().clone() for p in student.net.parameters()]
+    distill(MIX, student, _settings(), (2,))
+    assert student.extra.tolist() == [0.0, 0.0]
+    after = list(student.net.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_conditional_student_keeps_dropout_but_never_sees_the_null_label():
+    """Spec §11: distil with ω = 1, the conditional branch only. The teacher was trained with label dropout;
+    the train-mode student keeps its ordinary dropout but not the label dropout."""
+    from sfd.networks.edm import EDMPrecond
+
+    torch.manual_seed(0)
+    teacher = EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_type="SongUNet", model_channels=16,
+                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.5, label_dropout=0.5)
+    student = make_student(teacher)
+    seen = []
+    student.model.map_label.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    distill(teacher, student, _settings(num_classes=4, batch_size=16, total_kimg=0.032), (3, 8, 8))
+    labels = torch.cat(seen)
+    assert len(labels) == 2 * 2 * 16 and torch.all(labels.abs().sum(1) > 0)  # iterations x steps x batch
+    x, sigma = torch.randn(2, 3, 8, 8), torch.full((2,), 1.0)
+    onehot = torch.eye(4)[:2]
+    assert student.training and not torch.equal(student(x, sigma, onehot), student(x, sigma, onehot))
+
+
+@pytest.fixture
+def tf32_switches():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("tf32", True), ("bf16", False)])
+def test_precision_sets_the_tf32_switches(tf32_switches, precision, tf32):
+    """fp32 is true float32 (the reference's numerics): cuDNN's default TF32 convolutions are switched off."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    Distiller(MIX, MLPDenoiser((2,)), _settings(precision=precision))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+
+
 def test_gradient_flows_through_current_step_only():
-    """The student's input state must be detached: a previous step cannot receive gradient."""
-    student = MLPDenoiser((2,))
-    d = Distiller(MIX, student, _settings())
-    x_prev = torch.randn(4, 2, requires_grad=True)
-    x_in = (x_prev * 2.0).detach()
-    out = d.student_step(x_in, 10.9, 0.67, None, None)
-    out.sum().backward()
-    assert x_prev.grad is None
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    # And the loop itself hands the next step a tensor with no autograd history.
+    """The loop hands the next step a tensor with no autograd history, so a step's loss reaches the student's
+    weights through that step alone."""
+    d = Distiller(MIX, MLPDenoiser((2,)), _settings())
     z = torch.randn(4, 2) * 80
     target = torch.zeros(4, 2)
     x_next, _ = d.train_step(z, 80.0, 10.9, target, None, None, final=False)
