@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import re
 import types
@@ -34,7 +35,6 @@ import yaml
 
 ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage", "baseline")
 TRAINING_ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage")
-PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 VANILLA_DATA = ("dataset", "teacher")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -131,7 +131,7 @@ class RunConfig:
     algorithm: str = "sfd"
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # bf16: autocast forwards and backwards, fp32 master weights and optimizer
+    precision: str = "fp32"  # fp32 (TF32 off) | tf32 | bf16 (autocast, fp32 master weights); sfd.sampling
     # Speed options for image networks (see the README's "Speed (GPU)"): results change only by rounding, but a
     # channels-last student draws other dropout masks (they follow memory order), as another seed would.
     compile: bool = False  # torch.compile teacher and student (falls back to eager if compiling fails)
@@ -433,14 +433,61 @@ def _check_grid(cfg: RunConfig, key: str, num_steps: int) -> None:
                           "needs at least 2 student steps (N >= 3); set student.afs=false or raise N")
 
 
+def _check_opts(key: str, owner: str, fn, opts: dict, *, framework_args: int,
+                set_elsewhere: Mapping[str, str] = {}) -> dict:
+    """`opts` checked against the keyword parameters of `fn` (a solver, a loss function or class) after the
+    `framework_args` positional ones the caller passes itself: names (a typo would be a TypeError, or silently
+    ignored, once the run exists) and, where an annotation or a default shows it, value types. Returns the
+    options converted (1 -> 1.0 for a float, '5e-5' -> 5e-05), as the run will pass them."""
+    params = {n: p for n, p in list(inspect.signature(fn).parameters.items())[framework_args:]
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in set_elsewhere}
+    try:
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except Exception:  # an annotation that does not resolve: fall back to the defaults' types
+        hints = {}
+    out = {}
+    for name, value in opts.items():
+        if name in set_elsewhere:
+            raise ConfigError(f"{key}.{name}: not an option of {owner}; it is set by {set_elsewhere[name]}")
+        if not params:
+            raise ConfigError(f"{key}: got {opts!r}; {owner} takes no options (use {key}={{}})")
+        if name not in params:
+            raise ConfigError(f"{key}.{name}: unknown option of {owner}; allowed: {', '.join(params)}"
+                              + _suggest(name, params))
+        default = params[name].default
+        tp = hints.get(name, type(default) if default not in (None, inspect.Parameter.empty) else None)
+        try:
+            value = _coerce(value, tp, f"{key}.{name}") if tp is not None else value
+        except TypeError:  # a type config values cannot spell (a tensor, a callable): left to the callee
+            pass
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}.{name}: got {value!r}; must be a finite number")
+        out[name] = value
+    return out
+
+
+def _dry_run_solver(name: str, opts: dict) -> None:
+    """Run the solver on a 3-point grid with a zero denoiser, so that its own range checks (e.g. ipndm's
+    max_order in 1..4) fail here rather than inside the run; it costs microseconds."""
+    import torch
+
+    from sfd.solvers import solve
+
+    try:
+        solve(name, lambda x, t: torch.zeros_like(x), torch.ones(1, 2), [2.0, 1.0, 0.5], **opts)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"solver.opts: got {opts!r}; {exc}") from None
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field against what is allowed; raise ConfigError naming the first bad one."""
-    from sfd.losses import LOSSES
+    from sfd.losses import LOSS_FNS, LOSSES, LPIPS_NETS
     from sfd.metrics.evaluate import METRICS
+    from sfd.sampling import PRECISIONS
     from sfd.schedules import SCHEDULES
     from sfd.solvers import SOLVERS, num_steps_for_nfe
     from sfd.teachers import TEACHERS
-    from sfd.teachers.registry import check_teacher_name
+    from sfd.teachers.registry import check_teacher_name, teacher_source
 
     _choice("algorithm", cfg.algorithm, ALGORITHMS)
     _choice("precision", cfg.precision, PRECISIONS)
@@ -459,6 +506,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     except ValueError:
         raise ConfigError(f"teacher.name: got {cfg.teacher.name!r}; allowed: {', '.join(TEACHERS)}"
                           + _suggest(cfg.teacher.name, TEACHERS)) from None
+    source = teacher_source(cfg.teacher.name)
+    if cfg.teacher.path is not None and source != "checkpoint":  # it would be logged as if it had been used
+        raise ConfigError(f"teacher.path: got {cfg.teacher.path!r}; teacher {cfg.teacher.name!r} is {source}, so "
+                          "teacher.path does not apply (it names the checkpoint of an EDM teacher); use "
+                          "teacher.path=null")
     if cfg.teacher.path is not None and not cfg.smoke and not Path(cfg.teacher.path).expanduser().exists():
         raise ConfigError(f"teacher.path: got {cfg.teacher.path!r}; the file does not exist")
 
@@ -480,6 +532,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.solver.m < 0:
         raise ConfigError(f"solver.m: got {cfg.solver.m!r}; must be >= 0 (intermediate teacher steps)")
     _choice("loss.name", cfg.loss.name, LOSSES)
+    cfg.solver.opts = _check_opts("solver.opts", f"solver {cfg.solver.name!r}", SOLVERS[cfg.solver.name],
+                                  cfg.solver.opts, framework_args=3, set_elsewhere={"afs": "solver.afs"})
+    _dry_run_solver(cfg.solver.name, cfg.solver.opts)
+    fn = LOSS_FNS[cfg.loss.name]
+    cfg.loss.opts = _check_opts("loss.opts", f"loss {cfg.loss.name!r}", fn, cfg.loss.opts,
+                                framework_args=0 if isinstance(fn, type) else 2)  # a module takes pred, target later
+    if cfg.loss.name == "lpips":  # LPIPSLoss would refuse another net only once the run exists
+        _choice("loss.opts.net", cfg.loss.opts.get("net", "vgg"), list(LPIPS_NETS))
     if cfg.loss.final is not None:
         _choice("loss.final", cfg.loss.final, LOSSES)
 

@@ -4,6 +4,7 @@ No per-timestep weighting. Each loss is built by `get_loss(name, **opts)` and ca
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -15,6 +16,7 @@ LOSSES = ("l1", "l2", "pseudo_huber", "lpips")
 PAPER_NAMES = {"l1": "L1", "l2": "L2", "pseudo_huber": "Pseudo-Huber", "lpips": "LPIPS"}
 # iCT's Pseudo-Huber constant per sqrt(dimension) (unconfirmed for SFD, so it is an option).
 PSEUDO_HUBER_C_PER_SQRT_DIM = 0.00054
+LPIPS_NETS = {"vgg": "lpips-vgg16", "alex": "lpips-alexnet"}  # LPIPS backbone -> its weights asset
 
 
 def _per_sample(a: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,7 @@ class LPIPSLoss(torch.nn.Module):
 
         from sfd.assets import require
 
-        asset = {"vgg": "lpips-vgg16", "alex": "lpips-alexnet"}.get(net)
+        asset = LPIPS_NETS.get(net)
         if asset is None:
             raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
         require(asset)  # clear error naming the file and the torch hub cache folder when absent
@@ -66,14 +68,15 @@ class LPIPSLoss(torch.nn.Module):
         return self.model(self._prep(pred.float()), self._prep(target.float())).mean()
 
 
+# What builds each loss. A loss's options are its keyword parameters (after pred, target for a function; the
+# __init__ parameters for a module): get_loss passes them through, and config validation checks them against these.
+LOSS_FNS = {"l1": l1_loss, "l2": l2_loss, "pseudo_huber": pseudo_huber_loss, "lpips": LPIPSLoss}
+
+
 def get_loss(name: str, **opts) -> LossFn:
-    if name == "l1":
-        return l1_loss
-    if name == "l2":
-        return l2_loss
-    if name == "pseudo_huber":
-        c = opts.get("c")
-        return lambda pred, target: pseudo_huber_loss(pred, target, c)
-    if name == "lpips":
-        return LPIPSLoss(net=opts.get("net", "vgg"))
-    raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
+    if name not in LOSS_FNS:
+        raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
+    fn = LOSS_FNS[name]
+    if isinstance(fn, type):
+        return fn(**opts)
+    return functools.partial(fn, **opts) if opts else fn

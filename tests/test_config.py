@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sfd.config import (
@@ -116,6 +117,11 @@ def test_sfdv_and_second_stage_defaults():
     assert (s.teacher_solver, s.m, s.final_loss, s.lr, s.grid.num_steps) == ("euler", 2, "lpips", 5e-4, 3)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_every_precision_is_a_run_config_value(precision):
+    assert to_settings(load_config(None, ["teacher.name=gmm-8", f"precision={precision}"])).precision == precision
+
+
 def test_to_settings_maps_every_training_field():
     cfg = load_config(None, ["teacher.name=gmm-8", "student.nfe=3", "student.t_min=0.002", "student.schedule=logsnr",
                              "solver.name=heun", "solver.m=2", "loss.name=pseudo_huber", "optim.lr=1e-3",
@@ -165,3 +171,62 @@ def test_cli_bad_field_fails_clearly_and_creates_nothing(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert from_dict(yaml.safe_load(dry.stdout)).student.nfe == 3
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("overrides,names", [
+    (["solver.opts.thresholdin=false"], ["solver.opts.thresholdin", "dpmpp3m", "max_order", "mean thresholding"]),
+    (["solver.opts.thresholding=1"], ["solver.opts.thresholding", "got 1", "true/false"]),
+    (["solver.opts.max_order=2.5"], ["solver.opts.max_order", "2.5", "integer"]),
+    (["solver.opts.threshold_max=.inf"], ["solver.opts.threshold_max", "inf", "finite"]),
+    (["solver.opts.afs=true"], ["solver.opts.afs", "solver.afs"]),
+    (["solver.name=heun", "solver.opts.max_order=2"], ["solver.opts", "max_order", "'heun' takes no options"]),
+    (["solver.name=ipndm", "solver.opts.max_order=5"], ["solver.opts", "max_order", "1..4"]),  # the solver's own check
+    (["loss.name=pseudo_huber", "loss.opts.c=abc"], ["loss.opts.c", "'abc'", "a number"]),
+    (["loss.name=pseudo_huber", "loss.opts.cc=1"], ["loss.opts.cc", "pseudo_huber", "did you mean c"]),
+    (["loss.name=l1", "loss.opts.c=1"], ["loss.opts", "'c'", "'l1' takes no options"]),
+    (["loss.name=lpips", "loss.opts.net=squeeze"], ["loss.opts.net", "'squeeze'", "vgg, alex"]),
+])
+def test_solver_and_loss_options_are_checked_against_what_they_accept(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "experiments" / "digits_sfd.yaml", overrides)
+    for text in names:
+        assert text in str(err.value), str(err.value)
+
+
+def test_options_reach_the_run_converted_and_usable():
+    from sfd.losses import get_loss
+
+    cfg = load_config(None, ["loss.name=pseudo_huber", "loss.opts.c=5e-5", "solver.opts.threshold_max=2",
+                             "solver.opts.thresholding=false"])
+    assert cfg.loss.opts == {"c": 5e-5} and cfg.solver.opts == {"threshold_max": 2.0, "thresholding": False}
+    assert to_settings(cfg).loss_opts == {"c": 5e-5}  # YAML 1.1 read 5e-5 as a string; the loss gets a number
+    pred, target = torch.zeros(2, 3), torch.ones(2, 3)
+    assert get_loss(cfg.loss.name, **cfg.loss.opts)(pred, target).item() > 0
+
+
+@pytest.mark.parametrize("teacher,kind", [("digits", "embedded"), ("digits-cond", "embedded"), ("gmm-8", "analytic")])
+def test_teacher_path_is_refused_for_teachers_that_load_no_file(teacher, kind):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"teacher.name={teacher}", "teacher.path=/etc/hostname"])
+    assert f"teacher {teacher!r} is {kind}" in str(err.value) and "teacher.path does not apply" in str(err.value)
+
+
+def test_teacher_path_that_is_not_an_edm_pickle_fails_before_the_run(tmp_path):
+    """prepare() is what runs before MLflow is touched; only the file's first bytes are read."""
+    import pickle
+
+    from sfd.runner import prepare
+
+    text, archive, good = tmp_path / "hostname", tmp_path / "net.pt", tmp_path / "net.pkl"
+    text.write_text("myhost\n")
+    torch.save({"w": torch.zeros(1)}, archive)
+    for path, reason in ((text, "is not an EDM network pickle"), (archive, "is a zip archive")):
+        cfg = load_config(ROOT / "experiments" / "cifar10_sfd.yaml",
+                          [f"teacher.path={path}", "eval.metrics=[teacher_gap]"])
+        with pytest.raises(ConfigError) as err:
+            prepare(cfg)
+        assert "teacher.path" in str(err.value) and str(path) in str(err.value) and reason in str(err.value)
+    for protocol in (0, 2, pickle.DEFAULT_PROTOCOL):  # a pickled dict, as EDM writes, passes the cheap check
+        good.write_bytes(pickle.dumps({"ema": None}, protocol=protocol))
+        prepare(load_config(ROOT / "experiments" / "cifar10_sfd.yaml",
+                            [f"teacher.path={good}", "eval.metrics=[teacher_gap]"]))

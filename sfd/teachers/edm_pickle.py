@@ -17,6 +17,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from sfd.networks.edm import STEP_KEY_PREFIX, EDMPrecond
 
 __all__ = [
     "UnsafePickleError", "EDMPickleError", "PersistentRecord", "ModuleRecord", "SafeEDMUnpickler",
-    "read_edm_pickle", "edm_state_from_record", "load_edm_pickle",
+    "check_edm_pickle_header", "read_edm_pickle", "edm_state_from_record", "load_edm_pickle",
 ]
 
 
@@ -159,6 +160,25 @@ class SafeEDMUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError("refusing a persistent id: EDM network pickles do not use them")
+
+
+def check_edm_pickle_header(path: str | os.PathLike) -> None:
+    """Raise EDMPickleError unless the file starts like an EDM network pickle (a pickled dict, any protocol).
+
+    Reads a few bytes only, so a wrong file (a text file, a torch.save zip) is refused before a run exists
+    instead of with an UnpicklingError after loading starts; the full check is `read_edm_pickle`'s."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    expected = "expected an NVlabs EDM network pickle (a pickled dict, e.g. edm-cifar10-32x32-uncond-vp.pkl)"
+    if head.startswith(b"PK\x03\x04"):
+        raise EDMPickleError(f"{path} is a zip archive (torch.save?), not an EDM network pickle; {expected}")
+    try:  # the first real opcode must build the top-level dict; PROTO / FRAME / MARK may come before it
+        first = next(op.name for op, _, _ in pickletools.genops(io.BytesIO(head))
+                     if op.name not in ("PROTO", "FRAME", "MARK"))
+    except (ValueError, StopIteration):  # an unknown opcode, or too short to be a pickle
+        first = None
+    if first not in ("EMPTY_DICT", "DICT"):
+        raise EDMPickleError(f"{path} is not an EDM network pickle (it starts with {head[:16]!r}); {expected}")
 
 
 def read_edm_pickle(path: str | os.PathLike) -> dict:

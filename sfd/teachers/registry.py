@@ -207,6 +207,15 @@ def default_metric(name: str) -> str:
     return {"digits": "fd_digits", "gmm": "teacher_gap"}[teacher_dataset(name)]
 
 
+def teacher_source(name: str) -> str:
+    """Where a teacher's network comes from: 'checkpoint' (an EDM pickle; teacher.path applies), 'embedded'
+    (shipped with the package) or 'analytic' (an exact mixture denoiser)."""
+    check_teacher_name(name)
+    if name in _EDM_TEACHERS:
+        return "checkpoint"
+    return "embedded" if name.startswith("digits") else "analytic"
+
+
 def has_training_images(name: str) -> bool:
     """Whether Algorithm 1 can draw real images for this teacher (digits, mixture samples, a data asset)."""
     check_teacher_name(name)
@@ -219,8 +228,14 @@ def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None
     if name not in _EDM_TEACHERS:
         return
     from sfd.assets import require
+    from sfd.teachers.edm_pickle import EDMPickleError, check_edm_pickle_header
 
-    require(_EDM_TEACHERS[name][1], path=path)
+    try:  # a few header bytes: a wrong file fails here, not with an UnpicklingError once the run exists
+        check_edm_pickle_header(require(_EDM_TEACHERS[name][1], path=path))
+    except EDMPickleError as exc:
+        from sfd.config import ConfigError
+
+        raise ConfigError(f"teacher.path: got {str(path)!r}; {exc}" if path is not None else str(exc)) from None
     if needs_data:
         data_asset = _EDM_TEACHERS[name][4]
         if data_asset is None:
