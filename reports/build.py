@@ -27,6 +27,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import argparse
 import contextlib
 import datetime as _dt
+import difflib
 import io
 import json
 import math
@@ -264,12 +265,56 @@ def _sqlite_file(uri: str | None) -> Path | None:
     return None if rest in ("", ":memory:") else Path(rest)
 
 
+def runs_dir() -> Path:
+    """``$SFD_RUNS_DIR`` or ``<repo>/runs``, as in ``sfd.tracking.runs_dir`` (where studies/run.py stores runs)."""
+    return Path(os.environ.get("SFD_RUNS_DIR") or REPO_ROOT / "runs").expanduser().resolve()
+
+
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'runs' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
 
 
 def default_storage() -> str:
-    return f"sqlite:///{REPO_ROOT / 'runs' / 'optuna.db'}"
+    return f"sqlite:///{runs_dir() / 'optuna.db'}"
+
+
+def _storage_file(url: str) -> Path | None:
+    """The local file behind an Optuna storage URL (sqlite, or a journal file as `open_optuna_storage` reads
+    it), else None (a database server)."""
+    s = str(url)
+    if s.startswith("sqlite:"):
+        return _sqlite_file(s)
+    if "://" in s and not s.startswith("file://"):
+        return None
+    return Path(re.sub(r"^(journal:|file://)", "", s))
+
+
+def check_storage(url: str, given: bool) -> None:
+    """A storage file that is not there is an error: opening it would create an empty one, and a report
+    without the trials would be logged over the parent run's. `given`: the URL came from --storage (else from
+    the parent run's optuna.storage tag)."""
+    path = _storage_file(url)
+    if path is not None and not path.is_file():
+        where, fix = (("--storage", "leave --storage out to use the one the study ran with") if given else
+                      ("the study's optuna.storage tag", "pass --storage with where that file is now"))
+        raise ReportError(f"no Optuna storage at {path} ({where} {url}); {fix}")
+
+
+def _study_names() -> list[str]:
+    return sorted(p.stem for p in (REPO_ROOT / "studies").glob("*.yaml"))
+
+
+def run_hint(study_name: str, smoke: bool, known=()) -> str:
+    """How to get runs for `study_name`: the studies/run.py command when the study exists (a
+    `<study>-seeds-0-1` name: its `--seeds` command), else the close study / experiment names."""
+    m = re.fullmatch(r"(.+)-seeds-(\d+(?:-\d+)*)", study_name)
+    base, seeds = (m.group(1), " --seeds " + m.group(2).replace("-", " ")) if m else (study_name, "")
+    names = _study_names()
+    if base in names:
+        return f"run `python studies/run.py {base}{seeds}{' --smoke' if smoke else ''}` first"
+    close = difflib.get_close_matches(study_name, sorted(set(names) | set(known)), n=3)
+    return (f"there is no study {study_name!r} in studies/ "
+            + (f"(did you mean {', '.join(close)}?)" if close else f"(studies: {', '.join(names)})"))
 
 
 def open_optuna_storage(url: str):
@@ -436,19 +481,20 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     from mlflow.tracking import MlflowClient
 
     spec_dict, spec_path = load_study_spec(study_name, spec)
+    if storage:
+        check_storage(storage, given=True)
     tracking_uri = tracking_uri or default_tracking_uri()
     db = _sqlite_file(tracking_uri)
     if db is not None and not db.is_file():  # MlflowClient would create an empty store there
-        raise ReportError(f"no MLflow store at {db} (tracking URI {tracking_uri}); run "
-                          f"`python studies/run.py {study_name}{' --smoke' if smoke else ''}` first, or pass "
-                          f"--tracking-uri / set MLFLOW_TRACKING_URI")
+        raise ReportError(f"no MLflow store at {db} (tracking URI {tracking_uri}); {run_hint(study_name, smoke)}; "
+                          "or pass --tracking-uri / set MLFLOW_TRACKING_URI")
     client = MlflowClient(tracking_uri=tracking_uri)
     exp_name = f"{study_name}-smoke" if smoke else study_name
     exp = client.get_experiment_by_name(exp_name)
     if exp is None:
-        raise ReportError(f"no MLflow experiment {exp_name!r} at {tracking_uri}; run "
-                          f"`python studies/run.py {study_name}{' --smoke' if smoke else ''}` first "
-                          f"(or pass --tracking-uri)")
+        known = {e.name.removesuffix("-smoke") for e in client.search_experiments()}
+        raise ReportError(f"no MLflow experiment {exp_name!r} at {tracking_uri}; "
+                          f"{run_hint(study_name, smoke, known)}; or pass --tracking-uri")
     notes: list[str] = []
     parents = [_flatten_run(r) for r in _search_all(
         client, [exp.experiment_id], f"tags.`sfd.role` = 'study' and tags.`sfd.study` = '{study_name}'")]
@@ -485,6 +531,8 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
 
     # --- Optuna ---
     storage_url = storage or parent["tags"].get("optuna.storage") or default_storage()
+    if not storage:
+        check_storage(storage_url, given=False)
     optuna_name = parent["tags"].get("optuna.study_name") or study_name
     trials: list[dict] = []
     optuna_study = None
@@ -492,9 +540,6 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        odb = _sqlite_file(storage_url)
-        if odb is not None and not odb.is_file():  # loading would create an empty storage there
-            raise FileNotFoundError(f"no such file {odb}")
         optuna_study = optuna.load_study(study_name=optuna_name, storage=open_optuna_storage(storage_url))
         for t in optuna_study.get_trials(deepcopy=False):
             sys_attrs = getattr(t, "system_attrs", {}) or {}
@@ -1840,10 +1885,10 @@ def build_report(study_name: str, *, storage: str | None = None, tracking_uri: s
                  log_to_mlflow: bool = True, spec: str | Path | dict | None = None) -> Path:
     """Build report.md, figures/, report.ipynb (+ .html) for a study; returns the path of report.md."""
     out = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / (f"{study_name}-smoke" if smoke else study_name)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sfd-report-art-") as art:
         data = load_study_data(study_name, storage=storage, tracking_uri=tracking_uri, smoke=smoke, spec=spec,
                                artifact_dir=art)
+        out.mkdir(parents=True, exist_ok=True)  # only now: a study that cannot be loaded leaves no folder
         # the study definition the report was built against travels with it
         spec_ref = data.spec_path if data.spec_path and Path(data.spec_path).is_file() else None
         if data.spec:

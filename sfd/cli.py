@@ -1,7 +1,10 @@
-"""The `sfd` console command: `sfd assets list|path|fetch NAME`, `sfd bench distill ...`."""
+"""The `sfd` console command: `sfd assets list|path|fetch NAME`, `sfd bench distill ...`, and what the
+scripts (`experiments/run.py`, `studies/run.py`) share: stopping on SIGTERM the way Ctrl-C stops them."""
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Callable
 
 USAGE = "usage: sfd {assets,bench} ...   (e.g. `sfd assets list`, `sfd bench distill --arch tiny`)"
 
@@ -22,6 +25,32 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(rest)
     print(f"sfd: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
+
+
+# ----- the scripts: SIGTERM stops them the way Ctrl-C does -------------------------------------------
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's status for a process ended by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a batch scheduler), raised in the main thread. A KeyboardInterrupt, so it
+    unwinds exactly like Ctrl-C: the MLflow run ends KILLED, Optuna fails the trial, the study run ends KILLED."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once, should the cleanup hang
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
+def run_script(main: Callable[[], int]) -> int:
+    """Run a script's `main()` with SIGTERM turned into `Terminated`; returns its exit status (143 if it was
+    terminated, after the runs it had open were ended)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return main()
+    except Terminated as exc:
+        print(f"error: {exc} (any MLflow run it had open is ended KILLED)", file=sys.stderr)
+        return SIGTERM_EXIT
 
 
 if __name__ == "__main__":

@@ -314,7 +314,8 @@ class RunLogger:
             self.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
         except Exception:  # noqa: BLE001 - logging the traceback must not hide the original error
             pass
-        self.end("KILLED" if exc_type is KeyboardInterrupt else "FAILED", error=reason)
+        # Ctrl-C, or SIGTERM turned into sfd.cli.Terminated (a KeyboardInterrupt): stopped, not broken
+        self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED", error=reason)
         return False
 
 
@@ -352,7 +353,11 @@ class Tracker:
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
         logger = RunLogger(client, run.info.run_id, every=every)
         if self.on_start is not None:
-            self.on_start(run.info.run_id)
+            try:
+                self.on_start(run.info.run_id)
+            except BaseException as exc:  # Ctrl-C / SIGTERM included: the caller never got the run to end it
+                logger.__exit__(type(exc), exc, exc.__traceback__)
+                raise
         return logger
 
 

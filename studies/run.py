@@ -10,9 +10,10 @@ enqueue one trial per row, in the paper's order (one per row and seed when the s
 the report can say mean ± sd; `--seeds` does that for any table study, as a study of its own named
 `<study>-seeds-0-1-2`); search studies (`space:`) let a seeded sampler pick.
 Re-running the same command resumes: finished trials are kept, trials left RUNNING by a dead process are
-marked FAILED (their MLflow runs too) and their rows / parameters are tried again; failed trials stay failed
-unless `--retry-failed`. Everything that can be wrong in the study or its rows (a typo, a bad value, a
-missing checkpoint or data set) is reported before any MLflow experiment or Optuna study is created.
+marked FAILED (their MLflow runs too) and, like trials stopped by Ctrl-C or SIGTERM (their runs end KILLED),
+their rows / parameters are tried again; failed trials stay failed unless `--retry-failed`. Everything that
+can be wrong in the study or its rows (a typo, a bad value, a missing checkpoint or data set) is reported
+before any MLflow experiment or Optuna study is created.
 """
 from __future__ import annotations
 
@@ -169,21 +170,35 @@ def load_spec(name_or_path: str) -> StudySpec:
     if seeds is not None:
         _check_seeds(where, seeds, rows is not None)
     skip_rows = data.get("skip_rows") or {}
-    unknown = set(skip_rows) - {r["id"] for r in rows or []} if isinstance(skip_rows, dict) else None
-    if unknown is None or unknown:
-        raise _fail(where, f"skip_rows: expected a mapping of row ids to reasons, got {skip_rows!r}")
+    _check_skip_rows(where, skip_rows, rows)
     return StudySpec(name=name, kind=kind, description=str(data.get("description", "")).strip(), base=base,
                      overrides=overrides, metrics=metrics, directions=directions, sampler=stype, seed=seed,
                      n_trials=n_trials * len(seeds or [None]), rows=rows or [], space=space or {},
                      skip_rows=skip_rows, path=path, seeds=seeds)
 
 
+def _check_skip_rows(where: str, skip_rows, rows) -> None:
+    """`skip_rows` maps ids of this study's rows to reasons; an unknown id names the close ones."""
+    import difflib
+
+    if not isinstance(skip_rows, dict):
+        raise _fail(where, f"skip_rows: expected a mapping of row ids to reasons, got {skip_rows!r}")
+    if skip_rows and rows is None:
+        raise _fail(where, "skip_rows: skipping is for table studies (rows:); a search has no row ids")
+    ids = [str(r["id"]) for r in rows or []]
+    for row_id in skip_rows:
+        if str(row_id) not in ids:
+            close = difflib.get_close_matches(str(row_id), ids, n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise _fail(where, f"skip_rows: {row_id!r} is not a row id of this study; {hint}rows: {', '.join(ids)}")
+
+
 def _check_seeds(where: str, seeds, table: bool) -> None:
     if not table:
         raise _fail(where, "seeds: replicates are for table studies (rows:); a search varies its own trials")
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
-        raise _fail(where, f"seeds: got {seeds!r}; a non-empty list of distinct integers, e.g. [0, 1, 2]")
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise _fail(where, f"seeds: got {seeds!r}; a non-empty list of distinct integers >= 0, e.g. [0, 1, 2]")
 
 
 def with_seeds(spec: StudySpec, seeds: list[int]) -> tuple[StudySpec, str]:
@@ -394,7 +409,7 @@ def recover_interrupted(study, storage, client) -> list:
     return stale
 
 
-def plan_trials(spec: StudySpec, study, stale: list, retry_failed: bool, skipped: dict, limit: int | None) -> int:
+def plan_trials(spec: StudySpec, study, retry_failed: bool, skipped: dict, limit: int | None) -> int:
     """Enqueue what is left to do and return how many trials to run now."""
     from optuna.trial import TrialState
 
@@ -417,8 +432,11 @@ def plan_trials(spec: StudySpec, study, stale: list, retry_failed: bool, skipped
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")]
     finished = completed + ([] if retry_failed else failed)
-    # Retry exactly the parameters that were interrupted (and, when asked, those that failed), once each.
-    retry = list(stale) + (failed if retry_failed else [])
+    # Retry exactly the parameters that were interrupted (killed, Ctrl-C, SIGTERM) and not tried since (and,
+    # when asked, those that failed), once each.
+    interrupted = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
+                   and t.params not in [u.params for u in trials if u.number > t.number]]
+    retry = interrupted + (failed if retry_failed else [])
     have = [t.params for t in completed + waiting]
     for t in retry:
         if t.params and t.params not in have:
@@ -429,6 +447,15 @@ def plan_trials(spec: StudySpec, study, stale: list, retry_failed: bool, skipped
 
 
 # ----- the study ------------------------------------------------------------------------------------------
+
+def study_home(storage_url: str) -> Path:
+    """Where a study's own files go (its lock, the YAML `--seeds` writes): beside a sqlite Optuna storage, so
+    a study run with `--storage` elsewhere keeps them together; else the runs folder ($SFD_RUNS_DIR)."""
+    from sfd.tracking import runs_dir, sqlite_path
+
+    path = sqlite_path(storage_url)
+    return path.expanduser().resolve().parent if path is not None else runs_dir()
+
 
 @contextlib.contextmanager
 def study_lock(study_name: str, storage_url: str):
@@ -444,10 +471,8 @@ def study_lock(study_name: str, storage_url: str):
         return
     import hashlib
 
-    from sfd.tracking import runs_dir
-
     key = hashlib.sha1(f"{storage_url}\n{study_name}".encode()).hexdigest()[:12]
-    path = runs_dir() / ".locks" / f"{study_name}-{key}.lock"
+    path = study_home(storage_url) / ".locks" / f"{study_name}-{key}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
@@ -491,14 +516,17 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     start = time.perf_counter()
     from sfd import tracking as T
 
+    if n_trials is not None and n_trials < 1:
+        raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
     spec = load_spec(name_or_path)
     spec_text = None
     if seeds is not None:
         spec, spec_text = with_seeds(spec, seeds)
     tracking_uri = tracking_uri or T.default_tracking_uri()
+    storage_url = storage or T.default_optuna_storage()
     skipped = check_study(spec, smoke, tracking_uri)  # raises before anything exists
     if spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
-        spec.path = T.runs_dir() / "studies" / f"{spec.name}.yaml"
+        spec.path = study_home(storage_url) / "studies" / f"{spec.name}.yaml"
         spec.path.parent.mkdir(parents=True, exist_ok=True)
         spec.path.write_text(spec_text)
 
@@ -507,7 +535,6 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     from sfd.runner import run_experiment
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_url = storage or T.default_optuna_storage()
     with study_lock(spec.experiment(smoke), storage_url):  # one live process per study (see study_lock)
         T.ensure_sqlite_parent(storage_url)
         experiment = spec.experiment(smoke)
@@ -533,7 +560,7 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
         T.fail_stale_children(client, parent_id, experiment)
         if smoke and spec.space and n_trials is None:
             n_trials = SMOKE_SEARCH_TRIALS
-        todo = plan_trials(spec, study, stale, retry_failed, skipped, n_trials)
+        todo = plan_trials(spec, study, retry_failed, skipped, n_trials)
         say = (lambda *a: None) if quiet else print
         if stale:
             say(f"resumed: {len(stale)} interrupted trial(s) marked FAILED and queued again")
@@ -577,6 +604,10 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
                     cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
                 result = run_experiment(cfg, tracker=tracker, smoke=smoke,
                                         save_student=True if row_id in first_stages else None)
+            except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: not the row's fault; a rerun tries it again
+                trial.set_user_attr("fail_reason", f"{INTERRUPTED} ({type(exc).__name__}: {exc})"[:2000])
+                trial.set_user_attr("interrupted", True)
+                raise
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 trial.set_user_attr("fail_reason", reason[:2000])
@@ -678,18 +709,31 @@ def list_studies() -> None:
             print(f"{path.stem:<24} INVALID    {exc}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or -1 trials would create the study's runs and do nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}; a positive integer")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", nargs="?", help="a study name in studies/ or a path to a study YAML")
     p.add_argument("--list", action="store_true", help="list the studies, one line each")
     p.add_argument("--smoke", action="store_true", help="tiny budget, randomly initialised teacher; tagged smoke, "
                    "logged to <study>-smoke")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<repo>/runs/optuna.db)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<runs>/optuna.db, "
+                   "<runs> = $SFD_RUNS_DIR or <repo>/runs); the study's lock goes beside a sqlite file")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "sqlite:///<repo>/runs/mlflow.db)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run every row once per seed, as the study "
                    "<study>-seeds-<seeds>; the report gives mean ± sd")
-    p.add_argument("--n-trials", type=int, default=None, help="run at most N trials now (rows: the next N rows)")
+    p.add_argument("--n-trials", type=positive_int, default=None,
+                   help="run at most N >= 1 trials now (rows: the next N rows)")
     p.add_argument("--retry-failed", action="store_true", help="also retry rows / trials that failed")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--out", default=None, help="report folder (default: the report builder's)")
@@ -722,4 +766,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sfd.cli import run_script
+
+    sys.exit(run_script(main))  # SIGTERM stops it the way Ctrl-C does: open runs end KILLED

@@ -1,4 +1,15 @@
-from sfd.cli import main
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from sfd.cli import SIGTERM_EXIT, Terminated, main, run_script
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_dispatches_to_assets_and_rejects_unknown(capsys):
@@ -7,3 +18,50 @@ def test_dispatches_to_assets_and_rejects_unknown(capsys):
     assert main(["nope"]) == 2
     assert "unknown command" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_sigterm_is_a_keyboard_interrupt_and_exits_143(capsys):
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert run_script(terminated) == SIGTERM_EXIT == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert issubclass(Terminated, KeyboardInterrupt)  # so it unwinds exactly like Ctrl-C
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_sigterm_ends_a_lone_run_killed(tmp_path):
+    """`timeout` / `kill` send SIGTERM: the run must end KILLED with an end time, as Ctrl-C ends it, not stay
+    RUNNING forever (a study rerun repairs its own trials; nothing repairs a lone run)."""
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    client.search_experiments()  # create the store's schema here: polling a store being created races
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "SFD_RUNS_DIR": str(tmp_path / "runs")}
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), str(ROOT / "experiments" / "gmm_sfd.yaml"),
+           "optim.total_kimg=100"]  # minutes of training: still running when it is stopped
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id, deadline = None, time.time() + 60
+    try:
+        while run_id is None and time.time() < deadline:
+            time.sleep(0.5)
+            assert proc.poll() is None, proc.communicate()
+            exp = client.get_experiment_by_name("experiments")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            run_id = next((r.info.run_id for r in runs if r.info.status == "RUNNING"), None)
+        assert run_id is not None, "the run did not start"
+        time.sleep(1.0)  # into the training loop
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == SIGTERM_EXIT and "stopped by SIGTERM" in err
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    assert run.data.tags["sfd.error"] == "Terminated: stopped by SIGTERM"

@@ -440,3 +440,34 @@ def test_sfdv_lines_carry_the_seed_spread_of_their_own_nfe():
     run.pop("replicates")
     (single,) = _per_nfe_lines({**line, "value_sd": None}, run, "fd_digits", {"index": {}, "comparison": {}}, "digits", "comparison")
     assert single["value_sd"] is None
+
+
+def test_cli_errors_create_no_folder_and_hint_only_real_studies(store, ablation, tmp_path, monkeypatch, capsys):
+    """A study that is not there, or an Optuna storage file that is not there, is an error before any folder
+    is created or anything is logged; the hint names studies that exist."""
+    monkeypatch.setattr(rb, "DEFAULT_OUT_ROOT", tmp_path / "default")
+    out = tmp_path / "out"
+    uri = ["--tracking-uri", store["tracking_uri"]]
+    assert rb.main(["ablation_digitz", "--out", str(out), *uri]) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow experiment 'ablation_digitz'" in err and "did you mean ablation_digits" in err
+    assert "studies/run.py ablation_digitz" not in err
+    assert rb.main(["ablation_digitz", *uri]) == 2
+    assert not out.exists() and not (tmp_path / "default").exists()
+
+    parent = ablation["L"].parent
+    before = {a.path for a in ablation["L"].client.list_artifacts(parent, "report")}
+    missing = tmp_path / "nowhere" / "optuna.db"
+    storage = ["--storage", f"sqlite:///{missing}"]
+    assert rb.main(["ablation_tiny", "--out", str(out), "--no-notebook", *storage, *uri]) == 2
+    assert f"no Optuna storage at {missing}" in capsys.readouterr().err
+    assert not out.exists() and not missing.parent.exists()
+    assert {a.path for a in ablation["L"].client.list_artifacts(parent, "report")} == before  # nothing logged
+
+
+def test_run_hint_suggests_the_command_that_makes_the_study():
+    assert rb.run_hint("ablation_digits", smoke=True) == "run `python studies/run.py ablation_digits --smoke` first"
+    assert rb.run_hint("ablation_digits-seeds-0-1", smoke=False) == (
+        "run `python studies/run.py ablation_digits --seeds 0 1` first")
+    assert "(did you mean mini?)" in rb.run_hint("minii", smoke=False, known={"mini"})
+    assert "(studies: ablation_cifar," in rb.run_hint("zzzz", smoke=False)

@@ -151,11 +151,14 @@ def test_search_study_samples_the_space_seeded(tmp_path, stores):
     ({"rows": [{"id": "a", "params": {"student.nfe": 0}}]}, "row a: student.nfe: got 0"),
     ({"sampler": {"type": "tpe"}}, "a study with rows: uses 'rows'"),
     ({"objective": {"metric": "fd_digits"}}, "row sfd-l1: objective ['fd_digits'] is not among the metrics"),
-    ({"skip_rows": {"sfd-l3": "typo"}}, "skip_rows: expected a mapping of row ids to reasons"),
+    ({"skip_rows": {"sfd-l3": "typo"}},
+     "skip_rows: 'sfd-l3' is not a row id of this study; did you mean sfd-l1? rows: sfd-l1, sfd-l2-noafs, diverges"),
+    ({"skip_rows": ["sfd-l1"]}, "skip_rows: expected a mapping of row ids to reasons, got ['sfd-l1']"),
     ({"rows": [{"id": "a", "params": {"student.guidance": 2.0}}]}, "row a: student.guidance: got 2.0"),
     ({"seeds": [0, 0]}, "seeds: got [0, 0]; a non-empty list of distinct integers"),
     ({"seeds": []}, "seeds: got []; a non-empty list"),
     ({"seeds": [0, True]}, "seeds: got [0, True]"),
+    ({"seeds": [0, -1]}, "seeds: got [0, -1]; a non-empty list of distinct integers >= 0"),
 ])
 def test_bad_study_yaml_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
     path = _write_study(tmp_path, **edit)
@@ -232,6 +235,64 @@ def test_a_second_live_process_is_refused_before_it_touches_the_study(tmp_path, 
             studies.run_study(str(path), report=False, quiet=True)
         assert not (stores / "optuna.db").exists() and not (stores / "mlflow.db").exists()
     assert studies.run_study(str(path), report=False, quiet=True).ran == 1  # free again once the holder is gone
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_n_trials_below_one_is_refused_before_anything_is_created(tmp_path, stores, capsys, n):
+    path = _write_study(tmp_path, rows=ROWS[:1])
+    with pytest.raises(SystemExit) as exit_:
+        studies.main([str(path), "--n-trials", str(n)])
+    assert exit_.value.code == 2 and f"--n-trials: got {n}; a positive integer" in capsys.readouterr().err
+    with pytest.raises(studies.StudyError, match=f"n_trials: got {n}; a positive integer"):
+        studies.run_study(str(path), report=False, quiet=True, n_trials=n)
+    assert not stores.exists()
+
+
+def test_lock_and_seeds_yaml_live_beside_a_sqlite_storage(tmp_path, stores):
+    """`--storage` elsewhere takes the study's own files with it; the default runs/ folder stays untouched."""
+    path = _write_study(tmp_path, "plain", rows=ROWS[:1])
+    other = tmp_path / "other"
+    storage = f"sqlite:///{other / 'optuna.db'}"
+    out = studies.run_study(str(path), report=False, quiet=True, seeds=[1], storage=storage,
+                            tracking_uri=f"sqlite:///{other / 'mlflow.db'}")
+    assert out.ran == 1 and not out.failed
+    assert (other / "studies" / "plain-seeds-1.yaml").is_file()
+    assert studies.study_home(storage) == other.resolve()
+    assert len(list((other / ".locks").glob("plain-seeds-1-*.lock"))) == 1
+    assert not stores.exists()
+
+
+def test_ctrl_c_or_sigterm_in_a_trial_ends_its_run_killed_and_a_rerun_retries_it(tmp_path, stores, monkeypatch):
+    """What SIGTERM raises (sfd.cli.Terminated, a KeyboardInterrupt) mid-training: the trial's run and the
+    study's run end KILLED, the trial FAIL marked interrupted; the next run of the study retries its row."""
+    import sfd.distill
+    from sfd.cli import Terminated
+
+    path = _write_study(tmp_path, "stopped", rows=ROWS[:1])
+    real = sfd.distill.distill
+
+    def stop(*args, **kwargs):
+        raise Terminated("stopped by SIGTERM")
+
+    monkeypatch.setattr(sfd.distill, "distill", stop)
+    with pytest.raises(Terminated):
+        studies.run_study(str(path), report=False, quiet=True)
+    tracking, storage = _uris(stores)
+    client = MlflowClient(tracking)
+    (trial,) = optuna.load_study(study_name="stopped", storage=storage).get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs["interrupted"] is True
+    assert "Terminated: stopped by SIGTERM" in trial.user_attrs["fail_reason"]
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.info.end_time and run.data.tags["sfd.error"].startswith("Terminated")
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED" and parent.info.end_time
+
+    monkeypatch.setattr(sfd.distill, "distill", real)
+    again = studies.run_study(str(path), report=False, quiet=True)
+    assert again.ran == 1 and not again.failed
+    states = [t.state for t in optuna.load_study(study_name="stopped", storage=storage).get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
 
 
 def _env(runs: Path, **extra) -> dict:
