@@ -109,19 +109,29 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
     }
     if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two (the main one and another)
         updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.sfdv.num_steps_choices)})
-    for key in ("name", "final"):
-        loss = getattr(cfg.loss, key)
-        if loss == "lpips":
-            asset = {"alex": "lpips-alexnet"}.get(cfg.loss.opts.get("net"), "lpips-vgg16")
-            if not _asset_present(asset):
-                updates[f"loss.{key}"] = "l2"
-                notes[f"sfd.smoke.loss.{key}"] = f"l2 instead of lpips ({asset} weights are not installed)"
+    for key, asset in lpips_assets(cfg).items():
+        if not _asset_present(asset):
+            updates[f"loss.{key}"] = "l2"
+            notes[f"sfd.smoke.loss.{key}"] = f"l2 instead of lpips ({asset} weights are not installed)"
     if not _is_small_teacher(cfg.teacher.name):
         notes["sfd.smoke.student_weights"] = "not saved (a random network of this size is not worth storing)"
     notes["sfd.smoke.budget"] = (f"{SMOKE_ITERATIONS} iteration(s) of batch {batch}, solver.m="
                                  f"{updates['solver.m']}, {SMOKE_SAMPLES} evaluation samples")
     smoke = C.replace(cfg, updates)
     return smoke, notes
+
+
+def lpips_assets(cfg: RunConfig) -> dict[str, str]:
+    """The LPIPS weights asset of each LPIPS loss in the run, by loss key: `name` takes `loss.opts.net`; the
+    `final`-step loss is built without options (sfd.distill), so it is VGG's."""
+    from sfd.losses import LPIPS_NETS
+
+    assets = {}
+    if cfg.loss.name == "lpips":
+        assets["name"] = LPIPS_NETS[cfg.loss.opts.get("net", "vgg")]
+    if cfg.loss.final == "lpips":
+        assets["final"] = LPIPS_NETS["vgg"]
+    return assets
 
 
 def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_info: dict | None = None) -> None:
@@ -144,9 +154,8 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_in
             if dataset not in FID_REFS:
                 raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
             require(FID_REFS[dataset])
-        for loss in (cfg.loss.name, cfg.loss.final):
-            if loss == "lpips":
-                require({"alex": "lpips-alexnet"}.get(cfg.loss.opts.get("net"), "lpips-vgg16"))
+        for asset in lpips_assets(cfg).values():
+            require(asset)
     if cfg.algorithm == "second-stage":
         if first_stage_info is None:
             folder = locate_first_stage(cfg.second_stage.first_stage, tracking_uri)

@@ -259,3 +259,12 @@ def test_speed_options_are_run_config_values(store):
     params = _client().get_run(fast.run_id).data.params
     assert params["channels_last"] == "True" and params["group_norm"] == "channel-stats"
     assert math.isfinite(fast.metrics["fd_digits"])
+
+
+def test_lpips_weights_checked_are_the_ones_each_loss_builds():
+    """The main LPIPS loss takes loss.opts.net; the final-step loss is built without options (VGG)."""
+    from sfd.runner import lpips_assets
+
+    cfg = load_config(GMM, ["loss.name=lpips", "loss.opts.net=alex", "loss.final=lpips"])
+    assert lpips_assets(cfg) == {"name": "lpips-alexnet", "final": "lpips-vgg16"}
+    assert lpips_assets(load_config(GMM, ["loss.name=l1"])) == {}
