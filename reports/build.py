@@ -721,6 +721,9 @@ def _make_line(order, rid, srow, run, trial, metric, attempts, paper, paper_data
     metrics = run["metrics"] if run else {}
     value = _to_float(metrics.get(metric)) if status == "ok" else None
     prow = _paper_row(srow, labels, paper, paper_dataset, kind)
+    if run and run["tags"].get("sfd.smoke.loss.name") and labels["loss"]:  # the smoke run swapped its loss
+        trained = LOSS_DISPLAY.get(str(params.get("loss.name")).lower(), params.get("loss.name"))
+        labels["loss"] = f"{labels['loss']} (smoke run trained {trained}: weights not installed)"
     # NFE as the run accounted it (guidance doubles it); the student's own NFE stays the ablation factor
     labels["student_nfe"] = labels["nfe"]
     if status == "ok" and _to_int(metrics.get("nfe")) is not None:

@@ -384,8 +384,9 @@ def test_ablation_cifar_smoke_cli_end_to_end(tmp_path):
     """Proves the CIFAR-10 wiring (SongUNet teacher, all 11 rows incl. vanilla on stand-in images, MLflow,
     Optuna, report) on a random network: `python studies/run.py ablation_cifar --smoke`. Not a result."""
     runs = tmp_path / "runs"
+    env = _env(runs, TORCH_HOME=str(tmp_path / "torch-home"))  # no LPIPS weights: that row trains L2, and says so
     proc = subprocess.run([sys.executable, str(RUN_PY), "ablation_cifar", "--smoke", "--out", str(tmp_path / "report")],
-                          env=_env(runs), capture_output=True, text=True, timeout=1500)
+                          env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tracking, storage = _uris(runs)
     study = optuna.load_study(study_name="ablation_cifar-smoke", storage=storage)
@@ -402,7 +403,10 @@ def test_ablation_cifar_smoke_cli_end_to_end(tmp_path):
         assert "fid" not in run.data.metrics and run.data.metrics["objective"] == run.data.metrics["teacher_gap_mean"]
     vanilla = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert vanilla.data.params["algorithm"] == "vanilla" and vanilla.data.params["vanilla.data"] == "dataset"
-    assert (tmp_path / "report" / "report.md").is_file()
+    report = (tmp_path / "report" / "report.md").read_text()
+    lpips = next(t for t in study.trials if t.user_attrs["row"] == "sfd-dpmpp3m-0.006-afs-lpips")
+    assert client.get_run(lpips.user_attrs["mlflow_run_id"]).data.params["loss.name"] == "l2"
+    assert report.count("LPIPS (smoke run trained L2: weights not installed)") >= 1
 
 
 @pytest.mark.parametrize("name,lr", [("comparison_cifar", 5e-5), ("comparison_imagenet64", 1e-5)])
