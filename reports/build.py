@@ -756,7 +756,8 @@ def _replicate_fields(run: dict | None, status: str) -> dict:
         return {}
     values = [v for v in rep["values"] if v is not None]
     return {"n_seeds": len(values), "seeds_expected": rep["expected"], "seed_run_ids": rep["run_ids"],
-            "seeds": rep["seeds"], "value_sd": _sd(values)}
+            "seeds": rep["seeds"], "value_sd": _sd(values),
+            "extra_sd": {m: _seed_sd(rep["metrics"], m) for m in QUALITY_METRICS}}
 
 
 def _sd(values: list[float]) -> float | None:
@@ -785,6 +786,7 @@ def _per_nfe_lines(line: dict, run: dict | None, metric: str, paper: dict, paper
             continue
         new = {**line, "row_id": f"{line['row_id']}@nfe{k}", "nfe": k, "student_nfe": k, "derived_from": line["row_id"],
                "value_sd": _seed_sd(per_seed, f"{metric}/nfe_{k}"),
+               "extra_sd": {m: _seed_sd(per_seed, f"{m}/nfe_{k}") for m in QUALITY_METRICS},
                "value": _to_float(run["metrics"][f"{metric}/nfe_{k}"]),
                "extra": {m: _to_float(run["metrics"][f"{m}/nfe_{k}"]) for m in line["extra"]
                          if f"{m}/nfe_{k}" in run["metrics"]}}
@@ -870,8 +872,11 @@ def _extra_cells(data: StudyData, r: dict) -> dict:
         ex = r.get("extra") or {}
         v = ex.get(m)
         text = "—" if v is None else fmt_value(v)
-        if m == "teacher_gap_mean" and v is not None and ex.get("teacher_gap_std") is not None:
-            text += f" ± {fmt_value(ex['teacher_gap_std'])}"
+        seed_sd = (r.get("extra_sd") or {}).get(m) if isinstance(r.get("extra_sd"), dict) else None
+        if v is not None and _is_num(r.get("n_seeds")):  # a seed mean: its ± is over seeds, as the main column's
+            text += (f" ± {fmt_value(seed_sd)}" if _is_num(seed_sd) else "") + f" (n={int(r['n_seeds'])})"
+        elif m == "teacher_gap_mean" and v is not None and ex.get("teacher_gap_std") is not None:
+            text += f" ± {fmt_value(ex['teacher_gap_std'])}"  # over samples
         out[f"ours ({'teacher_gap' if m == 'teacher_gap_mean' else m})"] = text
     return out
 

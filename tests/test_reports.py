@@ -442,6 +442,28 @@ def test_sfdv_lines_carry_the_seed_spread_of_their_own_nfe():
     assert single["value_sd"] is None
 
 
+def test_extra_metric_columns_of_seed_means_carry_the_seed_spread():
+    """A replicated row's extra metrics are seed means: their ± is the sd over seeds with n, like the main
+    column, not the per-sample sd a single run's teacher gap carries."""
+    import types
+
+    import pandas as pd
+    from reports.build import _extra_cells, _replicate_fields
+
+    per_seed = [{"fd_digits": 10.0, "pixel_fd": 2.0, "teacher_gap_mean": 0.10, "teacher_gap_std": 0.03},
+                {"fd_digits": 14.0, "pixel_fd": 4.0, "teacher_gap_mean": 0.12, "teacher_gap_std": 0.05}]
+    run = {"run_id": "a", "replicates": {"metrics": per_seed, "values": [10.0, 14.0], "expected": 2,
+                                         "run_ids": ["a", "b"], "seeds": [0, 1]}}
+    row = {"extra": {"pixel_fd": 3.0, "teacher_gap_mean": 0.11, "teacher_gap_std": 0.04},
+           **_replicate_fields(run, "ok")}
+    data = types.SimpleNamespace(rows=pd.DataFrame([row], dtype=object))
+    cells = _extra_cells(data, row)
+    assert cells["ours (pixel_fd)"] == "3 ± 1.414 (n=2)"
+    assert cells["ours (teacher_gap)"] == "0.11 ± 0.01414 (n=2)"
+    single = {"extra": {"pixel_fd": 3.0, "teacher_gap_mean": 0.11, "teacher_gap_std": 0.04}}
+    assert _extra_cells(data, single) == {"ours (pixel_fd)": "3", "ours (teacher_gap)": "0.11 ± 0.04"}
+
+
 def test_cli_errors_create_no_folder_and_hint_only_real_studies(store, ablation, tmp_path, monkeypatch, capsys):
     """A study that is not there, or an Optuna storage file that is not there, is an error before any folder
     is created or anything is logged; the hint names studies that exist."""
