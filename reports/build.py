@@ -45,6 +45,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from sfd import tracking as sfd_tracking
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAPER_NUMBERS_PATH = Path(__file__).resolve().with_name("paper_numbers.yaml")
 DEFAULT_OUT_ROOT = REPO_ROOT / "reports" / "out"
@@ -265,19 +267,6 @@ def _sqlite_file(uri: str | None) -> Path | None:
     return None if rest in ("", ":memory:") else Path(rest)
 
 
-def runs_dir() -> Path:
-    """``$SFD_RUNS_DIR`` or ``<repo>/runs``, as in ``sfd.tracking.runs_dir`` (where studies/run.py stores runs)."""
-    return Path(os.environ.get("SFD_RUNS_DIR") or REPO_ROOT / "runs").expanduser().resolve()
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
-
-
-def default_storage() -> str:
-    return f"sqlite:///{runs_dir() / 'optuna.db'}"
-
-
 def _storage_file(url: str) -> Path | None:
     """The local file behind an Optuna storage URL (sqlite, or a journal file as `open_optuna_storage` reads
     it), else None (a database server)."""
@@ -483,7 +472,7 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     spec_dict, spec_path = load_study_spec(study_name, spec)
     if storage:
         check_storage(storage, given=True)
-    tracking_uri = tracking_uri or default_tracking_uri()
+    tracking_uri = tracking_uri or sfd_tracking.default_tracking_uri()
     db = _sqlite_file(tracking_uri)
     if db is not None and not db.is_file():  # MlflowClient would create an empty store there
         raise ReportError(f"no MLflow store at {db} (tracking URI {tracking_uri}); {run_hint(study_name, smoke)}; "
@@ -530,7 +519,7 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
             metric = logged[0]
 
     # --- Optuna ---
-    storage_url = storage or parent["tags"].get("optuna.storage") or default_storage()
+    storage_url = storage or parent["tags"].get("optuna.storage") or sfd_tracking.default_optuna_storage()
     if not storage:
         check_storage(storage_url, given=False)
     optuna_name = parent["tags"].get("optuna.study_name") or study_name
