@@ -861,7 +861,8 @@ def _extra_cells(data: StudyData, r: dict) -> dict:
         ex = r.get("extra") or {}
         v = ex.get(m)
         text = "—" if v is None else fmt_value(v)
-        seed_sd = (r.get("extra_sd") or {}).get(m) if isinstance(r.get("extra_sd"), dict) else None
+        sds = r.get("extra_sd")  # a dict on replicated rows; absent, or NaN from the DataFrame, elsewhere
+        seed_sd = sds.get(m) if isinstance(sds, dict) else None
         if v is not None and _is_num(r.get("n_seeds")):  # a seed mean: its ± is over seeds, as the main column's
             text += (f" ± {fmt_value(seed_sd)}" if _is_num(seed_sd) else "") + f" (n={int(r['n_seeds'])})"
         elif m == "teacher_gap_mean" and v is not None and ex.get("teacher_gap_std") is not None:
