@@ -1869,45 +1869,86 @@ def export_html(nb_path: str | Path) -> Path:
     return out
 
 
+# What a build writes into its folder; anything else there (a user's own files) is left alone.
+REPORT_ENTRIES = ("report.md", "report.ipynb", "report.html", "study.yaml", "figures")
+
+
 def log_report(data: StudyData, out_dir: str | Path) -> None:
-    """Log the report folder under ``report/`` on the study's parent run."""
+    """Log the report's entries under ``report/`` on the study's parent run."""
     from mlflow.tracking import MlflowClient
 
+    out_dir = Path(out_dir)
     client = MlflowClient(tracking_uri=data.tracking_uri)
-    client.log_artifacts(data.parent["run_id"], str(out_dir), artifact_path="report")
-    client.set_tag(data.parent["run_id"], "sfd.report", "report/report.md")
+    run_id = data.parent["run_id"]
+    for name in REPORT_ENTRIES:
+        path = out_dir / name
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=f"report/{name}")
+        elif path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path="report")
+    client.set_tag(run_id, "sfd.report", "report/report.md")
+
+
+def publish_report(stage: Path, out: Path) -> None:
+    """Move a finished build from `stage` into `out`, entry by entry (a rename each: same filesystem).
+
+    Entries of an earlier build that this one did not make (an html after a --no-notebook build) go, so the
+    folder never mixes two builds."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_ENTRIES:
+        src, dst = stage / name, out / name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        if src.exists():
+            os.replace(src, dst)
+
+
+def _build_in(stage: Path, data: StudyData, execute_notebook: bool) -> Exception | None:
+    """Write every report entry into `stage`; returns the notebook's execution error, if any."""
+    # the study definition the report was built against travels with it; the notebook finds it beside itself
+    spec_ref = str(Path(data.spec_path).resolve()) if data.spec_path and Path(data.spec_path).is_file() else None
+    if data.spec:
+        (stage / "study.yaml").write_text(yaml.safe_dump(data.spec, sort_keys=False))
+        spec_ref = spec_ref or "study.yaml"
+    figures = save_figures(data, stage / "figures")
+    (stage / "report.md").write_text(report_markdown(data, figures), encoding="utf-8")
+    nb_path = write_notebook(data, stage / "report.ipynb", spec_ref=spec_ref)
+    if not execute_notebook:
+        return None
+    try:
+        run_notebook(nb_path, cwd=stage)
+    except Exception as exc:  # the executed notebook shows the failing cell: keep it, then fail loudly
+        error = exc
+    else:
+        error = None
+    export_html(nb_path)
+    return error
 
 
 def build_report(study_name: str, *, storage: str | None = None, tracking_uri: str | None = None,
                  out_dir: str | Path | None = None, smoke: bool = False, execute_notebook: bool = True,
                  log_to_mlflow: bool = True, spec: str | Path | dict | None = None) -> Path:
-    """Build report.md, figures/, report.ipynb (+ .html) for a study; returns the path of report.md."""
+    """Build report.md, figures/, report.ipynb (+ .html) for a study; returns the path of report.md.
+
+    The report is built in a hidden folder beside `out_dir` and moved in only when complete, so a build
+    that fails (a study that cannot be loaded, a figure that cannot be drawn) leaves an earlier report whole
+    and creates no folder. A notebook that fails to execute is the exception: the report is published and
+    logged with the failing cell's output, then the build fails loudly."""
     out = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / (f"{study_name}-smoke" if smoke else study_name)
     with tempfile.TemporaryDirectory(prefix="sfd-report-art-") as art:
         data = load_study_data(study_name, storage=storage, tracking_uri=tracking_uri, smoke=smoke, spec=spec,
                                artifact_dir=art)
-        out.mkdir(parents=True, exist_ok=True)  # only now: a study that cannot be loaded leaves no folder
-        # the study definition the report was built against travels with it
-        spec_ref = data.spec_path if data.spec_path and Path(data.spec_path).is_file() else None
-        if data.spec:
-            (out / "study.yaml").write_text(yaml.safe_dump(data.spec, sort_keys=False))
-            spec_ref = spec_ref or str((out / "study.yaml").resolve())
-        figures = save_figures(data, out / "figures")
-    md_path = out / "report.md"
-    md_path.write_text(report_markdown(data, figures), encoding="utf-8")
-    nb_path = write_notebook(data, out / "report.ipynb", spec_ref=spec_ref)
-    error = None
-    if execute_notebook:
-        try:
-            run_notebook(nb_path, cwd=out)
-        except Exception as exc:  # keep the markdown; log what exists; then fail loudly
-            error = exc
-        export_html(nb_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}-building-", dir=out.parent) as stage:
+            error = _build_in(Path(stage), data, execute_notebook)
+            publish_report(Path(stage), out)
     if log_to_mlflow:
         log_report(data, out)
     if error is not None:
-        raise ReportError(f"report notebook {nb_path} failed to execute: {error}") from error
-    return md_path
+        raise ReportError(f"report notebook {out / 'report.ipynb'} failed to execute: {error}") from error
+    return out / "report.md"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,6 +307,36 @@ def test_report_logged_on_parent_run(ablation):
     assert L.client.get_run(L.parent).data.tags.get("sfd.report") == "report/report.md"
 
 
+def test_a_failed_rebuild_leaves_the_earlier_report_whole(ablation, monkeypatch):
+    """A report is built aside and moved in only when complete: a build that fails midway changes nothing,
+    leaves no hidden staging folder, and a rebuild replaces only the entries a build makes."""
+    L = ablation["L"]
+    out = ablation["out"].parent / "rebuilt"
+    build = dict(storage=L.storage, tracking_uri=L.tracking_uri, spec=ABLATION_SPEC, execute_notebook=False,
+                 log_to_mlflow=False)
+    rb.build_report("ablation_tiny", out_dir=out, **build)
+    (out / "report.html").write_text("an html of an earlier, executed build")
+    (out / "my-notes.txt").write_text("the user's own file")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+    with monkeypatch.context() as m:
+        m.setattr(rb, "report_markdown", broken)
+        with pytest.raises(RuntimeError, match="disk full"):
+            rb.build_report("ablation_tiny", out_dir=out, **build)
+        with pytest.raises(RuntimeError, match="disk full"):
+            rb.build_report("ablation_tiny", out_dir=out.parent / "never", **build)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (out.parent / "never").exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    rb.build_report("ablation_tiny", out_dir=out, **build)
+    assert not (out / "report.html").exists()  # this build executed no notebook: no stale html beside it
+    assert (out / "my-notes.txt").read_text() == "the user's own file"
+    assert (out / "report.md").read_text().startswith("# ") and (out / "figures" / "loss_curves.png").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Comparison and search layouts (no notebook execution here)
 # ---------------------------------------------------------------------------------------------------------
