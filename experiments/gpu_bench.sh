@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 8's GPU measurements. All steps take about 10 minutes on an H100, more than one device call's 600 s, so
-# run them as two calls: STEPS="compile cudagraphs track", then STEPS="nfe4 eager profile sample". The second
+# run them as two calls: STEPS="compile cudagraphs track", then STEPS="nfe4 eager profile sample samplec". The second
 # round's question: does the channel-stats group norm (which keeps channels-last activations channels-last under
 # the compiler; see `python -m sfd.bench layout`) beat the native one? Each pair is timed on one card in one call:
 #   compile     bf16, channels-last, compiled: native vs channel-stats group norm, NFE 2   -> compile.jsonl
@@ -10,6 +10,7 @@
 #   eager       bf16 eager, + channels-last, + channel-stats (NFE 2)                       -> eager.jsonl
 #   profile     where the time goes in the compiled channel-stats setting                  -> profile.txt
 #   sample      evaluation speed: 10k student samples at NFE 2, batch 1024                 -> sample.jsonl
+#   samplec     the same compiled (eval.compile): is the compile time won back over 50k?    -> sample.jsonl
 # plus env.txt and stderr.log (at most 8 files: the device tool's limit). Each step has its own time limit, so a
 # slow compile cannot take the others with it. A markdown summary is printed last. Usage (from the repo root):
 #   OUT=/tmp/bench ARCH=cifar10 BATCH=128 STEPS="compile cudagraphs track" bash experiments/gpu_bench.sh
@@ -20,7 +21,7 @@ ARCH=${ARCH:-cifar10}
 BATCH=${BATCH:-128}
 TRACK_BATCH=${TRACK_BATCH:-64}
 TRACK_ITERS=${TRACK_ITERS:-60}
-STEPS=${STEPS:-compile cudagraphs track nfe4 eager profile sample}
+STEPS=${STEPS:-compile cudagraphs track nfe4 eager profile sample samplec}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -50,6 +51,8 @@ step profile profile.txt 80 "$PY" -m sfd.bench profile --arch "$ARCH" --batch "$
   "${FAST[@]}" --compile --iters 2 --top 25
 step sample sample.jsonl 30 "$PY" -m sfd.bench sample --arch "$ARCH" --batch 1024 --nfe 2 --num 10240 \
   --precision bf16 "${FAST[@]}" --json
+step samplec sample.jsonl 100 "$PY" -m sfd.bench sample --arch "$ARCH" --batch 1024 --nfe 2 --num 10240 \
+  --precision bf16 "${FAST[@]}" --compile --json
 shopt -s nullglob
 "$PY" -m sfd.bench show "$OUT"/*.jsonl
 [ -f "$OUT/profile.txt" ] && cat "$OUT/profile.txt"

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from sfd.distill import DistillSettings, Distiller, make_student, prepare_network, runs_compiled, sync_device
+from sfd.compiling import maybe_compile, runs_compiled
+from sfd.distill import DistillSettings, Distiller, make_student, prepare_network, sync_device
 from sfd.networks.edm import GROUP_NORMS
 from sfd.sampling import PRECISIONS, GridSpec, generate
 from sfd.solvers import nfe as solver_nfe
@@ -125,26 +126,32 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
 
 
 def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = "fp32", channels_last: bool = False,
-                 group_norm: str = "native", inception: str | None = None, device: str | None = None) -> dict:
+                 group_norm: str = "native", compile: bool = False, compile_mode: str | None = None,
+                 compile_backend: str = "inductor", inception: str | None = None, device: str | None = None) -> dict:
     """Time evaluation's two halves as `sfd.metrics.evaluate` runs them: a student of `arch` sampling `num` seeds
     with Euler + AFS at `nfe` in batches of `batch`, and (given a weights file) Inception features folded into
-    running statistics. One warm-up batch first; each half is synchronised separately to split the time."""
-    from sfd.metrics.evaluate import student_sampler
+    running statistics. One warm-up batch first (with `compile`, the compile: its time is reported apart, since
+    a run pays it once); each half is synchronised separately to split the time."""
+    from sfd.metrics.evaluate import sample_batch, student_sampler
     from sfd.metrics.fd import FeatureStats
     from sfd.metrics.inception import InceptionFeatures, to_uint8
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if compile:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
     net = build_arch(arch).to(device).eval().requires_grad_(False)
     prepare_network(net, channels_last=channels_last, group_norm=group_norm)
-    sampler = student_sampler(net, GridSpec(num_steps=nfe + 2, afs=True), num_classes=getattr(net, "label_dim", 0))
+    fn = maybe_compile(net, compile, compile_mode, compile_backend)
+    sampler = student_sampler(fn, GridSpec(num_steps=nfe + 2, afs=True), num_classes=getattr(net, "label_dim", 0))
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     features = InceptionFeatures(inception, device=device) if inception else None
     stats = FeatureStats()
     timed = {"sampling": 0.0, "features": 0.0}
 
-    def one_batch(seeds, record: bool) -> None:
+    def one_batch(seeds, record: bool) -> float:
         t0 = time.perf_counter()
-        samples, _ = sampler.sample(seeds, shape, device=device, batch_size=batch, precision=precision)
+        samples, _ = sample_batch(sampler, list(seeds), shape, device, batch, precision, None)
         sync_device(device)
         t1 = time.perf_counter()
         if features is not None:
@@ -153,8 +160,9 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
         if record:
             timed["sampling"] += t1 - t0
             timed["features"] += time.perf_counter() - t1
+        return t1 - t0
 
-    one_batch(range(min(batch, num)), record=False)
+    warmup_s = one_batch(range(min(batch, num)), record=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for lo in range(0, num, batch):
@@ -163,9 +171,13 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
     feature_rate = num / timed["features"] if features is not None else None
     return {
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "batch": batch, "nfe": nfe, "num_samples": num, "precision": precision, "compile": False,
-        "channels_last": channels_last, "group_norm": group_norm, "sampling_images_per_s": sample_rate,
-        "features_images_per_s": feature_rate, "peak_memory_gb": _peak_memory_gb(device),
+        "batch": batch, "nfe": nfe, "num_samples": num, "precision": precision, "compile": compile,
+        "compile_mode": compile_mode, "channels_last": channels_last, "group_norm": group_norm,
+        "sampling_images_per_s": sample_rate, "features_images_per_s": feature_rate,
+        "peak_memory_gb": _peak_memory_gb(device),
+        # the warm-up batch less a timed batch's share: the one-off compile (and first-call set-up) cost
+        "setup_s": max(warmup_s - min(batch, num) / sample_rate, 0.0),
+        **({"compile_fell_back": not runs_compiled(fn), **_graph_counts()} if compile else {}),
         # 50k samples (the FID protocol) at the measured rates: an extrapolation, labelled as one when printed.
         "extrapolated_50k_s": 50_000 / sample_rate + (50_000 / feature_rate if feature_rate else 0.0),
     }
@@ -174,10 +186,11 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
 def _format_sample(r: dict) -> str:
     feats = (f"Inception features {r['features_images_per_s']:.0f} images/s" if r["features_images_per_s"]
              else "Inception features not timed (no --inception weights file)")
+    setup = f"; first batch's extra (compile) {r['setup_s']:.1f} s, paid once" if r["compile"] else ""
     return (f"{r['arch']} on {r['device']}: {r['num_samples']} samples at NFE {r['nfe']} (Euler + AFS), batch "
             f"{r['batch']}, {_describe_speed(r)}\n"
             f"  sampling {r['sampling_images_per_s']:.0f} images/s; {feats}; peak memory "
-            f"{r['peak_memory_gb']:.2f} GiB\n"
+            f"{r['peak_memory_gb']:.2f} GiB{setup}\n"
             f"  50k samples at these rates (extrapolated, not timed): {r['extrapolated_50k_s']:.0f} s"
             f"{'' if r['features_images_per_s'] else ' of sampling'}")
 
@@ -535,11 +548,10 @@ def _add_common_options(p: argparse.ArgumentParser, default_nfe: list[int]) -> N
     p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
 
 
-def _add_speed_options(p: argparse.ArgumentParser, default_precision: str, compile: bool = True) -> None:
+def _add_speed_options(p: argparse.ArgumentParser, default_precision: str) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=default_precision)
-    if compile:
-        p.add_argument("--compile", action="store_true")
-        p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--group-norm", choices=GROUP_NORMS, default="native",
                    help="channel-stats: group statistics from per-channel ones (for compiled channels-last)")
@@ -591,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("sample", help="evaluation speed: student sampling and Inception features, images/s")
     _add_common_options(e, [2])
     e.set_defaults(batch=1024)
-    _add_speed_options(e, "fp32", compile=False)  # evaluation samples eagerly
+    _add_speed_options(e, "fp32")
     e.add_argument("--num", type=int, default=10_000, help="samples to time (after one warm-up batch)")
     e.add_argument("--inception", default=None, help="Inception-v3 2015-12-05 weights file: also time features")
     c = sub.add_parser("layout", help="memory layouts of one channels-last forward as compiled for a GPU (runs "
@@ -616,8 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sample":
         for nfe in args.nfe:
             r = bench_sample(args.arch, args.batch, nfe, args.num, precision=args.precision,
-                             channels_last=args.channels_last, group_norm=args.group_norm, inception=args.inception,
-                             device=args.device)
+                             channels_last=args.channels_last, group_norm=args.group_norm, compile=args.compile,
+                             compile_mode=args.compile_mode, inception=args.inception, device=args.device)
             print(json.dumps(r) if args.json else _format_sample(r), flush=True)
         return 0
     if args.command == "layout":

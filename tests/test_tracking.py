@@ -261,6 +261,27 @@ def test_speed_options_are_run_config_values(store):
     assert math.isfinite(fast.metrics["fd_digits"])
 
 
+def test_eval_compile_compiles_the_sampled_network_in_eval_mode_and_changes_no_number(store, monkeypatch):
+    """`eval.compile` compiles the network evaluation samples with, and only that one (training stays eager
+    with compile=false). torch.compile is replaced by a spy that returns the network itself, so the numbers
+    must be the eager run's up to the rounding of another batch size: this also checks that the ragged last
+    batch, filled with further seeds for the compiled network, keeps the right samples and classes."""
+    digits = ROOT / "experiments" / "digits_cond_sfd.yaml"
+    tiny = ["optim.batch_size=16", "optim.total_kimg=0.032", "eval.num_samples=10", "eval.batch_size=4"]
+    eager = run_experiment(load_config(digits, tiny), tracker=T.Tracker("eval-compile"))
+    compiled_modules = []
+
+    def spy_compile(module, **kwargs):
+        compiled_modules.append((module, module.training))
+        return module
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    compiled = run_experiment(load_config(digits, tiny + ["eval.compile=true"]), tracker=T.Tracker("eval-compile"))
+    assert [training for _, training in compiled_modules] == [False]
+    for key in ("fd_digits", "class_accuracy"):
+        assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-6), key
+    assert _client().get_run(compiled.run_id).data.params["eval.compile"] == "True"
+
+
 def test_lpips_weights_checked_are_the_ones_each_loss_builds():
     """The main LPIPS loss takes loss.opts.net; the final-step loss is built without options (VGG)."""
     from sfd.runner import lpips_assets

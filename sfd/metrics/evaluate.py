@@ -159,8 +159,7 @@ def evaluate(
     for lo in range(0, num_samples, batch_size):
         seeds = list(range(lo, min(lo + batch_size, num_samples)))
         labels = None if class_labels is None else class_labels[lo:lo + len(seeds)]
-        samples, cls = sampler.sample(seeds, teacher.shape, device=device, batch_size=batch_size,
-                                      precision=precision, class_labels=labels)
+        samples, cls = sample_batch(sampler, seeds, teacher.shape, device, batch_size, precision, labels)
         samples = samples.clamp(-1, 1)
         first = samples.cpu() if first is None else first
         if fid is not None:
@@ -186,6 +185,21 @@ def evaluate(
     results = _finish(metrics, fid, kept, classes, gaps)
     return EvalResult(metrics=results, grid_image=_sample_grid(first), num_samples=num_samples,
                       seconds=time.perf_counter() - start)
+
+
+def sample_batch(sampler: Sampler, seeds: list[int], shape, device, batch_size: int, precision: str, labels):
+    """One batch of samples. A compiled network is given full batches only, since a ragged last batch would
+    compile a second graph: the batch is filled with the seeds that follow and their samples dropped (each
+    seed has its own noise, so the kept samples are the same either way)."""
+    from sfd.compiling import runs_compiled
+
+    n = len(seeds)
+    if n < batch_size and runs_compiled(sampler.net):
+        seeds = seeds + list(range(seeds[-1] + 1, seeds[-1] + 1 + batch_size - n))
+        labels = None if labels is None else [int(c) for c in labels] + [0] * (batch_size - n)
+    samples, cls = sampler.sample(seeds, shape, device=device, batch_size=batch_size, precision=precision,
+                                  class_labels=labels)
+    return samples[:n], (None if cls is None else cls[:n])
 
 
 def _finish(metrics, fid, kept, classes, gaps) -> dict[str, float]:
