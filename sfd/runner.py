@@ -301,10 +301,17 @@ def load_teacher(cfg: RunConfig, device):
     trained), so a checkpoint is read once per study, not once per trial."""
     from sfd.teachers import get_teacher
 
+    from sfd.teachers.edm_pickle import EDMPickleError
+
     key = (cfg.teacher.name, cfg.teacher.path, str(device), cfg.smoke)
     if key not in _TEACHER_CACHE:
         _TEACHER_CACHE.clear()
-        _TEACHER_CACHE[key] = get_teacher(cfg.teacher.name, path=cfg.teacher.path, device=device, smoke=cfg.smoke)
+        try:
+            _TEACHER_CACHE[key] = get_teacher(cfg.teacher.name, path=cfg.teacher.path, device=device,
+                                              smoke=cfg.smoke)
+        except EDMPickleError as exc:  # a checkpoint that is not this teacher's: bad input, not a failed run
+            where = "teacher.path" if cfg.teacher.path else f"teacher {cfg.teacher.name}"
+            raise ConfigError(f"{where}: {exc}") from None
     return _TEACHER_CACHE[key]
 
 
@@ -434,8 +441,8 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
             "sfd.algorithm": cfg.algorithm, **notes}
     if cfg.algorithm == "second-stage":  # which first-stage model (run id or folder) this one came from
         tags[TAG_FIRST_STAGE] = cfg.second_stage.first_stage
+    teacher = load_teacher(cfg, device)  # before the run: a checkpoint that is not this teacher creates no run
     with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run:
-        teacher = load_teacher(cfg, device)
         run.log_params(C.flatten(C.to_dict(cfg)))
         run.log_text(C.dump_yaml(cfg), "config.yaml")
 

@@ -191,6 +191,45 @@ def test_tensors_must_fit(tmp_path, persistence):
         load_edm_pickle(path)
 
 
+def test_tensors_of_another_size_name_the_file(tmp_path, persistence):
+    kwargs = tiny_kwargs()
+    net = make_persistent(randomized(kwargs), persistence, init_kwargs={**kwargs, "model_channels": 8})
+    path = write_pickle(tmp_path / "net.pkl", net, persistence)
+    with pytest.raises(EDMPickleError, match="size mismatch") as err:
+        load_edm_pickle(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_pickle_of_another_network_is_refused_before_a_run_exists(tmp_path, persistence, monkeypatch):
+    """A well-formed EDM pickle of another architecture (here 8x8 with 4 classes) given as the CIFAR-10
+    teacher would be sampled and scored against CIFAR-10's FID reference: it is refused, by key, before the
+    MLflow run is created."""
+    from mlflow import MlflowClient
+
+    from sfd import tracking
+    from sfd.config import ConfigError, load_config
+    from sfd.runner import run_experiment
+    from sfd.teachers import get_teacher
+
+    monkeypatch.setenv("SFD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    kwargs = tiny_kwargs()
+    path = write_pickle(tmp_path / "net.pkl", make_persistent(randomized(kwargs), persistence, init_kwargs=kwargs),
+                        persistence)
+    with pytest.raises(EDMPickleError) as err:
+        get_teacher("cifar10-uncond", path=path)
+    for text in (str(path), "is not the cifar10-uncond teacher", "img_resolution=8 (expected 32)",
+                 "label_dim=4 (expected 0)", "model_channels=16 (expected 128)"):
+        assert text in str(err.value), text
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "experiments", "cifar10_sfd.yaml"),
+                      [f"teacher.path={path}", "eval.metrics=[teacher_gap]"])
+    with pytest.raises(ConfigError, match="teacher.path: .* is not the cifar10-uncond teacher"):
+        run_experiment(cfg, tracker=tracking.Tracker("wrong-teacher"))
+    experiment = MlflowClient(tracking.default_tracking_uri()).get_experiment_by_name("wrong-teacher")
+    assert experiment is None or not MlflowClient(tracking.default_tracking_uri()).search_runs(
+        [experiment.experiment_id])
+
+
 def test_torch_save_archive_is_explained(tmp_path):
     path = tmp_path / "net.pt"
     torch.save({"a": torch.ones(1)}, path)

@@ -239,7 +239,10 @@ def load_edm_pickle(path: str | os.PathLike, key: str = "ema", *, device: str | 
         raise EDMPickleError(f"{path}: no entry {key!r}; entries are {sorted(map(str, data))}")
     args, kwargs, tensors = edm_state_from_record(data[key])
     net = EDMPrecond(*args, **{**kwargs, **overrides})
-    result = net.load_state_dict(tensors, strict=False)
+    try:
+        result = net.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # size mismatches: the recorded kwargs do not describe the recorded tensors
+        raise EDMPickleError(f"{path}: recorded tensors do not fit EDMPrecond{kwargs}: {exc}") from None
     missing = [k for k in result.missing_keys if not (net.step_condition and k.startswith(STEP_KEY_PREFIX))]
     if missing or result.unexpected_keys:
         raise EDMPickleError(f"{path}: recorded tensors do not fit EDMPrecond{kwargs}: missing {missing}, "

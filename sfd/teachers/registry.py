@@ -164,8 +164,10 @@ def _edm_teacher(name: str, path, device, smoke: bool) -> Teacher:
     else:
         from sfd.teachers.edm_pickle import load_edm_pickle
 
-        net = load_edm_pickle(require(arch, path=path))
+        file = require(arch, path=path)
+        net = load_edm_pickle(file)
         kwargs = getattr(net, "init_kwargs", None) or kwargs
+        _check_architecture(name, arch, kwargs, file)
     net = net.to(device).eval().requires_grad_(False)
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
 
@@ -181,6 +183,19 @@ def _edm_teacher(name: str, path, device, smoke: bool) -> Teacher:
     return Teacher(name=name, net=net, shape=shape, num_classes=kwargs.get("label_dim", 0), dataset=dataset,
                    default_metric=metric, smoke=smoke, init_kwargs=kwargs, data_fn=data_fn,
                    description=description)
+
+
+def _check_architecture(name: str, arch: str, kwargs: dict, file) -> None:
+    """A pickle of another network (say ImageNet's ADM given as the CIFAR-10 teacher) would be sampled and
+    scored against the wrong dataset's FID reference: refuse it by name."""
+    from sfd.networks.edm import architecture_mismatch
+    from sfd.teachers.edm_pickle import EDMPickleError
+
+    diff = architecture_mismatch(arch, kwargs)
+    if diff:
+        found = ", ".join(f"{k}={got!r} (expected {want!r})" for k, (want, got) in diff.items())
+        raise EDMPickleError(f"{file} is not the {name} teacher ({arch}.pkl): its network has {found}; "
+                             f"give teacher.path the {arch}.pkl checkpoint, or the teacher name that matches it")
 
 
 _GMM = re.compile(r"gmm-(img-)?(\d+)$")
