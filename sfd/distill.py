@@ -110,8 +110,8 @@ def prepare_network(net, *, channels_last: bool, group_norm: str):
 
     if isinstance(net, torch.nn.Module):
         set_group_norm(net, group_norm)
-        if channels_last:
-            net.to(memory_format=torch.channels_last)
+        # both ways: a study's trials share one cached teacher, which an earlier trial may have made NHWC
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return net
 
 

@@ -75,3 +75,17 @@ def test_metric_checks(gmm):
 def test_unknown_teacher_is_named():
     with pytest.raises(ValueError, match="unknown teacher"):
         get_teacher("cifar100")
+
+
+def test_samples_that_diverged_are_an_error_not_a_score(gmm):
+    """clamp keeps NaN and the uint8 conversion would turn it into a black pixel, so FID would score a
+    diverged sampler as a (bad) number: any non-finite sample fails the evaluation, saying how many."""
+    from sfd.metrics.evaluate import NonFiniteSamplesError
+
+    def diverging(x, sigma):
+        out = gmm.net(x, sigma).clone()
+        out[1::4] = float("nan")  # every fourth sample from the second
+        return out
+
+    with pytest.raises(NonFiniteSamplesError, match="3 of 10 samples contain NaN or inf"):
+        evaluate(solver_sampler(diverging, "euler", 3), gmm, ["teacher_gap"], 10, batch_size=4, progress=False)

@@ -269,3 +269,20 @@ def test_profile_and_show(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SystemExit, match="no benchmark results"):
         show([str(tmp_path / "empty.jsonl")])
+
+
+def test_prepare_network_sets_the_layout_both_ways():
+    """A study's trials share one cached teacher: a trial without channels-last must not inherit the NHWC
+    weights an earlier trial gave it, nor its group norm."""
+    from sfd.distill import prepare_network
+
+    from sfd.networks.edm import GroupNorm
+
+    net = build_arch("tiny")
+    prepare_network(net, channels_last=True, group_norm="channel-stats")
+    assert {m.impl for m in net.modules() if isinstance(m, GroupNorm)} == {"channel-stats"}
+    convs = [p for p in net.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    prepare_network(net, channels_last=False, group_norm="native")
+    assert all(p.is_contiguous() for p in net.parameters())
+    assert {m.impl for m in net.modules() if isinstance(m, GroupNorm)} == {"native"}

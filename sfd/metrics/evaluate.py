@@ -23,6 +23,10 @@ FID_NUM_SAMPLES = 50_000
 SMALL_NUM_SAMPLES = 1_000
 
 
+class NonFiniteSamplesError(ValueError):
+    """Some samples are NaN or inf: every metric of them would be meaningless (FID would score NaN as black)."""
+
+
 @dataclass
 class Sampler:
     """What to sample: a network, a grid and the solver that walks it (Euler for a student)."""
@@ -155,12 +159,14 @@ def evaluate(
     fid = _FID(teacher, device, inception_weights, fid_ref) if "fid" in metrics else None  # fails early
     start = time.perf_counter()
     kept, classes, gaps, first = [], [], [], None
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no sync per batch
     bar = tqdm(total=num_samples, desc=f"evaluate (NFE {sampler.nfe})", disable=not progress, leave=False)
     for lo in range(0, num_samples, batch_size):
         seeds = list(range(lo, min(lo + batch_size, num_samples)))
         labels = None if class_labels is None else class_labels[lo:lo + len(seeds)]
         samples, cls = sample_batch(sampler, seeds, teacher.shape, device, batch_size, precision, labels)
-        samples = samples.clamp(-1, 1)
+        nonfinite += (~torch.isfinite(samples)).flatten(1).any(1).sum()
+        samples = samples.clamp(-1, 1)  # keeps NaN, which the uint8 conversion would turn into black pixels
         first = samples.cpu() if first is None else first
         if fid is not None:
             fid.update(samples)
@@ -182,6 +188,9 @@ def evaluate(
             gaps.append(per_sample_rmse(samples, ref.clamp(-1, 1)))
         bar.update(len(seeds))
     bar.close()
+    if int(nonfinite):
+        raise NonFiniteSamplesError(f"{int(nonfinite)} of {num_samples} samples contain NaN or inf (the sampler "
+                                    f"diverged at NFE {sampler.nfe}); no metric is computed from them")
     results = _finish(metrics, fid, kept, classes, gaps)
     return EvalResult(metrics=results, grid_image=_sample_grid(first), num_samples=num_samples,
                       seconds=time.perf_counter() - start)
