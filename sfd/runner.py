@@ -149,11 +149,10 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_in
         if "fid" in metrics:
             from sfd.teachers.registry import FID_REFS, teacher_dataset
 
-            require("inception-2015-12-05")
             dataset = teacher_dataset(cfg.teacher.name)
             if dataset not in FID_REFS:
                 raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
-            require(FID_REFS[dataset])
+            check_fid_files(require("inception-2015-12-05"), require(FID_REFS[dataset]))
         for asset in lpips_assets(cfg).values():
             require(asset)
     if cfg.algorithm == "second-stage":
@@ -161,6 +160,28 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_in
             folder = locate_first_stage(cfg.second_stage.first_stage, tracking_uri)
             first_stage_info = json.loads((folder / SAMPLING_FILE).read_text())
         check_first_stage(cfg, first_stage_info)
+
+
+_CHECKED_FID_FILES: set[tuple] = set()
+
+
+def check_fid_files(inception_weights: Path, reference_stats: Path) -> None:
+    """The Inception weights load and the reference statistics are finite 2048-d ones, or a ConfigError
+    naming the file, before a run trains. Each file version is read once per process (a study's rows share
+    them)."""
+    from sfd.metrics.fd import check_reference_stats
+    from sfd.metrics.inception import FEATURE_DIM, check_inception_weights
+
+    for path, check in ((Path(inception_weights), check_inception_weights),
+                        (Path(reference_stats), lambda p: check_reference_stats(p, FEATURE_DIM))):
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _CHECKED_FID_FILES:
+            try:
+                check(path)
+            except ValueError as exc:
+                raise ConfigError(f"eval.metrics: fid: {exc}") from None
+            _CHECKED_FID_FILES.add(key)
 
 
 def resolve_eval(cfg: RunConfig) -> RunConfig:

@@ -159,3 +159,52 @@ def test_evaluation_benchmark_times_sampling_and_features(random_weights, capsys
     assert main(["sample", "--arch", "tiny", "--batch", "4", "--num", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Inception features not timed" in out and "of sampling" in out
+
+
+def test_fid_files_are_checked_before_the_run_trains(tmp_path, empty_homes, random_weights):
+    """A reference file of the wrong dimension or with NaN, or weights that do not load, used to fail only
+    after training and 50k samples (with a message naming no file): prepare() now refuses them by path."""
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    from sfd.config import ConfigError, load_config
+    from sfd.metrics.fd import save_stats
+    from sfd.runner import prepare
+
+    teacher = tmp_path / "teacher.pkl"
+    teacher.write_bytes(pickle.dumps({"ema": None}))  # passes the teacher's header check; never loaded here
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "cifar10_sfd.yaml",
+                      [f"teacher.path={teacher}", "eval.metrics=[fid]"])
+    weights, ref = empty_homes / WEIGHTS_NAME, empty_homes / "cifar10-32x32.npz"
+    shutil.copyfile(random_weights, weights)
+    rng = np.random.default_rng(0)
+    save_stats(ref, rng.normal(size=64), np.eye(64))
+    with pytest.raises(ConfigError, match=f"{ref}: statistics of 64-dimensional features"):
+        prepare(cfg)
+    save_stats(ref, np.full(2048, np.nan), np.eye(2048))
+    with pytest.raises(ConfigError, match="contain NaN or inf"):
+        prepare(cfg)
+    save_stats(ref, rng.normal(size=2048), np.eye(2048))
+    prepare(cfg)  # both files good
+    weights.write_bytes(b"not a state dict")
+    with pytest.raises(ConfigError, match=f"{weights}: cannot load as Inception-v3"):
+        prepare(cfg)
+
+
+def test_features_run_in_true_float32_whatever_the_runs_precision(extractor, monkeypatch):
+    """A `tf32` run turns the process-wide TF32 switches on; Inception's features are computed with them off
+    (the FID protocol's float32), and the switches are restored after."""
+    from sfd.sampling import use_precision
+
+    seen = []
+    net = extractor.net
+    monkeypatch.setattr(extractor, "net", lambda x: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or net(x))
+    use_precision("tf32")
+    try:
+        extractor(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+        assert seen == [(False, False)]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        use_precision("fp32")

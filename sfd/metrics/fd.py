@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["FeatureStats", "frechet_distance", "save_stats", "load_stats"]
+__all__ = ["FeatureStats", "frechet_distance", "save_stats", "load_stats", "check_reference_stats"]
 
 
 class FeatureStats:
@@ -131,3 +131,14 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     _check_stats(mu, sigma, str(path))
     return mu, sigma
+
+
+def check_reference_stats(path: str | os.PathLike, dim: int) -> None:
+    """Raise ValueError naming `path` unless it holds finite statistics of `dim`-dimensional features (the
+    check a run makes before it trains, so a wrong file does not fail only after 50k samples)."""
+    mu, sigma = load_stats(path)
+    if mu.shape[0] != dim:
+        raise ValueError(f"{path}: statistics of {mu.shape[0]}-dimensional features; FID needs Inception pool3 "
+                         f"statistics ({dim}-dimensional), e.g. EDM's fid-refs/*.npz")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: the statistics contain NaN or inf")

@@ -9,6 +9,7 @@ located through `sfd.assets.require("inception-2015-12-05")` and never downloade
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ from sfd.metrics.fd import FeatureStats, save_stats
 INCEPTION_ASSET = "inception-2015-12-05"
 FEATURE_DIM = 2048
 
-__all__ = ["InceptionFeatures", "to_uint8", "compute_reference_stats", "build_reference_stats", "INCEPTION_ASSET"]
+__all__ = ["InceptionFeatures", "to_uint8", "compute_reference_stats", "build_reference_stats", "INCEPTION_ASSET",
+           "check_inception_weights"]
 
 
 def to_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -52,8 +54,21 @@ class InceptionFeatures:
             raise ValueError(f"expected images of shape [B, 1 or 3, H, W], got {tuple(x.shape)}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale: same value in R, G, B
-        (features,) = self.net(x.to(self.device, non_blocking=True))
+        with _float32_matmuls():
+            (features,) = self.net(x.to(self.device, non_blocking=True))
         return features.float()
+
+
+@contextlib.contextmanager
+def _float32_matmuls():
+    """FID's Inception runs in true float32 whatever the run's precision: a `tf32` run leaves the process-wide
+    TF32 switches on (sfd.sampling.use_precision), which would change the features on an NVIDIA GPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _format_error(path: Path, e: Exception) -> ValueError:
@@ -62,6 +77,11 @@ def _format_error(path: Path, e: Exception) -> ValueError:
         f"torch.save (torch-fidelity's weights-inception-2015-12-05-6726825d.pth format); "
         f"the NVlabs .pkl/.pt TorchScript files are a different format. Cause: {type(e).__name__}: {e}"
     )
+
+
+def check_inception_weights(path: str | os.PathLike) -> None:
+    """Raise ValueError naming `path` unless the network loads from it (checked before a run trains)."""
+    _build_network(Path(path))
 
 
 def _build_network(path: Path) -> torch.nn.Module:
