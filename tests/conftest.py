@@ -1,12 +1,17 @@
-"""Test-wide settings: one torch thread (tiny networks run faster and deterministically that way on the
-2-core CI machine), offline MLflow."""
+"""Test-wide settings: one torch thread and one BLAS thread (tiny networks run faster and deterministically
+that way on the 2-core CI machine, and OpenBLAS's spinning threads made a 2048-d Fréchet distance ~10x slower
+under load), offline MLflow; shared fixtures."""
 import os
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 torch.set_num_threads(1)
+threadpool_limits(limits=1, user_api="blas")
+
+INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"  # the asset's file name
 
 
 @pytest.fixture
@@ -16,3 +21,24 @@ def stores(tmp_path, monkeypatch):
     monkeypatch.setenv("SFD_RUNS_DIR", str(runs))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return runs
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory):
+    """Random Inception-v3 weights in the file format torch-fidelity's loader expects (the real 2015-12-05
+    file is a download). Convolutions are He-initialised: torch's default init shrinks activations layer by
+    layer to pool3 features of ~1e-7, where a Fréchet distance says little."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
+        # Build the network without its (downloaded) weights: skip the URL fetch and the load.
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("random", ["2048"])
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_NAME
+    torch.save(net.state_dict(), path)
+    return path

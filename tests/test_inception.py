@@ -36,22 +36,6 @@ def empty_homes(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """A random Inception state dict in the file format torch-fidelity's loader expects."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
-        # Build the network without its (downloaded) weights: skip the URL fetch and the load.
-        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
-        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("random", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / WEIGHTS_NAME
-    torch.save(net.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def extractor(random_weights):
     return InceptionFeatures(weights_path=random_weights)
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sfd.networks.mlp import MLPDenoiser
@@ -56,3 +57,39 @@ def test_conditional_labels_and_guidance():
     _, c1 = generate(net, GridSpec(num_steps=3, afs=False), range(20), (3,), num_classes=3, batch_size=3)
     _, c2 = generate(net, GridSpec(num_steps=3, afs=False), range(20), (3,), num_classes=3, batch_size=20)
     assert torch.equal(c1, c2) and len(set(c1.tolist())) == 3
+
+
+def test_initial_noise_is_scaled_by_the_grids_t_max():
+    """A non-default t_max (14.6146, the Stable-Diffusion-like sigma_max): the sample is the Euler solve from
+    seed_noise · t_max, checked against a step-by-step Euler (no AFS) and the Euler+AFS solver."""
+    gmm = GaussianMixture.random(3, (2,), seed=0)
+    t_max, seeds = 14.6146, [0, 1, 2]
+    grid = GridSpec(num_steps=5, afs=False, t_min=0.002, t_max=t_max)
+    ts = [float(t) for t in grid.timestamps()]
+    assert ts[0] == pytest.approx(t_max)
+    x = seed_noise(seeds, (2,)) * t_max
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * (x - gmm(x, t)) / t
+    out, _ = generate(gmm, grid, seeds, (2,))
+    torch.testing.assert_close(out, x)
+    afs_grid = GridSpec(num_steps=5, afs=True, t_min=0.002, t_max=t_max)
+    out, _ = generate(gmm, afs_grid, seeds, (2,))
+    expected = solve("euler", gmm, seed_noise(seeds, (2,)) * t_max, afs_grid.timestamps(), afs=True)
+    torch.testing.assert_close(out, expected)
+
+
+def test_guidance_mixes_conditional_and_null_outputs():
+    """D = w·D(c) + (1-w)·D(null) where the null output is far from zero, so the sign of its weight matters."""
+
+    def net(x, sigma, labels=None):
+        return x * 0.5 + labels @ torch.tensor([[1.0, -2.0], [3.0, 0.5]]) + torch.tensor([1.5, -1.75]) + sigma
+
+    x = torch.tensor([[0.2, -0.1], [1.0, 0.4]])
+    labels = torch.eye(2)
+    null = torch.zeros_like(labels)
+    assert net(x, 0.7, null).abs().min() > 0.5
+    for w in (3.0, 0.5, -1.0):
+        out = guided(net, labels, w)(x, 0.7)
+        torch.testing.assert_close(out, w * net(x, 0.7, labels) + (1 - w) * net(x, 0.7, null), rtol=0, atol=1e-6)
+    # With w = 3: 3·D(c) - 2·D(null); worked out for the first row: D(c) = (3.3, -3.1), D(null) = (2.3, -1.1).
+    torch.testing.assert_close(guided(net, labels, 3.0)(x, 0.7)[0], torch.tensor([5.3, -7.1]), rtol=0, atol=1e-5)
