@@ -2,7 +2,7 @@
 class-conditional, guided sampler.
 
 No real Inception weights are needed: a randomly initialised state dict in torch-fidelity's format stands in
-for the 2015-12-05 file (the same approach as tests/test_inception.py).
+for the 2015-12-05 file (the `random_weights` fixture in tests/conftest.py).
 """
 from __future__ import annotations
 
