@@ -800,6 +800,8 @@ def _paper_row(srow: dict, labels: dict, paper: dict, dataset: str, kind: str) -
     if not srow or ("paper_key" in srow and key is None):  # `paper_key: null`: no paper counterpart
         return None
     if kind == "ablation":
+        if paper["ablation"]["dataset"] != dataset:  # the paper's ablation is CIFAR-10's: no other dataset's row
+            return None
         for p in paper["ablation"]["rows"]:
             if (_canon(p["method"]) == _canon(labels["method"]) and _canon(p["teacher"]) == _canon(labels["teacher"])
                     and labels["t_min"] is not None and abs(p["t_min"] - labels["t_min"]) < 1e-9
@@ -1526,8 +1528,10 @@ def fig_metric_vs_hours(data: StudyData):
         pax = ax if data.comparable else ax.twinx()
         pax.scatter(paper["hours"].astype(float), paper["fid"], marker="x", color="gray", label="paper (A100-h)")
         for _, p in paper.iterrows():
-            pax.annotate(f"{p['method']} {p['nfe']}", (float(p["hours"]), p["fid"]), fontsize=6, color="gray",
-                         xytext=(3, -8), textcoords="offset points")
+            # a bound such as "<0.01" is drawn at its value: the label says it is a bound
+            bound = f" ({p['hours_text']} h)" if str(p["hours_text"] or "").startswith(("<", ">")) else ""
+            pax.annotate(f"{p['method']} {p['nfe']}{bound}", (float(p["hours"]), p["fid"]), fontsize=6,
+                         color="gray", xytext=(3, -8), textcoords="offset points")
         if pax is not ax:
             pax.set_ylabel(f"paper FID ({data.paper_dataset}, orientation only)")
         h1, l1 = ax.get_legend_handles_labels()

@@ -523,3 +523,15 @@ def test_run_hint_suggests_the_command_that_makes_the_study():
         "run `python studies/run.py ablation_digits --seeds 0 1` first")
     assert "(did you mean mini?)" in rb.run_hint("minii", smoke=False, known={"mini"})
     assert "(studies: ablation_cifar," in rb.run_hint("zzzz", smoke=False)
+
+
+def test_ablation_rows_of_another_dataset_get_no_paper_number_by_label():
+    """The paper's ablation is CIFAR-10's. An ImageNet-64 ablation row without a paper_key used to be matched by
+    its labels to the CIFAR-10 row and shown (with a Δ) as the paper's ImageNet number."""
+    from reports.build import _paper_row, load_paper_numbers
+
+    paper = load_paper_numbers()
+    labels = {"method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.006, "afs": True, "loss": "L1", "nfe": 2}
+    cifar = _paper_row({"id": "sfd-dpmpp3m-0.006-afs-l1"}, labels, paper, "cifar10", "ablation")
+    assert cifar is not None and cifar["fid"] == 4.57 and cifar["dataset"] == "cifar10"
+    assert _paper_row({"id": "sfd-dpmpp3m-0.006-afs-l1"}, labels, paper, "imagenet64", "ablation") is None
