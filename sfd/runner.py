@@ -159,6 +159,8 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_in
         if first_stage_info is None:
             folder = locate_first_stage(cfg.second_stage.first_stage, tracking_uri)
             first_stage_info = json.loads((folder / SAMPLING_FILE).read_text())
+            if not first_stage_info.get("smoke"):  # its network is rebuilt from its own teacher's checkpoint
+                check_teacher_assets(first_stage_info["teacher"], first_stage_info.get("teacher_path"))
         check_first_stage(cfg, first_stage_info)
 
 
@@ -287,6 +289,12 @@ def first_stage_num_steps(cfg: RunConfig, info: dict) -> int:
 def check_first_stage(cfg: RunConfig, info: dict) -> int:
     """The second stage's Euler teacher grid ((M+1)(N-1)+1 points) must be the first stage's own grid at the N
     it distils (see `first_stage_num_steps`); returns that N."""
+    for key, ours in (("teacher", cfg.teacher.name), ("smoke", cfg.smoke)):
+        theirs = info.get(key, False if key == "smoke" else None)
+        if theirs != ours:  # its network, shapes, classes and metrics are another teacher's
+            raise ConfigError(f"second stage: the first stage was distilled with {key}={theirs!r}, this run has "
+                              f"{key}={ours!r}; a second stage continues its first stage's teacher, so set "
+                              f"{'teacher.name' if key == 'teacher' else 'the same smoke mode'} to match")
     g = info["grid"]
     n = first_stage_num_steps(cfg, info)
     expected = (cfg.solver.m + 1) * (cfg.num_steps - 1) + 1
@@ -364,14 +372,16 @@ def _loss_curve(history: dict[str, list[tuple[int, float]]]):
     return fig
 
 
-def _sampling_info(cfg: RunConfig, teacher, step_condition: bool) -> dict:
+def sampling_info(cfg: RunConfig, num_classes: int, step_condition: bool) -> dict:
+    """What a saved student needs to be sampled and continued (`sampling.json`); studies/run.py builds the
+    same dict for a row that has not run yet, to check a second stage chained to it."""
     grid = dataclasses.asdict(C.grid_spec(cfg))
     return {
         "algorithm": cfg.algorithm, "teacher": cfg.teacher.name, "teacher_path": cfg.teacher.path,
         "smoke": cfg.smoke, "solver": "euler", "nfe": cfg.student.nfe, "grid": grid,
         "step_condition": step_condition, "step": cfg.num_steps if step_condition else None,
         "num_steps_choices": cfg.sfdv.num_steps_choices if cfg.algorithm == "sfd-v" else None,
-        "guidance": cfg.student.guidance, "num_classes": teacher.num_classes,
+        "guidance": cfg.student.guidance, "num_classes": num_classes,
         "first_stage": cfg.second_stage.first_stage if cfg.algorithm == "second-stage" else None,
     }
 
@@ -504,7 +514,7 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
         if cfg.algorithm != "baseline":
             run.log_figure(_loss_curve(run.history), "loss_curve.png")
             if save_student or (save_student is None and not (cfg.smoke and not _is_small_teacher(cfg.teacher.name))):
-                _save_student(run, net, _sampling_info(cfg, teacher, step_cond))
+                _save_student(run, net, sampling_info(cfg, teacher.num_classes, step_cond))
         metrics["total/wall_s"] = time.perf_counter() - t_total
         run.log_metrics(metrics, step=0)
     return RunResult(run_id=run.run_id, status="FINISHED", metrics=metrics, config=cfg, objective=objective,

@@ -318,8 +318,8 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
     Returns {row id: reason} for the rows the study YAML skips (`skip_rows`), which are not checked. Creates
     nothing."""
     from sfd.assets import MissingAssetError
-    from sfd.config import ConfigError, grid_spec
-    from sfd.runner import computed_metrics, load_teacher, objective_key, prepare, resolve_device
+    from sfd.config import ConfigError
+    from sfd.runner import computed_metrics, load_teacher, objective_key, prepare, resolve_device, sampling_info
     from sfd.teachers.registry import teacher_source
 
     skipped = {row: str(reason) for row, reason in spec.skip_rows.items()}
@@ -356,7 +356,8 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
                            f"is not a row of this study (rows: {', '.join(order)})")
                     raise StudyError(f"study {spec.name}, row {row['id']}: second_stage.first_stage names row "
                                      f"{target!r}, which {why}")
-                info = {"grid": dataclasses.asdict(grid_spec(resolved_rows[target]))}
+                first = resolved_rows[target]
+                info = sampling_info(first, 0, step_condition=first.algorithm == "sfd-v")
             try:
                 resolved_rows[row["id"]] = check(lambda: row_config(spec, row), f"row {row['id']}", info)
             except MissingAssetError as exc:
