@@ -18,6 +18,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -188,22 +189,41 @@ def _how_to_get(asset: Asset) -> str:
 
 
 def require(name: str, path: str | os.PathLike | None = None) -> Path:
-    """The asset's local file. With ``path`` (a file, or a folder holding the file) only that is checked."""
+    """The asset's local file. With ``path`` (a file, or a folder holding the file) only that is checked.
+    Where the asset knows its size or checksum, a file that does not match (a truncated copy) is refused."""
     asset = get(name)
     if path is not None:
         p = Path(path).expanduser()
         if p.is_dir():
             p = p / asset.filename
         if p.is_file():
-            return p
+            return _verified(asset, p)
         raise MissingAssetError(f"asset '{name}' ({asset.filename}) not found at the given path {p}; "
                                 + _how_to_get(asset))
     found = asset_path(name)
     if found is not None:
-        return found
+        return _verified(asset, found)
     searched = ", ".join(str(p) for p in asset.search_paths())
     raise MissingAssetError(f"asset '{name}' ({asset.filename}) not found; searched: {searched}; "
                             + _how_to_get(asset))
+
+
+_VERIFIED: set[tuple] = set()  # (path, size, mtime) of files found whole: each version is hashed once per process
+
+
+def _verified(asset: Asset, path: Path) -> Path:
+    if asset.size is None and not (asset.sha256 or asset.sha256_prefix or asset.md5):
+        return path
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        try:
+            verify(asset, path)
+        except AssetChecksumError as e:
+            raise AssetChecksumError(f"{e}; delete it and run `python -m sfd.assets fetch {asset.name}` (or fetch "
+                                     "with --force)") from None
+        _VERIFIED.add(key)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,6 +288,9 @@ def _download(asset: Asset, url: str, part: Path, progress: bool, timeout: float
     if length is not None and received < int(length):
         raise AssetDownloadError(f"download of {url} stopped after {offset + received} bytes of {total}; "
                                  f"run the fetch again to resume from {part}")
+    if length is None and asset.size is None and not (asset.sha256 or asset.sha256_prefix or asset.md5):
+        warnings.warn(f"{url} sent no length and asset '{asset.name}' has no registered size or checksum: "
+                      f"nothing can tell whether the {offset + received} bytes received are the whole file")
 
 
 def _resume_note(part: Path) -> str:
@@ -291,7 +314,7 @@ def fetch(name: str, dest_dir: str | os.PathLike | None = None, url: str | None 
         try:
             verify(asset, final)
         except AssetChecksumError as e:
-            raise AssetChecksumError(f"{e}; delete it (or fetch with force=True) to download it again") from None
+            raise AssetChecksumError(f"{e}; delete it, or fetch with --force, to download it again") from None
         return final
     dest.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
@@ -346,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_fetch.add_argument("--url", help="download from this URL instead (a mirror)")
     p_fetch.add_argument("--dest", help="folder to put the file in")
     p_fetch.add_argument("--no-progress", action="store_true")
+    p_fetch.add_argument("--force", action="store_true", help="download again even if the file is there")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed its usage message
@@ -356,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "path":
             print(require(args.name))
         else:
-            print(fetch(args.name, dest_dir=args.dest, url=args.url, progress=not args.no_progress))
+            print(fetch(args.name, dest_dir=args.dest, url=args.url, progress=not args.no_progress,
+                        force=args.force))
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

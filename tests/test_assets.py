@@ -29,6 +29,7 @@ class Server:
         self.files = files
         self.ranges: list[str | None] = []
         self.cut_after: dict[str, int] = {}  # path → bytes sent before the connection drops
+        self.no_length: set[str] = set()  # paths served without a Content-Length header
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -48,7 +49,8 @@ class Server:
                     status = 206
                 body = data[start:]
                 self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
+                if self.path not in server.no_length:
+                    self.send_header("Content-Length", str(len(body)))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
@@ -126,7 +128,20 @@ def test_lpips_weights_live_in_torch_hub_cache(home, tmp_path, monkeypatch):
     assert assets.asset_path("lpips-vgg16") is None
     ckpt.mkdir(parents=True)
     (ckpt / "vgg16-397923af.pth").write_bytes(b"x")
-    assert require("lpips-vgg16") == ckpt / "vgg16-397923af.pth"
+    assert assets.asset_path("lpips-vgg16") == ckpt / "vgg16-397923af.pth"
+    # found there, but not the weights (their sha256 starts 397923af): refused, saying how to get them again
+    with pytest.raises(assets.AssetChecksumError, match="does not start with 397923af.*delete it and run "
+                                                        "`python -m sfd.assets fetch lpips-vgg16`"):
+        require("lpips-vgg16")
+
+
+def test_a_truncated_file_is_refused_where_the_asset_knows_its_size(home, tmp_path):
+    """CIFAR-10's tarball has a registered size and md5: a partial copy used to pass every check and fail
+    inside the run when its images were read."""
+    part = tmp_path / "cifar-10-python.tar.gz"
+    part.write_bytes(b"\x1f\x8b" + bytes(100))
+    with pytest.raises(assets.AssetChecksumError, match="size 102 bytes, expected 170498071"):
+        require("cifar10-train", path=part)
 
 
 def test_require_message_names_everything(home, temp_asset):
@@ -199,6 +214,13 @@ def test_fetch_refuses_checksum_mismatch(tmp_path, server, temp_asset):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_without_length_or_checksum_says_it_is_unchecked(tmp_path, server, temp_asset):
+    server.no_length.add("/data.bin")
+    temp_asset()
+    with pytest.warns(UserWarning, match="sent no length .* nothing can tell whether the 256000 bytes"):
+        assert fetch("test-data", dest_dir=tmp_path, progress=False).read_bytes() == PAYLOAD
+
+
 def test_fetch_offline_is_clear(tmp_path, temp_asset):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -235,6 +257,11 @@ def test_cli(home, server, temp_asset, capsys):
     dest = home / "elsewhere"
     assert main(["fetch", "test-data", "--dest", str(dest), "--url", server.url + "/data.bin",
                  "--no-progress"]) == 0
+    assert (dest / "data.bin").read_bytes() == PAYLOAD
+    (dest / "data.bin").write_bytes(b"junk")  # a corrupt copy: refused, and --force downloads it again
+    assert main(["fetch", "test-data", "--dest", str(dest), "--no-progress"]) == 2
+    assert "delete it, or fetch with --force" in capsys.readouterr().err
+    assert main(["fetch", "test-data", "--dest", str(dest), "--no-progress", "--force"]) == 0
     assert (dest / "data.bin").read_bytes() == PAYLOAD
     assert main(["fetch", "no-such-asset"]) == 2
     assert "unknown asset 'no-such-asset'" in capsys.readouterr().err

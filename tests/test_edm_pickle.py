@@ -191,6 +191,16 @@ def test_tensors_must_fit(tmp_path, persistence):
         load_edm_pickle(path)
 
 
+def test_a_truncated_pickle_is_named_as_such(tmp_path, persistence):
+    kwargs = tiny_kwargs()
+    path = write_pickle(tmp_path / "net.pkl", make_persistent(randomized(kwargs), persistence, init_kwargs=kwargs),
+                        persistence)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a download cut in half
+    with pytest.raises(EDMPickleError, match="is truncated or damaged .*fetch it again") as err:
+        load_edm_pickle(path)
+    assert str(path) in str(err.value)
+
+
 def test_tensors_of_another_size_name_the_file(tmp_path, persistence):
     kwargs = tiny_kwargs()
     net = make_persistent(randomized(kwargs), persistence, init_kwargs={**kwargs, "model_channels": 8})

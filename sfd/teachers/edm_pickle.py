@@ -189,7 +189,13 @@ def read_edm_pickle(path: str | os.PathLike) -> dict:
             raise EDMPickleError(f"{path} is a torch.save zip archive, not an EDM network pickle; "
                                  "load it with torch.load(..., weights_only=True)")
         f.seek(0)
-        data = SafeEDMUnpickler(f).load()
+        try:
+            data = SafeEDMUnpickler(f).load()
+        except UnsafePickleError:
+            raise
+        except (EOFError, pickle.UnpicklingError) as exc:  # a truncated or damaged download
+            raise EDMPickleError(f"{path} is truncated or damaged ({type(exc).__name__}: {exc}); delete it and "
+                                 "fetch it again (python -m sfd.assets fetch NAME --force)") from None
     if not isinstance(data, dict):
         raise EDMPickleError(f"{path}: expected a dict at the top level, found {type(data).__name__}")
     return data
