@@ -178,12 +178,30 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[i:i + size]
 
 
-def find_runs(client, experiment_id: str, tags: Mapping[str, str], *, max_results: int = 1000) -> list:
-    """Runs of an experiment whose tags equal `tags`, oldest first."""
-    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=filt, max_results=max_results,
-                              order_by=["attributes.start_time ASC"])
-    return list(runs)
+def _quoted(value: str) -> str:
+    """A filter-string literal: single quotes, or double quotes for a value that holds a single quote."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"a tag value with both quote characters cannot be searched for in MLflow: {value!r}")
+
+
+def find_runs(client, experiment_id: str, tags: Mapping[str, str], *, page_size: int = 1000,
+              status: str | None = None) -> list:
+    """All runs of an experiment whose tags equal `tags` (and with `status`, if given), oldest first, read page by
+    page (a study may have more children than one page holds)."""
+    clauses = [f"tags.`{k}` = {_quoted(str(v))}" for k, v in tags.items()]
+    if status is not None:
+        clauses.append(f"attributes.status = '{status}'")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=" and ".join(clauses), max_results=page_size,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def mark_failed(client, run_id: str, reason: str) -> None:
@@ -384,8 +402,8 @@ def fail_stale_children(client, parent_run_id: str, experiment: str, keep: Itera
     exp_id = get_or_create_experiment(client, experiment)
     keep = set(keep)
     stale = []
-    for run in find_runs(client, exp_id, {TAG_PARENT: parent_run_id}):
-        if run.info.status == "RUNNING" and run.info.run_id not in keep:
+    for run in find_runs(client, exp_id, {TAG_PARENT: parent_run_id}, status="RUNNING"):
+        if run.info.run_id not in keep:
             mark_failed(client, run.info.run_id, "interrupted: the study process stopped during this trial")
             stale.append(run.info.run_id)
     return stale

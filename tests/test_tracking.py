@@ -124,6 +124,23 @@ def test_study_parent_run_is_reused(store):
     assert first == again and client.get_run(first).info.status == "RUNNING"
     exp = client.get_experiment_by_name("exp")
     assert len(client.search_runs([exp.experiment_id])) == 1
+    quoted = T.study_parent_run(client, "exp", "bob's study", {})  # a quote in the name used to break the filter
+    assert T.study_parent_run(client, "exp", "bob's study", {}) == quoted != first
+
+
+def test_stale_children_are_found_beyond_the_first_page(store, monkeypatch):
+    """A crashed trial is the newest child; with more children than one search page it used to stay RUNNING."""
+    client = T.get_client()
+    parent = T.study_parent_run(client, "exp", "s", {})
+    exp_id = client.get_experiment_by_name("exp").experiment_id
+    children = [client.create_run(exp_id, tags={T.TAG_PARENT: parent}).info.run_id for _ in range(5)]
+    for run_id in children[:-1]:
+        client.set_terminated(run_id, "FINISHED")
+    assert [r.info.run_id for r in T.find_runs(client, exp_id, {T.TAG_PARENT: parent}, page_size=2)] == children
+    real_find = T.find_runs
+    monkeypatch.setattr(T, "find_runs", lambda *a, **k: real_find(*a, **{**k, "page_size": 2}))
+    assert T.fail_stale_children(client, parent, "exp") == [children[-1]]
+    assert client.get_run(children[-1]).info.status == "FAILED"
 
 
 def test_run_experiment_logs_the_contract_layout(store):
