@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            cfg, notes = prepare(cfg, smoke=args.smoke)
+            cfg, notes = prepare(cfg, smoke=args.smoke, tracking_uri=args.tracking_uri)
             print(dump_yaml(cfg), end="")
             for key, note in notes.items():
                 print(f"# {key}: {note}")

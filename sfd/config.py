@@ -517,6 +517,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.teacher.path is not None and not cfg.smoke and not Path(cfg.teacher.path).expanduser().exists():
         raise ConfigError(f"teacher.path: got {cfg.teacher.path!r}; the file does not exist")
 
+    if not 0 <= cfg.seed < 2**63:  # torch and numpy generators take 64-bit seeds; studies use 0, 1, 2, ...
+        raise ConfigError(f"seed: got {cfg.seed!r}; must be an integer in [0, 2**63)")
     s = cfg.student
     if s.nfe < 1:
         raise ConfigError(f"student.nfe: got {s.nfe!r}; must be an integer >= 1")
@@ -582,9 +584,30 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# Sections that only one algorithm reads: set for another, they would be logged as if they had been used.
+_ALGORITHM_SECTIONS = {"vanilla": "vanilla", "sfdv": "sfd-v", "second_stage": "second-stage"}
+
+
+def _check_sections_apply(cfg: RunConfig) -> None:
+    defaults = RunConfig()
+    for section, algorithm in _ALGORITHM_SECTIONS.items():
+        if cfg.algorithm == algorithm:
+            continue
+        ours, default = getattr(cfg, section), getattr(defaults, section)
+        for f in dataclasses.fields(ours):
+            if getattr(ours, f.name) != getattr(default, f.name):
+                raise ConfigError(f"{section}.{f.name}: got {getattr(ours, f.name)!r}, but only algorithm={algorithm} "
+                                  f"reads it and this run is algorithm={cfg.algorithm}; remove it (default "
+                                  f"{getattr(default, f.name)!r})")
+    if cfg.algorithm == "baseline" and cfg.loss.final is not None:
+        raise ConfigError(f"loss.final: got {cfg.loss.final!r}; a baseline only samples the teacher, it trains "
+                          "nothing")
+
+
 def _validate_algorithm(cfg: RunConfig) -> None:
     from sfd.solvers import num_steps_for_nfe
 
+    _check_sections_apply(cfg)
     alg = cfg.algorithm
     if alg == "baseline":
         try:
@@ -604,6 +627,8 @@ def _validate_algorithm(cfg: RunConfig) -> None:
             raise ConfigError("sfdv.num_steps_choices: got []; give the student timestamps N to train, e.g. [4,5,6,7]")
         for i, n in enumerate(choices):
             _check_grid(cfg, f"sfdv.num_steps_choices[{i}]", n)
+        if len(set(choices)) != len(choices):  # a repeated N would be drawn more often than spec §9's uniform draw
+            raise ConfigError(f"sfdv.num_steps_choices: got {choices}; each N once (N is drawn uniformly)")
         if cfg.num_steps not in choices:
             raise ConfigError(f"student.nfe: got {cfg.student.nfe} (N={cfg.num_steps}); with sfd-v it is the NFE "
                               f"reported as the main result and must be one of the trained N {choices}")

@@ -67,7 +67,13 @@ def validate_schedule_args(kind: str, num_steps: int, t_min: float, t_max: float
 def get_schedule(kind: str, num_steps: int, t_min: float, t_max: float, rho: float = 7.0) -> torch.Tensor:
     """`num_steps` timestamps from t_max (index 0) down to t_min (index -1), float64 on the CPU."""
     validate_schedule_args(kind, num_steps, t_min, t_max)
-    grid = SCHEDULES[kind](num_steps, t_min, t_max, rho)
+    try:
+        grid = SCHEDULES[kind](num_steps, t_min, t_max, rho)
+    except (OverflowError, ZeroDivisionError) as exc:  # e.g. t_max ** (1 / rho) for a tiny rho
+        raise ValueError(f"the {kind} grid overflows for t_min={t_min}, t_max={t_max}, rho={rho} ({exc})") from None
+    if not torch.isfinite(grid).all() or not (grid[1:] < grid[:-1]).all():
+        raise ValueError(f"the {kind} grid for t_min={t_min}, t_max={t_max}, rho={rho} is not finite and strictly "
+                         f"decreasing: {grid.tolist()}")
     # Pin the endpoints: they are exact by construction up to rounding, and callers compare them.
     grid[0], grid[-1] = t_max, t_min
     return grid

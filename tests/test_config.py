@@ -44,10 +44,10 @@ def test_paper_cifar10_settings():
 
 def test_overrides_are_yaml_typed_and_dotted():
     cfg = load_config(None, ["student.nfe=3", "student.afs=false", "student.t_min=2e-3", "teacher.path=null",
-                             "sfdv.num_steps_choices=[4, 5]", "solver.opts.max_order=2", "eval.metrics=[teacher_gap]",
+                             "optim.betas=[0.8, 0.99]", "solver.opts.max_order=2", "eval.metrics=[teacher_gap]",
                              "teacher.name=gmm-8"])
     assert cfg.student.nfe == 3 and cfg.student.afs is False and cfg.student.t_min == 0.002
-    assert cfg.teacher.path is None and cfg.sfdv.num_steps_choices == [4, 5]
+    assert cfg.teacher.path is None and cfg.optim.betas == [0.8, 0.99]
     assert cfg.solver.opts == {"max_order": 2} and cfg.eval.metrics == ["teacher_gap"]
     assert cfg.num_steps == 4  # NFE 3 without AFS: an Euler student needs N = NFE + 1 timestamps
 
@@ -97,6 +97,14 @@ def test_flatten_has_every_schema_field():
     (["algorithm=baseline", "solver.name=heun", "student.nfe=3", "student.afs=false"], ["student.nfe", "heun"]),
     (["algorithm=vanilla", "teacher.name=imagenet64-cond"], ["vanilla.data", "imagenet64-cond", "teacher"]),
     (["vanilla.data=images"], ["vanilla.data", "'images'", "dataset"]),
+    (["seed=18446744073709551616"], ["seed", "18446744073709551616", "[0, 2**63)"]),
+    (["student.rho=1e-9"], ["grid overflows", "rho=1e-09"]),
+    (["second_stage.first_stage=abc"], ["second_stage.first_stage", "only algorithm=second-stage", "algorithm=sfd"]),
+    (["vanilla.data=teacher"], ["vanilla.data", "only algorithm=vanilla"]),
+    (["algorithm=vanilla", "sfdv.num_steps_choices=[4, 5]"], ["sfdv.num_steps_choices", "only algorithm=sfd-v"]),
+    (["algorithm=sfd-v", "sfdv.num_steps_choices=[4, 4, 5]"], ["sfdv.num_steps_choices", "each N once"]),
+    (["algorithm=baseline", "solver.name=heun", "student.nfe=4", "student.afs=false", "loss.final=l2"],
+     ["loss.final", "baseline"]),
     (["student"], ["override 'student'", "key=value"]),
     (["student=3"], ["student is a section"]),
 ])
@@ -171,6 +179,14 @@ def test_cli_bad_field_fails_clearly_and_creates_nothing(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert from_dict(yaml.safe_load(dry.stdout)).student.nfe == 3
     assert not runs.exists()
+    other = tmp_path / "other" / "mlflow.db"  # --dry-run looks a first stage up in the store it is given
+    stage2 = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"),
+                             str(ROOT / "experiments" / "gmm_sfd.yaml"), "algorithm=second-stage",
+                             "second_stage.first_stage=abc123", "solver.name=euler", "solver.m=2", "student.nfe=1",
+                             "--dry-run", "--tracking-uri", f"sqlite:///{other}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert stage2.returncode == 2 and f"no tracking store at {other}" in stage2.stderr, stage2.stderr
+    assert not runs.exists() and not other.parent.exists()
 
 
 @pytest.mark.parametrize("overrides,names", [
