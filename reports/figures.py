@@ -1,0 +1,340 @@
+"""The report's figures (matplotlib `Figure` objects, no pyplot): metric vs NFE, metric vs device-hours, loss
+curves, ours-vs-paper bars, importances, optimization history, sample grids; PNG/SVG export.
+
+Part of the report builder (``reports/build.py``); imports ``reports.data`` and ``reports.tables``."""
+from __future__ import annotations
+
+import io
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports.data import (StudyData, _canon, _is_num, _lower_is_better, _slug, fmt_tmin, fmt_value,
+                          paper_comparison_frame)
+from reports.tables import _objective_names, param_importances
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------
+
+def _plt():
+    # Figure objects without pyplot: no GUI backend is ever touched, savefig renders with Agg.
+    from matplotlib.figure import Figure
+
+    return Figure
+
+
+def _series_name(data: StudyData, r: dict) -> str:
+    """Comparison rows: one line per method. Ablation/search rows: one series per configuration without NFE."""
+    if data.kind == "comparison":
+        return str(r["method"])
+    parts = [r.get("method"), r.get("teacher"), None if r.get("t_min") is None else f"t_min {fmt_tmin(r['t_min'])}",
+             None if r.get("afs") is None else ("AFS" if r["afs"] else "no AFS"), r.get("loss"),
+             None if r.get("guidance") in (None, 1.0) else f"ω {fmt_value(r['guidance'])}"]
+    return " · ".join(str(p) for p in parts if p)
+
+
+def fig_metric_vs_nfe(data: StudyData):
+    """Ours (solid) vs NFE per method; the paper's FID (dashed) for the same methods and SFD."""
+    Figure = _plt()
+    ok = [r for r in data.rows.to_dict("records") if r["status"] == "ok" and r["nfe"] is not None]
+    if not ok:
+        return None
+    fig = Figure(figsize=(10, 4.5))
+    ax = fig.add_subplot()
+    series: dict[str, list[dict]] = {}
+    for r in ok:
+        series.setdefault(_series_name(data, r), []).append(r)
+    colors = {}
+    for i, (name, rs) in enumerate(series.items()):
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        (line,) = ax.plot([r["nfe"] for r in rs], [r["value"] for r in rs], "-o" if len(rs) > 1 else "o",
+                          label=f"ours: {name}")
+        colors[_canon(rs[0]["method"])] = line.get_color()
+    ax.set_xlabel("NFE")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(f"ours: {data.metric}")
+    values = [r["value"] for r in ok]
+    if min(values) > 0 and max(values) / min(values) > 30:  # e.g. a 1-step solver far above the rest
+        ax.set_yscale("log")
+        ax.set_ylabel(f"ours: {data.metric} (log)")
+    pax = ax if data.comparable else ax.twinx()
+    paper = paper_comparison_frame(data.paper, data.paper_dataset)
+    wanted = {_canon(r["method"]) for r in ok} | {"sfd"}
+    for meth, grp in paper.groupby("method", sort=False):
+        if _canon(meth) not in wanted:
+            continue
+        grp = grp.sort_values("nfe")
+        pax.plot(grp["nfe"], grp["fid"], "--", marker="x", color=colors.get(_canon(meth)), alpha=0.8,
+                 label=f"paper: {meth}")
+    if pax is not ax:
+        pax.set_ylabel(f"paper FID ({data.paper_dataset}, orientation only)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = (pax.get_legend_handles_labels() if pax is not ax else ([], []))
+    ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left", bbox_to_anchor=(1.12, 1.0))
+    ax.set_title(f"{data.study}: {data.metric} vs NFE (ours solid, paper dashed)")
+    fig.tight_layout()
+    return fig
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    front, best = [], math.inf
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def fig_metric_vs_hours(data: StudyData):
+    """The 'fast' claim: metric vs training device-hours, with our Pareto front and the paper's points."""
+    Figure = _plt()
+    ok = [r for r in data.rows.to_dict("records") if r["status"] == "ok" and _is_num(r.get("device_hours"))]
+    if not ok:
+        return None
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    pos = [r["device_hours"] for r in ok if r["device_hours"] > 0]
+    floor = (min(pos) / 3) if pos else 1e-4
+    xs = [max(r["device_hours"], floor) for r in ok]
+    sign = 1 if _lower_is_better(data.metric) else -1
+    ax.scatter(xs, [r["value"] for r in ok], label="ours", zorder=3)
+    for x, r in zip(xs, ok):
+        ax.annotate(str(r["row_id"]), (x, r["value"]), fontsize=6, alpha=0.8, xytext=(3, 3),
+                    textcoords="offset points")
+    front = _pareto([(x, sign * r["value"]) for x, r in zip(xs, ok)])
+    ax.plot([p[0] for p in front], [sign * p[1] for p in front], "-", drawstyle="steps-post", label="ours: Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("training device-hours (log; untrained rows drawn at the left edge)")
+    ax.set_ylabel(f"ours: {data.metric}")
+    paper = paper_comparison_frame(data.paper, data.paper_dataset)
+    paper = paper[paper["hours"].notna()]
+    if len(paper):
+        pax = ax if data.comparable else ax.twinx()
+        pax.scatter(paper["hours"].astype(float), paper["fid"], marker="x", color="gray", label="paper (A100-h)")
+        for _, p in paper.iterrows():
+            # a bound such as "<0.01" is drawn at its value: the label says it is a bound
+            bound = f" ({p['hours_text']} h)" if str(p["hours_text"] or "").startswith(("<", ">")) else ""
+            pax.annotate(f"{p['method']} {p['nfe']}{bound}", (float(p["hours"]), p["fid"]), fontsize=6,
+                         color="gray", xytext=(3, -8), textcoords="offset points")
+        if pax is not ax:
+            pax.set_ylabel(f"paper FID ({data.paper_dataset}, orientation only)")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = (pax.get_legend_handles_labels() if pax is not ax else ([], []))
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    else:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    ax.set_title(f"{data.study}: {data.metric} vs training cost")
+    fig.tight_layout()
+    return fig
+
+
+def _row_panels(data: StudyData, available: dict, width: float, height: float):
+    """A figure with one panel per row whose run has an entry in `available` (loss histories, sample grids),
+    four panels to a line: (figure, [(axes, row), ...]), or None when no row has one."""
+    Figure = _plt()
+    rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in available and not r.get("derived_from")]
+    if not rows:
+        return None
+    cols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / cols)
+    fig = Figure(figsize=(width * cols, height * nrows))
+    return fig, [(fig.add_subplot(nrows, cols, i + 1), r) for i, r in enumerate(rows)]
+
+
+def fig_loss_curves(data: StudyData):
+    """Per-student-step training loss (metric histories loss/step_<k>) for every row that trained."""
+    panels = _row_panels(data, data.histories, 3.2, 2.6)
+    if panels is None:
+        return None
+    fig, axes_rows = panels
+    for ax, r in axes_rows:
+        h = data.histories[r["run_id"]]
+        for k, g in h.groupby("key", sort=False):
+            g = g.sort_values("step")
+            step = g["student_step"].iloc[0]
+            ax.plot(g["step"], g["value"], lw=0.9, label=f"step {step}" if step != "mean" else "loss (mean)")
+        if (h["value"] > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(str(r["row_id"]), fontsize=7)
+        ax.tick_params(which="both", labelsize=6)
+        ax.set_xlabel("iteration", fontsize=6)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=5)
+    fig.suptitle(f"{data.study}: training loss per student step", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_ablation_bars(data: StudyData):
+    """Ablation rows: ours vs the paper side by side (two axes when the metrics differ)."""
+    Figure = _plt()
+    rows = data.rows.to_dict("records")
+    if not rows:
+        return None
+    fig = Figure(figsize=(max(6, 0.7 * len(rows) + 2), 4.5))
+    ax = fig.add_subplot()
+    x = list(range(len(rows)))
+    ours = [r["value"] if r["status"] == "ok" else 0 for r in rows]
+    ax.bar([i - 0.2 for i in x], ours, width=0.4, label=f"ours ({data.metric})")
+    for i, r in enumerate(rows):
+        if r["status"] != "ok":
+            ax.text(i - 0.2, 0, r["status"], rotation=90, fontsize=6, va="bottom", ha="center", color="red")
+    pax = ax
+    has_paper = any(_is_num(r.get("paper_value")) for r in rows)
+    if has_paper:  # no paper bars (nor axis) for rows without one
+        pax = ax if data.comparable else ax.twinx()
+        pv = [r["paper_value"] if _is_num(r.get("paper_value")) else 0 for r in rows]
+        pax.bar([i + 0.2 for i in x], pv, width=0.4, color="gray", alpha=0.6, label="paper (FID)")
+        if pax is not ax:
+            pax.set_ylabel("paper FID (orientation only)")
+    ax.set_ylabel(f"ours: {data.metric}")
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r["row_id"]) for r in rows], rotation=45, ha="right", fontsize=6)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = (pax.get_legend_handles_labels() if pax is not ax else ([], []))
+    ax.legend(h1 + h2, l1 + l2, fontsize=7)
+    ax.set_title(f"{data.study}: ours vs paper per ablation row" if has_paper else
+                 f"{data.study}: ours per row (no paper counterpart)")
+    fig.tight_layout()
+    return fig
+
+
+def fig_param_importances(data: StudyData):
+    Figure = _plt()
+    imp, _ = param_importances(data) if data.kind == "search" else (pd.DataFrame(), None)
+    if imp.empty:
+        return None
+    objs = list(dict.fromkeys(imp["objective"]))
+    fig = Figure(figsize=(6, 1 + 0.4 * imp["parameter"].nunique() * len(objs)))
+    ax = fig.add_subplot()
+    params = list(dict.fromkeys(imp["parameter"]))
+    height = 0.8 / len(objs)
+    for j, o in enumerate(objs):
+        g = imp[imp["objective"] == o].set_index("parameter")
+        ax.barh([i + j * height for i in range(len(params))], [g["importance"].get(p, 0.0) for p in params],
+                height=height, label=str(o))
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(params))])
+    ax.set_yticklabels(params, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("fANOVA importance (seed 0)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{data.study}: parameter importances")
+    fig.tight_layout()
+    return fig
+
+
+def fig_optimization_history(data: StudyData):
+    Figure = _plt()
+    if data.kind != "search" or data.trials.empty:
+        return None
+    done = data.trials[data.trials["state"] == "COMPLETE"]
+    done = done[done["values"].map(lambda v: bool(v))]
+    if done.empty:
+        return None
+    names = _objective_names(data)
+    nobj = len(done.iloc[0]["values"])
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    if nobj == 1:
+        vals = [v[0] for v in done["values"]]
+        maximize = bool(data.directions) and data.directions[0] == "maximize"
+        best, cur = [], None
+        for v in vals:
+            cur = v if cur is None else (max(cur, v) if maximize else min(cur, v))
+            best.append(cur)
+        ax.scatter(done["number"], vals, s=14, label="trial")
+        ax.plot(done["number"], best, "r-", label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(names[0] if names else "objective")
+        ax.set_title(f"{data.study}: optimisation history")
+    else:
+        a = [v[0] for v in done["values"]]
+        b = [v[1] for v in done["values"]]
+        ax.scatter(a, b, c=done["number"], cmap="viridis", s=16)
+        ax.set_xlabel(names[0] if names else "objective 0")
+        ax.set_ylabel(names[1] if len(names) > 1 else "objective 1")
+        ax.set_title(f"{data.study}: trials in objective space (colour = trial number)")
+    ax.legend(fontsize=7) if nobj == 1 else None
+    fig.tight_layout()
+    return fig
+
+
+def fig_sample_grids(data: StudyData):
+    """Each row's samples.png artifact, one panel per row."""
+    import matplotlib.image as mpimg
+
+    panels = _row_panels(data, data.samples, 3, 3.2)
+    if panels is None:
+        return None
+    fig, axes_rows = panels
+    for ax, r in axes_rows:
+        img = mpimg.imread(str(data.samples[r["run_id"]]))
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{r['row_id']}\n{data.metric} = {fmt_value(r['value'])}", fontsize=7)
+    fig.suptitle(f"{data.study}: samples per row", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {
+    "metric_vs_nfe": fig_metric_vs_nfe,
+    "metric_vs_hours": fig_metric_vs_hours,
+    "ablation_bars": fig_ablation_bars,
+    "loss_curves": fig_loss_curves,
+    "param_importances": fig_param_importances,
+    "optimization_history": fig_optimization_history,
+    "sample_grids": fig_sample_grids,
+}
+FIGURE_TITLES = {
+    "metric_vs_nfe": "Metric vs NFE (ours solid, paper dashed)",
+    "metric_vs_hours": "Metric vs training device-hours (Pareto view)",
+    "ablation_bars": "Ours vs paper per ablation row",
+    "loss_curves": "Training loss per student step",
+    "param_importances": "Optuna parameter importances",
+    "optimization_history": "Optuna optimisation history",
+    "sample_grids": "Sample grids per row",
+}
+
+
+def make_figures(data: StudyData) -> dict[str, Any]:
+    """All figures that apply to this study, by name (None-returning ones are left out)."""
+    out = {}
+    for name, fn in FIGURES.items():
+        if name == "ablation_bars" and data.kind != "ablation":
+            continue
+        try:
+            fig = fn(data)
+        except Exception as exc:  # a figure must never sink the report; say what went wrong
+            data.notes.append(f"figure {name} failed: {exc}")
+            fig = None
+        if fig is not None:
+            out[name] = fig
+    return out
+
+
+def figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def save_figures(data: StudyData, fig_dir: str | Path) -> dict[str, Path]:
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    saved = {}
+    for name, fig in make_figures(data).items():
+        fig.savefig(fig_dir / f"{name}.png", dpi=110)
+        fig.savefig(fig_dir / f"{name}.svg")
+        saved[name] = fig_dir / f"{name}.png"
+    # the raw sample grids, one file per row, next to the composed figure
+    rows = {r["run_id"]: r for r in data.rows.to_dict("records") if r.get("run_id")}
+    for run_id, path in data.samples.items():
+        dst = fig_dir / "samples" / f"{_slug(rows[run_id]['row_id'])}.png"
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, dst)
+    return saved
