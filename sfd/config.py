@@ -602,6 +602,9 @@ def _check_sections_apply(cfg: RunConfig) -> None:
     if cfg.algorithm == "baseline" and cfg.loss.final is not None:
         raise ConfigError(f"loss.final: got {cfg.loss.final!r}; a baseline only samples the teacher, it trains "
                           "nothing")
+    if cfg.algorithm == "baseline" and cfg.solver.afs:
+        raise ConfigError("solver.afs: got true; it is the teacher's AFS inside distillation, and a baseline only "
+                          "samples the teacher: set student.afs for the baseline's sampling grid instead")
 
 
 def _validate_algorithm(cfg: RunConfig) -> None:

@@ -105,6 +105,8 @@ def test_flatten_has_every_schema_field():
     (["algorithm=sfd-v", "sfdv.num_steps_choices=[4, 4, 5]"], ["sfdv.num_steps_choices", "each N once"]),
     (["algorithm=baseline", "solver.name=heun", "student.nfe=4", "student.afs=false", "loss.final=l2"],
      ["loss.final", "baseline"]),
+    (["algorithm=baseline", "solver.name=heun", "student.nfe=4", "student.afs=false", "solver.afs=true"],
+     ["solver.afs", "student.afs"]),
     (["student"], ["override 'student'", "key=value"]),
     (["student=3"], ["student is a section"]),
 ])
