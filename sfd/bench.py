@@ -77,8 +77,7 @@ def iteration_tflop(net: torch.nn.Module, batch: int, nfe: int, solver: str = "d
 def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, device: torch.device,
                      **speed) -> tuple[torch.nn.Module, Distiller]:
     """A random teacher of `arch` and a Distiller for it, set up the way every benchmark times it."""
-    if device.type == "cuda":  # TF32 follows the precision setting (sfd.sampling.use_precision)
-        torch.backends.cudnn.benchmark = True
+    # TF32 and cuDNN's autotuner are set by the Distiller, as in a run (sfd.sampling.use_precision, cudnn_autotune)
     if speed.get("compile"):  # each configuration compiles afresh: no graphs or recompile budget left over
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()  # graph and graph-break counts of this configuration only

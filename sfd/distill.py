@@ -17,7 +17,7 @@ import torch
 
 from sfd.compiling import maybe_compile
 from sfd.losses import get_loss
-from sfd.sampling import GridSpec, autocast_context, bind, use_precision
+from sfd.sampling import GridSpec, autocast_context, bind, cudnn_autotune, use_precision
 from sfd.schedules import get_schedule, refine_grid
 from sfd.solvers import afs_derivative, check_solver, solve
 
@@ -161,6 +161,7 @@ class Distiller:
             teacher.eval().requires_grad_(False)
         self.student = conditional_branch_only(student.to(self.device).train())
         use_precision(settings.precision)
+        cudnn_autotune(self.device)
         for net in (teacher, self.student):
             prepare_network(net, channels_last=settings.channels_last, group_norm=settings.group_norm)
         compile_args = (settings.compile, settings.compile_mode, settings.compile_backend)

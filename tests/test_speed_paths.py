@@ -286,3 +286,20 @@ def test_prepare_network_sets_the_layout_both_ways():
     prepare_network(net, channels_last=False, group_norm="native")
     assert all(p.is_contiguous() for p in net.parameters())
     assert {m.impl for m in net.modules() if isinstance(m, GroupNorm)} == {"native"}
+
+
+def test_runs_and_the_benchmark_turn_on_cudnn_autotuning_on_cuda_only(monkeypatch):
+    """The H100 figures were taken with cuDNN's autotuner on while runs left it off; both now go through one
+    switch, which the Distiller and sampling call with their device."""
+    import sfd.distill
+    import sfd.sampling
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    sfd.sampling.cudnn_autotune(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    sfd.sampling.cudnn_autotune(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True
+    devices = []
+    monkeypatch.setattr(sfd.distill, "cudnn_autotune", devices.append)
+    _distiller()
+    assert devices == [torch.device("cpu")]
