@@ -4,8 +4,8 @@
     python experiments/run.py experiments/digits_sfd.yaml [key=value ...] [--smoke] [--dry-run]
 
 `key=value` overrides use dotted config keys with YAML-typed values (student.nfe=3, student.afs=false,
-loss.name=pseudo_huber). `--dry-run` validates, checks assets and prints the resolved config without creating
-anything. The run's `config.yaml` artifact replays it: `python experiments/run.py <that file>`.
+loss.name=pseudo_huber). `--dry-run` validates, checks assets (reading a checkpoint teacher whole) and prints the
+resolved config without creating anything. The run's `config.yaml` artifact replays it: `python experiments/run.py <that file>`.
 """
 from __future__ import annotations
 
@@ -37,12 +37,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from sfd.assets import AssetError
     from sfd.config import ConfigError, dump_yaml, load_config
-    from sfd.runner import prepare, run_experiment
+    from sfd.runner import check_teacher_checkpoint, prepare, run_experiment
 
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             cfg, notes = prepare(cfg, smoke=args.smoke, tracking_uri=args.tracking_uri)
+            check_teacher_checkpoint(cfg)
             print(dump_yaml(cfg), end="")
             for key, note in notes.items():
                 print(f"# {key}: {note}")

@@ -344,6 +344,15 @@ def load_teacher(cfg: RunConfig, device):
     return _TEACHER_CACHE[key]
 
 
+def check_teacher_checkpoint(cfg: RunConfig) -> None:
+    """Read a checkpoint teacher now (a ConfigError if it is not the named teacher's network, or is damaged):
+    `prepare` only reads its first bytes. The teacher is kept, so the run that follows does not read it again."""
+    from sfd.teachers.registry import teacher_source
+
+    if not cfg.smoke and teacher_source(cfg.teacher.name) == "checkpoint":
+        load_teacher(cfg, resolve_device(cfg.device))
+
+
 def objective_key(name: str, smoke: bool) -> str:
     """The metric a run logs for objective `name` (a smoke run's teacher gap stands in for FID)."""
     return SMOKE_OBJECTIVE_SUBSTITUTES.get(name, name) if smoke else name

@@ -319,8 +319,7 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
     nothing."""
     from sfd.assets import MissingAssetError
     from sfd.config import ConfigError
-    from sfd.runner import computed_metrics, load_teacher, objective_key, prepare, resolve_device, sampling_info
-    from sfd.teachers.registry import teacher_source
+    from sfd.runner import check_teacher_checkpoint, computed_metrics, objective_key, prepare, sampling_info
 
     skipped = {row: str(reason) for row, reason in spec.skip_rows.items()}
 
@@ -328,9 +327,7 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
         try:
             resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri,
                                   first_stage_info=first_stage_info)
-            if not resolved.smoke and teacher_source(resolved.teacher.name) == "checkpoint":
-                # a checkpoint is only known to be this teacher's once read; the trials reuse what is read here
-                load_teacher(resolved, resolve_device(resolved.device))
+            check_teacher_checkpoint(resolved)  # read once here; the trials reuse it
         except ConfigError as exc:
             text = str(exc)
             raise ConfigError(text if text.startswith(f"study {spec.name},") else

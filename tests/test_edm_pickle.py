@@ -238,6 +238,15 @@ def test_a_pickle_of_another_network_is_refused_before_a_run_exists(tmp_path, pe
     experiment = MlflowClient(tracking.default_tracking_uri()).get_experiment_by_name("wrong-teacher")
     assert experiment is None or not MlflowClient(tracking.default_tracking_uri()).search_runs(
         [experiment.experiment_id])
+    # --dry-run reads the checkpoint too, and says the same
+    import importlib.util
+
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "run.py")
+    spec = importlib.util.spec_from_file_location("experiments_run", script)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    assert runner.main([script.replace("run.py", "cifar10_sfd.yaml"), f"teacher.path={path}",
+                        "eval.metrics=[teacher_gap]", "--dry-run"]) == 2
 
 
 def test_torch_save_archive_is_explained(tmp_path):
