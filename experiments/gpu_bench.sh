@@ -9,7 +9,7 @@
 #   nfe4        the CUDA-graph pair at NFE 4                                               -> cudagraphs.jsonl
 #   eager       bf16 eager, + channels-last, + channel-stats (NFE 2)                       -> eager.jsonl
 #   profile     where the time goes in the compiled channel-stats setting                  -> profile.txt
-#   sample      evaluation speed: 10k student samples at NFE 2, batch 1024                 -> sample.jsonl
+#   sample      evaluation speed: 10k student samples at NFE 2, batch 256                  -> sample.jsonl
 #   samplec     the same compiled (eval.compile): is the compile time won back over 50k?    -> sample.jsonl
 # plus env.txt and stderr.log (at most 8 files: the device tool's limit). Each step has its own time limit, so a
 # slow compile cannot take the others with it. A markdown summary is printed last. Usage (from the repo root):
@@ -36,24 +36,30 @@ step() {  # step NAME FILE SECONDS COMMAND...: if STEPS names it, run one measur
   local t0=$SECONDS
   echo "== $name" >> "$OUT/stderr.log"
   timeout --kill-after=10 "$limit" "$@" >> "$OUT/$file" 2> >(tee -a "$OUT/stderr.log" | tail -n 3 >&2)
-  echo "== $name: exit $? after $((SECONDS - t0)) s"
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo " (time limit $limit s: killed)")" \
+    | tee -a "$OUT/stderr.log"
+  [ $rc -eq 0 ] || FAILED="$FAILED $name"
 }
+FAILED=
 SUITE=("$PY" -m sfd.bench suite --arch "$ARCH" --batch "$BATCH" --iters 5 --json)
 FAST=(--channels-last --group-norm channel-stats)
 # In order of importance: a step cut by the device's 600 s limit loses only what comes after it.
 step compile compile.jsonl 150 "${SUITE[@]}" --nfe 2 --configs bf16-cl-compile bf16-cl-compile-gn
 step cudagraphs cudagraphs.jsonl 130 "${SUITE[@]}" --nfe 2 --configs bf16-cl-cudagraphs bf16-cl-cudagraphs-gn
-step track track.jsonl 110 "$PY" -m sfd.bench track --arch "$ARCH" --batch "$TRACK_BATCH" --nfe 2 \
+step track track.jsonl 160 "$PY" -m sfd.bench track --arch "$ARCH" --batch "$TRACK_BATCH" --nfe 2 \
   --iters "$TRACK_ITERS" "${FAST[@]}" --compile --json
 step nfe4 cudagraphs.jsonl 120 "${SUITE[@]}" --nfe 4 --configs bf16-cl-cudagraphs bf16-cl-cudagraphs-gn
 step eager eager.jsonl 40 "${SUITE[@]}" --nfe 2 --configs bf16 bf16-cl bf16-cl-gn
 step profile profile.txt 80 "$PY" -m sfd.bench profile --arch "$ARCH" --batch "$BATCH" --nfe 2 --precision bf16 \
   "${FAST[@]}" --compile --iters 2 --top 25
-step sample sample.jsonl 30 "$PY" -m sfd.bench sample --arch "$ARCH" --batch 1024 --nfe 2 --num 10240 \
+# evaluation at the CIFAR-10 config's eval.batch_size (256); sampling only (no Inception weights on the device)
+step sample sample.jsonl 40 "$PY" -m sfd.bench sample --arch "$ARCH" --batch 256 --nfe 2 --num 10240 \
   --precision bf16 "${FAST[@]}" --json
-step samplec sample.jsonl 100 "$PY" -m sfd.bench sample --arch "$ARCH" --batch 1024 --nfe 2 --num 10240 \
+step samplec sample.jsonl 110 "$PY" -m sfd.bench sample --arch "$ARCH" --batch 256 --nfe 2 --num 10240 \
   --precision bf16 "${FAST[@]}" --compile --json
 shopt -s nullglob
 "$PY" -m sfd.bench show "$OUT"/*.jsonl
 [ -f "$OUT/profile.txt" ] && cat "$OUT/profile.txt"
+if [ -n "$FAILED" ]; then echo "failed steps:$FAILED (see stderr.log)"; exit 1; fi
 exit 0

@@ -12,12 +12,15 @@ weights. `--arch tiny` runs on a CPU in seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import math
 import json
+import math
+import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -45,9 +48,15 @@ def build_arch(arch: str) -> torch.nn.Module:
 
 
 def _peak_memory_gb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset (each benchmark resets before its warm-up, so compile and
+    cuDNN autotuning workspaces count). CPU: the process's peak RSS over its whole life, printed as such."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux -> GiB (process RSS)
+
+
+def _memory_label(r: dict) -> str:
+    return "peak memory" if r["device"] != "cpu" else "process peak RSS"
 
 
 def _counted_tflop(net: torch.nn.Module, batch: int, backward: bool) -> float:
@@ -126,11 +135,21 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
 
 def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = "fp32", channels_last: bool = False,
                  group_norm: str = "native", compile: bool = False, compile_mode: str | None = None,
-                 compile_backend: str = "inductor", inception: str | None = None, device: str | None = None) -> dict:
+                 compile_backend: str = "inductor", inception: str | None = None, device: str | None = None,
+                 warm_cache: bool = False) -> dict:
     """Time evaluation's two halves as `sfd.metrics.evaluate` runs them: a student of `arch` sampling `num` seeds
     with Euler + AFS at `nfe` in batches of `batch`, and (given a weights file) Inception features folded into
     running statistics. One warm-up batch first (with `compile`, the compile: its time is reported apart, since
-    a run pays it once); each half is synchronised separately to split the time."""
+    a run pays it once); each half is synchronised separately to split the time.
+
+    A compile reuses what the compiler cached on disk in earlier processes, so its time depends on that
+    history: it is timed against a fresh, empty cache (a first run on a machine) unless `warm_cache`."""
+    if compile and not warm_cache:
+        with _fresh_compiler_cache():
+            return bench_sample(arch, batch, nfe, num, precision=precision, channels_last=channels_last,
+                                group_norm=group_norm, compile=compile, compile_mode=compile_mode,
+                                compile_backend=compile_backend, inception=inception, device=device,
+                                warm_cache=True) | {"compile_cache": "cold"}
     from sfd.metrics.evaluate import sample_batch, student_sampler
     from sfd.metrics.fd import FeatureStats
     from sfd.metrics.inception import InceptionFeatures, to_uint8
@@ -161,9 +180,9 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
             timed["features"] += time.perf_counter() - t1
         return t1 - t0
 
-    warmup_s = one_batch(range(min(batch, num)), record=False)
-    if device.type == "cuda":
+    if device.type == "cuda":  # as `distill` does: the warm-up (compile, autotuning) counts
         torch.cuda.reset_peak_memory_stats(device)
+    warmup_s = one_batch(range(min(batch, num)), record=False)
     for lo in range(0, num, batch):
         one_batch(range(lo, min(lo + batch, num)), record=True)
     sample_rate = num / timed["sampling"]
@@ -176,19 +195,39 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
         "peak_memory_gb": _peak_memory_gb(device),
         # the warm-up batch less a timed batch's share: the one-off compile (and first-call set-up) cost
         "setup_s": max(warmup_s - min(batch, num) / sample_rate, 0.0),
-        **({"compile_fell_back": not runs_compiled(fn), **_graph_counts()} if compile else {}),
+        **({"compile_fell_back": not runs_compiled(fn), "compile_cache": "warm", **_graph_counts()}
+           if compile else {}),
         # 50k samples (the FID protocol) at the measured rates: an extrapolation, labelled as one when printed.
         "extrapolated_50k_s": 50_000 / sample_rate + (50_000 / feature_rate if feature_rate else 0.0),
     }
 
 
+@contextlib.contextmanager
+def _fresh_compiler_cache():
+    """Inductor's and Triton's on-disk caches in a new empty folder for the duration (then removed)."""
+    keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    saved = {k: os.environ.get(k) for k in keys}
+    with tempfile.TemporaryDirectory(prefix="sfd-bench-compile-cache-") as tmp:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = tmp, os.path.join(tmp, "triton")
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def _format_sample(r: dict) -> str:
     feats = (f"Inception features {r['features_images_per_s']:.0f} images/s" if r["features_images_per_s"]
              else "Inception features not timed (no --inception weights file)")
-    setup = f"; first batch's extra (compile) {r['setup_s']:.1f} s, paid once" if r["compile"] else ""
+    cache = {"cold": "empty compiler cache", "warm": "compiler cache as found"}.get(r.get("compile_cache"), "")
+    setup = (f"; first batch's extra (compile, {cache}) {r['setup_s']:.1f} s, paid once per process"
+             if r["compile"] else "")
     return (f"{r['arch']} on {r['device']}: {r['num_samples']} samples at NFE {r['nfe']} (Euler + AFS), batch "
             f"{r['batch']}, {_describe_speed(r)}\n"
-            f"  sampling {r['sampling_images_per_s']:.0f} images/s; {feats}; peak memory "
+            f"  sampling {r['sampling_images_per_s']:.0f} images/s; {feats}; {_memory_label(r)} "
             f"{r['peak_memory_gb']:.2f} GiB{setup}\n"
             f"  50k samples at these rates (extrapolated, not timed): {r['extrapolated_50k_s']:.0f} s"
             f"{'' if r['features_images_per_s'] else ' of sampling'}")
@@ -380,6 +419,9 @@ def without_dropout(net: torch.nn.Module) -> torch.nn.Module:
 
 def _distil_once(teacher, settings: DistillSettings, device: torch.device,
                  dropout: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    # Each run starts the global generator (eager dropout masks) where a run does (sfd.runner): otherwise the
+    # second run would draw other masks than the first merely by coming second.
+    torch.manual_seed(settings.seed)
     student = make_student(teacher) if dropout else without_dropout(make_student(teacher))
     losses = []
     d = Distiller(teacher, student, settings, device=device, callback=lambda st: losses.append(st.step_losses.mean()))
@@ -414,7 +456,7 @@ def track_precisions(arch: str, batch: int, nfe: int, iters: int, *, precision: 
                 num_classes=common["num_classes"], output_device=device)
     x_init, _ = generate(teacher, **draw)
     x_ref, _ = generate(ref.eval(), **draw)
-    x_fast, _ = generate(fast.eval(), **draw)
+    x_fast, _ = generate(fast.eval(), **draw, precision=precision)  # each student samples as its run would
     tail = max(1, iters // 5)
     return {
         "arch": arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -458,7 +500,7 @@ def _format(r: dict) -> str:
             f"M={r['m']}, {r['teacher_solver']} teacher), {_describe_speed(r)}\n"
             f"  {r['s_per_iter']:.4f} s/iter (median of {r['timed_iters']}) = teacher {r['teacher_s']:.4f} s"
             f" + student {r['student_s']:.4f} s; {r['trajectories_per_s']:.1f} trajectories/s; "
-            f"peak memory {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params; "
+            f"{_memory_label(r)} {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params; "
             f"{r['tflop_per_iter']:.1f} model TFLOP/iter = {r['achieved_tflops']:.1f} TFLOP/s")
 
 
@@ -605,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_speed_options(e, "fp32")
     e.add_argument("--num", type=int, default=10_000, help="samples to time (after one warm-up batch)")
     e.add_argument("--inception", default=None, help="Inception-v3 2015-12-05 weights file: also time features")
+    e.add_argument("--warm-cache", action="store_true",
+                   help="with --compile: use the compiler's on-disk cache as found (default: time a cold compile)")
     c = sub.add_parser("layout", help="memory layouts of one channels-last forward as compiled for a GPU (runs "
                                       "on a CPU): convolutions by layout and NCHW<->NHWC changes")
     c.add_argument("--arch", default="cifar10", help="tiny | cifar10 | imagenet64 | ffhq64")
@@ -628,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         for nfe in args.nfe:
             r = bench_sample(args.arch, args.batch, nfe, args.num, precision=args.precision,
                              channels_last=args.channels_last, group_norm=args.group_norm, compile=args.compile,
-                             compile_mode=args.compile_mode, inception=args.inception, device=args.device)
+                             compile_mode=args.compile_mode, inception=args.inception, device=args.device,
+                             warm_cache=args.warm_cache)
             print(json.dumps(r) if args.json else _format_sample(r), flush=True)
         return 0
     if args.command == "layout":

@@ -64,7 +64,8 @@ class DistillSettings:
 
     @property
     def total_iterations(self) -> int:
-        return max(1, math.ceil(self.total_kimg * 1000 / self.batch_size))
+        # rounded before the ceiling: 16.1 kimg at batch 100 is 161.00000000000003 iterations in floating point
+        return max(1, math.ceil(round(self.total_kimg * 1000 / self.batch_size, 6)))
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:

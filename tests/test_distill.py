@@ -188,6 +188,14 @@ def test_gradient_flows_through_current_step_only():
     assert not x_next.requires_grad and x_next.grad_fn is None
 
 
+def test_budget_in_kimg_gives_the_iterations_it_names():
+    """ceil(kimg·1000 / batch): 200 kimg at batch 128 is 1563 iterations (spec §8); a budget that is a whole
+    number of iterations is not pushed one over by floating point (16.1 kimg at batch 100 used to give 162)."""
+    assert _settings(total_kimg=200, batch_size=128).total_iterations == 1563
+    assert _settings(total_kimg=16.1, batch_size=100).total_iterations == 161
+    assert _settings(total_kimg=16.1001, batch_size=100).total_iterations == 162
+
+
 def test_lr_halves_budget_decay_and_gradient_guard():
     s = _settings(total_kimg=0.032 * 10)
     d = Distiller(MIX, MLPDenoiser((2,)), s)

@@ -303,3 +303,14 @@ def test_runs_and_the_benchmark_turn_on_cudnn_autotuning_on_cuda_only(monkeypatc
     monkeypatch.setattr(sfd.distill, "cudnn_autotune", devices.append)
     _distiller()
     assert devices == [torch.device("cpu")]
+
+
+def test_track_with_dropout_draws_the_same_masks_for_the_same_setting(monkeypatch):
+    """Each of track's two runs seeds the global generator as a run does: fp32 against fp32 with dropout on is
+    then identical (the second run used to continue the first one's stream and draw other masks)."""
+    import sfd.bench
+
+    monkeypatch.setattr(sfd.bench, "build_arch", lambda arch: EDMPrecond(**{**TINY, "dropout": 0.2}))
+    r = track_precisions("tiny", batch=8, nfe=2, iters=4, precision="fp32", samples=8, dropout=True, device="cpu")
+    assert r["weights_apart_over_moved"] == 0 and r["samples_rmse_fast_vs_fp32"] == 0
+    assert r["loss_curve_fp32"] == r["loss_curve_fast"] and len(r["loss_curve_fp32"]) == 4
