@@ -87,9 +87,12 @@ def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, devic
                      **speed) -> tuple[torch.nn.Module, Distiller]:
     """A random teacher of `arch` and a Distiller for it, set up the way every benchmark times it."""
     # TF32 and cuDNN's autotuner are set by the Distiller, as in a run (sfd.sampling.use_precision, cudnn_autotune)
-    if speed.get("compile"):  # each configuration compiles afresh: no graphs or recompile budget left over
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()  # graph and graph-break counts of this configuration only
+    # Each configuration starts clean, eager ones included: no compiled graphs, recompile budget or CUDA-graph
+    # memory pools left by the setting before (they would count in this one's peak memory).
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graph and graph-break counts of this configuration only
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     teacher = build_arch(arch).to(device).eval().requires_grad_(False)
     settings = DistillSettings(grid=GridSpec(num_steps=nfe + 2, afs=True), teacher_solver=solver, m=m,
