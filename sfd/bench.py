@@ -504,7 +504,7 @@ def _format(r: dict) -> str:
             f"  {r['s_per_iter']:.4f} s/iter (median of {r['timed_iters']}) = teacher {r['teacher_s']:.4f} s"
             f" + student {r['student_s']:.4f} s; {r['trajectories_per_s']:.1f} trajectories/s; "
             f"{_memory_label(r)} {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params; "
-            f"{r['tflop_per_iter']:.1f} model TFLOP/iter = {r['achieved_tflops']:.1f} TFLOP/s")
+            f"{r['tflop_per_iter']:.3g} model TFLOP/iter = {r['achieved_tflops']:.3g} TFLOP/s")
 
 
 # Named speed settings for `suite`: the baseline and each option added in turn, so one run on a card shows
