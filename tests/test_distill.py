@@ -307,3 +307,29 @@ def test_bad_settings_fail_before_work():
             Distiller(MIX, MLPDenoiser((2,)), _settings(**kw))
     with pytest.raises(ValueError, match="data source"):
         Distiller(MIX, MLPDenoiser((2,)), _settings(algorithm="vanilla"))
+
+
+@pytest.mark.parametrize("schedule,rho", [("logsnr", 7.0), ("polynomial", 3.0), ("time_uniform", 2.0)])
+def test_grids_use_the_student_grid_family_endpoints_and_rho(schedule, rho):
+    """Spec §5: the teacher grid is (m+1)(N-1)+1 points of the student grid's own family, endpoints and rho;
+    the student grid is every (m+1)-th of them, i.e. the N-point grid of that family."""
+    from sfd.schedules import get_schedule
+
+    grid = GridSpec(num_steps=4, afs=True, schedule=schedule, t_min=0.01, t_max=40.0, rho=rho)
+    d = Distiller(MIX, MLPDenoiser((2,)), _settings(grid=grid, m=2))
+    for n in (4, 5):
+        teacher_grid, student_grid = d.grids(n)
+        assert torch.equal(teacher_grid, get_schedule(schedule, 3 * (n - 1) + 1, 0.01, 40.0, rho))
+        torch.testing.assert_close(student_grid, get_schedule(schedule, n, 0.01, 40.0, rho), rtol=1e-12, atol=0)
+
+
+def test_lr_decays_once_half_the_budget_is_spent_for_an_odd_budget():
+    """5 iterations: after iterations 0, 1, 2 (index 2 runs with 2 of 5 done) less than half is spent; index 3
+    starts with 3 of 5 = 60% spent, so it is the first at lr / 10."""
+    d = Distiller(MIX, MLPDenoiser((2,)), _settings(total_kimg=0.032 * 5))
+    assert d.s.total_iterations == 5
+    assert [d.lr_at(i) for i in range(5)] == [1e-3, 1e-3, 1e-3, 1e-4, 1e-4]
+
+
+def test_a_tiny_positive_budget_is_still_one_iteration():
+    assert _settings(total_kimg=1e-9, batch_size=128).total_iterations == 1

@@ -64,3 +64,50 @@ def test_time_uniform_hits_vp_endpoints_and_is_uniform_in_s_for_rho_1():
 def test_bad_arguments_are_named(args, match):
     with pytest.raises(ValueError, match=match):
         get_schedule(*args)
+
+
+def _spec_grid(kind, n, t_min, t_max, rho):
+    """Spec §2 in plain Python floats. time_uniform's beta_d, beta_min solve the 2x2 linear system
+    0.5 beta_d + beta_min = ln(1 + t_max^2), 0.5 beta_d eps^2 + beta_min eps = ln(1 + t_min^2) by Cramer's rule."""
+    eps = 1e-3
+    out = []
+    for i in range(n):
+        f = i / (n - 1)
+        if kind == "polynomial":
+            out.append((t_max ** (1 / rho) + f * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho)
+        elif kind == "logsnr":
+            out.append(t_max * (t_min / t_max) ** f)
+        else:
+            l1, l2 = math.log(1 + t_max**2), math.log(1 + t_min**2)
+            det = 0.5 * eps - 0.5 * eps**2
+            beta_d, beta_min = (l1 * eps - l2) / det, (0.5 * l2 - 0.5 * eps**2 * l1) / det
+            s = (1 + f * (eps ** (1 / rho) - 1)) ** rho
+            out.append(math.sqrt(math.expm1(0.5 * beta_d * s * s + beta_min * s)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "logsnr", "time_uniform"])
+@pytest.mark.parametrize("rho", [7.0, 3.0])
+def test_schedules_match_spec_formulas_in_float64(kind, rho):
+    """Every point to 1e-10 relative (float64 throughout; float32 fractions are off by ~1e-8), for the
+    default rho and another one: time_uniform's s-spacing depends on rho, logsnr's does not."""
+    for n, t_min, t_max in [(7, 0.006, 80.0), (13, 0.002, 80.0), (5, 0.1, 14.6146)]:
+        grid = get_schedule(kind, n, t_min, t_max, rho)
+        assert grid.dtype == torch.float64
+        assert grid.tolist() == pytest.approx(_spec_grid(kind, n, t_min, t_max, rho), rel=1e-10, abs=0)
+
+
+def test_time_uniform_uses_rho():
+    assert not torch.allclose(get_schedule("time_uniform", 6, 0.006, 80.0, 7.0),
+                              get_schedule("time_uniform", 6, 0.006, 80.0, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "time_uniform"])
+def test_refined_grid_keeps_rho(kind):
+    """Spec §5: the teacher grid has the same family, endpoints and rho as the student grid, so the student
+    grid is every (m+1)-th teacher point for any rho, not just the default 7."""
+    student = get_schedule(kind, 4, 0.006, 80.0, rho=3.0)
+    fine = refine_grid(kind, 4, 0.006, 80.0, 3.0, m=2)
+    assert len(fine) == 10
+    torch.testing.assert_close(fine[::3], student, rtol=1e-12, atol=0)
+    assert not torch.allclose(student, get_schedule(kind, 4, 0.006, 80.0, rho=7.0))
