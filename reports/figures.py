@@ -132,9 +132,9 @@ def fig_metric_vs_hours(data: StudyData):
     return fig
 
 
-def _row_panels(data: StudyData, available: dict, width: float, height: float):
+def _per_row_figure(data: StudyData, available: dict, width: float, height: float, draw, title: str):
     """A figure with one panel per row whose run has an entry in `available` (loss histories, sample grids),
-    four panels to a line: (figure, [(axes, row), ...]), or None when no row has one."""
+    four panels to a line, each drawn by `draw(axes, row)`; None when no row has one."""
     Figure = _plt()
     rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in available and not r.get("derived_from")]
     if not rows:
@@ -142,16 +142,16 @@ def _row_panels(data: StudyData, available: dict, width: float, height: float):
     cols = min(4, len(rows))
     nrows = math.ceil(len(rows) / cols)
     fig = Figure(figsize=(width * cols, height * nrows))
-    return fig, [(fig.add_subplot(nrows, cols, i + 1), r) for i, r in enumerate(rows)]
+    for i, r in enumerate(rows):
+        draw(fig.add_subplot(nrows, cols, i + 1), r)
+    fig.suptitle(f"{data.study}: {title}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def fig_loss_curves(data: StudyData):
     """Per-student-step training loss (metric histories loss/step_<k>) for every row that trained."""
-    panels = _row_panels(data, data.histories, 3.2, 2.6)
-    if panels is None:
-        return None
-    fig, axes_rows = panels
-    for ax, r in axes_rows:
+    def draw(ax, r):
         h = data.histories[r["run_id"]]
         for k, g in h.groupby("key", sort=False):
             g = g.sort_values("step")
@@ -164,9 +164,8 @@ def fig_loss_curves(data: StudyData):
         ax.set_xlabel("iteration", fontsize=6)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=5)
-    fig.suptitle(f"{data.study}: training loss per student step", fontsize=9)
-    fig.tight_layout()
-    return fig
+
+    return _per_row_figure(data, data.histories, 3.2, 2.6, draw, "training loss per student step")
 
 
 def fig_ablation_bars(data: StudyData):
@@ -267,18 +266,13 @@ def fig_sample_grids(data: StudyData):
     """Each row's samples.png artifact, one panel per row."""
     import matplotlib.image as mpimg
 
-    panels = _row_panels(data, data.samples, 3, 3.2)
-    if panels is None:
-        return None
-    fig, axes_rows = panels
-    for ax, r in axes_rows:
+    def draw(ax, r):
         img = mpimg.imread(str(data.samples[r["run_id"]]))
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(f"{r['row_id']}\n{data.metric} = {fmt_value(r['value'])}", fontsize=7)
-    fig.suptitle(f"{data.study}: samples per row", fontsize=9)
-    fig.tight_layout()
-    return fig
+
+    return _per_row_figure(data, data.samples, 3, 3.2, draw, "samples per row")
 
 
 FIGURES = {
