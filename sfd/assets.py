@@ -208,14 +208,20 @@ def require(name: str, path: str | os.PathLike | None = None) -> Path:
                             + _how_to_get(asset))
 
 
-_VERIFIED: set[tuple] = set()  # (path, size, mtime) of files found whole: each version is hashed once per process
+def file_version(path: Path) -> tuple:
+    """(resolved path, size, mtime): what a once-per-process check of a file is keyed by, so a file that is
+    replaced or rewritten is checked again."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+_VERIFIED: set[tuple] = set()  # versions of files found whole: each is hashed once per process
 
 
 def _verified(asset: Asset, path: Path) -> Path:
     if asset.size is None and not (asset.sha256 or asset.sha256_prefix or asset.md5):
         return path
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = file_version(path)
     if key not in _VERIFIED:
         try:
             verify(asset, path)

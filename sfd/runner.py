@@ -171,19 +171,18 @@ def check_fid_files(inception_weights: Path, reference_stats: Path) -> None:
     """The Inception weights load and the reference statistics are finite 2048-d ones, or a ConfigError
     naming the file, before a run trains. Each file version is read once per process (a study's rows share
     them)."""
+    from sfd.assets import file_version
     from sfd.metrics.fd import check_reference_stats
     from sfd.metrics.inception import FEATURE_DIM, check_inception_weights
 
     for path, check in ((Path(inception_weights), check_inception_weights),
                         (Path(reference_stats), lambda p: check_reference_stats(p, FEATURE_DIM))):
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _CHECKED_FID_FILES:
+        if file_version(path) not in _CHECKED_FID_FILES:
             try:
                 check(path)
             except ValueError as exc:
                 raise ConfigError(f"eval.metrics: fid: {exc}") from None
-            _CHECKED_FID_FILES.add(key)
+            _CHECKED_FID_FILES.add(file_version(path))
 
 
 def resolve_eval(cfg: RunConfig) -> RunConfig:
@@ -329,7 +328,6 @@ def load_teacher(cfg: RunConfig, device):
     """`sfd.teachers.get_teacher`, keeping the last teacher: a study's trials share it (it is frozen and never
     trained), so a checkpoint is read once per study, not once per trial."""
     from sfd.teachers import get_teacher
-
     from sfd.teachers.edm_pickle import EDMPickleError
 
     key = (cfg.teacher.name, cfg.teacher.path, str(device), cfg.smoke)
@@ -425,17 +423,17 @@ def _distill_setup(cfg: RunConfig, teacher, device, tracking_uri: str | None = N
     return first_net, make_student(first_net), settings, step_cond
 
 
-def sampling_network(cfg: RunConfig, net, *, prepare: bool, backend: str = "inductor"):
+def sampling_network(cfg: RunConfig, net, *, prepare: bool):
     """The network evaluation samples with, under the run's speed settings. A distilled student already has
     its group norm and memory format from training; a baseline's teacher gets them here (`prepare`). It is
     compiled only with `eval.compile`: the eval-mode graph (no dropout, no gradients) is a compile of its own,
-    which at a low NFE costs about what it saves over 50k samples."""
+    which at a low NFE costs more than it saves over 50k samples (see `sfd.bench sample --compile`)."""
     from sfd.compiling import maybe_compile
     from sfd.distill import prepare_network
 
     if prepare:
         prepare_network(net, channels_last=cfg.channels_last, group_norm=cfg.group_norm)
-    return maybe_compile(net, cfg.eval.compile, cfg.compile_mode, backend)
+    return maybe_compile(net, cfg.eval.compile, cfg.compile_mode)
 
 
 def _evaluate(cfg: RunConfig, teacher, net, step_condition: bool, device, *, num_steps: int | None = None,
