@@ -118,8 +118,8 @@ class EvalConfig:
     batch_size: int = 256
     gap_solver: str = "dpmpp3m"
     gap_nfe: int = 50
-    # torch.compile the sampled network (with the run's compile_mode). Off by default: compiling the eval-mode
-    # graph costs about as much as sampling 50k images eagerly at NFE 2 saves (measure with `sfd.bench sample`).
+    # torch.compile the sampled network (with the run's compile_mode). Off by default: at NFE 2 compiling the
+    # eval-mode graph costs more than it saves over 50k samples (measure with `sfd.bench sample --compile`).
     compile: bool = False
 
 

@@ -327,7 +327,7 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
         try:
             resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri,
                                   first_stage_info=first_stage_info)
-            check_teacher_checkpoint(resolved)  # read once here; the trials reuse it
+            check_teacher_checkpoint(resolved)  # read here; kept for the trials (runner keeps the last teacher)
         except ConfigError as exc:
             text = str(exc)
             raise ConfigError(text if text.startswith(f"study {spec.name},") else
