@@ -726,8 +726,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", nargs="?", help="a study name in studies/ or a path to a study YAML")
     p.add_argument("--list", action="store_true", help="list the studies, one line each")
-    p.add_argument("--smoke", action="store_true", help="tiny budget, randomly initialised teacher; tagged smoke, "
-                   "logged to <study>-smoke")
+    p.add_argument("--smoke", action="store_true", help="tiny budget (an EDM checkpoint teacher becomes a randomly "
+                   "initialised network of its architecture); tagged smoke, logged to <study>-smoke")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///<runs>/optuna.db, "
                    "<runs> = $SFD_RUNS_DIR or <repo>/runs); the study's lock goes beside a sqlite file")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
