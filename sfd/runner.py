@@ -107,6 +107,9 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         "eval.gap_nfe": SMOKE_GAP_NFE,
         "log.every": SMOKE_ITERATIONS,
     }
+    if cfg.compile or cfg.eval.compile:  # compiling would take longer than the one iteration it speeds up
+        updates.update({"compile": False, "compile_mode": None, "eval.compile": False})
+        notes["sfd.smoke.compile"] = "off (a one-iteration wiring check would spend its time compiling)"
     if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two (the main one and another)
         updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.sfdv.num_steps_choices)})
     for key, asset in lpips_assets(cfg).items():

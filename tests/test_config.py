@@ -42,6 +42,17 @@ def test_paper_cifar10_settings():
     assert load_config(ROOT / "experiments" / "imagenet64_sfd.yaml").optim.lr == 1e-5
 
 
+@pytest.mark.parametrize("name", ["cifar10_sfd", "imagenet64_sfd"])
+def test_paper_configs_run_the_measured_fast_setting_and_smoke_runs_do_not_compile(name):
+    from sfd.runner import smoke_config
+
+    cfg = load_config(ROOT / "experiments" / f"{name}.yaml")
+    assert (cfg.precision, cfg.compile, cfg.channels_last, cfg.eval.compile) == ("bf16", True, True, False)
+    smoke, notes = smoke_config(cfg)
+    assert (smoke.precision, smoke.compile, smoke.channels_last) == ("bf16", False, True)
+    assert "one-iteration wiring check" in notes["sfd.smoke.compile"]
+
+
 def test_overrides_are_yaml_typed_and_dotted():
     cfg = load_config(None, ["student.nfe=3", "student.afs=false", "student.t_min=2e-3", "teacher.path=null",
                              "optim.betas=[0.8, 0.99]", "solver.opts.max_order=2", "eval.metrics=[teacher_gap]",
