@@ -88,6 +88,11 @@ class Asset:
     default_dir: Callable[[], Path] | None = None  # where fetch puts it; None: $SFD_HOME/subdir
     how_to_get: str = ""  # extra manual instructions
 
+    @property
+    def checkable(self) -> bool:
+        """Whether a local copy can be told whole or not: the asset knows its size or a checksum."""
+        return self.size is not None or bool(self.sha256 or self.sha256_prefix or self.md5)
+
     def home_dir(self) -> Path:
         return sfd_home() / self.subdir if self.subdir else sfd_home()
 
@@ -219,7 +224,7 @@ _VERIFIED: set[tuple] = set()  # versions of files found whole: each is hashed o
 
 
 def _verified(asset: Asset, path: Path) -> Path:
-    if asset.size is None and not (asset.sha256 or asset.sha256_prefix or asset.md5):
+    if not asset.checkable:
         return path
     key = file_version(path)
     if key not in _VERIFIED:
@@ -294,7 +299,7 @@ def _download(asset: Asset, url: str, part: Path, progress: bool, timeout: float
     if length is not None and received < int(length):
         raise AssetDownloadError(f"download of {url} stopped after {offset + received} bytes of {total}; "
                                  f"run the fetch again to resume from {part}")
-    if length is None and asset.size is None and not (asset.sha256 or asset.sha256_prefix or asset.md5):
+    if length is None and not asset.checkable:
         warnings.warn(f"{url} sent no length and asset '{asset.name}' has no registered size or checksum: "
                       f"nothing can tell whether the {offset + received} bytes received are the whole file")
 

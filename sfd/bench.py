@@ -83,16 +83,21 @@ def iteration_tflop(net: torch.nn.Module, batch: int, nfe: int, solver: str = "d
     return teacher_evals * _counted_tflop(net, batch, False) + nfe * _counted_tflop(net, batch, True)
 
 
+def _fresh_compiler_state(device: torch.device) -> None:
+    """Each configuration starts clean, eager ones included: no compiled graphs, recompile budget or CUDA-graph
+    memory pools left by the setting before (they would count in this one's peak memory), and graph counters
+    that count this configuration only."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _bench_distiller(arch: str, batch: int, nfe: int, solver: str, m: int, device: torch.device,
                      **speed) -> tuple[torch.nn.Module, Distiller]:
     """A random teacher of `arch` and a Distiller for it, set up the way every benchmark times it."""
     # TF32 and cuDNN's autotuner are set by the Distiller, as in a run (sfd.sampling.use_precision, cudnn_autotune)
-    # Each configuration starts clean, eager ones included: no compiled graphs, recompile budget or CUDA-graph
-    # memory pools left by the setting before (they would count in this one's peak memory).
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()  # graph and graph-break counts of this configuration only
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _fresh_compiler_state(device)
     torch.manual_seed(0)
     teacher = build_arch(arch).to(device).eval().requires_grad_(False)
     settings = DistillSettings(grid=GridSpec(num_steps=nfe + 2, afs=True), teacher_solver=solver, m=m,
@@ -157,9 +162,7 @@ def bench_sample(arch: str, batch: int, nfe: int, num: int, *, precision: str = 
     from sfd.metrics.fd import FeatureStats
     from sfd.metrics.inception import InceptionFeatures, to_uint8
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if compile:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
+    _fresh_compiler_state(device)
     torch.manual_seed(0)
     net = build_arch(arch).to(device).eval().requires_grad_(False)
     prepare_network(net, channels_last=channels_last, group_norm=group_norm)

@@ -180,12 +180,13 @@ def check_fid_files(inception_weights: Path, reference_stats: Path) -> None:
 
     for path, check in ((Path(inception_weights), check_inception_weights),
                         (Path(reference_stats), lambda p: check_reference_stats(p, FEATURE_DIM))):
-        if file_version(path) not in _CHECKED_FID_FILES:
+        version = file_version(path)
+        if version not in _CHECKED_FID_FILES:
             try:
                 check(path)
             except ValueError as exc:
                 raise ConfigError(f"eval.metrics: fid: {exc}") from None
-            _CHECKED_FID_FILES.add(file_version(path))
+            _CHECKED_FID_FILES.add(version)
 
 
 def resolve_eval(cfg: RunConfig) -> RunConfig:
