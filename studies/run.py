@@ -2,7 +2,7 @@
 """Run a study: an Optuna study whose every trial is one tracked SFD run (MLflow child of the study's run).
 
     python studies/run.py <study> [--smoke] [--seeds 0 1 2] [--storage URL] [--n-trials N] [--no-report]
-                          [--retry-failed]
+                          [--retry-failed] [--devices cuda:0 cuda:1 ...]
     python studies/run.py --list
 
 `<study>` is a name in studies/ (e.g. ablation_digits) or a path to a study YAML. Table studies (`rows:`)
@@ -14,6 +14,8 @@ marked FAILED (their MLflow runs too) and, like trials stopped by Ctrl-C or SIGT
 their rows / parameters are tried again; failed trials stay failed unless `--retry-failed`. Everything that
 can be wrong in the study or its rows (a typo, a bad value, a missing checkpoint or data set) is reported
 before any MLflow experiment or Optuna study is created.
+`--devices` runs up to one trial per listed device at once, each in a worker process of its own (a
+second-stage row waits for its first stage); this process alone writes the Optuna study.
 """
 from __future__ import annotations
 
@@ -370,15 +372,22 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
 
 # ----- Optuna ----------------------------------------------------------------------------------------------
 
-def make_sampler(spec: StudySpec):
+def make_sampler(spec: StudySpec, parallel: bool = False):
+    """The study's seeded sampler. With trials running side by side TPE assumes the running ones scored badly
+    (constant liar), so parallel workers do not all try the same point."""
     import optuna
 
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, constant_liar=parallel)
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=spec.seed)
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({k: d["choices"] for k, d in spec.space.items()}, seed=spec.seed)
+        class StudyGridSampler(optuna.samplers.GridSampler):
+            def after_trial(self, study, trial, state, values) -> None:
+                """Optuna's calls `study.stop()` at the grid's end, which works only inside `study.optimize`;
+                the trial loop asks `is_exhausted` before each new trial instead."""
+
+        return StudyGridSampler({k: d["choices"] for k, d in spec.space.items()}, seed=spec.seed)
     return optuna.samplers.RandomSampler(seed=spec.seed)  # "rows": every trial is enqueued; "random"
 
 
@@ -448,6 +457,235 @@ def plan_trials(spec: StudySpec, study, retry_failed: bool, skipped: dict, limit
     return max(0, target - len(finished))
 
 
+# ----- running the trials ---------------------------------------------------------------------------------
+
+class TrialLoop:
+    """Ask Optuna for each trial, run it as a tracked run (in this process, or in one worker process per device)
+    and tell Optuna the outcome. Only this process writes to the Optuna study."""
+
+    def __init__(self, spec: StudySpec, study, smoke: bool, experiment: str, tracking_uri: str, parent_id: str,
+                 say):
+        self.spec, self.study, self.smoke, self.say = spec, study, smoke, say
+        self.experiment, self.tracking_uri, self.parent_id = experiment, tracking_uri, parent_id
+        self.rows = {r["id"]: r for r in spec.rows}
+        self.first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
+        self.failed: list[tuple[int, str]] = []
+        self.ran = 0  # trials that ended (complete or failed) in this invocation
+
+    # one trial
+
+    def label(self, trial) -> str:
+        seed = trial.user_attrs.get("seed")
+        name = trial.user_attrs.get("row") if self.rows else None
+        return (name or f"trial {trial.number}") + (f" seed {seed}" if seed is not None else "")
+
+    def job(self, trial, worker=None):
+        """The trial's run: its row's (or the sampler's) config, its tags, where it is logged. Raises if the
+        trial cannot run (a row the YAML no longer has, a first stage that did not finish)."""
+        from sfd import tracking as T
+        from sfd.config import replace
+        from sfd.workers import Job
+
+        spec = self.spec
+        row_id = trial.user_attrs.get("row") if self.rows else None
+        tags = {T.TAG_STUDY: spec.name, T.TAG_TRIAL: trial.number, T.TAG_KIND: spec.kind}
+        if row_id is not None:
+            tags[T.TAG_ROW] = row_id
+        if self.rows:
+            if row_id not in self.rows:
+                raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the study "
+                                 "YAML no longer has")
+            cfg = row_config(spec, self.rows[row_id])
+            seed = trial.user_attrs.get("seed")
+            if seed is not None:
+                cfg = replace(cfg, {"seed": seed})
+            target = first_stage_row(spec, self.rows[row_id])
+            if target is not None:
+                cfg = replace(cfg, {"second_stage.first_stage": first_stage_run_id(spec, self.study, row_id, target,
+                                                                                   seed)})
+                tags["sfd.first_stage_row"] = target
+        else:
+            cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
+        if worker is not None:
+            cfg = replace(cfg, {"device": worker.config_device})
+            tags["sfd.worker_device"] = worker.device
+        return Job(cfg, self.experiment, self.tracking_uri, self.parent_id, tags, list(spec.metrics), self.smoke,
+                   save_student=True if row_id in self.first_stages else None)
+
+    def finish(self, trial, objective: list[float], metrics: dict, t0: float) -> None:
+        if any(math.isnan(v) for v in objective):  # Optuna would fail it without a reason
+            self.fail(trial, f"ObjectiveNotANumber: the run finished but its objective is {objective}", t0)
+            return
+        for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
+            trial.set_user_attr(key, metrics.get(key))
+        self.study.tell(trial, objective[0] if len(objective) == 1 else list(objective))
+        self.ran += 1
+        shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(objective_labels(self.spec, self.smoke), objective))
+        self.say(f"[{trial.number}] {self.label(trial)}: {shown} ({time.perf_counter() - t0:.1f}s)")
+
+    def fail(self, trial, reason: str, t0: float) -> None:
+        """The trial failed for a reason of its own: recorded, and the study goes on."""
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("fail_reason", reason[:2000])
+        self.failed.append((trial.number, reason))
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.ran += 1
+        self.say(f"[{trial.number}] {self.label(trial)}: FAILED after {time.perf_counter() - t0:.1f}s: {reason}")
+
+    def interrupt(self, trial, how: str) -> None:
+        """Stopped (Ctrl-C, SIGTERM): not the trial's fault; a rerun of the study tries it again."""
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("fail_reason", f"{INTERRUPTED} ({how})"[:2000])
+        trial.set_user_attr("interrupted", True)
+        self.study.tell(trial, state=TrialState.FAIL)
+
+    def grid_done(self) -> bool:
+        """A grid search has every point finished or running, and no retry is queued: ask for no more."""
+        from optuna.trial import TrialState
+
+        exhausted = getattr(self.study.sampler, "is_exhausted", None)
+        return (exhausted is not None and exhausted(self.study)
+                and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    # in this process
+
+    def run_here(self, todo: int) -> None:
+        from sfd.workers import run_job
+
+        for _ in range(todo):
+            if self.grid_done():
+                break
+            trial = self.study.ask()
+            t0 = time.perf_counter()
+            try:
+                result = run_job(self.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+            except KeyboardInterrupt as exc:
+                self.interrupt(trial, f"{type(exc).__name__}: {exc}")
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
+                self.fail(trial, f"{type(exc).__name__}: {exc}", t0)
+            else:
+                self.finish(trial, result.objective, result.metrics, t0)
+
+    # side by side, one worker process per device
+
+    def waits_for(self, trial) -> tuple | None:
+        """(row, seed) of the first stage a second-stage row trains from, else None."""
+        row = self.rows.get(trial.user_attrs.get("row"))
+        target = first_stage_row(self.spec, row) if row is not None else None
+        return None if target is None else (target, trial.user_attrs.get("seed"))
+
+    def next_trial(self, held: list, busy: list, left: int) -> tuple:
+        """(a trial ready to start or None, how many new trials were asked). A second-stage row whose first stage
+        is still running (or waiting) is held back until that trial has finished."""
+        def ready(trial) -> bool:
+            keys = {(t.user_attrs.get("row"), t.user_attrs.get("seed")) for t in busy + held if t is not trial}
+            return self.waits_for(trial) not in keys
+
+        for trial in held:
+            if ready(trial):
+                held.remove(trial)
+                return trial, 0
+        asked = 0
+        while asked < left and not self.grid_done():
+            trial = self.study.ask()
+            asked += 1
+            if ready(trial):
+                return trial, asked
+            held.append(trial)
+        return None, asked
+
+    def run_on(self, devices: list[str], todo: int) -> None:
+        from multiprocessing.connection import wait
+
+        from sfd.workers import DeviceWorker
+
+        cpu_workers = sum(d == "cpu" for d in devices)
+        workers = [DeviceWorker(d, cpu_workers) for d in devices]
+        running: dict = {}  # worker -> (trial, start time)
+        held: list = []
+        left = todo
+        try:
+            while True:
+                for worker in workers:
+                    while worker not in running:
+                        trial, asked = self.next_trial(held, [t for t, _ in running.values()], left)
+                        left -= asked
+                        if trial is None:
+                            break
+                        self.start(worker, trial, running)
+                if not running:
+                    break
+                ready = wait([w.conn for w in running])
+                for worker in [w for w in running if w.conn in ready]:
+                    self.take(worker, worker.receive(), running)
+        except KeyboardInterrupt as exc:
+            self.stop(running, held, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            for worker in workers:
+                worker.close()
+
+    def start(self, worker, trial, running: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            job = self.job(trial, worker)
+        except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
+            self.fail(trial, f"{type(exc).__name__}: {exc}", t0)
+            return
+        worker.submit(job)
+        running[worker] = (trial, t0)
+        self.say(f"[{trial.number}] {self.label(trial)}: started on {worker.device}")
+
+    def take(self, worker, message: tuple, running: dict) -> None:
+        """Act on a worker's message: its run exists, or the trial is over."""
+        trial, t0 = running[worker]
+        kind = message[0]
+        if kind == "started":
+            trial.set_user_attr("mlflow_run_id", message[1])
+            return
+        del running[worker]
+        if kind == "done":
+            self.finish(trial, message[1], message[2], t0)
+        elif kind == "interrupted":  # the worker alone was stopped (SIGTERM): a rerun tries the trial again
+            self.interrupt(trial, message[1])
+            self.say(f"[{trial.number}] {self.label(trial)}: interrupted on {worker.device}: {message[1]}")
+        else:  # "failed", or "died" (the process ended: out of memory, a crash)
+            if kind == "died":
+                self.end_dead_run(trial, message[1])
+            self.fail(trial, message[1], t0)
+
+    def end_dead_run(self, trial, reason: str) -> None:
+        """A worker that died left its trial's MLflow run RUNNING: end it FAILED with the reason."""
+        from sfd.tracking import get_client, mark_failed
+
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            mark_failed(get_client(self.tracking_uri), run_id, reason)
+
+    def stop(self, running: dict, held: list, how: str) -> None:
+        """The study process was stopped: stop every busy worker (its run ends KILLED), keep what finished, and
+        mark the rest interrupted so the next run of the study tries them again."""
+        from multiprocessing.connection import wait
+
+        from sfd.workers import STOP_WAIT_S
+
+        for worker in running:
+            worker.interrupt()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while running and time.monotonic() < deadline:
+            ready = wait([w.conn for w in running], timeout=max(0.0, deadline - time.monotonic()))
+            for worker in [w for w in running if w.conn in ready]:
+                message = worker.receive()
+                self.take(worker, message if message[0] != "died" else ("interrupted", how), running)
+        for trial, _ in list(running.values()) + [(t, None) for t in held]:
+            self.interrupt(trial, how)
+        running.clear()
+        held.clear()
+
+
 # ----- the study ------------------------------------------------------------------------------------------
 
 def study_home(storage_url: str) -> Path:
@@ -513,13 +751,20 @@ class StudyOutcome:
 def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
               tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
               report: bool = True, out_dir: str | None = None, quiet: bool = False,
-              seeds: list[int] | None = None) -> StudyOutcome:
+              seeds: list[int] | None = None, devices: list[str] | None = None) -> StudyOutcome:
     """Check everything, then create / resume the study and run what is left. See the module docstring."""
     start = time.perf_counter()
     from sfd import tracking as T
 
     if n_trials is not None and n_trials < 1:
         raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
+    if devices is not None:
+        from sfd.workers import DeviceError, check_devices
+
+        try:
+            check_devices(devices)
+        except DeviceError as exc:
+            raise StudyError(str(exc)) from None
     spec = load_spec(name_or_path)
     spec_text = None
     if seeds is not None:
@@ -534,8 +779,6 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
 
     import optuna
 
-    from sfd.runner import run_experiment
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with study_lock(spec.experiment(smoke), storage_url):  # one live process per study (see study_lock)
         T.ensure_sqlite_parent(storage_url)
@@ -547,10 +790,11 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
             T.TAG_SMOKE: str(smoke).lower(), "sfd.objective": ",".join(spec.metrics),
             "sfd.directions": ",".join(spec.directions), "sfd.sampler": f"{spec.sampler}(seed={spec.seed})",
             "sfd.spec_path": str(spec.path), "mlflow.note.content": spec.description,
+            "sfd.devices": " ".join(devices) if devices else "this process",
             **({"sfd.skipped_rows": "; ".join(f"{k}: {v}" for k, v in skipped.items())} if skipped else {})})
         client.log_artifact(parent_id, str(spec.path))
         optuna_storage = optuna.storages.get_storage(storage_url)
-        study = optuna.create_study(study_name=study_name, storage=optuna_storage, sampler=make_sampler(spec),
+        study = optuna.create_study(study_name=study_name, storage=optuna_storage, sampler=make_sampler(spec, parallel=bool(devices) and len(devices) > 1),
                                     directions=spec.directions, load_if_exists=True)
         for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
                            "mlflow_tracking_uri": tracking_uri, "sfd_study": spec.name, "kind": spec.kind,
@@ -571,70 +815,22 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
         say(f"study {spec.name}{' (smoke)' if smoke else ''}: {todo} trial(s) to run; MLflow {tracking_uri} "
             f"experiment {experiment!r}, Optuna {storage_url} study {study_name!r}")
 
-        rows = {r["id"]: r for r in spec.rows}
-        first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
-        failed: list[tuple[int, str]] = []
-        shown_metrics = objective_labels(spec, smoke)
-
-        def objective(trial):
-            t0 = time.perf_counter()
-            row_id = trial.user_attrs.get("row") if rows else None
-            seed = trial.user_attrs.get("seed")
-            label = (row_id or f"trial {trial.number}") + (f" seed {seed}" if seed is not None else "")
-            tags = {T.TAG_STUDY: spec.name, T.TAG_TRIAL: trial.number, T.TAG_KIND: spec.kind}
-            if row_id is not None:
-                tags[T.TAG_ROW] = row_id
-            tracker = T.Tracker(experiment, tracking_uri=tracking_uri, parent_run_id=parent_id, tags=tags,
-                                objective=spec.metrics,
-                                on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
-            try:
-                if rows:
-                    if row_id not in rows:
-                        raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the "
-                                         "study YAML no longer has")
-                    from sfd.config import replace
-
-                    cfg = row_config(spec, rows[row_id])
-                    if seed is not None:
-                        cfg = replace(cfg, {"seed": seed})
-                    target = first_stage_row(spec, rows[row_id])
-                    if target is not None:
-                        run_id = first_stage_run_id(spec, study, row_id, target, seed)
-                        cfg = replace(cfg, {"second_stage.first_stage": run_id})
-                        tracker.tags["sfd.first_stage_row"] = target
-                else:
-                    cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
-                result = run_experiment(cfg, tracker=tracker, smoke=smoke,
-                                        save_student=True if row_id in first_stages else None)
-            except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: not the row's fault; a rerun tries it again
-                trial.set_user_attr("fail_reason", f"{INTERRUPTED} ({type(exc).__name__}: {exc})"[:2000])
-                trial.set_user_attr("interrupted", True)
-                raise
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-                trial.set_user_attr("fail_reason", reason[:2000])
-                failed.append((trial.number, reason))
-                say(f"[{trial.number}] {label}: FAILED after {time.perf_counter() - t0:.1f}s: {reason}")
-                raise
-            shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(shown_metrics, result.objective))
-            say(f"[{trial.number}] {label}: {shown} ({time.perf_counter() - t0:.1f}s)")
-            for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
-                trial.set_user_attr(key, result.metrics.get(key))
-            return result.objective[0] if len(result.objective) == 1 else tuple(result.objective)
-
+        loop = TrialLoop(spec, study, smoke, experiment, tracking_uri, parent_id, say)
         ok = False
         try:
-            if todo:
-                study.optimize(objective, n_trials=todo, catch=(Exception,))
+            if todo and devices:
+                loop.run_on(devices, todo)
+            elif todo:
+                loop.run_here(todo)
             ok = True
-        finally:  # Ctrl-C: the trial's run ended KILLED (RunLogger), Optuna failed the trial; the study too
+        finally:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted); the study too
             client.set_terminated(parent_id, status="FINISHED" if ok else "KILLED")
         outcome = StudyOutcome(name=spec.name, experiment=experiment, parent_run_id=parent_id, optuna_study=study_name,
-                               storage=storage_url, tracking_uri=tracking_uri, ran=todo, failed=failed,
+                               storage=storage_url, tracking_uri=tracking_uri, ran=loop.ran, failed=loop.failed,
                                skipped=skipped, seconds=time.perf_counter() - start)
         if not quiet:
             print_summary(spec, study, smoke)
-            print(f"study wall time {outcome.seconds:.1f}s ({todo} trial(s) this invocation)")
+            print(f"study wall time {outcome.seconds:.1f}s ({outcome.ran} trial(s) this invocation)")
         if report:
             try:
                 outcome.report = build_report(spec.name, storage_url, tracking_uri, out_dir, smoke, say)
@@ -737,6 +933,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-trials", type=positive_int, default=None,
                    help="run at most N >= 1 trials now (rows: the next N rows)")
     p.add_argument("--retry-failed", action="store_true", help="also retry rows / trials that failed")
+    p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="run trials side by side, one worker process per entry (cpu or cuda:<index>; repeat an "
+                   "entry to share it), e.g. --devices cuda:0 cuda:1 cuda:2 cuda:3; default: one trial at a time "
+                   "in this process, on each config's device")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--out", default=None, help="report folder (default: the report builder's)")
     return p.parse_args(argv)
@@ -756,7 +956,7 @@ def main(argv=None) -> int:
     try:
         outcome = run_study(args.study, smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri,
                             n_trials=args.n_trials, retry_failed=args.retry_failed, report=not args.no_report,
-                            out_dir=args.out, seeds=args.seeds)
+                            out_dir=args.out, seeds=args.seeds, devices=args.devices)
     except (StudyError, ConfigError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

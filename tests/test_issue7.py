@@ -15,33 +15,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from study_runner import load_studies_runner
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from study_runner import SECOND_STAGE as SECOND
+from study_runner import load_studies_runner, runs_by_row
+from study_runner import write_digits_study as _write
 
 studies = load_studies_runner("sfd_studies_run_issue7")
-TINY = {"optim.batch_size": 16, "optim.total_kimg": 0.032, "eval.num_samples": 16, "eval.batch_size": 16,
-        "eval.gap_nfe": 10, "log.every": 1}
-SECOND = {"algorithm": "second-stage", "second_stage.first_stage": "row:sfd-nfe5", "solver.name": "euler",
-          "solver.m": 2, "student.nfe": 1, "student.afs": True}
-
-
-def _write(tmp_path, name, rows, base="experiments/digits_sfd.yaml", kind="comparison", metrics=None,
-           objective="teacher_gap_mean", **extra):
-    spec = {"name": name, "kind": kind, "description": "issue 7 test study", "base": str(ROOT / base),
-            "overrides": {**TINY, "eval.metrics": metrics or ["teacher_gap"]},
-            "objective": {"metric": objective, "direction": "minimize"}, "sampler": {"type": "rows", "seed": 0},
-            "rows": rows, **extra}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def _runs_by_row(client, out) -> dict:
-    exp = client.get_experiment_by_name(out.experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
-    return {r.data.tags["sfd.row"]: r for r in runs}
 
 
 def test_second_stage_row_resolves_first_stage_row_and_sfdv_row_logs_every_nfe(tmp_path, stores):
@@ -57,7 +35,7 @@ def test_second_stage_row_resolves_first_stage_row_and_sfdv_row_logs_every_nfe(t
     out = studies.run_study(str(path), report=False, quiet=True)
     assert not out.failed
     client = MlflowClient(out.tracking_uri)
-    runs = _runs_by_row(client, out)
+    runs = runs_by_row(client, out)
     first_id = runs["sfd-nfe5"].info.run_id
 
     second = runs["second-stage"]  # the row reference became the first row's run id, recorded three ways
@@ -116,7 +94,7 @@ def test_guidance_rows_double_nfe_and_share_the_student(tmp_path, stores):
     out = studies.run_study(str(path), report=False, quiet=True)
     assert not out.failed
     client = MlflowClient(out.tracking_uri)
-    runs = _runs_by_row(client, out)
+    runs = runs_by_row(client, out)
     assert runs["guidance-1"].data.metrics["nfe"] == 2 and runs["guidance-3"].data.metrics["nfe"] == 4
     assert runs["guidance-3"].data.params["student.guidance"] == "3.0"
     assert "class_accuracy" in runs["guidance-3"].data.metrics

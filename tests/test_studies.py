@@ -142,6 +142,22 @@ def test_search_study_samples_the_space_seeded(tmp_path, stores):
     assert [t.params for t in replay.trials] == params[:2]
 
 
+def test_grid_search_runs_each_point_once_and_stops_when_the_grid_is_done(tmp_path, stores):
+    """n_trials above the grid's size: every point once, then the study stops (no repeated points)."""
+    space = {"solver.name": {"type": "categorical", "choices": ["euler", "dpmpp3m"]},
+             "loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
+    path = _write_study(tmp_path, "grid_a", kind="search", rows=None, space=space, n_trials=6,
+                        sampler={"type": "grid", "seed": 0})
+    out = studies.run_study(str(path), report=False, quiet=True)
+    assert not out.failed
+    trials = optuna.load_study(study_name="grid_a", storage=out.storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert sorted((t.params["solver.name"], t.params["loss.name"]) for t in trials) == [
+        ("dpmpp3m", "l1"), ("dpmpp3m", "l2"), ("euler", "l1"), ("euler", "l2")]
+    assert studies.run_study(str(path), report=False, quiet=True).failed == []  # a rerun: nothing left to try
+    assert len(optuna.load_study(study_name="grid_a", storage=out.storage).trials) == 4
+
+
 @pytest.mark.parametrize("edit,message", [
     ({"kind": "ablations"}, "kind: got 'ablations'"),
     ({"objectve": {"metric": "fid"}}, "unknown field 'objectve'; did you mean objective?"),

@@ -1,0 +1,174 @@
+"""Tracked runs in worker processes, one per device, so that a study's trials can run side by side.
+
+A study process (`studies/run.py --devices cuda:0 cuda:1`) keeps the Optuna study; each `DeviceWorker` is a
+spawned process that runs one `Job` at a time (`run_experiment`, logged to MLflow as the trial's child run)
+and reports back over a pipe: the run id as soon as the run exists, then the outcome. All Optuna writes stay
+in the study process; the workers write only their own MLflow runs.
+
+Stopping: a worker ignores SIGINT (Ctrl-C reaches the whole process group) and is stopped by the study
+process with one SIGTERM, which unwinds its run the way `sfd.cli.run_script` does (the run ends KILLED).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+_DEVICE = re.compile(r"^(cpu|cuda:(\d+))$")
+STOP_WAIT_S = 120.0  # how long a stopped worker may take to end its run before it is killed
+
+
+class DeviceError(ValueError):
+    """A `--devices` entry that is not usable here: the message names it and what is allowed."""
+
+
+@dataclass
+class Job:
+    """One tracked run: the resolved config and where and how it is logged (all picklable)."""
+    cfg: Any  # sfd.config.RunConfig
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str | None = None
+    tags: dict = field(default_factory=dict)
+    objective: list = field(default_factory=list)
+    smoke: bool = False
+    save_student: bool | None = None
+
+
+def run_job(job: Job, on_start=None):
+    """Run `job` in this process; returns `sfd.runner.RunResult`. `on_start(run_id)` as in `sfd.tracking.Tracker`."""
+    from sfd.runner import run_experiment
+    from sfd.tracking import Tracker
+
+    tracker = Tracker(job.experiment, tracking_uri=job.tracking_uri, parent_run_id=job.parent_run_id,
+                      tags=job.tags, objective=job.objective, on_start=on_start)
+    return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, save_student=job.save_student)
+
+
+def check_devices(devices: list[str]) -> None:
+    """Refuse a device list this machine cannot serve, before anything is created."""
+    if not devices:
+        raise DeviceError("--devices: name at least one device (cpu or cuda:<index>)")
+    bad = [d for d in devices if not _DEVICE.match(d)]
+    if bad:
+        raise DeviceError(f"--devices: got {', '.join(map(repr, bad))}; each entry is cpu or cuda:<index> "
+                          "(repeat an entry to run several trials on it at once)")
+    indices = [int(m.group(2)) for m in map(_DEVICE.match, devices) if m.group(2) is not None]
+    if indices:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = sorted({i for i in indices if i >= count})
+        if missing:
+            raise DeviceError(f"--devices: cuda:{missing[0]} does not exist here (this process sees {count} CUDA "
+                              f"device(s){_visible_note()})")
+
+
+def _visible_note() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
+
+
+def worker_environment(device: str, cpu_workers: int) -> tuple[str, dict[str, str]]:
+    """(the config's `device` in the worker, environment it starts with).
+
+    A GPU worker sees only its card (CUDA_VISIBLE_DEVICES, mapped through the study process's own), so every
+    library in it uses that card as `cuda`. CPU workers share the cores (OMP_NUM_THREADS) unless the user set it."""
+    match = _DEVICE.match(device)
+    if match.group(2) is not None:
+        index = int(match.group(2))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        physical = visible.split(",")[index].strip() if visible else str(index)
+        return "cuda", {"CUDA_VISIBLE_DEVICES": physical}
+    env = {}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
+    return "cpu", env
+
+
+def _serve(conn, env: dict[str, str]) -> None:
+    """The worker process: run jobs until told to stop (None) or stopped by SIGTERM."""
+    os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the study process decides when a worker stops
+    from sfd.cli import _raise_terminated
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        while True:
+            job = conn.recv()
+            if job is None:
+                return
+            try:
+                result = run_job(job, on_start=lambda run_id: conn.send(("started", run_id)))
+            except Exception as exc:  # noqa: BLE001 - reported to the study process, which fails the trial
+                conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            else:
+                conn.send(("done", list(result.objective), dict(result.metrics)))
+    except KeyboardInterrupt as exc:  # SIGTERM (Terminated): the run, if any, has ended KILLED
+        try:
+            conn.send(("interrupted", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+    except EOFError:  # the study process is gone
+        pass
+
+
+class DeviceWorker:
+    """One spawned process serving one device; started on first use and again after it dies."""
+
+    def __init__(self, device: str, cpu_workers: int = 1):
+        self.device = device
+        self.config_device, self.env = worker_environment(device, cpu_workers)
+        self.process = None
+        self.conn = None
+
+    def submit(self, job: Job) -> None:
+        if self.process is None or not self.process.is_alive():
+            self._start()
+        self.conn.send(job)
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # no forked CUDA state, no inherited MLflow clients
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, self.env), name=f"sfd-worker-{self.device}")
+        self.process.start()
+        child.close()
+
+    def receive(self) -> tuple:
+        """The next message; ("died", reason) if the process ended without one."""
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=10)
+            code = self.process.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            self.process = None
+            return ("died", f"WorkerDied: the worker process on {self.device} ended ({how}) during the trial")
+
+    def interrupt(self) -> None:
+        """Ask a busy worker to stop its run (it ends KILLED) and exit."""
+        if self.process is not None and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGTERM)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the process: politely if idle, else kill it once `timeout` has passed."""
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+        self.process = None
+
+
+__all__ = ["Job", "DeviceWorker", "DeviceError", "check_devices", "run_job", "worker_environment", "STOP_WAIT_S"]

@@ -1,0 +1,196 @@
+"""Studies with `--devices`: trials side by side in worker processes, one per device.
+
+The embedded digits teacher at a few iterations (seconds per row); two CPU workers stand in for two GPUs.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import optuna
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from study_runner import SECOND_STAGE as SECOND
+from study_runner import load_studies_runner, runs_by_row, write_digits_study
+
+from sfd.workers import worker_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PY = ROOT / "studies" / "run.py"
+studies = load_studies_runner("sfd_studies_run_parallel")
+
+
+def _rows(long_kimg: float) -> list[dict]:
+    """A first stage and an independent row that run at once (both `long_kimg`), then a second stage that must
+    wait for the first, and a short row."""
+    return [{"id": "sfd-nfe5", "params": {"student.nfe": 5, "optim.total_kimg": long_kimg}},
+            {"id": "second-stage", "params": SECOND},
+            {"id": "l2", "params": {"loss.name": "l2", "optim.total_kimg": long_kimg}},
+            {"id": "nfe3", "params": {"student.nfe": 3}}]
+
+
+def test_two_workers_run_rows_side_by_side_with_the_serial_results(tmp_path, stores):
+    path = write_digits_study(tmp_path, "side", _rows(0.32))
+    out = studies.run_study(str(path), report=False, quiet=True, devices=["cpu", "cpu"])
+    assert not out.failed and out.ran == 4
+    client = MlflowClient(out.tracking_uri)
+    assert client.get_run(out.parent_run_id).data.tags["sfd.devices"] == "cpu cpu"
+    trials = optuna.load_study(study_name="side", storage=out.storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    runs = runs_by_row(client, out)
+    for t in trials:  # linked both ways, as in a serial study
+        run = runs[t.user_attrs["row"]]
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"] and run.data.tags["sfd.trial_number"] == str(t.number)
+        assert run.info.status == "FINISHED" and run.data.metrics["objective"] == t.value
+        assert run.data.tags["sfd.worker_device"] == "cpu" and run.data.params["device"] == "cpu"
+
+    first, other, second = runs["sfd-nfe5"].info, runs["l2"].info, runs["second-stage"]
+    assert first.start_time < other.end_time and other.start_time < first.end_time  # they ran at the same time
+    assert second.data.params["second_stage.first_stage"] == first.run_id
+    assert second.info.start_time >= first.end_time  # the second stage waited for its first stage
+
+    serial = studies.run_study(str(write_digits_study(tmp_path, "one-by-one", _rows(0.32))), report=False, quiet=True)
+    expected = {t.user_attrs["row"]: t.value
+                for t in optuna.load_study(study_name="one-by-one", storage=serial.storage).get_trials()}
+    assert {t.user_attrs["row"]: t.value for t in trials} == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("devices, message", [
+    (["gpu0"], "each entry is cpu or cuda:<index>"),
+    (["cpu", "cuda:99"], "cuda:99 does not exist here"),
+])
+def test_unusable_devices_are_refused_before_anything_is_created(tmp_path, stores, devices, message):
+    path = write_digits_study(tmp_path, "baddev", _rows(0.032))
+    with pytest.raises(studies.StudyError, match=message):
+        studies.run_study(str(path), report=False, quiet=True, devices=devices)
+    assert studies.main([str(path), "--devices", *devices]) == 2
+    assert not stores.exists()
+
+
+def test_worker_environment_pins_one_card_or_shares_the_cores(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_environment("cuda:3", 0) == ("cuda", {"CUDA_VISIBLE_DEVICES": "3"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # cuda:1 of this process is physical card 6
+    assert worker_environment("cuda:1", 0) == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert worker_environment("cpu", 2) == ("cpu", {"OMP_NUM_THREADS": "4"})
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert worker_environment("cpu", 2) == ("cpu", {})
+
+
+def test_parallel_tpe_assumes_running_trials_scored_badly(tmp_path):
+    spec = studies.load_spec("search_digits")
+    assert spec.sampler == "tpe"
+    assert studies.make_sampler(spec, parallel=True)._constant_liar is True
+    assert studies.make_sampler(spec)._constant_liar is False
+
+
+# ----- stopping: the study process and its workers as the CLI runs them -------------------------------------
+
+def _env(runs: Path) -> dict:
+    env = {**os.environ, "SFD_RUNS_DIR": str(runs), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _start(tmp_path, name: str, rows: list[dict], devices: list[str]):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    storage = f"sqlite:///{runs / 'optuna.db'}"
+    optuna.storages.RDBStorage(storage)  # schema first: polling a sqlite file the child is creating races
+    cmd = [sys.executable, str(RUN_PY), str(write_digits_study(tmp_path, name, rows)), "--no-report", "--devices", *devices]
+    proc = subprocess.Popen(cmd, env=_env(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, storage, f"sqlite:///{runs / 'mlflow.db'}"
+
+
+def _wait_running(proc, name: str, storage: str, count: int, deadline_s: float = 240) -> None:
+    """Until `count` trials are running with their MLflow runs created (then a little longer: mid-training)."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        except KeyError:  # not created yet
+            continue
+        if len([t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]) >= count:
+            time.sleep(1.0)
+            return
+    raise AssertionError(f"{count} trials never ran at once")
+
+
+def _worker_pids(pid: int) -> set[int]:
+    """The spawned worker processes of `pid` (not multiprocessing's resource tracker, which ends on its own)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.add(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc (Linux)")
+def test_sigterm_stops_every_worker_and_ends_their_runs_killed(tmp_path):
+    proc, storage, tracking = _start(tmp_path, "stopme", _rows(3.2), ["cpu", "cpu"])
+    try:
+        _wait_running(proc, "stopme", storage, count=2)
+        workers = _worker_pids(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, output
+    assert len(workers) == 2 and not [p for p in workers if _alive(p)]  # no worker left behind
+    client = MlflowClient(tracking)
+    trials = {t.user_attrs["row"]: t for t in optuna.load_study(study_name="stopme", storage=storage).get_trials()}
+    for row in ("sfd-nfe5", "l2"):  # the two that were running: their runs ended KILLED by the worker itself
+        t = trials[row]
+        assert t.state == TrialState.FAIL and t.user_attrs["interrupted"] is True
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["sfd.error"].startswith("Terminated")
+    held = trials["second-stage"]  # asked, waiting for its first stage: interrupted too, so a rerun tries it
+    assert held.state == TrialState.FAIL and held.user_attrs["interrupted"] is True
+    assert trials["nfe3"].state == TrialState.WAITING
+    parent = client.get_run(client.get_run(trials["l2"].user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc (Linux)")
+def test_a_worker_that_dies_fails_its_trial_and_the_study_goes_on(tmp_path):
+    rows = [{"id": "doomed", "params": {"optim.total_kimg": 3.2}}, {"id": "after", "params": {"loss.name": "l2"}}]
+    proc, storage, tracking = _start(tmp_path, "dies", rows, ["cpu"])
+    try:
+        _wait_running(proc, "dies", storage, count=1)
+        (worker,) = _worker_pids(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, output
+    trials = {t.user_attrs["row"]: t for t in optuna.load_study(study_name="dies", storage=storage).get_trials()}
+    doomed = trials["doomed"]
+    assert doomed.state == TrialState.FAIL and "interrupted" not in doomed.user_attrs
+    assert doomed.user_attrs["fail_reason"].startswith("WorkerDied") and "signal 9" in doomed.user_attrs["fail_reason"]
+    run = MlflowClient(tracking).get_run(doomed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["sfd.error"].startswith("WorkerDied")
+    assert trials["after"].state == TrialState.COMPLETE  # a fresh worker took the next row
