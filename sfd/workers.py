@@ -48,23 +48,35 @@ def run_job(job: Job, on_start=None):
     return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, save_student=job.save_student)
 
 
-def check_devices(devices: list[str]) -> None:
-    """Refuse a device list this machine cannot serve, before anything is created."""
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_devices(devices: list[str]) -> list[str]:
+    """The worker devices for `--devices`: `all` stands for every CUDA device this process sees; anything this
+    machine cannot serve is refused here, before anything is created."""
+    if devices == ["all"]:
+        count = _cuda_count()
+        if not count:
+            raise DeviceError(f"--devices all: this process sees no CUDA device{_visible_note()}; name cpu "
+                              "entries (e.g. --devices cpu cpu) to run trials side by side on the CPU")
+        return [f"cuda:{i}" for i in range(count)]
     if not devices:
-        raise DeviceError("--devices: name at least one device (cpu or cuda:<index>)")
+        raise DeviceError("--devices: name at least one device (cpu or cuda:<index>), or all")
     bad = [d for d in devices if not _DEVICE.match(d)]
     if bad:
         raise DeviceError(f"--devices: got {', '.join(map(repr, bad))}; each entry is cpu or cuda:<index> "
-                          "(repeat an entry to run several trials on it at once)")
+                          "(repeat an entry to run several trials on it at once), or give all alone")
     indices = [int(m.group(2)) for m in map(_DEVICE.match, devices) if m.group(2) is not None]
     if indices:
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = _cuda_count()
         missing = sorted({i for i in indices if i >= count})
         if missing:
             raise DeviceError(f"--devices: cuda:{missing[0]} does not exist here (this process sees {count} CUDA "
                               f"device(s){_visible_note()})")
+    return list(devices)
 
 
 def _visible_note() -> str:
@@ -171,4 +183,4 @@ class DeviceWorker:
         self.process = None
 
 
-__all__ = ["Job", "DeviceWorker", "DeviceError", "check_devices", "run_job", "worker_environment", "STOP_WAIT_S"]
+__all__ = ["Job", "DeviceWorker", "DeviceError", "resolve_devices", "run_job", "worker_environment", "STOP_WAIT_S"]

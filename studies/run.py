@@ -759,10 +759,10 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     if n_trials is not None and n_trials < 1:
         raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
     if devices is not None:
-        from sfd.workers import DeviceError, check_devices
+        from sfd.workers import DeviceError, resolve_devices
 
         try:
-            check_devices(devices)
+            devices = resolve_devices(devices)
         except DeviceError as exc:
             raise StudyError(str(exc)) from None
     spec = load_spec(name_or_path)
@@ -935,8 +935,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retry-failed", action="store_true", help="also retry rows / trials that failed")
     p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
                    help="run trials side by side, one worker process per entry (cpu or cuda:<index>; repeat an "
-                   "entry to share it), e.g. --devices cuda:0 cuda:1 cuda:2 cuda:3; default: one trial at a time "
-                   "in this process, on each config's device")
+                   "entry to share it), e.g. --devices cuda:0 cuda:1, or all (every CUDA device); default: one "
+                   "trial at a time in this process, on each config's device")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--out", default=None, help="report folder (default: the report builder's)")
     return p.parse_args(argv)

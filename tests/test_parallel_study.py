@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from study_runner import SECOND_STAGE as SECOND
 from study_runner import load_studies_runner, runs_by_row, write_digits_study
 
-from sfd.workers import worker_environment
+from sfd.workers import resolve_devices, worker_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
@@ -64,13 +64,26 @@ def test_two_workers_run_rows_side_by_side_with_the_serial_results(tmp_path, sto
 @pytest.mark.parametrize("devices, message", [
     (["gpu0"], "each entry is cpu or cuda:<index>"),
     (["cpu", "cuda:99"], "cuda:99 does not exist here"),
+    (["all", "cpu"], "each entry is cpu or cuda:<index>"),
+    (["all"], "--devices all: this process sees no CUDA device"),
 ])
-def test_unusable_devices_are_refused_before_anything_is_created(tmp_path, stores, devices, message):
+def test_unusable_devices_are_refused_before_anything_is_created(tmp_path, stores, devices, message, monkeypatch):
+    import sfd.workers
+
+    monkeypatch.setattr(sfd.workers, "_cuda_count", lambda: 0)  # as on a machine without a GPU
     path = write_digits_study(tmp_path, "baddev", _rows(0.032))
     with pytest.raises(studies.StudyError, match=message):
         studies.run_study(str(path), report=False, quiet=True, devices=devices)
     assert studies.main([str(path), "--devices", *devices]) == 2
     assert not stores.exists()
+
+
+def test_all_devices_are_every_cuda_device_this_process_sees(monkeypatch):
+    import sfd.workers
+
+    monkeypatch.setattr(sfd.workers, "_cuda_count", lambda: 3)
+    assert resolve_devices(["all"]) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert resolve_devices(["cuda:2", "cpu", "cuda:2"]) == ["cuda:2", "cpu", "cuda:2"]
 
 
 def test_worker_environment_pins_one_card_or_shares_the_cores(monkeypatch):
