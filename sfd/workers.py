@@ -6,7 +6,8 @@ and reports back over a pipe: the run id as soon as the run exists, then the out
 in the study process; the workers write only their own MLflow runs.
 
 Stopping: a worker ignores SIGINT (Ctrl-C reaches the whole process group) and is stopped by the study
-process with one SIGTERM, which unwinds its run the way `sfd.cli.run_script` does (the run ends KILLED).
+process with one SIGTERM, which unwinds its run the way `sfd.cli.run_script` does (the run ends KILLED). A
+worker whose study process died without stopping it (SIGKILL) stops itself the same way within a second.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +104,14 @@ def worker_environment(device: str, cpu_workers: int) -> tuple[str, dict[str, st
     return "cpu", env
 
 
+def _stop_when_orphaned(parent: int, every_s: float = 1.0) -> None:
+    """Send this process SIGTERM once the study process is gone (SIGKILL, a crash), so the run in progress ends
+    KILLED instead of finishing unseen: the study would run that trial again on its next start."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _serve(conn, env: dict[str, str]) -> None:
     """The worker process: run jobs until told to stop (None) or stopped by SIGTERM."""
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
@@ -109,6 +120,7 @@ def _serve(conn, env: dict[str, str]) -> None:
     from sfd.cli import _raise_terminated
 
     signal.signal(signal.SIGTERM, _raise_terminated)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
         while True:
             job = conn.recv()

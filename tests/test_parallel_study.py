@@ -207,3 +207,27 @@ def test_a_worker_that_dies_fails_its_trial_and_the_study_goes_on(tmp_path):
     run = MlflowClient(tracking).get_run(doomed.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sfd.error"].startswith("WorkerDied")
     assert trials["after"].state == TrialState.COMPLETE  # a fresh worker took the next row
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc (Linux)")
+def test_a_worker_whose_study_process_was_killed_stops_its_run(tmp_path):
+    """SIGKILL leaves the study process no chance to stop its workers: each stops itself, its run ends KILLED
+    (not FINISHED unseen, which the study's next start would run again beside it)."""
+    rows = [{"id": "orphaned", "params": {"optim.total_kimg": 3.2}}]
+    proc, storage, tracking = _start(tmp_path, "orphan", rows, ["cpu"])
+    try:
+        _wait_running(proc, "orphan", storage, count=1)
+        (worker,) = _worker_pids(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        deadline = time.time() + 60
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _alive(worker)
+    (trial,) = optuna.load_study(study_name="orphan", storage=storage).get_trials()
+    assert trial.state == TrialState.RUNNING  # the study's next start marks it interrupted and runs it again
+    run = MlflowClient(tracking).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["sfd.error"].startswith("Terminated")
