@@ -116,7 +116,8 @@ def ipndm(denoiser: Denoiser, x: torch.Tensor, ts: Sequence[float], afs: bool = 
 
 def dynamic_threshold(denoised: torch.Tensor, quantile: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
     """Imagen-style dynamic thresholding: s = max(quantile(|D|) per sample, max_value); D <- clamp(D, -s, s)/s."""
-    flat = denoised.abs().reshape(denoised.shape[0], -1).float()
+    # torch.quantile takes float32 or float64: half precision is raised to float32, float64 is kept
+    flat = denoised.abs().reshape(denoised.shape[0], -1).to(torch.promote_types(denoised.dtype, torch.float32))
     s = torch.quantile(flat, quantile, dim=1).clamp(min=max_value).to(denoised.dtype)
     s = s.reshape(-1, *([1] * (denoised.ndim - 1)))
     return torch.maximum(torch.minimum(denoised, s), -s) / s
