@@ -346,13 +346,14 @@ def load_teacher(cfg: RunConfig, device):
     return _TEACHER_CACHE[key]
 
 
-def check_teacher_checkpoint(cfg: RunConfig) -> None:
+def check_teacher_checkpoint(cfg: RunConfig, device: str | None = None) -> None:
     """Read a checkpoint teacher now (a ConfigError if it is not the named teacher's network, or is damaged):
-    `prepare` only reads its first bytes. The teacher is kept, so the run that follows does not read it again."""
+    `prepare` only reads its first bytes. The teacher is kept on `device` (default: the run's), so a run that
+    follows in this process on that device does not read it again."""
     from sfd.teachers.registry import teacher_source
 
     if not cfg.smoke and teacher_source(cfg.teacher.name) == "checkpoint":
-        load_teacher(cfg, resolve_device(cfg.device))
+        load_teacher(cfg, resolve_device(device or cfg.device))
 
 
 def objective_key(name: str, smoke: bool) -> str:

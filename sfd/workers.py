@@ -153,7 +153,12 @@ class DeviceWorker:
     def submit(self, job: Job) -> None:
         if self.process is None or not self.process.is_alive():
             self._start()
-        self.conn.send(job)
+        try:
+            self.conn.send(job)
+        except OSError:  # it ended between the check and the send: start a fresh one
+            self.retire()
+            self._start()
+            self.conn.send(job)
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")  # no forked CUDA state, no inherited MLflow clients
@@ -170,8 +175,18 @@ class DeviceWorker:
             self.process.join(timeout=10)
             code = self.process.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            self.process = None
+            self.retire()
             return ("died", f"WorkerDied: the worker process on {self.device} ended ({how}) during the trial")
+
+    def retire(self, timeout: float = 30.0) -> None:
+        """Forget a process that is ending (it reported it was stopped): the next job starts a fresh one."""
+        if self.process is not None:
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
+            self.conn.close()
+        self.process = None
 
     def interrupt(self) -> None:
         """Ask a busy worker to stop its run (it ends KILLED) and exit."""
@@ -180,19 +195,12 @@ class DeviceWorker:
 
     def close(self, timeout: float = 10.0) -> None:
         """End the process: politely if idle, else kill it once `timeout` has passed."""
-        if self.process is None:
-            return
-        if self.process.is_alive():
+        if self.process is not None and self.process.is_alive():
             try:
                 self.conn.send(None)
             except OSError:
                 pass
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self.conn.close()
-        self.process = None
+        self.retire(timeout)
 
 
 __all__ = ["Job", "DeviceWorker", "DeviceError", "resolve_devices", "run_job", "worker_environment", "STOP_WAIT_S"]

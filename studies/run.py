@@ -47,6 +47,7 @@ SPEC_KEYS = ("name", "kind", "description", "base", "overrides", "objective", "s
 ROW_KEYS_REQUIRED = ("id", "params")
 SMOKE_SEARCH_TRIALS = 3
 INTERRUPTED = "interrupted: the study process stopped during this trial"
+NOT_STARTED = "interrupted: not started"
 
 
 class StudyError(ValueError):
@@ -315,10 +316,12 @@ def first_stage_run_id(spec: StudySpec, study, row_id: str, target: str, seed: i
                      f"({why}); rows run in YAML order, so fix that row (or --retry-failed) and run the study again")
 
 
-def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -> dict[str, str]:
+def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
+                teacher_device: str | None = None) -> dict[str, str]:
     """Validate every row's config (search: the base and each categorical choice) and check its assets.
     Returns {row id: reason} for the rows the study YAML skips (`skip_rows`), which are not checked. Creates
-    nothing."""
+    nothing. A checkpoint teacher is read onto `teacher_device` (default: the run's device; `cpu` when the
+    trials run in workers, so this process holds no GPU memory)."""
     from sfd.assets import MissingAssetError
     from sfd.config import ConfigError
     from sfd.runner import check_teacher_checkpoint, computed_metrics, objective_key, prepare, sampling_info
@@ -329,7 +332,7 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None) -
         try:
             resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri,
                                   first_stage_info=first_stage_info)
-            check_teacher_checkpoint(resolved)  # read here; kept for the trials (runner keeps the last teacher)
+            check_teacher_checkpoint(resolved, teacher_device)  # kept for trials run in this process
         except ConfigError as exc:
             text = str(exc)
             raise ConfigError(text if text.startswith(f"study {spec.name},") else
@@ -470,6 +473,7 @@ class TrialLoop:
         self.rows = {r["id"]: r for r in spec.rows}
         self.first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
         self.failed: list[tuple[int, str]] = []
+        self.started = 0  # trials started in this invocation (at most the planned number)
         self.ran = 0  # trials that ended (complete or failed) in this invocation
 
     # one trial
@@ -533,43 +537,15 @@ class TrialLoop:
         self.ran += 1
         self.say(f"[{trial.number}] {self.label(trial)}: FAILED after {time.perf_counter() - t0:.1f}s: {reason}")
 
-    def interrupt(self, trial, how: str) -> None:
-        """Stopped (Ctrl-C, SIGTERM): not the trial's fault; a rerun of the study tries it again."""
+    def interrupt(self, trial, how: str, why: str = INTERRUPTED) -> None:
+        """Stopped (Ctrl-C, SIGTERM) or not started: not the trial's fault; a rerun of the study tries it again."""
         from optuna.trial import TrialState
 
-        trial.set_user_attr("fail_reason", f"{INTERRUPTED} ({how})"[:2000])
+        trial.set_user_attr("fail_reason", f"{why} ({how})"[:2000])
         trial.set_user_attr("interrupted", True)
         self.study.tell(trial, state=TrialState.FAIL)
 
-    def grid_done(self) -> bool:
-        """A grid search has every point finished or running, and no retry is queued: ask for no more."""
-        from optuna.trial import TrialState
-
-        exhausted = getattr(self.study.sampler, "is_exhausted", None)
-        return (exhausted is not None and exhausted(self.study)
-                and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-    # in this process
-
-    def run_here(self, todo: int) -> None:
-        from sfd.workers import run_job
-
-        for _ in range(todo):
-            if self.grid_done():
-                break
-            trial = self.study.ask()
-            t0 = time.perf_counter()
-            try:
-                result = run_job(self.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
-            except KeyboardInterrupt as exc:
-                self.interrupt(trial, f"{type(exc).__name__}: {exc}")
-                raise
-            except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
-                self.fail(trial, f"{type(exc).__name__}: {exc}", t0)
-            else:
-                self.finish(trial, result.objective, result.metrics, t0)
-
-    # side by side, one worker process per device
+    # which trial next
 
     def waits_for(self, trial) -> tuple | None:
         """(row, seed) of the first stage a second-stage row trains from, else None."""
@@ -577,25 +553,76 @@ class TrialLoop:
         target = first_stage_row(self.spec, row) if row is not None else None
         return None if target is None else (target, trial.user_attrs.get("seed"))
 
-    def next_trial(self, held: list, busy: list, left: int) -> tuple:
-        """(a trial ready to start or None, how many new trials were asked). A second-stage row whose first stage
-        is still running (or waiting) is held back until that trial has finished."""
+    def waiting(self) -> list:
+        from optuna.trial import TrialState
+
+        return self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+    def grid_done(self) -> bool:
+        """A grid search has started every point and no retry is queued. (Optuna's `is_exhausted` counts only
+        finished points, so trials running side by side would repeat a point.)"""
+        from optuna.trial import TrialState
+
+        size = math.prod(len(d["choices"]) for d in self.spec.space.values())
+        started = {t.system_attrs.get("grid_id") for t in self.study.get_trials(deepcopy=False)
+                   if t.state != TrialState.WAITING} - {None}
+        return len(started) >= size and not self.waiting()
+
+    def can_ask(self) -> bool:
+        """A table study asks only for its queued rows; a grid search stops at the grid's end."""
+        if self.rows:
+            return bool(self.waiting())
+        return not (self.spec.sampler == "grid" and self.grid_done())
+
+    def next_trial(self, held: list, busy: list):
+        """A trial ready to start, or None. A second-stage row is held back while its first stage is running,
+        held or still queued (a resumed study queues a retried first stage after the rows already waiting)."""
         def ready(trial) -> bool:
-            keys = {(t.user_attrs.get("row"), t.user_attrs.get("seed")) for t in busy + held if t is not trial}
-            return self.waits_for(trial) not in keys
+            blockers = [t for t in busy + held if t is not trial] + self.waiting()
+            return self.waits_for(trial) not in {(t.user_attrs.get("row"), t.user_attrs.get("seed"))
+                                                 for t in blockers}
 
         for trial in held:
             if ready(trial):
                 held.remove(trial)
-                return trial, 0
-        asked = 0
-        while asked < left and not self.grid_done():
+                return trial
+        while self.can_ask():
             trial = self.study.ask()
-            asked += 1
             if ready(trial):
-                return trial, asked
+                return trial
             held.append(trial)
-        return None, asked
+        return None
+
+    def not_started(self, held: list) -> None:
+        """Second-stage rows asked for but not run (`--n-trials` stopped before their first stage): queued
+        again by the next run of the study."""
+        for trial in held:
+            self.interrupt(trial, f"its first stage row {self.waits_for(trial)[0]!r} did not run in this "
+                           "invocation", why=NOT_STARTED)
+        held.clear()
+
+    # in this process
+
+    def run_here(self, todo: int) -> None:
+        from sfd.workers import run_job
+
+        held: list = []
+        while self.started < todo and (trial := self.next_trial(held, [])) is not None:
+            self.started += 1
+            t0 = time.perf_counter()
+            try:
+                result = run_job(self.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+            except KeyboardInterrupt as exc:
+                self.interrupt(trial, f"{type(exc).__name__}: {exc}")
+                self.not_started(held)
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
+                self.fail(trial, f"{type(exc).__name__}: {exc}", t0)
+            else:
+                self.finish(trial, result.objective, result.metrics, t0)
+        self.not_started(held)
+
+    # side by side, one worker process per device
 
     def run_on(self, devices: list[str], todo: int) -> None:
         from multiprocessing.connection import wait
@@ -606,22 +633,22 @@ class TrialLoop:
         workers = [DeviceWorker(d, cpu_workers) for d in devices]
         running: dict = {}  # worker -> (trial, start time)
         held: list = []
-        left = todo
         try:
             while True:
                 for worker in workers:
-                    while worker not in running:
-                        trial, asked = self.next_trial(held, [t for t, _ in running.values()], left)
-                        left -= asked
+                    while worker not in running and self.started < todo:
+                        trial = self.next_trial(held, [t for t, _ in running.values()])
                         if trial is None:
                             break
+                        self.started += 1
                         self.start(worker, trial, running)
                 if not running:
                     break
                 ready = wait([w.conn for w in running])
                 for worker in [w for w in running if w.conn in ready]:
                     self.take(worker, worker.receive(), running)
-        except KeyboardInterrupt as exc:
+            self.not_started(held)
+        except BaseException as exc:  # Ctrl-C, SIGTERM, or this process failed: stop the workers' runs cleanly
             self.stop(running, held, f"{type(exc).__name__}: {exc}")
             raise
         finally:
@@ -650,7 +677,8 @@ class TrialLoop:
         if kind == "done":
             self.finish(trial, message[1], message[2], t0)
         elif kind == "interrupted":  # the worker alone was stopped (SIGTERM): a rerun tries the trial again
-            self.interrupt(trial, message[1])
+            worker.retire()
+            self.interrupt(trial, message[1], why=f"interrupted: the worker on {worker.device} was stopped")
             self.say(f"[{trial.number}] {self.label(trial)}: interrupted on {worker.device}: {message[1]}")
         else:  # "failed", or "died" (the process ended: out of memory, a crash)
             if kind == "died":
@@ -771,7 +799,8 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
         spec, spec_text = with_seeds(spec, seeds)
     tracking_uri = tracking_uri or T.default_tracking_uri()
     storage_url = storage or T.default_optuna_storage()
-    skipped = check_study(spec, smoke, tracking_uri)  # raises before anything exists
+    skipped = check_study(spec, smoke, tracking_uri,  # raises before anything exists
+                          teacher_device="cpu" if devices else None)
     if spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
         spec.path = study_home(storage_url) / "studies" / f"{spec.name}.yaml"
         spec.path.parent.mkdir(parents=True, exist_ok=True)
@@ -794,7 +823,8 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
             **({"sfd.skipped_rows": "; ".join(f"{k}: {v}" for k, v in skipped.items())} if skipped else {})})
         client.log_artifact(parent_id, str(spec.path))
         optuna_storage = optuna.storages.get_storage(storage_url)
-        study = optuna.create_study(study_name=study_name, storage=optuna_storage, sampler=make_sampler(spec, parallel=bool(devices) and len(devices) > 1),
+        sampler = make_sampler(spec, parallel=bool(devices) and len(devices) > 1)
+        study = optuna.create_study(study_name=study_name, storage=optuna_storage, sampler=sampler,
                                     directions=spec.directions, load_if_exists=True)
         for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
                            "mlflow_tracking_uri": tracking_uri, "sfd_study": spec.name, "kind": spec.kind,

@@ -28,11 +28,13 @@ SECOND_STAGE = {"algorithm": "second-stage", "second_stage.first_stage": "row:sf
 
 def write_digits_study(tmp_path, name, rows, base="experiments/digits_sfd.yaml", kind="comparison", metrics=None,
                        objective="teacher_gap_mean", **extra) -> Path:
-    """A table study on an embedded digits teacher at the tiny budget; returns its YAML path."""
+    """A study on an embedded digits teacher at the tiny budget (a table study unless `rows` is None and `space`
+    is given); returns its YAML path."""
     spec = {"name": name, "kind": kind, "description": "a tiny digits study for tests", "base": str(ROOT / base),
             "overrides": {**DIGITS_TINY, "eval.metrics": metrics or ["teacher_gap"]},
             "objective": {"metric": objective, "direction": "minimize"}, "sampler": {"type": "rows", "seed": 0},
             "rows": rows, **extra}
+    spec = {k: v for k, v in spec.items() if v is not None}  # rows=None: a search study
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

@@ -61,6 +61,63 @@ def test_two_workers_run_rows_side_by_side_with_the_serial_results(tmp_path, sto
     assert {t.user_attrs["row"]: t.value for t in trials} == pytest.approx(expected, rel=1e-5)
 
 
+def _interrupt_first_row(monkeypatch, path) -> None:
+    """Run the study with its first training stopped by SIGTERM (in this process), as a killed session would
+    leave it: the first row interrupted, the later rows still queued."""
+    import sfd.distill
+    from sfd.cli import Terminated
+
+    def stop(*args, **kwargs):
+        raise Terminated("stopped by SIGTERM")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sfd.distill, "distill", stop)
+        with pytest.raises(Terminated):
+            studies.run_study(str(path), report=False, quiet=True)
+
+
+@pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]], ids=["here", "workers"])
+def test_a_resumed_second_stage_waits_for_its_retried_first_stage(tmp_path, stores, monkeypatch, devices):
+    """The retry of an interrupted first stage is queued after the second stage already waiting; the second
+    stage must still run after it, from the retry's model."""
+    path = write_digits_study(tmp_path, "resume", _rows(0.032))
+    _interrupt_first_row(monkeypatch, path)
+    out = studies.run_study(str(path), report=False, quiet=True, devices=devices)
+    assert not out.failed and out.ran == 4
+    trials = optuna.load_study(study_name="resume", storage=out.storage).get_trials()
+    done = {t.user_attrs["row"]: t for t in trials if t.state == TrialState.COMPLETE}
+    assert sorted(done) == ["l2", "nfe3", "second-stage", "sfd-nfe5"]
+    second = MlflowClient(out.tracking_uri).get_run(done["second-stage"].user_attrs["mlflow_run_id"])
+    assert second.data.params["second_stage.first_stage"] == done["sfd-nfe5"].user_attrs["mlflow_run_id"]
+
+
+def test_a_second_stage_beyond_n_trials_is_not_started_and_runs_next_time(tmp_path, stores, monkeypatch):
+    path = write_digits_study(tmp_path, "limited", _rows(0.032)[:2])
+    _interrupt_first_row(monkeypatch, path)  # queue: second-stage, then the retry of sfd-nfe5
+    out = studies.run_study(str(path), report=False, quiet=True, n_trials=1)
+    assert out.ran == 1 and not out.failed
+    trials = optuna.load_study(study_name="limited", storage=out.storage).get_trials()
+    second = next(t for t in trials if t.user_attrs["row"] == "second-stage")
+    assert second.state == TrialState.FAIL and second.user_attrs["interrupted"] is True
+    assert second.user_attrs["fail_reason"].startswith("interrupted: not started (its first stage row 'sfd-nfe5'")
+    assert [t.user_attrs["row"] for t in trials if t.state == TrialState.COMPLETE] == ["sfd-nfe5"]
+    again = studies.run_study(str(path), report=False, quiet=True)
+    assert again.ran == 1 and not again.failed
+    assert optuna.load_study(study_name="limited", storage=out.storage).get_trials()[-1].state == TrialState.COMPLETE
+
+
+def test_a_grid_search_on_two_workers_runs_each_point_once(tmp_path, stores):
+    space = {"solver.name": {"type": "categorical", "choices": ["euler", "dpmpp3m"]},
+             "loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
+    path = write_digits_study(tmp_path, "grid2", None, kind="search", space=space, n_trials=6,
+                              sampler={"type": "grid", "seed": 0})
+    out = studies.run_study(str(path), report=False, quiet=True, devices=["cpu", "cpu"])
+    assert not out.failed and out.ran == 4
+    trials = optuna.load_study(study_name="grid2", storage=out.storage).get_trials()
+    assert sorted((t.params["solver.name"], t.params["loss.name"]) for t in trials) == [
+        ("dpmpp3m", "l1"), ("dpmpp3m", "l2"), ("euler", "l1"), ("euler", "l2")]
+
+
 @pytest.mark.parametrize("devices, message", [
     (["gpu0"], "each entry is cpu or cuda:<index>"),
     (["cpu", "cuda:99"], "cuda:99 does not exist here"),
@@ -118,13 +175,16 @@ def _start(tmp_path, name: str, rows: list[dict], devices: list[str]):
     runs.mkdir()
     storage = f"sqlite:///{runs / 'optuna.db'}"
     optuna.storages.RDBStorage(storage)  # schema first: polling a sqlite file the child is creating races
-    cmd = [sys.executable, str(RUN_PY), str(write_digits_study(tmp_path, name, rows)), "--no-report", "--devices", *devices]
+    path = write_digits_study(tmp_path, name, rows)
+    cmd = [sys.executable, str(RUN_PY), str(path), "--no-report", "--devices", *devices]
     proc = subprocess.Popen(cmd, env=_env(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, storage, f"sqlite:///{runs / 'mlflow.db'}"
 
 
-def _wait_running(proc, name: str, storage: str, count: int, deadline_s: float = 240) -> None:
-    """Until `count` trials are running with their MLflow runs created (then a little longer: mid-training)."""
+def _wait_running(proc, name: str, storage: str, count: int = 1, row: str | None = None,
+                  deadline_s: float = 240) -> None:
+    """Until `count` trials (of `row`, if given) are running with their MLflow runs created (then a little
+    longer: mid-training)."""
     deadline = time.time() + deadline_s
     while time.time() < deadline:
         time.sleep(0.5)
@@ -133,7 +193,8 @@ def _wait_running(proc, name: str, storage: str, count: int, deadline_s: float =
             trials = optuna.load_study(study_name=name, storage=storage).get_trials()
         except KeyError:  # not created yet
             continue
-        if len([t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]) >= count:
+        if len([t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                and row in (None, t.user_attrs.get("row"))]) >= count:
             time.sleep(1.0)
             return
     raise AssertionError(f"{count} trials never ran at once")
@@ -188,24 +249,34 @@ def test_sigterm_stops_every_worker_and_ends_their_runs_killed(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc (Linux)")
-def test_a_worker_that_dies_fails_its_trial_and_the_study_goes_on(tmp_path):
-    rows = [{"id": "doomed", "params": {"optim.total_kimg": 3.2}}, {"id": "after", "params": {"loss.name": "l2"}}]
+def test_a_worker_that_dies_or_is_stopped_alone_ends_its_trial_and_a_fresh_worker_goes_on(tmp_path):
+    rows = [{"id": "doomed", "params": {"optim.total_kimg": 3.2}},
+            {"id": "stopped", "params": {"optim.total_kimg": 3.2}},
+            {"id": "after", "params": {"loss.name": "l2"}}]
     proc, storage, tracking = _start(tmp_path, "dies", rows, ["cpu"])
     try:
-        _wait_running(proc, "dies", storage, count=1)
+        _wait_running(proc, "dies", storage, row="doomed")
         (worker,) = _worker_pids(proc.pid)
-        os.kill(worker, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)  # out of memory, a crash
+        _wait_running(proc, "dies", storage, row="stopped")
+        (worker,) = _worker_pids(proc.pid)
+        os.kill(worker, signal.SIGTERM)  # someone stopped this worker only
         output, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1, output
     trials = {t.user_attrs["row"]: t for t in optuna.load_study(study_name="dies", storage=storage).get_trials()}
-    doomed = trials["doomed"]
+    client = MlflowClient(tracking)
+    doomed = trials["doomed"]  # a failure of its own: stays failed unless --retry-failed
     assert doomed.state == TrialState.FAIL and "interrupted" not in doomed.user_attrs
     assert doomed.user_attrs["fail_reason"].startswith("WorkerDied") and "signal 9" in doomed.user_attrs["fail_reason"]
-    run = MlflowClient(tracking).get_run(doomed.user_attrs["mlflow_run_id"])
+    run = client.get_run(doomed.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sfd.error"].startswith("WorkerDied")
+    stopped = trials["stopped"]  # not its fault: the next run of the study tries it again
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"] is True
+    assert stopped.user_attrs["fail_reason"].startswith("interrupted: the worker on cpu was stopped")
+    assert client.get_run(stopped.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     assert trials["after"].state == TrialState.COMPLETE  # a fresh worker took the next row
 
 
