@@ -593,13 +593,23 @@ class TrialLoop:
             held.append(trial)
         return None
 
-    def not_started(self, held: list) -> None:
-        """Second-stage rows asked for but not run (`--n-trials` stopped before their first stage): queued
-        again by the next run of the study."""
+    def not_started(self, held: list, todo: int) -> None:
+        """Second-stage rows asked for but not run (the `--n-trials` limit was reached while they waited for
+        their first stage): queued again by the next run of the study."""
         for trial in held:
-            self.interrupt(trial, f"its first stage row {self.waits_for(trial)[0]!r} did not run in this "
-                           "invocation", why=NOT_STARTED)
+            self.interrupt(trial, f"--n-trials {todo} was reached while it waited for its first stage row "
+                           f"{self.waits_for(trial)[0]!r}", why=NOT_STARTED)
         held.clear()
+
+    def first_stage_interrupted(self, trial) -> str | None:
+        """The first-stage row whose latest trial was interrupted (its worker was stopped), if this trial is a
+        second stage waiting for it; that row runs again next time, and so must this one."""
+        key = self.waits_for(trial)
+        if key is None:
+            return None
+        mine = [t for t in self.study.get_trials(deepcopy=False)
+                if (t.user_attrs.get("row"), t.user_attrs.get("seed")) == key]
+        return key[0] if mine and mine[-1].user_attrs.get("interrupted") else None
 
     # in this process
 
@@ -614,13 +624,13 @@ class TrialLoop:
                 result = run_job(self.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
             except KeyboardInterrupt as exc:
                 self.interrupt(trial, f"{type(exc).__name__}: {exc}")
-                self.not_started(held)
+                self.not_started(held, todo)
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
                 self.fail(trial, f"{type(exc).__name__}: {exc}", t0)
             else:
                 self.finish(trial, result.objective, result.metrics, t0)
-        self.not_started(held)
+        self.not_started(held, todo)
 
     # side by side, one worker process per device
 
@@ -647,7 +657,7 @@ class TrialLoop:
                 ready = wait([w.conn for w in running])
                 for worker in [w for w in running if w.conn in ready]:
                     self.take(worker, worker.receive(), running)
-            self.not_started(held)
+            self.not_started(held, todo)
         except BaseException as exc:  # Ctrl-C, SIGTERM, or this process failed: stop the workers' runs cleanly
             self.stop(running, held, f"{type(exc).__name__}: {exc}")
             raise
@@ -657,6 +667,10 @@ class TrialLoop:
 
     def start(self, worker, trial, running: dict) -> None:
         t0 = time.perf_counter()
+        target = self.first_stage_interrupted(trial)
+        if target is not None:
+            self.interrupt(trial, f"its first stage row {target!r} was interrupted", why=NOT_STARTED)
+            return
         try:
             job = self.job(trial, worker)
         except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
@@ -673,7 +687,6 @@ class TrialLoop:
         if kind == "started":
             trial.set_user_attr("mlflow_run_id", message[1])
             return
-        del running[worker]
         if kind == "done":
             self.finish(trial, message[1], message[2], t0)
         elif kind == "interrupted":  # the worker alone was stopped (SIGTERM): a rerun tries the trial again
@@ -684,6 +697,7 @@ class TrialLoop:
             if kind == "died":
                 self.end_dead_run(trial, message[1])
             self.fail(trial, message[1], t0)
+        del running[worker]  # only once told: should telling fail, `stop` still marks the trial
 
     def end_dead_run(self, trial, reason: str) -> None:
         """A worker that died left its trial's MLflow run RUNNING: end it FAILED with the reason."""
@@ -707,11 +721,26 @@ class TrialLoop:
             ready = wait([w.conn for w in running], timeout=max(0.0, deadline - time.monotonic()))
             for worker in [w for w in running if w.conn in ready]:
                 message = worker.receive()
-                self.take(worker, message if message[0] != "died" else ("interrupted", how), running)
+                if message[0] in ("started", "done", "failed"):  # the run began, or ended before the stop
+                    self._quietly(self.take, worker, message, running)
+                    if message[0] != "started" and worker in running:  # its outcome could not be recorded
+                        self._quietly(self.interrupt, running.pop(worker)[0], how)
+                else:  # stopped, or gone: the trial was interrupted by this stop
+                    worker.retire()
+                    self._quietly(self.interrupt, running.pop(worker)[0], how)
         for trial, _ in list(running.values()) + [(t, None) for t in held]:
-            self.interrupt(trial, how)
+            self._quietly(self.interrupt, trial, how)
         running.clear()
         held.clear()
+
+    @staticmethod
+    def _quietly(action, *args) -> None:
+        """While stopping: one trial that cannot be recorded (a storage error) must not keep the others
+        RUNNING; the next start of the study recovers it."""
+        try:
+            action(*args)
+        except Exception as exc:  # noqa: BLE001
+            print(f"note: while stopping: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 # ----- the study ------------------------------------------------------------------------------------------

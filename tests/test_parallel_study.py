@@ -99,7 +99,8 @@ def test_a_second_stage_beyond_n_trials_is_not_started_and_runs_next_time(tmp_pa
     trials = optuna.load_study(study_name="limited", storage=out.storage).get_trials()
     second = next(t for t in trials if t.user_attrs["row"] == "second-stage")
     assert second.state == TrialState.FAIL and second.user_attrs["interrupted"] is True
-    assert second.user_attrs["fail_reason"].startswith("interrupted: not started (its first stage row 'sfd-nfe5'")
+    assert second.user_attrs["fail_reason"] == ("interrupted: not started (--n-trials 1 was reached while it "
+                                                "waited for its first stage row 'sfd-nfe5')")
     assert [t.user_attrs["row"] for t in trials if t.state == TrialState.COMPLETE] == ["sfd-nfe5"]
     again = studies.run_study(str(path), report=False, quiet=True)
     assert again.ran == 1 and not again.failed
@@ -116,6 +117,29 @@ def test_a_grid_search_on_two_workers_runs_each_point_once(tmp_path, stores):
     trials = optuna.load_study(study_name="grid2", storage=out.storage).get_trials()
     assert sorted((t.params["solver.name"], t.params["loss.name"]) for t in trials) == [
         ("dpmpp3m", "l1"), ("dpmpp3m", "l2"), ("euler", "l1"), ("euler", "l2")]
+
+
+def test_an_error_in_the_study_process_stops_the_workers_cleanly(tmp_path, stores, monkeypatch):
+    """Not only Ctrl-C: any error in the study process (here: recording a result fails) stops the busy
+    workers, whose runs end KILLED, and leaves every trial interrupted for the next run, none RUNNING."""
+    rows = [{"id": "quick", "params": {"student.nfe": 3}}, {"id": "long", "params": {"optim.total_kimg": 3.2}}]
+    path = write_digits_study(tmp_path, "broken", rows)
+
+    def broken(self, *args):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(studies.TrialLoop, "finish", broken)
+    with pytest.raises(RuntimeError, match="database is locked"):
+        studies.run_study(str(path), report=False, quiet=True, devices=["cpu", "cpu"])
+    storage = f"sqlite:///{stores / 'optuna.db'}"
+    trials = {t.user_attrs["row"]: t for t in optuna.load_study(study_name="broken", storage=storage).get_trials()}
+    for t in trials.values():
+        assert t.state == TrialState.FAIL and t.user_attrs["interrupted"] is True
+        assert t.user_attrs["fail_reason"].endswith("(RuntimeError: database is locked)")
+    client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
+    long_run = client.get_run(trials["long"].user_attrs["mlflow_run_id"])
+    assert long_run.info.status == "KILLED"  # stopped mid-training by the study process
+    assert client.get_run(long_run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
 
 
 @pytest.mark.parametrize("devices, message", [
@@ -239,6 +263,8 @@ def test_sigterm_stops_every_worker_and_ends_their_runs_killed(tmp_path):
     for row in ("sfd-nfe5", "l2"):  # the two that were running: their runs ended KILLED by the worker itself
         t = trials[row]
         assert t.state == TrialState.FAIL and t.user_attrs["interrupted"] is True
+        assert t.user_attrs["fail_reason"] == ("interrupted: the study process stopped during this trial "
+                                               "(Terminated: stopped by SIGTERM)")
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["sfd.error"].startswith("Terminated")
     held = trials["second-stage"]  # asked, waiting for its first stage: interrupted too, so a rerun tries it
@@ -251,7 +277,8 @@ def test_sigterm_stops_every_worker_and_ends_their_runs_killed(tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc (Linux)")
 def test_a_worker_that_dies_or_is_stopped_alone_ends_its_trial_and_a_fresh_worker_goes_on(tmp_path):
     rows = [{"id": "doomed", "params": {"optim.total_kimg": 3.2}},
-            {"id": "stopped", "params": {"optim.total_kimg": 3.2}},
+            {"id": "stopped", "params": {"student.nfe": 5, "optim.total_kimg": 3.2}},
+            {"id": "its-second-stage", "params": {**SECOND, "second_stage.first_stage": "row:stopped"}},
             {"id": "after", "params": {"loss.name": "l2"}}]
     proc, storage, tracking = _start(tmp_path, "dies", rows, ["cpu"])
     try:
@@ -277,6 +304,10 @@ def test_a_worker_that_dies_or_is_stopped_alone_ends_its_trial_and_a_fresh_worke
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"] is True
     assert stopped.user_attrs["fail_reason"].startswith("interrupted: the worker on cpu was stopped")
     assert client.get_run(stopped.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    second = trials["its-second-stage"]  # not started, and tried again with its first stage
+    assert second.state == TrialState.FAIL and second.user_attrs["interrupted"] is True
+    assert second.user_attrs["fail_reason"] == ("interrupted: not started (its first stage row 'stopped' was "
+                                                "interrupted)") and "mlflow_run_id" not in second.user_attrs
     assert trials["after"].state == TrialState.COMPLETE  # a fresh worker took the next row
 
 
