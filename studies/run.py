@@ -295,13 +295,22 @@ def first_stage_row(spec: StudySpec, row: dict) -> str | None:
     return None
 
 
+def row_key(trial) -> tuple:
+    """(row id, replicate seed) of a table study's trial: what the study runs once."""
+    return trial.user_attrs.get("row"), trial.user_attrs.get("seed")
+
+
+def row_trials(study, row_id: str, seed: int | None) -> list:
+    """Every trial of one row (and replicate seed), oldest first."""
+    return [t for t in study.get_trials(deepcopy=False) if row_key(t) == (row_id, seed)]
+
+
 def first_stage_run_id(spec: StudySpec, study, row_id: str, target: str, seed: int | None = None) -> str:
     """The MLflow run id of row `target`'s latest finished trial in this study (row `row_id` names it as its
     first stage; with replicates, the trial of the same seed), or a StudyError saying why there is none."""
     from optuna.trial import TrialState
 
-    mine = [t for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("row") == target and t.user_attrs.get("seed") == seed]
+    mine = row_trials(study, target, seed)
     done = [t for t in mine if t.state == TrialState.COMPLETE and t.user_attrs.get("mlflow_run_id")]
     if done:
         return done[-1].user_attrs["mlflow_run_id"]
@@ -430,13 +439,10 @@ def plan_trials(spec: StudySpec, study, retry_failed: bool, skipped: dict, limit
     trials = study.get_trials(deepcopy=False)
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     if spec.rows:
-        def key(t):
-            return t.user_attrs.get("row"), t.user_attrs.get("seed")
-
-        done = {key(t) for t in trials if t.state == TrialState.COMPLETE}
+        done = {row_key(t) for t in trials if t.state == TrialState.COMPLETE}
         if not retry_failed:  # failed for a reason of their own (not interrupted): stay failed
-            done |= {key(t) for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
-        queued = {key(t) for t in waiting}
+            done |= {row_key(t) for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
+        queued = {row_key(t) for t in waiting}
         todo = [(r["id"], seed) for r in spec.rows for seed in spec.replicates()
                 if r["id"] not in skipped and (r["id"], seed) not in done | queued]
         for row_id, seed in todo:  # user attributes, not parameters: rows may be added to the YAML later
@@ -579,8 +585,7 @@ class TrialLoop:
         held or still queued (a resumed study queues a retried first stage after the rows already waiting)."""
         def ready(trial) -> bool:
             blockers = [t for t in busy + held if t is not trial] + self.waiting()
-            return self.waits_for(trial) not in {(t.user_attrs.get("row"), t.user_attrs.get("seed"))
-                                                 for t in blockers}
+            return self.waits_for(trial) not in {row_key(t) for t in blockers}
 
         for trial in held:
             if ready(trial):
@@ -607,8 +612,7 @@ class TrialLoop:
         key = self.waits_for(trial)
         if key is None:
             return None
-        mine = [t for t in self.study.get_trials(deepcopy=False)
-                if (t.user_attrs.get("row"), t.user_attrs.get("seed")) == key]
+        mine = row_trials(self.study, *key)
         return key[0] if mine and mine[-1].user_attrs.get("interrupted") else None
 
     # in this process
@@ -623,8 +627,8 @@ class TrialLoop:
             try:
                 result = run_job(self.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
             except KeyboardInterrupt as exc:
-                self.interrupt(trial, f"{type(exc).__name__}: {exc}")
-                self.not_started(held, todo)
+                for stopped in [trial, *held]:  # the run, and second stages waiting for it
+                    self.interrupt(stopped, f"{type(exc).__name__}: {exc}")
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
                 self.fail(trial, f"{type(exc).__name__}: {exc}", t0)

@@ -107,6 +107,20 @@ def test_a_second_stage_beyond_n_trials_is_not_started_and_runs_next_time(tmp_pa
     assert optuna.load_study(study_name="limited", storage=out.storage).get_trials()[-1].state == TrialState.COMPLETE
 
 
+def test_ctrl_c_during_a_first_stage_marks_its_waiting_second_stage_interrupted_too(tmp_path, stores, monkeypatch):
+    path = write_digits_study(tmp_path, "twice", _rows(0.032)[:2])
+    _interrupt_first_row(monkeypatch, path)  # queue: second-stage, then the retry of sfd-nfe5
+    _interrupt_first_row(monkeypatch, path)  # second-stage held while the retry runs, and the retry stopped
+    trials = optuna.load_study(study_name="twice", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
+    assert [(t.user_attrs["row"], t.state) for t in trials] == [("sfd-nfe5", TrialState.FAIL),
+                                                                ("second-stage", TrialState.FAIL),
+                                                                ("sfd-nfe5", TrialState.FAIL)]
+    assert all(t.user_attrs["fail_reason"] == "interrupted: the study process stopped during this trial "
+               "(Terminated: stopped by SIGTERM)" for t in trials[1:])
+    out = studies.run_study(str(path), report=False, quiet=True)
+    assert out.ran == 2 and not out.failed  # both rows again, the first stage first
+
+
 def test_a_grid_search_on_two_workers_runs_each_point_once(tmp_path, stores):
     space = {"solver.name": {"type": "categorical", "choices": ["euler", "dpmpp3m"]},
              "loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
