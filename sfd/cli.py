@@ -2,6 +2,7 @@
 scripts (`experiments/run.py`, `studies/run.py`) share: stopping on SIGTERM the way Ctrl-C stops them."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from typing import Callable
@@ -37,15 +38,44 @@ class Terminated(KeyboardInterrupt):
     unwinds exactly like Ctrl-C: the MLflow run ends KILLED, Optuna fails the trial, the study run ends KILLED."""
 
 
+_held: list[int] = []  # stop signals that arrived inside `stops_deferred`, acted on when it ends
+_deferring = 0
+
+
 def _raise_terminated(signum, frame) -> None:
+    """The SIGTERM handler (also SIGINT's, under `run_script`)."""
+    if _deferring:
+        _held.append(signum)
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once, should the cleanup hang
     raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
+@contextlib.contextmanager
+def stops_deferred():
+    """Act on a SIGTERM (or, under `run_script`, a Ctrl-C) that arrives inside the block only once the block is
+    done. Tracking writes run inside it: a stop raised in the middle of a sqlite write leaves the store locked,
+    and the cleanup that would end the run KILLED then fails with "database is locked"."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _held:
+            signum = _held[0]
+            _held.clear()
+            _raise_terminated(signum, None)
+
+
 def run_script(main: Callable[[], int]) -> int:
     """Run a script's `main()` with SIGTERM turned into `Terminated`; returns its exit status (143 if it was
-    terminated, after the runs it had open were ended)."""
+    terminated, after the runs it had open were ended). Ctrl-C still raises KeyboardInterrupt, but neither lands
+    inside a tracking write (`stops_deferred`)."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _raise_terminated)
     try:
         return main()
     except Terminated as exc:

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -101,13 +102,33 @@ def _quiet_migrations() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _StopSafeClient:
+    """An MlflowClient whose every call completes before a Ctrl-C or SIGTERM is acted on
+    (`sfd.cli.stops_deferred`), so the run can still be ended KILLED after the stop."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+        from sfd.cli import stops_deferred
+
+        def call(*args, **kwargs):
+            with stops_deferred():
+                return value(*args, **kwargs)
+
+        return call
+
+
 def get_client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
     _quiet_migrations()
     uri = tracking_uri or default_tracking_uri()
     ensure_sqlite_parent(uri)
-    return MlflowClient(tracking_uri=uri)
+    return _StopSafeClient(MlflowClient(tracking_uri=uri))
 
 
 def get_or_create_experiment(client, name: str) -> str:
@@ -333,7 +354,11 @@ class RunLogger:
         except Exception:  # noqa: BLE001 - logging the traceback must not hide the original error
             pass
         # Ctrl-C, or SIGTERM turned into sfd.cli.Terminated (a KeyboardInterrupt): stopped, not broken
-        self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED", error=reason)
+        try:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED", error=reason)
+        except Exception as end_exc:  # noqa: BLE001 - the original error is the one to propagate
+            print(f"note: could not end MLflow run {self.run_id} ({type(end_exc).__name__}: {end_exc}); it stays "
+                  "RUNNING until a study's next start marks it failed", file=sys.stderr)
         return False
 
 

@@ -5,9 +5,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
-from sfd.cli import SIGTERM_EXIT, Terminated, main, run_script
+from sfd.cli import SIGTERM_EXIT, Terminated, main, run_script, stops_deferred
+from sfd.tracking import RunLogger, get_client
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +28,12 @@ def test_sigterm_is_a_keyboard_interrupt_and_exits_143(capsys):
         time.sleep(5)  # the handler raises before this ends
         return 0
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         assert run_script(terminated) == SIGTERM_EXIT == 143
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     assert issubclass(Terminated, KeyboardInterrupt)  # so it unwinds exactly like Ctrl-C
     assert "stopped by SIGTERM" in capsys.readouterr().err
 
@@ -65,3 +68,55 @@ def test_sigterm_ends_a_lone_run_killed(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.info.end_time is not None
     assert run.data.tags["sfd.error"] == "Terminated: stopped by SIGTERM"
+
+
+def _signal_inside(signum: int, done: list):
+    """A stand-in for a sqlite write that a stop signal lands in: the signal arrives, then the write finishes."""
+    def write(*args):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.2)  # the handler has run by now, were it not deferred
+        done.append(args)
+        return "written"
+
+    return write
+
+
+def test_a_stop_waits_for_the_tracking_call_it_lands_in(tmp_path):
+    """A SIGTERM (or, in a script, Ctrl-C) inside an MLflow call is acted on once the call has returned: raised
+    in the middle of a sqlite write it left the store locked for the cleanup that ends the run KILLED."""
+    client = get_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    done: list = []
+    client._client.set_tag = _signal_inside(signal.SIGTERM, done)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        from sfd.cli import _raise_terminated
+
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        with pytest.raises(Terminated, match="stopped by SIGTERM"):
+            client.set_tag("run", "key", "value")
+        assert done == [("run", "key", "value")]
+
+        def ctrl_c_in_a_write() -> int:
+            with stops_deferred():
+                _signal_inside(signal.SIGINT, done)("second")
+            return 0  # not reached: the held Ctrl-C is raised as the block ends
+
+        with pytest.raises(KeyboardInterrupt):
+            run_script(ctrl_c_in_a_write)
+        assert done[-1] == ("second",)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def test_a_run_that_cannot_be_ended_still_raises_the_stop(capsys):
+    class LockedStore:
+        def __getattr__(self, name):
+            def locked(*args, **kwargs):
+                raise RuntimeError("database is locked")
+            return locked
+
+    with pytest.raises(Terminated):  # not the store's RuntimeError
+        with RunLogger(LockedStore(), "run-1"):
+            raise Terminated("stopped by SIGTERM")
+    assert "could not end MLflow run run-1 (RuntimeError: database is locked)" in capsys.readouterr().err
