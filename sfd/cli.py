@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 from typing import Callable
 
 USAGE = "usage: sfd {assets,bench} ...   (e.g. `sfd assets list`, `sfd bench distill --arch tiny`)"
@@ -59,6 +60,9 @@ def stops_deferred():
     done. Tracking writes run inside it: a stop raised in the middle of a sqlite write leaves the store locked,
     and the cleanup that would end the run KILLED then fails with "database is locked"."""
     global _deferring
+    if threading.current_thread() is not threading.main_thread():  # handlers run in the main thread only
+        yield
+        return
     _deferring += 1
     try:
         yield

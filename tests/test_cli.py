@@ -120,3 +120,32 @@ def test_a_run_that_cannot_be_ended_still_raises_the_stop(capsys):
         with RunLogger(LockedStore(), "run-1"):
             raise Terminated("stopped by SIGTERM")
     assert "could not end MLflow run run-1 (RuntimeError: database is locked)" in capsys.readouterr().err
+
+
+def test_a_tracking_call_in_another_thread_does_not_hold_the_main_threads_stop():
+    """Signal handlers run in the main thread: a block entered by another thread must not defer them (the held
+    stop would be raised in that thread, and the main thread would never stop)."""
+    import threading
+
+    from sfd.cli import _raise_terminated
+
+    inside, release = threading.Event(), threading.Event()
+
+    def tracking_call():
+        with stops_deferred():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=tracking_call)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)  # the handler raises before this ends
+    finally:
+        release.set()
+        thread.join(10)
+        signal.signal(signal.SIGTERM, previous)
