@@ -22,6 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from sfd.cli import stops_deferred
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs / CI output
 
@@ -113,7 +115,6 @@ class _StopSafeClient:
         value = getattr(self._client, name)
         if not callable(value):
             return value
-        from sfd.cli import stops_deferred
 
         def call(*args, **kwargs):
             with stops_deferred():
