@@ -74,12 +74,19 @@ def stops_deferred():
             _raise_terminated(signum, None)
 
 
+def handle_stop_signals(ctrl_c: bool = True) -> None:
+    """From now on SIGTERM raises `Terminated` in this process (and Ctrl-C KeyboardInterrupt, if `ctrl_c`), and
+    either is held back inside `stops_deferred`. Call it from the main thread."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if ctrl_c:
+        signal.signal(signal.SIGINT, _raise_terminated)
+
+
 def run_script(main: Callable[[], int]) -> int:
     """Run a script's `main()` with SIGTERM turned into `Terminated`; returns its exit status (143 if it was
     terminated, after the runs it had open were ended). Ctrl-C still raises KeyboardInterrupt, but neither lands
     inside a tracking write (`stops_deferred`)."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    signal.signal(signal.SIGINT, _raise_terminated)
+    handle_stop_signals()
     try:
         return main()
     except Terminated as exc:

@@ -117,9 +117,9 @@ def _serve(conn, env: dict[str, str]) -> None:
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the study process decides when a worker stops
-    from sfd.cli import _raise_terminated
+    from sfd.cli import handle_stop_signals
 
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    handle_stop_signals(ctrl_c=False)
     threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
         while True:
