@@ -618,22 +618,35 @@ class TrialLoop:
     # in this process
 
     def run_here(self, todo: int) -> None:
+        from sfd.cli import stops_deferred
         from sfd.workers import run_job
 
         held: list = []
-        while self.started < todo and (trial := self.next_trial(held, [])) is not None:
-            self.started += 1
-            t0 = time.perf_counter()
-            try:
-                result = run_job(self.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
-            except KeyboardInterrupt as exc:
-                for stopped in [trial, *held]:  # the run, and second stages waiting for it
-                    self.interrupt(stopped, f"{type(exc).__name__}: {exc}")
-                raise
-            except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
-                self.fail(trial, f"{type(exc).__name__}: {exc}", t0)
-            else:
-                self.finish(trial, result.objective, result.metrics, t0)
+        trial = None  # the trial asked for and not yet told
+        try:
+            while self.started < todo:
+                with stops_deferred():  # a stop while asking lands once the trial is ours to mark
+                    trial = self.next_trial(held, [])
+                    if trial is None:
+                        break
+                    self.started += 1
+                t0 = time.perf_counter()
+                try:
+                    result = run_job(self.job(trial),
+                                     on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+                except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
+                    with stops_deferred():
+                        self.fail(trial, f"{type(exc).__name__}: {exc}", t0)
+                        trial = None
+                else:
+                    with stops_deferred():
+                        self.finish(trial, result.objective, result.metrics, t0)
+                        trial = None
+        except KeyboardInterrupt as exc:
+            for stopped in [trial, *held]:  # the run, and second stages waiting for it
+                if stopped is not None:
+                    self._quietly(self.interrupt, stopped, f"{type(exc).__name__}: {exc}")
+            raise
         self.not_started(held, todo)
 
     # side by side, one worker process per device
@@ -641,6 +654,7 @@ class TrialLoop:
     def run_on(self, devices: list[str], todo: int) -> None:
         from multiprocessing.connection import wait
 
+        from sfd.cli import stops_deferred
         from sfd.workers import DeviceWorker
 
         cpu_workers = sum(d == "cpu" for d in devices)
@@ -651,16 +665,18 @@ class TrialLoop:
             while True:
                 for worker in workers:
                     while worker not in running and self.started < todo:
-                        trial = self.next_trial(held, [t for t, _ in running.values()])
-                        if trial is None:
-                            break
-                        self.started += 1
-                        self.start(worker, trial, running)
+                        with stops_deferred():  # asked for, then held or running: never in between at a stop
+                            trial = self.next_trial(held, [t for t, _ in running.values()])
+                            if trial is None:
+                                break
+                            self.started += 1
+                            self.start(worker, trial, running)
                 if not running:
                     break
                 ready = wait([w.conn for w in running])
                 for worker in [w for w in running if w.conn in ready]:
-                    self.take(worker, worker.receive(), running)
+                    with stops_deferred():
+                        self.take(worker, worker.receive(), running)
             self.not_started(held, todo)
         except BaseException as exc:  # Ctrl-C, SIGTERM, or this process failed: stop the workers' runs cleanly
             self.stop(running, held, f"{type(exc).__name__}: {exc}")

@@ -121,6 +121,37 @@ def test_ctrl_c_during_a_first_stage_marks_its_waiting_second_stage_interrupted_
     assert out.ran == 2 and not out.failed  # both rows again, the first stage first
 
 
+@pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]], ids=["here", "workers"])
+def test_a_stop_right_after_asking_leaves_no_trial_running(tmp_path, stores, monkeypatch, devices):
+    """SIGTERM arriving just after Optuna hands out a trial (before it is held or running) is acted on once the
+    trial is recorded, so it is marked interrupted, not left RUNNING until the next start repairs it."""
+    from sfd.cli import Terminated, handle_stop_signals
+
+    path = write_digits_study(tmp_path, "asked", _rows(0.032)[:2])
+    real_ask = optuna.study.Study.ask
+
+    def ask_then_stop(self, *args, **kwargs):
+        trial = real_ask(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return trial
+
+    monkeypatch.setattr(optuna.study.Study, "ask", ask_then_stop)
+    before = signal.getsignal(signal.SIGTERM)
+    handle_stop_signals(ctrl_c=False)
+    try:
+        with pytest.raises(Terminated):
+            studies.run_study(str(path), report=False, quiet=True, devices=devices)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    trials = optuna.load_study(study_name="asked", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
+    assert [(t.user_attrs["row"], t.state, t.user_attrs.get("interrupted")) for t in trials] == [
+        ("sfd-nfe5", TrialState.FAIL, True), ("second-stage", TrialState.WAITING, None)]
+    assert trials[0].user_attrs["fail_reason"].endswith("(Terminated: stopped by SIGTERM)")
+    monkeypatch.setattr(optuna.study.Study, "ask", real_ask)
+    out = studies.run_study(str(path), report=False, quiet=True, devices=devices)
+    assert out.ran == 2 and not out.failed
+
+
 def test_a_grid_search_on_two_workers_runs_each_point_once(tmp_path, stores):
     space = {"solver.name": {"type": "categorical", "choices": ["euler", "dpmpp3m"]},
              "loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
