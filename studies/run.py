@@ -2,7 +2,7 @@
 """Run a study: an Optuna study whose every trial is one tracked SFD run (MLflow child of the study's run).
 
     python studies/run.py <study> [--smoke] [--seeds 0 1 2] [--storage URL] [--n-trials N] [--no-report]
-                          [--retry-failed] [--devices cuda:0 cuda:1 ...]
+                          [--retry-failed] [--devices cuda:0 cuda:1 ...] [--dry-run]
     python studies/run.py --list
 
 `<study>` is a name in studies/ (e.g. ablation_digits) or a path to a study YAML. Table studies (`rows:`)
@@ -326,10 +326,10 @@ def first_stage_run_id(spec: StudySpec, study, row_id: str, target: str, seed: i
 
 
 def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
-                teacher_device: str | None = None) -> dict[str, str]:
+                teacher_device: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """Validate every row's config (search: the base and each categorical choice) and check its assets.
-    Returns {row id: reason} for the rows the study YAML skips (`skip_rows`), which are not checked. Creates
-    nothing. A checkpoint teacher is read onto `teacher_device` (default: the run's device; `cpu` when the
+    Returns ({row id: reason} for the rows the study YAML skips (`skip_rows`), which are not checked, and
+    {row id (search: "base"): resolved run config}). Creates nothing. A checkpoint teacher is read onto `teacher_device` (default: the run's device; `cpu` when the
     trials run in workers, so this process holds no GPU memory)."""
     from sfd.assets import MissingAssetError
     from sfd.config import ConfigError
@@ -373,13 +373,13 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
                 resolved_rows[row["id"]] = check(lambda: row_config(spec, row), f"row {row['id']}", info)
             except MissingAssetError as exc:
                 raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
-        return skipped
-    check(lambda: trial_config(spec, {}, 0), "base")
+        return skipped, resolved_rows
+    base = check(lambda: trial_config(spec, {}, 0), "base")
     for key, dist in spec.space.items():
         values = dist["choices"] if dist["type"] == "categorical" else [dist["low"], dist["high"]]
         for value in values:
             check(lambda: trial_config(spec, {key: value}, 0), f"space.{key}={value!r}")
-    return skipped
+    return skipped, {"base": base}
 
 
 # ----- Optuna ----------------------------------------------------------------------------------------------
@@ -432,38 +432,57 @@ def recover_interrupted(study, storage, client) -> list:
     return stale
 
 
-def plan_trials(spec: StudySpec, study, retry_failed: bool, skipped: dict, limit: int | None) -> int:
-    """Enqueue what is left to do and return how many trials to run now."""
+def rows_left(spec: StudySpec, trials: list, retry_failed: bool, skipped: dict) -> tuple[list, list]:
+    """(queued, new): the (row, seed) keys of the trials already waiting, and the keys still to enqueue, in the
+    order they run. A row is done once it completed, or failed for a reason of its own (unless retried)."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
-    waiting = [t for t in trials if t.state == TrialState.WAITING]
-    if spec.rows:
-        done = {row_key(t) for t in trials if t.state == TrialState.COMPLETE}
-        if not retry_failed:  # failed for a reason of their own (not interrupted): stay failed
-            done |= {row_key(t) for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
-        queued = {row_key(t) for t in waiting}
-        todo = [(r["id"], seed) for r in spec.rows for seed in spec.replicates()
-                if r["id"] not in skipped and (r["id"], seed) not in done | queued]
-        for row_id, seed in todo:  # user attributes, not parameters: rows may be added to the YAML later
-            study.enqueue_trial({}, user_attrs={"row": row_id, **({"seed": seed} if seed is not None else {})})
-        n = len(waiting) + len(todo)
-        return n if limit is None else min(n, limit)
+    done = {row_key(t) for t in trials if t.state == TrialState.COMPLETE}
+    if not retry_failed:  # failed for a reason of their own (not interrupted): stay failed
+        done |= {row_key(t) for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
+    queued = [row_key(t) for t in trials if t.state == TrialState.WAITING]
+    new = [(r["id"], seed) for r in spec.rows for seed in spec.replicates()
+           if r["id"] not in skipped and (r["id"], seed) not in done | set(queued)]
+    return queued, new
+
+
+def search_left(spec: StudySpec, trials: list, retry_failed: bool, limit: int | None) -> tuple[list[dict], int]:
+    """(retry, count): parameters to enqueue again and how many trials to run now."""
+    from optuna.trial import TrialState
+
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
     failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")]
     finished = completed + ([] if retry_failed else failed)
     # Retry exactly the parameters that were interrupted (killed, Ctrl-C, SIGTERM) and not tried since (and,
-    # when asked, those that failed), once each.
-    interrupted = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
-                   and t.params not in [u.params for u in trials if u.number > t.number]]
-    retry = interrupted + (failed if retry_failed else [])
+    # when asked, those that failed), once each. A trial still RUNNING here was left so by a process that ended
+    # (a run recovers those first; a dry run sees them as they are).
+    stopped = [t for t in trials if t.state == TrialState.RUNNING
+               or (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))]
+    interrupted = [t for t in stopped if t.params not in [u.params for u in trials if u.number > t.number]]
     have = [t.params for t in completed + waiting]
-    for t in retry:
+    retry = []
+    for t in interrupted + (failed if retry_failed else []):
         if t.params and t.params not in have:
-            study.enqueue_trial(dict(t.params))
+            retry.append(dict(t.params))
             have.append(t.params)
     target = spec.n_trials if limit is None else min(spec.n_trials, len(finished) + limit)
-    return max(0, target - len(finished))
+    return retry, max(0, target - len(finished))
+
+
+def plan_trials(spec: StudySpec, study, retry_failed: bool, skipped: dict, limit: int | None) -> int:
+    """Enqueue what is left to do and return how many trials to run now."""
+    trials = study.get_trials(deepcopy=False)
+    if spec.rows:
+        queued, new = rows_left(spec, trials, retry_failed, skipped)
+        for row_id, seed in new:  # user attributes, not parameters: rows may be added to the YAML later
+            study.enqueue_trial({}, user_attrs={"row": row_id, **({"seed": seed} if seed is not None else {})})
+        n = len(queued) + len(new)
+        return n if limit is None else min(n, limit)
+    retry, n = search_left(spec, trials, retry_failed, limit)
+    for params in retry:
+        study.enqueue_trial(params)
+    return n
 
 
 # ----- running the trials ---------------------------------------------------------------------------------
@@ -774,6 +793,31 @@ def study_home(storage_url: str) -> Path:
     return path.expanduser().resolve().parent if path is not None else runs_dir()
 
 
+def lock_path(study_name: str, storage_url: str) -> Path:
+    import hashlib
+
+    key = hashlib.sha1(f"{storage_url}\n{study_name}".encode()).hexdigest()[:12]
+    return study_home(storage_url) / ".locks" / f"{study_name}-{key}.lock"
+
+
+def lock_holder(study_name: str, storage_url: str) -> str | None:
+    """Who is running the study on this machine now (the lock's note), or None; creates nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = lock_path(study_name, storage_url)
+    if not path.exists():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def study_lock(study_name: str, storage_url: str):
     """Hold an exclusive lock on (storage, study) for as long as the study runs on this machine.
@@ -786,10 +830,7 @@ def study_lock(study_name: str, storage_url: str):
     except ImportError:  # no POSIX file locks (Windows): run unguarded
         yield
         return
-    import hashlib
-
-    key = hashlib.sha1(f"{storage_url}\n{study_name}".encode()).hexdigest()[:12]
-    path = study_home(storage_url) / ".locks" / f"{study_name}-{key}.lock"
+    path = lock_path(study_name, storage_url)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
@@ -808,6 +849,41 @@ def study_lock(study_name: str, storage_url: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+@dataclass
+class CheckedStudy:
+    spec: StudySpec
+    spec_text: str | None  # the YAML of a `--seeds` study, written only when it runs
+    tracking_uri: str
+    storage_url: str
+    devices: list[str] | None
+    skipped: dict[str, str]
+    configs: dict[str, Any]  # row id (search: "base") -> resolved run config
+
+
+def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracking_uri: str | None,
+                     n_trials: int | None, seeds: list[int] | None, devices: list[str] | None) -> CheckedStudy:
+    """The study, its options and every row's config and assets, checked; creates nothing."""
+    from sfd import tracking as T
+
+    if n_trials is not None and n_trials < 1:
+        raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
+    if devices is not None:
+        from sfd.workers import DeviceError, resolve_devices
+
+        try:
+            devices = resolve_devices(devices)
+        except DeviceError as exc:
+            raise StudyError(str(exc)) from None
+    spec = load_spec(name_or_path)
+    spec_text = None
+    if seeds is not None:
+        spec, spec_text = with_seeds(spec, seeds)
+    tracking_uri = tracking_uri or T.default_tracking_uri()
+    storage_url = storage or T.default_optuna_storage()
+    skipped, configs = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if devices else None)
+    return CheckedStudy(spec, spec_text, tracking_uri, storage_url, devices, skipped, configs)
+
 
 @dataclass
 class StudyOutcome:
@@ -833,23 +909,9 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     start = time.perf_counter()
     from sfd import tracking as T
 
-    if n_trials is not None and n_trials < 1:
-        raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
-    if devices is not None:
-        from sfd.workers import DeviceError, resolve_devices
-
-        try:
-            devices = resolve_devices(devices)
-        except DeviceError as exc:
-            raise StudyError(str(exc)) from None
-    spec = load_spec(name_or_path)
-    spec_text = None
-    if seeds is not None:
-        spec, spec_text = with_seeds(spec, seeds)
-    tracking_uri = tracking_uri or T.default_tracking_uri()
-    storage_url = storage or T.default_optuna_storage()
-    skipped = check_study(spec, smoke, tracking_uri,  # raises before anything exists
-                          teacher_device="cpu" if devices else None)
+    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices)
+    spec, spec_text, skipped = checked.spec, checked.spec_text, checked.skipped
+    tracking_uri, storage_url, devices = checked.tracking_uri, checked.storage_url, checked.devices
     if spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
         spec.path = study_home(storage_url) / "studies" / f"{spec.name}.yaml"
         spec.path.parent.mkdir(parents=True, exist_ok=True)
@@ -917,6 +979,151 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
                 outcome.report_error = f"{type(exc).__name__}: {exc}"
                 print(f"error: the report could not be built: {outcome.report_error}", file=sys.stderr)
         return outcome
+
+
+# ----- the plan, without running it ------------------------------------------------------------------------
+
+@dataclass
+class StudyPlan:
+    name: str
+    optuna_study: str
+    storage: str
+    tracking_uri: str
+    on_record: int  # trials the Optuna study already holds (0: a new study)
+    to_run: int  # trials a run of the same command would start now
+    lines: list[tuple[str, str, str]]  # (row / trial, what a run would do, its settings)
+    running_elsewhere: str | None  # the lock's note, when another process is running the study now
+
+
+def recorded_trials(storage_url: str, study_name: str) -> list:
+    """The study's trials, or [] when it does not exist yet. Never creates a sqlite file or a study."""
+    import optuna
+
+    from sfd.tracking import sqlite_path
+
+    path = sqlite_path(storage_url)
+    if path is not None and not path.expanduser().exists():
+        return []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage_url).get_trials(deepcopy=False)
+    except KeyError:  # no such study in the storage
+        return []
+
+
+def settings(cfg) -> str:
+    """The settings a study varies, as one short line."""
+    s = cfg.student
+    sampled = f"{cfg.algorithm} {cfg.solver.name} NFE {s.nfe} t_min {s.t_min:g} AFS {'yes' if s.afs else 'no'}"
+    if cfg.algorithm == "baseline":  # the teacher sampled directly: nothing is trained
+        return sampled
+    if cfg.algorithm == "sfd-v":  # one model trained over several student grids
+        sampled += f" (trains N in {list(cfg.sfdv.num_steps_choices)})"
+    return f"{sampled} {cfg.loss.name} {cfg.optim.total_kimg:g} kimg"
+
+
+def why_again(last, live: bool) -> str:
+    """Why a (row, seed) that has trials on record runs again (`live`: another process runs the study now)."""
+    from optuna.trial import TrialState
+
+    if last.state == TrialState.RUNNING:
+        return "running now, in that process" if live else "runs again (left RUNNING by a process that ended)"
+    if last.user_attrs.get("interrupted"):
+        return "runs again (interrupted)"
+    return "runs again (--retry-failed)"
+
+
+def outcome_text(spec: StudySpec, smoke: bool, trial) -> str:
+    if trial.values:
+        shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(objective_labels(spec, smoke), trial.values))
+        return f"done: {shown} (trial {trial.number})"
+    return f"failed, kept (--retry-failed runs it again): {trial.user_attrs.get('fail_reason', '?')}"
+
+
+def plan_rows(checked: CheckedStudy, trials: list, smoke: bool, retry_failed: bool, limit: int | None,
+              live: bool):
+    """One line per (row, seed) in YAML order, and how many trials would run now."""
+    from optuna.trial import TrialState
+
+    spec = checked.spec
+    queued, new = rows_left(spec, trials, retry_failed, checked.skipped)
+    order = queued + new
+    now = set(order if limit is None else order[:limit])
+    lines = []
+    for row in spec.rows:
+        for seed in spec.replicates():
+            key, label = (row["id"], seed), row["id"] + (f" seed {seed}" if seed is not None else "")
+            mine = [t for t in trials if row_key(t) == key]
+            done = next((t for t in reversed(mine) if t.state == TrialState.COMPLETE), None)
+            if row["id"] in checked.skipped:
+                lines.append((label, f"skipped: {checked.skipped[row['id']]}", "–"))
+                continue
+            if key in now:
+                plan = "queued" if mine and mine[-1].state == TrialState.WAITING else (
+                    why_again(mine[-1], live) if mine else "runs")
+            elif key in order:
+                plan = f"waits: beyond --n-trials {limit}"
+            else:
+                plan = outcome_text(spec, smoke, done or mine[-1])
+            lines.append((label, plan, settings(checked.configs[row["id"]])))
+    return lines, min(len(order), len(order) if limit is None else limit)
+
+
+def plan_search(checked: CheckedStudy, trials: list, smoke: bool, retry_failed: bool, limit: int | None,
+                live: bool):
+    """One line per trial on record, one for what the sampler would add, and how many trials would run now."""
+    from optuna.trial import TrialState
+
+    spec = checked.spec
+    retry, n = search_left(spec, trials, retry_failed, limit)
+
+    def what(t) -> str:  # what happened; the "next" line says what a run would retry
+        if t.state == TrialState.RUNNING:
+            return "running now, in that process" if live else "left RUNNING by a process that ended"
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted"):
+            return "interrupted"
+        if t.state == TrialState.FAIL:
+            return f"failed: {t.user_attrs.get('fail_reason', '?')}"
+        return outcome_text(spec, smoke, t) if t.state == TrialState.COMPLETE else t.state.name.lower()
+
+    lines = [(f"trial {t.number}", what(t), ", ".join(f"{k}={v}" for k, v in t.params.items())) for t in trials]
+    space = ", ".join(f"{k} in {d['choices'] if d['type'] == 'categorical' else [d['low'], d['high']]}"
+                      for k, d in spec.space.items())
+    retried = f"{len(retry)} interrupted or failed point(s) again, then " if retry else ""
+    lines.append(("next", f"{n} trial(s): {retried}{spec.sampler} sampler (seed {spec.seed}) over {space}",
+                  "base: " + settings(checked.configs["base"])))
+    return lines, n
+
+
+def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
+               tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
+               seeds: list[int] | None = None, devices: list[str] | None = None) -> StudyPlan:
+    """What `run_study` with these options would do now, after the same checks; creates nothing (no store, no
+    study, no lock, no run)."""
+    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices)
+    spec = checked.spec
+    study_name = spec.experiment(smoke)
+    trials = recorded_trials(checked.storage_url, study_name)
+    if smoke and spec.space and n_trials is None:
+        n_trials = SMOKE_SEARCH_TRIALS
+    holder = lock_holder(study_name, checked.storage_url)
+    make = plan_rows if spec.rows else plan_search
+    lines, to_run = make(checked, trials, smoke, retry_failed, n_trials, live=holder is not None)
+    return StudyPlan(spec.name, study_name, checked.storage_url, checked.tracking_uri, len(trials), to_run, lines,
+                     holder)
+
+
+def print_plan(plan: StudyPlan) -> None:
+    print(f"study {plan.name}: dry run, nothing created. {plan.to_run} trial(s) would run now.")
+    print(f"  Optuna {plan.storage}, study {plan.optuna_study!r}: "
+          + (f"{plan.on_record} trial(s) on record" if plan.on_record else "new"))
+    print(f"  MLflow {plan.tracking_uri}, experiment {plan.optuna_study!r}")
+    if plan.running_elsewhere:
+        print(f"  being run now by {plan.running_elsewhere}: a run of this command would be refused until it ends")
+    width = max(len(label) for label, _, _ in plan.lines)
+    wide = max(len(how) for _, _, how in plan.lines)
+    for label, what, how in plan.lines:
+        print(f"  {label:<{width}}  {how:<{wide}}  {what}")
 
 
 def objective_labels(spec: StudySpec, smoke: bool) -> list[str]:
@@ -1016,6 +1223,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run trials side by side, one worker process per entry (cpu or cuda:<index>; repeat an "
                    "entry to share it), e.g. --devices cuda:0 cuda:1, or all (every CUDA device); default: one "
                    "trial at a time in this process, on each config's device")
+    p.add_argument("--dry-run", action="store_true", help="check the study and print what a run would do now "
+                   "(each row's settings and whether it runs, is done or stays failed); create nothing")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--out", default=None, help="report folder (default: the report builder's)")
     return p.parse_args(argv)
@@ -1033,6 +1242,11 @@ def main(argv=None) -> int:
     from sfd.config import ConfigError
 
     try:
+        if args.dry_run:
+            print_plan(plan_study(args.study, smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri,
+                                  n_trials=args.n_trials, retry_failed=args.retry_failed, seeds=args.seeds,
+                                  devices=args.devices))
+            return 0
         outcome = run_study(args.study, smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri,
                             n_trials=args.n_trials, retry_failed=args.retry_failed, report=not args.no_report,
                             out_dir=args.out, seeds=args.seeds, devices=args.devices)

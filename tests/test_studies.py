@@ -436,3 +436,85 @@ def test_paper_comparison_rows_train_with_the_papers_budgets(name, lr):
     assert budgets["sfd"] == {(200, lr)}
     assert budgets["sfd-v"] == {(800, lr)}
     assert budgets["second-stage"] == {(2000, 5e-4)}
+
+
+# ----- --dry-run: the plan, checked against what the run then does ---------------------------------------------
+
+def _plan(path, **kw) -> dict:
+    plan = studies.plan_study(str(path), **kw)
+    return {label: what for label, what, _ in plan.lines}, plan
+
+
+def _stop_second_row(monkeypatch, path) -> None:
+    """Run the study with its next training stopped by SIGTERM, as a killed session would leave it."""
+    import sfd.distill
+    from sfd.cli import Terminated
+
+    def stop(*args, **kwargs):
+        raise Terminated("stopped by SIGTERM")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sfd.distill, "distill", stop)
+        with pytest.raises(Terminated):
+            studies.run_study(str(path), report=False, quiet=True)
+
+
+def test_dry_run_prints_every_row_and_creates_nothing(tmp_path, stores, capsys):
+    skipped = {"id": "skipped", "params": {"loss.name": "lpips"}}
+    path = _write_study(tmp_path, rows=ROWS + [skipped], skip_rows={"skipped": "not on a CPU"})
+    assert studies.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "study mini: dry run, nothing created. 3 trial(s) would run now." in out
+    assert "study 'mini': new" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[3:]}
+    assert lines["sfd-l1"].split("  ")[-1] == "runs"
+    assert "sfd dpmpp3m NFE 2 t_min 0.006 AFS no l2 0.048 kimg" in lines["sfd-l2-noafs"]
+    assert lines["skipped"].endswith("skipped: not on a CPU")
+    assert not stores.exists()
+
+
+def test_dry_run_reports_done_interrupted_queued_and_failed_rows_as_the_run_then_finds_them(tmp_path, stores,
+                                                                                              monkeypatch):
+    path = _write_study(tmp_path, rows=ROWS)
+    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1  # sfd-l1; the rest queued
+    _stop_second_row(monkeypatch, path)  # sfd-l2-noafs interrupted
+    storage = f"sqlite:///{stores / 'optuna.db'}"
+    before = optuna.load_study(study_name="mini", storage=storage).get_trials()
+
+    rows, plan = _plan(path)
+    first = before[0]
+    assert rows == {"sfd-l1": f"done: teacher_gap_mean={first.value:.4g} (trial 0)",
+                    "sfd-l2-noafs": "runs again (interrupted)", "diverges": "queued"}
+    assert (plan.on_record, plan.to_run, plan.running_elsewhere) == (3, 2, None)
+    rows, plan = _plan(path, n_trials=1)  # the queued row goes first, as Optuna asks in trial order
+    assert rows["sfd-l2-noafs"] == "waits: beyond --n-trials 1" and plan.to_run == 1
+    assert len(optuna.load_study(study_name="mini", storage=storage).get_trials()) == len(before)  # nothing queued
+
+    out = studies.run_study(str(path), report=False, quiet=True)
+    assert out.ran == 2 and [n for n, _ in out.failed] == [2]  # the queued diverging row
+    rows, plan = _plan(path)
+    assert rows["diverges"].startswith("failed, kept (--retry-failed runs it again): DivergedError")
+    assert rows["sfd-l2-noafs"].startswith("done: teacher_gap_mean=") and plan.to_run == 0
+    rows, plan = _plan(path, retry_failed=True)
+    assert rows["diverges"] == "runs again (--retry-failed)" and plan.to_run == 1
+    assert studies.run_study(str(path), report=False, quiet=True, retry_failed=True).ran == 1
+
+
+def test_dry_run_says_when_another_process_is_running_the_study(tmp_path, stores):
+    path = _write_study(tmp_path, "busy", rows=ROWS[:1])
+    with studies.study_lock("busy", f"sqlite:///{stores / 'optuna.db'}"):
+        _, plan = _plan(path)
+    assert plan.running_elsewhere.startswith(f"process {os.getpid()} (started ")
+    assert _plan(path)[1].running_elsewhere is None
+
+
+def test_dry_run_of_a_search_counts_the_trials_left(tmp_path, stores):
+    space = {"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
+    path = _write_study(tmp_path, "s", kind="search", rows=None, space=space, sampler={"type": "tpe", "seed": 1},
+                        n_trials=2)
+    rows, plan = _plan(path)
+    assert plan.to_run == 2 and rows["next"].startswith("2 trial(s): tpe sampler (seed 1) over loss.name in ['l1'")
+    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1
+    rows, plan = _plan(path)
+    assert plan.to_run == 1 and rows["trial 0"].startswith("done: teacher_gap_mean=")
+    assert studies.run_study(str(path), report=False, quiet=True).ran == plan.to_run
