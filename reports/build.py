@@ -50,7 +50,7 @@ import yaml
 
 from reports.data import (DEFAULT_OUT_ROOT, PAPER_NUMBERS_PATH, ReportError, StudyData, _paper_row, _per_nfe_lines,
                           _replicate_fields, fmt_afs, fmt_delta, fmt_paper, fmt_tmin, fmt_value, load_paper_numbers,
-                          load_study_data, run_hint)
+                          load_study_data, load_study_spec, run_hint)
 from reports.figures import FIGURE_TITLES, figure_png, make_figures, save_figures
 from reports.notebook import export_html, report_markdown, run_notebook, write_notebook
 from reports.tables import (_extra_cells, _seed_noise_reading, ablation_table, comparison_table, frame_to_markdown,
@@ -61,10 +61,11 @@ from reports.tables import (_extra_cells, _seed_noise_reading, ablation_table, c
 __all__ = [
     "DEFAULT_OUT_ROOT", "FIGURE_TITLES", "PAPER_NUMBERS_PATH", "REPORT_ENTRIES", "ReportError", "StudyData",
     "_build_in", "_extra_cells", "_paper_row", "_per_nfe_lines", "_replicate_fields", "_seed_noise_reading",
-    "ablation_table", "build_report", "comparison_table", "export_html", "figure_png", "fmt_afs", "fmt_delta",
-    "fmt_paper", "fmt_tmin", "fmt_value", "frame_to_markdown", "header_markdown", "load_paper_numbers",
-    "load_study_data", "log_report", "main", "make_figures", "publish_report", "reading_markdown", "report_markdown",
-    "report_tables", "run_hint", "run_notebook", "save_figures", "write_notebook",
+    "ablation_table", "build_report", "check_out_dir", "check_spec_name", "comparison_table", "export_html",
+    "figure_png", "fmt_afs", "fmt_delta", "fmt_paper", "fmt_tmin", "fmt_value", "frame_to_markdown",
+    "header_markdown", "load_paper_numbers", "load_study_data", "log_report", "main", "make_figures",
+    "publish_report", "reading_markdown", "report_markdown", "report_tables", "run_hint", "run_notebook",
+    "save_figures", "write_notebook",
 ]
 
 
@@ -126,6 +127,36 @@ def _build_in(stage: Path, data: StudyData, execute_notebook: bool) -> Exception
     return error
 
 
+def check_out_dir(path: str | Path) -> None:
+    """An output folder that cannot be made (a file there, or a file where one of its parents would go) is an
+    error before anything is loaded or built, not a traceback once the report is ready to be moved in."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise ReportError(f"output folder {path} exists and is not a folder; pass --out a folder (it is created "
+                          "if missing)")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ReportError(f"output folder {path} cannot be created: {parent} is not a folder; pass --out a "
+                          "path under a folder")
+
+
+def check_spec_name(study_name: str, spec: str | Path | dict | None) -> None:
+    """A study YAML given explicitly must define this study: another study's YAML would put its description
+    and rows into this study's report. (A `--seeds` study's YAML carries its `<study>-seeds-...` name.)"""
+    if spec is None:
+        return
+    if not isinstance(spec, dict) and Path(spec).is_dir():
+        raise ReportError(f"study YAML {spec} is a folder; pass a study YAML file as --spec")
+    data, path = load_study_spec(study_name, spec)
+    if not isinstance(data, dict):
+        raise ReportError(f"study YAML {path} is not a mapping of study fields")
+    # a YAML without `name:` names its study after the file, as studies/run.py reads it
+    name = str(data.get("name", Path(path).stem if path else study_name))
+    if name != study_name:
+        raise ReportError(f"study YAML {path or '(given as a dict)'} defines study {name!r}, not {study_name!r}; "
+                          f"pass {study_name}'s own YAML as --spec, or leave --spec out")
+
+
 def build_report(study_name: str, *, storage: str | None = None, tracking_uri: str | None = None,
                  out_dir: str | Path | None = None, smoke: bool = False, execute_notebook: bool = True,
                  log_to_mlflow: bool = True, spec: str | Path | dict | None = None) -> Path:
@@ -136,6 +167,8 @@ def build_report(study_name: str, *, storage: str | None = None, tracking_uri: s
     and creates no folder. A notebook that fails to execute is the exception: the report is published and
     logged with the failing cell's output, then the build fails loudly."""
     out = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / (f"{study_name}-smoke" if smoke else study_name)
+    check_out_dir(out)
+    check_spec_name(study_name, spec)
     with tempfile.TemporaryDirectory(prefix="sfd-report-art-") as art:
         data = load_study_data(study_name, storage=storage, tracking_uri=tracking_uri, smoke=smoke, spec=spec,
                                artifact_dir=art)

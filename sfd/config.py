@@ -372,12 +372,18 @@ def _is_section(dotted: str) -> bool:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file; name a config "
+                          "file, e.g. experiments/digits_sfd.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:  # an empty or comment-only file: taken as all defaults, it would start a full-length run
+        raise ConfigError(f"config file {str(path)!r} is empty (no settings); write the config's sections into it, "
+                          "e.g. start from a copy of experiments/digits_sfd.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
     return data

@@ -173,6 +173,27 @@ def test_missing_file_and_non_mapping_yaml(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text", ["", " \n\n", "# settings to come\n"])
+def test_empty_config_file_is_refused_not_taken_as_all_defaults(tmp_path, text):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(ConfigError, match="is empty \\(no settings\\)"):
+        load_config(empty)
+
+
+def test_a_folder_is_not_a_config_file(tmp_path, capsys):
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+    spec = importlib.util.spec_from_file_location("experiments_run", ROOT / "experiments" / "run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tmp_path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"error: config file '{tmp_path}' is a folder, not a YAML file; name a " \
+                                      "config file, e.g. experiments/digits_sfd.yaml\n"
+
+
 def test_cli_bad_field_fails_clearly_and_creates_nothing(tmp_path):
     """experiments/run.py with a typo in the YAML: exit 2, one-line error naming the key, no store created."""
     cfg = tmp_path / "bad.yaml"

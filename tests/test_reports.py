@@ -517,6 +517,52 @@ def test_cli_errors_create_no_folder_and_hint_only_real_studies(store, ablation,
     assert {a.path for a in ablation["L"].client.list_artifacts(parent, "report")} == before  # nothing logged
 
 
+def test_check_out_dir_refuses_a_file_there_or_above(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(rb.ReportError, match=f"output folder {afile} exists and is not a folder"):
+        rb.check_out_dir(afile)
+    with pytest.raises(rb.ReportError, match=f"cannot be created: {afile} is not a folder"):
+        rb.check_out_dir(afile / "sub" / "out")
+    rb.check_out_dir(tmp_path)  # an existing folder, and one still to be made, are fine
+    rb.check_out_dir(tmp_path / "new" / "out")
+
+
+def _refused_before_loading(monkeypatch, capsys, argv: list[str]) -> str:
+    """rb.main(argv) fails with one `error:` line before the study is loaded; returns that line."""
+    monkeypatch.setattr(rb, "load_study_data", lambda *a, **k: pytest.fail("the study was loaded"))
+    assert rb.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+def test_cli_refuses_an_out_that_is_a_file_before_building(tmp_path, monkeypatch, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    err = _refused_before_loading(monkeypatch, capsys, ["ablation_tiny", "--out", str(afile), "--no-log"])
+    assert f"output folder {afile} exists and is not a folder" in err
+    assert afile.read_text() == "mine" and sorted(tmp_path.iterdir()) == [afile]
+
+
+def test_spec_must_define_the_study_being_built(tmp_path, monkeypatch, capsys):
+    other = Path(rb.PAPER_NUMBERS_PATH).parents[1] / "studies" / "ablation_digits.yaml"
+    err = _refused_before_loading(monkeypatch, capsys, ["ux_base", "--spec", str(other), "--out",
+                                                        str(tmp_path / "out"), "--no-log"])
+    assert f"study YAML {other} defines study 'ablation_digits', not 'ux_base'" in err
+    assert not (tmp_path / "out").exists()
+    # its own YAML, a --seeds study's saved YAML, a YAML without name: (named after its file), a dict
+    rb.check_spec_name("ablation_digits", other)
+    seeds = tmp_path / "ablation_digits-seeds-0-1.yaml"
+    seeds.write_text(yaml.safe_dump({"name": "ablation_digits-seeds-0-1", "kind": "ablation", "seeds": [0, 1]}))
+    rb.check_spec_name("ablation_digits-seeds-0-1", seeds)
+    (tmp_path / "plain.yaml").write_text("kind: ablation\n")
+    rb.check_spec_name("plain", tmp_path / "plain.yaml")
+    rb.check_spec_name("ablation_tiny", ABLATION_SPEC)
+    with pytest.raises(rb.ReportError, match="defines study 'ablation_tiny', not 'comparison_tiny'"):
+        rb.check_spec_name("comparison_tiny", ABLATION_SPEC)
+
+
 def test_run_hint_suggests_the_command_that_makes_the_study():
     assert rb.run_hint("ablation_digits", smoke=True) == "run `python studies/run.py ablation_digits --smoke` first"
     assert rb.run_hint("ablation_digits-seeds-0-1", smoke=False) == (
