@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import NoReturn
 
 import torch
 
@@ -29,22 +30,26 @@ from sfd.compiling import maybe_compile, runs_compiled
 from sfd.distill import DistillSettings, Distiller, make_student, prepare_network, sync_device
 from sfd.networks.edm import GROUP_NORMS
 from sfd.sampling import PRECISIONS, GridSpec, generate
+from sfd.solvers import SOLVERS
 from sfd.solvers import nfe as solver_nfe
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
+# --arch -> the EDM network it builds (`tiny`: TINY)
+ARCHS = {"cifar10": "cifar10-32x32-uncond-vp", "imagenet64": "imagenet-64x64-cond-adm",
+         "ffhq64": "ffhq-64x64-uncond-vp"}
+
+
 def build_arch(arch: str) -> torch.nn.Module:
     from sfd.networks.edm import EDMPrecond, build_edm
 
-    names = {"cifar10": "cifar10-32x32-uncond-vp", "imagenet64": "imagenet-64x64-cond-adm",
-             "ffhq64": "ffhq-64x64-uncond-vp"}
     if arch == "tiny":
         return EDMPrecond(**TINY)
-    if arch not in names:
-        raise SystemExit(f"error: unknown --arch {arch!r}; choose from tiny, {', '.join(names)}")
-    return build_edm(names[arch])
+    if arch not in ARCHS:
+        raise SystemExit(f"error: unknown --arch {arch!r}; choose from tiny, {', '.join(ARCHS)}")
+    return build_edm(ARCHS[arch])
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -609,16 +614,53 @@ def _add_timing_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5)
 
 
-def _check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Counts must be positive (warm-up may be 0): a clear error before anything is built or timed."""
+def _refuse(message: str) -> NoReturn:
+    """A bad argument: one line on stderr and exit status 2, before anything is built or timed."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts must be positive (warm-up and --m may be 0)."""
     for name in ("batch", "iters", "num", "samples", "top"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1, got {value}")
-    if getattr(args, "warmup", 0) < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+            _refuse(f"--{name} must be at least 1, got {value}")
+    for name in ("warmup", "m"):
+        if getattr(args, name, 0) < 0:
+            _refuse(f"--{name} must be at least 0, got {getattr(args, name)}")
     if any(n < 1 for n in getattr(args, "nfe", None) or []):
-        parser.error(f"--nfe must be at least 1, got {args.nfe}")
+        _refuse(f"--nfe must be at least 1, got {args.nfe}")
+
+
+def _check_device(name: str | None) -> None:
+    """cpu, or a CUDA device this process sees: torch would otherwise fail mid-setup with a traceback."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        _refuse(f"--device {name!r} is not a device this benchmark runs on; use cpu, cuda or cuda:<index>")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        _refuse(f"--device {name}: this process sees {count} CUDA device(s); use --device cpu"
+                + (f" or cuda:0 to cuda:{count - 1}" if count else ""))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before any work, each failure a one-line error (exit 2)."""
+    _check_counts(args)
+    if getattr(args, "arch", "tiny") not in ("tiny", *ARCHS):
+        _refuse(f"unknown --arch {args.arch!r}; choose from tiny, {', '.join(ARCHS)}")
+    _check_device(getattr(args, "device", None))
+    if getattr(args, "solver", None) is not None and args.solver not in SOLVERS:
+        _refuse(f"unknown --solver {args.solver!r}; choose from {', '.join(sorted(SOLVERS))}")
+    for path in getattr(args, "files", None) or []:
+        if not os.path.isfile(path):
+            _refuse(f"show: {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}; "
+                    "pass files holding the JSON lines that --json runs print")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("show", help="a markdown table of results saved with --json")
     w.add_argument("files", nargs="+")
     args = p.parse_args(argv)
-    _check_counts(p, args)
+    _check_args(args)
     if args.command in ("profile", "distill", "track"):
         speed = dict(precision=args.precision, compile=args.compile, compile_mode=args.compile_mode,
                      channels_last=args.channels_last, group_norm=args.group_norm, device=args.device)

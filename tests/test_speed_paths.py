@@ -120,6 +120,25 @@ def test_benchmark_refuses_bad_counts_before_work(argv, capsys):
     assert err.value.code == 2 and "must be at least" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["distill", "--device", "gpu"], "--device 'gpu' is not a device this benchmark runs on"),
+    (["distill", "--device", "cuda"], "--device cuda: this process sees 0 CUDA device(s); use --device cpu"),
+    (["distill", "--solver", "bogus"], "unknown --solver 'bogus'; choose from dpm2, dpmpp3m, euler"),
+    (["distill", "--m", "-1"], "--m must be at least 0, got -1"),
+    (["sample", "--arch", "cifar100"], "unknown --arch 'cifar100'; choose from tiny, cifar10"),
+    (["show", "/nonexistent/results.jsonl"], "show: /nonexistent/results.jsonl does not exist"),
+])
+def test_benchmark_refuses_bad_arguments_in_one_line_before_work(argv, message, capsys, monkeypatch):
+    import sfd.bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda on a machine without CUDA
+    monkeypatch.setattr(sfd.bench, "build_arch", lambda arch: pytest.fail("a network was built"))
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    text = capsys.readouterr().err
+    assert err.value.code == 2 and text.startswith(f"error: {message}") and text.count("\n") == 1
+
+
 @pytest.mark.parametrize("group_norm", ["native", "channel-stats"])
 def test_compiled_benchmark_counts_graphs_and_the_network_has_no_graph_breaks(group_norm):
     """A graph break would split the network into separately compiled pieces; the benchmark records them so a
