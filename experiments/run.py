@@ -40,6 +40,12 @@ def main(argv=None) -> int:
     from sfd.runner import check_teacher_checkpoint, prepare, run_experiment
 
     try:
+        from sfd.tracking import default_tracking_uri, tracking_uri_problem
+
+        uri = args.tracking_uri or default_tracking_uri()
+        problem = tracking_uri_problem(uri)
+        if problem:  # before the config and its teacher are read, not when the run starts
+            raise ConfigError(f"MLflow tracking URI {uri!r} (--tracking-uri): {problem}")
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             cfg, notes = prepare(cfg, smoke=args.smoke, tracking_uri=args.tracking_uri)

@@ -240,8 +240,11 @@ def load_study_spec(study_name: str, spec: str | Path | dict | None = None) -> t
         if spec:
             raise ReportError(f"study YAML {path} does not exist")
         return {}, None
-    with open(path) as f:
-        return (yaml.safe_load(f) or {}), str(path)
+    try:
+        with open(path) as f:
+            return (yaml.safe_load(f) or {}), str(path)
+    except yaml.YAMLError as exc:
+        raise ReportError(f"study YAML {path} is not valid YAML: {exc}") from None
 
 
 def _sqlite_file(uri: str | None) -> Path | None:

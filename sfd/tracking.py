@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -76,6 +77,34 @@ def sqlite_path(uri: str) -> Path | None:
     """The file behind a ``sqlite:///`` URI, else None."""
     prefix = "sqlite:///"
     return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why SQLAlchemy cannot use a database URL (unparsable, unknown dialect, driver not installed), else None.
+    Connects to nothing and creates no file."""
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(url).dispose()
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError: all mean unusable
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot use a tracking URI (an unknown scheme, a database driver not installed), else None.
+    Creates nothing."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow's error names the schemes it supports
+        supported = re.search(r"Supported URI schemes are: (\[[^]]*\])", str(exc))
+        return "MLflow has no store for this scheme" + (f"; it supports {supported.group(1)}" if supported else
+                                                        f" ({type(exc).__name__})")
+    if "://" in uri and uri.split("://")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        return database_url_problem(uri)
+    return None
 
 
 def ensure_sqlite_parent(uri: str) -> None:
@@ -438,5 +467,6 @@ def fail_stale_children(client, parent_run_id: str, experiment: str, keep: Itera
 __all__ = [
     "RunLogger", "Tracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
     "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
-    "find_runs", "mark_failed", "study_parent_run", "fail_stale_children",
+    "find_runs", "mark_failed", "study_parent_run", "fail_stale_children", "tracking_uri_problem",
+    "database_url_problem",
 ]
