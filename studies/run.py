@@ -25,6 +25,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ OBJECTIVE_METRICS = ("fid", "fd_digits", "pixel_fd", "class_accuracy", "teacher_
 SPEC_KEYS = ("name", "kind", "description", "base", "overrides", "objective", "sampler", "n_trials", "rows",
              "space", "skip_rows", "seeds")
 ROW_KEYS_REQUIRED = ("id", "params")
+OBJECTIVE_KEYS = ("metric", "metrics", "direction", "directions")
+SAMPLER_KEYS = ("type", "seed")
+DISTRIBUTION_KEYS = {"categorical": ("choices",), "float": ("low", "high", "log"), "int": ("low", "high", "log")}
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SMOKE_SEARCH_TRIALS = 3
 INTERRUPTED = "interrupted: the study process stopped during this trial"
 NOT_STARTED = "interrupted: not started"
@@ -104,13 +109,20 @@ def load_spec(name_or_path: str) -> StudySpec:
     import yaml
 
     path = study_path(name_or_path)
+    if path.is_dir():
+        raise StudyError(f"{name_or_path!r} is a folder; name a study (see --list) or a study YAML file")
     if not path.is_file():
         names = [p.stem for p in available_studies()]
         close = difflib.get_close_matches(str(name_or_path), names, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known studies: {', '.join(names)}"
         raise StudyError(f"no study {name_or_path!r} ({path} does not exist); {hint}")
-    data = yaml.safe_load(path.read_text()) or {}
     where = path.stem
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise _fail(where, f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        raise _fail(where, f"{path} is empty; a study YAML needs name, kind, base, objective and rows or space")
     if not isinstance(data, dict):
         raise _fail(where, "the file must be a mapping")
     for key in data:
@@ -119,6 +131,9 @@ def load_spec(name_or_path: str) -> StudySpec:
             raise _fail(where, f"unknown field {key!r}" + (f"; did you mean {' or '.join(close)}?" if close
                                                           else f"; allowed: {', '.join(SPEC_KEYS)}"))
     name = data.get("name", path.stem)
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise _fail(where, f"name: got {name!r}; letters, digits, '_', '.' and '-' only (it names the MLflow "
+                    "experiment, the Optuna study and folders), starting with a letter or digit")
     kind = data.get("kind")
     if kind not in KINDS:
         raise _fail(where, f"kind: got {kind!r}; allowed: {', '.join(KINDS)}")
@@ -127,12 +142,13 @@ def load_spec(name_or_path: str) -> StudySpec:
     base = Path(data["base"])
     base = base if base.is_absolute() else ROOT / base
     if not base.is_file():
-        raise _fail(where, f"base: {data['base']!r} does not exist")
+        raise _fail(where, f"base: {data['base']!r} " + ("is a folder; name an experiments/*.yaml file"
+                                                        if base.is_dir() else "does not exist"))
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise _fail(where, f"overrides: expected a mapping of config keys, got {overrides!r}")
 
-    objective = data.get("objective") or {}
+    objective = _section(where, data, "objective", OBJECTIVE_KEYS)
     metrics = objective.get("metrics", objective.get("metric"))
     directions = objective.get("directions", objective.get("direction", "minimize"))
     metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])
@@ -145,7 +161,7 @@ def load_spec(name_or_path: str) -> StudySpec:
     if len(directions) != len(metrics) or any(d not in DIRECTIONS for d in directions):
         raise _fail(where, f"objective.direction: got {directions!r}; one of {', '.join(DIRECTIONS)} per metric")
 
-    sampler = data.get("sampler") or {}
+    sampler = _section(where, data, "sampler", SAMPLER_KEYS)
     stype = sampler.get("type", "rows" if "rows" in data else "tpe")
     if stype not in SAMPLERS:
         raise _fail(where, f"sampler.type: got {stype!r}; allowed: {', '.join(SAMPLERS)}")
@@ -156,9 +172,17 @@ def load_spec(name_or_path: str) -> StudySpec:
     rows, space = data.get("rows"), data.get("space")
     if (rows is None) == (space is None):
         raise _fail(where, "give either rows: (a table study) or space: (a search study), not both or neither")
+    if (rows is not None) != (kind != "search"):
+        raise _fail(where, f"kind: {kind!r} " + ("searches a space:; a study with rows: is an ablation or a "
+                                                  "comparison" if kind == "search" else
+                                                  "is a table study with rows:; a space: is searched by kind "
+                                                  "'search'"))
     if rows is not None:
         if stype != "rows":
             raise _fail(where, f"sampler.type: a study with rows: uses 'rows', got {stype!r}")
+        if "n_trials" in data:
+            raise _fail(where, "n_trials: a table study runs each of its rows once; to run fewer now, pass "
+                        "--n-trials N")
         _check_rows(where, rows)
         n_trials = len(rows)
     else:
@@ -178,6 +202,21 @@ def load_spec(name_or_path: str) -> StudySpec:
                      overrides=overrides, metrics=metrics, directions=directions, sampler=stype, seed=seed,
                      n_trials=n_trials * len(seeds or [None]), rows=rows or [], space=space or {},
                      skip_rows=skip_rows, path=path, seeds=seeds)
+
+
+def _section(where: str, data: dict, name: str, allowed: tuple[str, ...]) -> dict:
+    """A mapping field of the study (objective, sampler) whose keys are all known: a typo would be ignored."""
+    import difflib
+
+    section = data.get(name) or {}
+    if not isinstance(section, dict):
+        raise _fail(where, f"{name}: expected a mapping with keys {', '.join(allowed)}, got {section!r}")
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            raise _fail(where, f"{name}: unknown key {key!r}" + (f"; did you mean {close[0]}?" if close
+                                                                 else f"; allowed: {', '.join(allowed)}"))
+    return section
 
 
 def _check_skip_rows(where: str, skip_rows, rows) -> None:
@@ -226,6 +265,9 @@ def _check_rows(where: str, rows) -> None:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS_REQUIRED):
             raise _fail(where, f"rows[{i}]: each row needs {' and '.join(ROW_KEYS_REQUIRED)}, got {row!r}")
+        if not isinstance(row["id"], str) or not row["id"].strip():
+            raise _fail(where, f"rows[{i}]: id must be a non-empty string, got {row['id']!r} (quote it: "
+                        f"id: '{row['id']}')")
         if row["id"] in seen:
             raise _fail(where, f"rows[{i}]: duplicate id {row['id']!r}")
         if not isinstance(row["params"], dict):
@@ -244,16 +286,40 @@ def _check_space(where: str, space, sampler: str) -> None:
         except ConfigError as exc:
             raise _fail(where, f"space: {exc}") from None
         kind = dist.get("type") if isinstance(dist, dict) else None
-        if kind == "categorical":
-            if not dist.get("choices"):
-                raise _fail(where, f"space.{key}: categorical needs a non-empty choices list")
-        elif kind in ("float", "int"):
-            if sampler == "grid":
-                raise _fail(where, f"space.{key}: the grid sampler takes categorical choices only")
-            if not all(k in dist for k in ("low", "high")) or not dist["low"] < dist["high"]:
-                raise _fail(where, f"space.{key}: {kind} needs low < high, got {dist!r}")
-        else:
+        if kind not in DISTRIBUTION_KEYS:
             raise _fail(where, f"space.{key}: type must be categorical, float or int, got {dist!r}")
+        unknown = [k for k in dist if k != "type" and k not in DISTRIBUTION_KEYS[kind]]
+        if unknown:
+            raise _fail(where, f"space.{key}: unknown key {unknown[0]!r} for a {kind} distribution; allowed: "
+                        f"type, {', '.join(DISTRIBUTION_KEYS[kind])}")
+        if kind == "categorical":
+            if not isinstance(dist.get("choices"), list) or not dist["choices"]:
+                raise _fail(where, f"space.{key}: categorical needs a non-empty choices list, got "
+                            f"{dist.get('choices')!r}")
+            continue
+        if sampler == "grid":
+            raise _fail(where, f"space.{key}: the grid sampler takes categorical choices only")
+        if not all(k in dist for k in ("low", "high")):
+            raise _fail(where, f"space.{key}: {kind} needs low and high, got {dist!r}")
+        dist["low"], dist["high"] = (_bound(where, f"space.{key}.{k}", dist[k], kind) for k in ("low", "high"))
+        if not dist["low"] < dist["high"]:
+            raise _fail(where, f"space.{key}: {kind} needs low < high, got {dist!r}")
+        if not isinstance(dist.get("log", False), bool):
+            raise _fail(where, f"space.{key}.log: got {dist['log']!r}; true or false")
+
+
+def _bound(where: str, key: str, value, kind: str) -> float | int:
+    """An end of a float / int range as a number. YAML reads `2e-3` (no dot) as a string; it means 0.002."""
+    if kind == "float" and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (isinstance(value, (int, float)) if kind == "float" else isinstance(value, int)) and \
+        not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise _fail(where, f"{key}: got {value!r}; a finite {'number' if kind == 'float' else 'integer'}")
+    return float(value) if kind == "float" else value
 
 
 # ----- configs (validated, assets checked: nothing is created) ----------------------------------------------
@@ -376,10 +442,93 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
         return skipped, resolved_rows
     base = check(lambda: trial_config(spec, {}, 0), "base")
     for key, dist in spec.space.items():
-        values = dist["choices"] if dist["type"] == "categorical" else [dist["low"], dist["high"]]
-        for value in values:
+        for value in space_values(dist):
             check(lambda: trial_config(spec, {key: value}, 0), f"space.{key}={value!r}")
     return skipped, {"base": base}
+
+
+def space_values(dist: dict) -> list:
+    """The values of a distribution that the checks try: every choice, every value of an int range of up to
+    64 (some settings allow only some NFEs), else the two ends."""
+    if dist["type"] == "categorical":
+        return list(dist["choices"])
+    if dist["type"] == "int" and dist["high"] - dist["low"] < 64:
+        return list(range(dist["low"], dist["high"] + 1))
+    return [dist["low"], dist["high"]]
+
+
+# ----- what a study recorded, against its YAML now -----------------------------------------------------------
+
+def recorded_study(storage_url: str, study_name: str):
+    """The Optuna study as stored, or None when it does not exist yet. Never creates a sqlite file or a study."""
+    import optuna
+
+    from sfd.tracking import sqlite_path
+
+    path = sqlite_path(storage_url)
+    if path is not None and not path.expanduser().exists():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage_url)
+    except KeyError:  # no such study in the storage
+        return None
+
+
+def declared_settings(spec: StudySpec, params: dict) -> dict:
+    """The value of every config key the study itself sets for a run (its overrides, and a row's params), as
+    JSON types. Recorded on each trial, so that a resumed study can tell a row whose YAML changed."""
+    import json
+
+    from sfd.config import flatten_updates, from_dict, merge, to_dict
+
+    data = to_dict(from_dict(merge(base_data(spec), params)))
+    values = {}
+    for key, _ in flatten_updates({**spec.overrides, **params}):
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[key] = node
+    return json.loads(json.dumps(values))
+
+
+def check_record(spec: StudySpec, study, retry_failed: bool) -> None:
+    """Refuse to resume a study whose YAML no longer describes what it ran: another objective (Optuna keeps
+    a study's), or a finished row run with settings its YAML no longer gives (the report would label the old
+    result with the new settings)."""
+    from optuna.trial import TrialState
+
+    def objective(metrics, directions) -> str:
+        return ", ".join(f"{m} ({d})" for m, d in zip(metrics, directions))
+
+    metrics = study.user_attrs.get("objective_metrics", spec.metrics)
+    directions = [d.name.lower() for d in study.directions]
+    if list(metrics) != spec.metrics or directions != spec.directions:
+        raise StudyError(f"study {spec.name}: its Optuna study optimises {objective(metrics, directions)}, but the "
+                         f"YAML now asks for {objective(spec.metrics, spec.directions)}; a study keeps its "
+                         "objective, so give the YAML a new name: (the runs so far stay under the old one)")
+    rows = {r["id"]: r for r in spec.rows}
+    changed = []
+    for t in study.get_trials(deepcopy=False):
+        kept = t.state == TrialState.COMPLETE or (
+            t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and not retry_failed)
+        row = rows.get(t.user_attrs.get("row")) if spec.rows else {"params": {}}
+        if not kept or row is None or "declared" not in t.user_attrs:  # not reported, or recorded before this check
+            continue
+        then, now = t.user_attrs["declared"], declared_settings(spec, row["params"])
+        diff = [f"{k}: {then.get(k, '(not set)')!r} -> {now.get(k, '(not set)')!r}"
+                for k in sorted(set(then) | set(now)) if then.get(k, ()) != now.get(k, ())]
+        if diff:
+            what = f"row {row['id']!r}" if spec.rows else f"trial {t.number}"
+            changed.append(f"{what} ({'; '.join(diff)})")
+    if changed:
+        way_out = ("give each changed row a new id (the old result stays under the old id)" if spec.rows else
+                   "give the YAML a new name: for a new search")
+        raise StudyError(f"study {spec.name}: finished trials ran with settings the YAML no longer gives, so the "
+                         f"report would show their results under settings they did not use: {', '.join(changed)}. "
+                         f"To run the new settings, {way_out}; or restore the YAML"
+                         + ("; a failed row also reruns with --retry-failed" if spec.rows and not retry_failed
+                            else ""))
 
 
 # ----- Optuna ----------------------------------------------------------------------------------------------
@@ -535,6 +684,7 @@ class TrialLoop:
                 tags["sfd.first_stage_row"] = target
         else:
             cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
+        trial.set_user_attr("declared", declared_settings(spec, self.rows[row_id]["params"] if self.rows else {}))
         if worker is not None:
             cfg = replace(cfg, {"device": worker.config_device})
             tags["sfd.worker_device"] = worker.device
@@ -862,8 +1012,10 @@ class CheckedStudy:
 
 
 def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracking_uri: str | None,
-                     n_trials: int | None, seeds: list[int] | None, devices: list[str] | None) -> CheckedStudy:
-    """The study, its options and every row's config and assets, checked; creates nothing."""
+                     n_trials: int | None, seeds: list[int] | None, devices: list[str] | None,
+                     retry_failed: bool) -> CheckedStudy:
+    """The study, its options, every row's config and assets, and what the study recorded so far, checked;
+    creates nothing."""
     from sfd import tracking as T
 
     if n_trials is not None and n_trials < 1:
@@ -881,7 +1033,15 @@ def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracki
         spec, spec_text = with_seeds(spec, seeds)
     tracking_uri = tracking_uri or T.default_tracking_uri()
     storage_url = storage or T.default_optuna_storage()
+    problems = {f"MLflow tracking URI {tracking_uri!r} (--tracking-uri)": T.tracking_uri_problem(tracking_uri),
+                f"Optuna storage {storage_url!r} (--storage)": T.database_url_problem(storage_url)}
+    for what, problem in problems.items():
+        if problem:
+            raise StudyError(f"{what}: {problem}")
     skipped, configs = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if devices else None)
+    study = recorded_study(storage_url, spec.experiment(smoke))
+    if study is not None:
+        check_record(spec, study, retry_failed)
     return CheckedStudy(spec, spec_text, tracking_uri, storage_url, devices, skipped, configs)
 
 
@@ -909,7 +1069,9 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     start = time.perf_counter()
     from sfd import tracking as T
 
-    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices)
+    if report and out_dir is not None:
+        check_report_folder(out_dir)
+    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
     spec, spec_text, skipped = checked.spec, checked.spec_text, checked.skipped
     tracking_uri, storage_url, devices = checked.tracking_uri, checked.storage_url, checked.devices
     if spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
@@ -993,22 +1155,6 @@ class StudyPlan:
     to_run: int  # trials a run of the same command would start now
     lines: list[tuple[str, str, str]]  # (row / trial, what a run would do, its settings)
     running_elsewhere: str | None  # the lock's note, when another process is running the study now
-
-
-def recorded_trials(storage_url: str, study_name: str) -> list:
-    """The study's trials, or [] when it does not exist yet. Never creates a sqlite file or a study."""
-    import optuna
-
-    from sfd.tracking import sqlite_path
-
-    path = sqlite_path(storage_url)
-    if path is not None and not path.expanduser().exists():
-        return []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage_url).get_trials(deepcopy=False)
-    except KeyError:  # no such study in the storage
-        return []
 
 
 def settings(cfg) -> str:
@@ -1100,10 +1246,11 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
                seeds: list[int] | None = None, devices: list[str] | None = None) -> StudyPlan:
     """What `run_study` with these options would do now, after the same checks; creates nothing (no store, no
     study, no lock, no run)."""
-    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices)
+    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
     spec = checked.spec
     study_name = spec.experiment(smoke)
-    trials = recorded_trials(checked.storage_url, study_name)
+    study = recorded_study(checked.storage_url, study_name)
+    trials = study.get_trials(deepcopy=False) if study is not None else []
     if smoke and spec.space and n_trials is None:
         n_trials = SMOKE_SEARCH_TRIALS
     holder = lock_holder(study_name, checked.storage_url)
@@ -1165,6 +1312,18 @@ def print_summary(spec: StudySpec, study, smoke: bool = False) -> None:
             if t.state == TrialState.COMPLETE:
                 shown = ",".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in t.params.values())
                 line(f"trial {t.number} {shown}", t)
+
+
+def check_report_folder(out_dir) -> None:
+    """`--out` must be a folder that can be made, before the trials run rather than after."""
+    try:
+        from reports.build import ReportError, check_out_dir
+    except ImportError:  # no report will be built either (see build_report)
+        return
+    try:
+        check_out_dir(out_dir)
+    except ReportError as exc:
+        raise StudyError(f"--out: {exc}") from None
 
 
 def build_report(name: str, storage: str, tracking_uri: str, out_dir, smoke: bool, say) -> Path | None:

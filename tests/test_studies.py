@@ -175,6 +175,19 @@ def test_grid_search_runs_each_point_once_and_stops_when_the_grid_is_done(tmp_pa
     ({"seeds": []}, "seeds: got []; a non-empty list"),
     ({"seeds": [0, True]}, "seeds: got [0, True]"),
     ({"seeds": [0, -1]}, "seeds: got [0, -1]; a non-empty list of distinct integers >= 0"),
+    ({"objective": "teacher_gap_mean"}, "objective: expected a mapping with keys metric, metrics, direction, "
+                                        "directions, got 'teacher_gap_mean'"),
+    ({"objective": {"metric": "teacher_gap_mean", "directon": "maximize"}},
+     "objective: unknown key 'directon'; did you mean direction?"),
+    ({"sampler": "rows"}, "sampler: expected a mapping with keys type, seed, got 'rows'"),
+    ({"sampler": {"type": "rows", "sed": 3}}, "sampler: unknown key 'sed'; did you mean seed?"),
+    ({"rows": [{"id": 1, "params": {}}]}, "rows[0]: id must be a non-empty string, got 1 (quote it: id: '1')"),
+    ({"rows": [{"id": ["a"], "params": {}}]}, "rows[0]: id must be a non-empty string, got ['a']"),
+    ({"name": "../elsewhere"}, "name: got '../elsewhere'; letters, digits, '_', '.' and '-' only"),
+    ({"name": 5}, "name: got 5; letters"),
+    ({"kind": "search"}, "kind: 'search' searches a space:; a study with rows: is an ablation or a comparison"),
+    ({"n_trials": 1}, "n_trials: a table study runs each of its rows once; to run fewer now, pass --n-trials N"),
+    ({"base": "experiments"}, "base: 'experiments' is a folder; name an experiments/*.yaml file"),
 ])
 def test_bad_study_yaml_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
     path = _write_study(tmp_path, **edit)
@@ -233,7 +246,7 @@ def test_seeds_option_replicates_any_table_study_as_a_study_of_its_own(tmp_path,
 
 @pytest.mark.parametrize("how", ["yaml", "option"])
 def test_replicates_are_refused_for_a_search(tmp_path, stores, how):
-    path = _write_study(tmp_path, rows=None, sampler={"type": "tpe", "seed": 0}, n_trials=2,
+    path = _write_study(tmp_path, kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_trials=2,
                         seeds=[0, 1] if how == "yaml" else None,
                         space={"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}})
     with pytest.raises(ValueError, match="seeds: replicates are for table studies"):
@@ -518,3 +531,141 @@ def test_dry_run_of_a_search_counts_the_trials_left(tmp_path, stores):
     rows, plan = _plan(path)
     assert plan.to_run == 1 and rows["trial 0"].startswith("done: teacher_gap_mean=")
     assert studies.run_study(str(path), report=False, quiet=True).ran == plan.to_run
+
+
+SEARCH = dict(kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_trials=2)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"space": {"student.t_min": {"type": "float", "low": 0.002, "high": 0.05, "lgo": True}}},
+     "space.student.t_min: unknown key 'lgo' for a float distribution; allowed: type, low, high, log"),
+    ({"space": {"loss.name": {"type": "categorical", "choices": "l1"}}},
+     "space.loss.name: categorical needs a non-empty choices list, got 'l1'"),
+    ({"space": {"student.t_min": {"type": "float", "low": "1e-3x", "high": 0.05}}},
+     "space.student.t_min.low: got '1e-3x'; a finite number"),
+    ({"space": {"student.nfe": {"type": "int", "low": 1.5, "high": 4}}}, "space.student.nfe.low: got 1.5; a finite integer"),
+    ({"space": {"student.t_min": {"type": "float", "low": 0.002, "high": 0.05, "log": "yes"}}},
+     "space.student.t_min.log: got 'yes'; true or false"),
+    ({"kind": "ablation", "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
+     "kind: 'ablation' is a table study with rows:; a space: is searched by kind 'search'"),
+    # every NFE of a short range is checked, not only its ends: Heun without AFS spends an even number
+    ({"overrides": {**TINY, "algorithm": "baseline", "solver.name": "heun", "student.afs": False},
+      "space": {"student.nfe": {"type": "int", "low": 2, "high": 6}}}, "space.student.nfe=3"),
+])
+def test_bad_search_space_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
+    path = _write_study(tmp_path, "s", **{**SEARCH, **edit})
+    with pytest.raises(ValueError) as err:
+        studies.run_study(str(path), report=False, quiet=True)
+    assert message in str(err.value)
+    assert not stores.exists()
+
+
+def test_range_ends_written_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads `2e-3` as a string; a float range end means the number."""
+    path = tmp_path / "s.yaml"
+    path.write_text(_write_study(tmp_path, "s", **SEARCH, space={}).read_text().replace(
+        "space: {}", "space:\n  student.t_min: {type: float, low: 2e-3, high: 5e-2, log: true}"))
+    dist = studies.load_spec(str(path)).space["student.t_min"]
+    assert (dist["low"], dist["high"]) == (0.002, 0.05)
+
+
+@pytest.mark.parametrize("option,message", [
+    ({"storage": "foo://bar"}, "Optuna storage 'foo://bar' (--storage): NoSuchModuleError"),
+    ({"storage": "mysql://user@host/db"}, "Optuna storage 'mysql://user@host/db' (--storage): ModuleNotFoundError"),
+    ({"tracking_uri": "foo://bar"}, "MLflow tracking URI 'foo://bar' (--tracking-uri): MLflow has no store for "
+                                    "this scheme; it supports ["),
+])
+def test_unusable_store_urls_are_refused_before_anything_is_created(tmp_path, stores, option, message):
+    path = _write_study(tmp_path, rows=ROWS[:1])
+    for run in (studies.run_study, studies.plan_study):
+        with pytest.raises(studies.StudyError) as err:
+            run(str(path), **option, **({"report": False, "quiet": True} if run is studies.run_study else {}))
+        assert message in str(err.value)
+    assert not stores.exists()
+
+
+# ----- a resumed study against what it recorded ------------------------------------------------------------------
+
+def test_a_row_edited_after_it_ran_is_refused_not_reported_under_its_new_settings(tmp_path, stores):
+    path = _write_study(tmp_path, rows=ROWS[:2])
+    assert studies.run_study(str(path), report=False, quiet=True).ran == 2
+    edited = [{**ROWS[0], "params": {"loss.name": "l2"}}, ROWS[1]]
+    _write_study(tmp_path, rows=edited)
+    for run in (studies.run_study, studies.plan_study):
+        with pytest.raises(studies.StudyError) as err:
+            run(str(path), **({"report": False, "quiet": True} if run is studies.run_study else {}))
+        assert ("finished trials ran with settings the YAML no longer gives, so the report would show their "
+                "results under settings they did not use: row 'sfd-l1' (loss.name: 'l1' -> 'l2')") in str(err.value)
+        assert "give each changed row a new id" in str(err.value)
+    _write_study(tmp_path, rows=ROWS[:2], overrides={**TINY, "optim.total_kimg": 0.064})  # the budget of both
+    with pytest.raises(studies.StudyError, match=r"row 'sfd-l1' \(optim.total_kimg: 0.048 -> 0.064\), row "
+                                                 r"'sfd-l2-noafs' \(optim.total_kimg: 0.048 -> 0.064\)"):
+        studies.run_study(str(path), report=False, quiet=True)
+    _write_study(tmp_path, rows=[{**edited[0], "id": "sfd-l1-as-l2"}, ROWS[1]])  # a new id: a new row
+    out = studies.run_study(str(path), report=False, quiet=True)
+    assert out.ran == 1 and not out.failed
+    trials = optuna.load_study(study_name="mini", storage=out.storage).get_trials()
+    assert trials[-1].user_attrs["row"] == "sfd-l1-as-l2"
+    assert trials[-1].user_attrs["declared"] == {**TINY, "loss.name": "l2"}
+
+
+def test_a_failed_row_edited_after_it_ran_reruns_with_retry_failed(tmp_path, stores):
+    path = _write_study(tmp_path, rows=[ROWS[2]])
+    assert [n for n, _ in studies.run_study(str(path), report=False, quiet=True).failed] == [0]
+    _write_study(tmp_path, rows=[{**ROWS[2], "params": {**ROWS[2]["params"], "optim.lr": 1e-4}}])
+    with pytest.raises(studies.StudyError, match="optim.lr: 1000000000000.0 -> 0.0001.*also reruns with "
+                                                 "--retry-failed"):
+        studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), report=False, quiet=True, retry_failed=True)
+    assert out.ran == 1 and not out.failed
+
+
+def test_a_changed_objective_is_refused(tmp_path, stores):
+    path = _write_study(tmp_path, rows=ROWS[:1])
+    studies.run_study(str(path), report=False, quiet=True)
+    _write_study(tmp_path, rows=ROWS[:1], objective={"metric": "teacher_gap_mean", "direction": "maximize"})
+    with pytest.raises(studies.StudyError, match=r"its Optuna study optimises teacher_gap_mean \(minimize\), but "
+                                                 r"the YAML now asks for teacher_gap_mean \(maximize\)"):
+        studies.run_study(str(path), report=False, quiet=True)
+
+
+def test_a_search_whose_overrides_changed_is_refused(tmp_path, stores):
+    space = {"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
+    path = _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 1}, space=space)
+    assert studies.run_study(str(path), report=False, quiet=True).ran == 1
+    _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 2}, space=space)  # more trials: fine
+    assert studies.plan_study(str(path)).to_run == 1
+    _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 2}, space=space, overrides={**TINY, "student.nfe": 3})
+    with pytest.raises(studies.StudyError, match=r"trial 0 \(student.nfe: '\(not set\)' -> 3\).*give the YAML a "
+                                                 "new name: for a new search"):
+        studies.run_study(str(path), report=False, quiet=True)
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_trials_run(tmp_path, stores):
+    path = _write_study(tmp_path, rows=ROWS[:1])
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    with pytest.raises(studies.StudyError, match="--out: output folder .*a-file exists and is not a folder"):
+        studies.run_study(str(path), out_dir=str(taken), quiet=True)
+    assert not stores.exists()
+
+
+def test_an_empty_or_broken_study_yaml_says_so(tmp_path):
+    empty, broken = tmp_path / "empty.yaml", tmp_path / "broken.yaml"
+    empty.write_text("# nothing yet\n")
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(studies.StudyError, match="empty.yaml is empty; a study YAML needs name, kind, base"):
+        studies.load_spec(str(empty))
+    with pytest.raises(studies.StudyError, match="broken.yaml is not valid YAML"):
+        studies.load_spec(str(broken))
+    with pytest.raises(studies.StudyError, match="is a folder; name a study"):
+        studies.load_spec(str(tmp_path))
+
+
+def test_experiments_run_refuses_an_unusable_tracking_uri_before_reading_the_config(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), str(tmp_path / "missing.yaml"),
+                             "--tracking-uri", "foo://bar"], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: MLflow tracking URI 'foo://bar' (--tracking-uri): MLflow has no store")
+    assert list(tmp_path.iterdir()) == []
