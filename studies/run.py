@@ -126,6 +126,8 @@ def load_spec(name_or_path: str) -> StudySpec:
     if not isinstance(data, dict):
         raise _fail(where, "the file must be a mapping")
     for key in data:
+        if not isinstance(key, str):
+            raise _fail(where, f"field names are words, got {key!r}; allowed: {', '.join(SPEC_KEYS)}")
         if key not in SPEC_KEYS:
             close = difflib.get_close_matches(key, SPEC_KEYS, n=2)
             raise _fail(where, f"unknown field {key!r}" + (f"; did you mean {' or '.join(close)}?" if close
@@ -191,7 +193,7 @@ def load_spec(name_or_path: str) -> StudySpec:
         _check_space(where, space, stype)
         n_trials = data.get("n_trials") or (math.prod(len(s["choices"]) for s in space.values())
                                             if stype == "grid" else None)
-        if not isinstance(n_trials, int) or n_trials < 1:
+        if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
             raise _fail(where, f"n_trials: got {data.get('n_trials')!r}; a positive integer")
     seeds = data.get("seeds")
     if seeds is not None:
@@ -475,29 +477,47 @@ def recorded_study(storage_url: str, study_name: str):
         return None
 
 
-def declared_settings(spec: StudySpec, params: dict) -> dict:
-    """The value of every config key the study itself sets for a run (its overrides, and a row's params), as
-    JSON types. Recorded on each trial, so that a resumed study can tell a row whose YAML changed."""
+# Run-config keys that say how a run is carried out, not what it measures (results agree to rounding, or to
+# dropout masks drawn in another memory order): a study may change them between trials.
+EXECUTION_KEYS = ("name", "device", "precision", "compile", "compile_mode", "channels_last", "group_norm",
+                  "eval.compile", "eval.batch_size", "log.every")
+
+
+def recorded_config(cfg) -> dict:
+    """A trial's run config as recorded on the trial (flat, JSON types, without EXECUTION_KEYS): what a resumed
+    study compares with the config its YAML gives now."""
     import json
 
-    from sfd.config import flatten_updates, from_dict, merge, to_dict
+    from sfd.config import flatten, to_dict
 
-    data = to_dict(from_dict(merge(base_data(spec), params)))
-    values = {}
-    for key, _ in flatten_updates({**spec.overrides, **params}):
-        node = data
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        values[key] = node
-    return json.loads(json.dumps(values))
+    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in EXECUTION_KEYS}
+    return json.loads(json.dumps(flat))
+
+
+def shown_trials(spec: StudySpec, study, retry_failed: bool) -> list:
+    """The finished trials a report shows and a resume keeps: each row's (and seed's) latest complete trial,
+    else its latest failure unless it is retried; every complete (or kept failed) trial of a search."""
+    from optuna.trial import TrialState
+
+    def kept(t) -> bool:
+        return t.state == TrialState.COMPLETE or (
+            t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and not retry_failed)
+
+    trials = study.get_trials(deepcopy=False)
+    if not spec.rows:
+        return [t for t in trials if kept(t)]
+    latest: dict = {}
+    for t in trials:  # in trial order: a later complete trial replaces an earlier one, a failure never does
+        key = row_key(t)
+        if t.state == TrialState.COMPLETE or (key not in latest or latest[key].state != TrialState.COMPLETE):
+            latest[key] = t
+    return [t for t in latest.values() if kept(t)]
 
 
 def check_record(spec: StudySpec, study, retry_failed: bool) -> None:
     """Refuse to resume a study whose YAML no longer describes what it ran: another objective (Optuna keeps
-    a study's), or a finished row run with settings its YAML no longer gives (the report would label the old
-    result with the new settings)."""
-    from optuna.trial import TrialState
-
+    a study's), or a finished row whose config the YAML (or its base) now gives differently (the report would
+    label the old result with the new settings)."""
     def objective(metrics, directions) -> str:
         return ", ".join(f"{m} ({d})" for m, d in zip(metrics, directions))
 
@@ -509,16 +529,14 @@ def check_record(spec: StudySpec, study, retry_failed: bool) -> None:
                          "objective, so give the YAML a new name: (the runs so far stay under the old one)")
     rows = {r["id"]: r for r in spec.rows}
     changed = []
-    for t in study.get_trials(deepcopy=False):
-        kept = t.state == TrialState.COMPLETE or (
-            t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and not retry_failed)
-        row = rows.get(t.user_attrs.get("row")) if spec.rows else {"params": {}}
-        if not kept or row is None or "declared" not in t.user_attrs:  # not reported, or recorded before this check
+    for t in shown_trials(spec, study, retry_failed):
+        row = rows.get(t.user_attrs.get("row"))
+        if "config" not in t.user_attrs or (spec.rows and row is None):  # recorded before this check; not shown
             continue
-        then, now = t.user_attrs["declared"], declared_settings(spec, row["params"])
-        diff = [f"{k}: {then.get(k, '(not set)')!r} -> {now.get(k, '(not set)')!r}"
-                for k in sorted(set(then) | set(now)) if then.get(k, ()) != now.get(k, ())]
-        if diff:
+        now = recorded_config(row_config(spec, row) if spec.rows else trial_config(spec, t.params, t.number))
+        then = t.user_attrs["config"]
+        diff = [f"{k}: {then[k]!r} -> {now[k]!r}" for k in sorted(set(then) & set(now)) if then[k] != now[k]]
+        if diff:  # (a key on one side only is a schema change between versions, not an edit)
             what = f"row {row['id']!r}" if spec.rows else f"trial {t.number}"
             changed.append(f"{what} ({'; '.join(diff)})")
     if changed:
@@ -575,10 +593,17 @@ def recover_interrupted(study, storage, client) -> list:
                     mark_failed(client, run_id, INTERRUPTED)
             except Exception as exc:  # noqa: BLE001 - a missing run must not block the resume
                 print(f"note: could not mark MLflow run {run_id} failed: {exc}", file=sys.stderr)
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
-        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        interrupt_stored(storage, trial, INTERRUPTED)
     return stale
+
+
+def interrupt_stored(storage, trial, reason: str) -> None:
+    """Mark a trial this process did not ask for (RUNNING or WAITING) interrupted: FAIL, rerun next time."""
+    from optuna.trial import TrialState
+
+    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+    storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+    storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
 
 
 def rows_left(spec: StudySpec, trials: list, retry_failed: bool, skipped: dict) -> tuple[list, list]:
@@ -589,10 +614,26 @@ def rows_left(spec: StudySpec, trials: list, retry_failed: bool, skipped: dict) 
     done = {row_key(t) for t in trials if t.state == TrialState.COMPLETE}
     if not retry_failed:  # failed for a reason of their own (not interrupted): stay failed
         done |= {row_key(t) for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")}
-    queued = [row_key(t) for t in trials if t.state == TrialState.WAITING]
+    dropped = {t.number for t, _ in unlisted_queue(spec, trials, skipped)}
+    queued = [row_key(t) for t in trials if t.state == TrialState.WAITING and t.number not in dropped]
     new = [(r["id"], seed) for r in spec.rows for seed in spec.replicates()
            if r["id"] not in skipped and (r["id"], seed) not in done | set(queued)]
     return queued, new
+
+
+def unlisted_queue(spec: StudySpec, trials: list, skipped: dict) -> list[tuple[Any, str]]:
+    """Queued trials of rows the YAML now skips or no longer has, with why they will not run."""
+    from optuna.trial import TrialState
+
+    ids = {r["id"] for r in spec.rows}
+    out = []
+    for t in trials:
+        row = t.user_attrs.get("row")
+        if t.state == TrialState.WAITING and spec.rows and (row in skipped or row not in ids):
+            why = (f"the study skips row {row!r} ({skipped[row]})" if row in skipped else
+                   f"the study YAML no longer has row {row!r}")
+            out.append((t, f"{NOT_STARTED}: {why}"))
+    return out
 
 
 def search_left(spec: StudySpec, trials: list, retry_failed: bool, limit: int | None) -> tuple[list[dict], int]:
@@ -674,6 +715,7 @@ class TrialLoop:
                 raise StudyError(f"study {spec.name}: trial {trial.number} names row {row_id!r}, which the study "
                                  "YAML no longer has")
             cfg = row_config(spec, self.rows[row_id])
+            trial.set_user_attr("config", recorded_config(cfg))
             seed = trial.user_attrs.get("seed")
             if seed is not None:
                 cfg = replace(cfg, {"seed": seed})
@@ -683,8 +725,8 @@ class TrialLoop:
                                                                                    seed)})
                 tags["sfd.first_stage_row"] = target
         else:
-            cfg = trial_config(spec, {k: suggest(trial, k, d) for k, d in spec.space.items()}, trial.number)
-        trial.set_user_attr("declared", declared_settings(spec, self.rows[row_id]["params"] if self.rows else {}))
+            cfg = trial_config(spec, self.suggest_params(trial), trial.number)
+            trial.set_user_attr("config", recorded_config(cfg))
         if worker is not None:
             cfg = replace(cfg, {"device": worker.config_device})
             tags["sfd.worker_device"] = worker.device
@@ -762,10 +804,16 @@ class TrialLoop:
                 return trial
         while self.can_ask():
             trial = self.study.ask()
+            if not self.rows:  # at once: a trial stopped before its run still has its point, so it is retried
+                self.suggest_params(trial)
             if ready(trial):
                 return trial
             held.append(trial)
         return None
+
+    def suggest_params(self, trial) -> dict:
+        """The search trial's point (asking again returns the same values)."""
+        return {k: suggest(trial, k, d) for k, d in self.spec.space.items()}
 
     def not_started(self, held: list, todo: int) -> None:
         """Second-stage rows asked for but not run (the `--n-trials` limit was reached while they waited for
@@ -1106,6 +1154,8 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
             study.set_user_attr(key, value)
 
         stale = recover_interrupted(study, optuna_storage, client)
+        for trial, reason in unlisted_queue(spec, study.get_trials(deepcopy=False), skipped):
+            interrupt_stored(optuna_storage, trial, reason)  # not run now; queued again if the row comes back
         T.fail_stale_children(client, parent_id, experiment)
         if smoke and spec.space and n_trials is None:
             n_trials = SMOKE_SEARCH_TRIALS
@@ -1155,6 +1205,7 @@ class StudyPlan:
     to_run: int  # trials a run of the same command would start now
     lines: list[tuple[str, str, str]]  # (row / trial, what a run would do, its settings)
     running_elsewhere: str | None  # the lock's note, when another process is running the study now
+    assumption: str | None = None  # what the prediction takes for granted, if anything
 
 
 def settings(cfg) -> str:
@@ -1186,15 +1237,52 @@ def outcome_text(spec: StudySpec, smoke: bool, trial) -> str:
     return f"failed, kept (--retry-failed runs it again): {trial.user_attrs.get('fail_reason', '?')}"
 
 
+def simulate_starts(order: list, waits_for, limit: int | None, workers: int) -> tuple[list, list]:
+    """The trial loop's choice of trials (`TrialLoop.next_trial`), replayed on (row, seed) keys: which it starts,
+    in order, and which second stages it holds back and leaves unstarted at the `--n-trials` limit. With
+    several workers it assumes that trials end in the order they started."""
+    queue, held, busy, started = list(order), [], [], []
+    limit = len(order) if limit is None else limit
+
+    def ready(key) -> bool:
+        return waits_for(key) not in set(busy) | {h for h in held if h != key} | set(queue)
+
+    def next_key():
+        for key in held:
+            if ready(key):
+                held.remove(key)
+                return key
+        while queue:
+            key = queue.pop(0)
+            if ready(key):
+                return key
+            held.append(key)
+        return None
+
+    while True:
+        while len(busy) < workers and len(started) < limit and (key := next_key()) is not None:
+            started.append(key)
+            busy.append(key)
+        if not busy:
+            return started, held
+        busy.pop(0)
+
+
 def plan_rows(checked: CheckedStudy, trials: list, smoke: bool, retry_failed: bool, limit: int | None,
               live: bool):
     """One line per (row, seed) in YAML order, and how many trials would run now."""
     from optuna.trial import TrialState
 
     spec = checked.spec
+    rows = {r["id"]: r for r in spec.rows}
+
+    def waits_for(key):
+        target = first_stage_row(spec, rows[key[0]])
+        return None if target is None else (target, key[1])
+
     queued, new = rows_left(spec, trials, retry_failed, checked.skipped)
     order = queued + new
-    now = set(order if limit is None else order[:limit])
+    started, held = simulate_starts(order, waits_for, limit, len(checked.devices or [None]))
     lines = []
     for row in spec.rows:
         for seed in spec.replicates():
@@ -1204,15 +1292,18 @@ def plan_rows(checked: CheckedStudy, trials: list, smoke: bool, retry_failed: bo
             if row["id"] in checked.skipped:
                 lines.append((label, f"skipped: {checked.skipped[row['id']]}", "–"))
                 continue
-            if key in now:
+            if key in started:
                 plan = "queued" if mine and mine[-1].state == TrialState.WAITING else (
                     why_again(mine[-1], live) if mine else "runs")
+            elif key in held:
+                plan = (f"not started: waits for its first stage row {waits_for(key)[0]!r} until --n-trials {limit} "
+                        "is reached; runs next time")
             elif key in order:
                 plan = f"waits: beyond --n-trials {limit}"
             else:
                 plan = outcome_text(spec, smoke, done or mine[-1])
             lines.append((label, plan, settings(checked.configs[row["id"]])))
-    return lines, min(len(order), len(order) if limit is None else limit)
+    return lines, len(started)
 
 
 def plan_search(checked: CheckedStudy, trials: list, smoke: bool, retry_failed: bool, limit: int | None,
@@ -1243,9 +1334,12 @@ def plan_search(checked: CheckedStudy, trials: list, smoke: bool, retry_failed: 
 
 def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
                tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
-               seeds: list[int] | None = None, devices: list[str] | None = None) -> StudyPlan:
+               seeds: list[int] | None = None, devices: list[str] | None = None, report: bool = True,
+               out_dir: str | None = None) -> StudyPlan:
     """What `run_study` with these options would do now, after the same checks; creates nothing (no store, no
     study, no lock, no run)."""
+    if report and out_dir is not None:
+        check_report_folder(out_dir)
     checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
     spec = checked.spec
     study_name = spec.experiment(smoke)
@@ -1256,8 +1350,12 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
     holder = lock_holder(study_name, checked.storage_url)
     make = plan_rows if spec.rows else plan_search
     lines, to_run = make(checked, trials, smoke, retry_failed, n_trials, live=holder is not None)
+    waiting_rows = any(first_stage_row(spec, r) for r in spec.rows)
+    assumption = ("trials end in the order they start (with several workers, which second stage can start "
+                  "before --n-trials is reached depends on that)" if waiting_rows and n_trials is not None
+                  and len(checked.devices or []) > 1 else None)
     return StudyPlan(spec.name, study_name, checked.storage_url, checked.tracking_uri, len(trials), to_run, lines,
-                     holder)
+                     holder, assumption)
 
 
 def print_plan(plan: StudyPlan) -> None:
@@ -1267,6 +1365,8 @@ def print_plan(plan: StudyPlan) -> None:
     print(f"  MLflow {plan.tracking_uri}, experiment {plan.optuna_study!r}")
     if plan.running_elsewhere:
         print(f"  being run now by {plan.running_elsewhere}: a run of this command would be refused until it ends")
+    if plan.assumption:
+        print(f"  assuming {plan.assumption}")
     width = max(len(label) for label, _, _ in plan.lines)
     wide = max(len(how) for _, _, how in plan.lines)
     for label, what, how in plan.lines:
@@ -1404,7 +1504,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             print_plan(plan_study(args.study, smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri,
                                   n_trials=args.n_trials, retry_failed=args.retry_failed, seeds=args.seeds,
-                                  devices=args.devices))
+                                  devices=args.devices, report=not args.no_report, out_dir=args.out))
             return 0
         outcome = run_study(args.study, smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri,
                             n_trials=args.n_trials, retry_failed=args.retry_failed, report=not args.no_report,

@@ -152,6 +152,28 @@ def test_a_stop_right_after_asking_leaves_no_trial_running(tmp_path, stores, mon
     assert out.ran == 2 and not out.failed
 
 
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]], ids=["here", "workers"])
+def test_dry_run_predicts_which_rows_start_when_a_second_stage_waits(tmp_path, stores, monkeypatch, devices,
+                                                                     resumed):
+    """With --n-trials, a second stage held for its first stage may be left unstarted; the plan must name the
+    rows the run then starts (resumed: the interrupted first stage is queued behind the rows already waiting)."""
+    path = write_digits_study(tmp_path, "predict", _rows(0.032)[:3])  # sfd-nfe5, second-stage, l2
+    if resumed:
+        _interrupt_first_row(monkeypatch, path)
+    n = 1 if resumed else 2
+    plan = studies.plan_study(str(path), n_trials=n, devices=devices)
+    out = studies.run_study(str(path), report=False, quiet=True, n_trials=n, devices=devices)
+    trials = optuna.load_study(study_name="predict", storage=out.storage).get_trials()
+    started = sorted(t.user_attrs["row"] for t in trials if t.state == TrialState.COMPLETE)
+    predicted = sorted(label for label, what, _ in plan.lines if what in ("runs", "queued") or what.startswith(
+        "runs again"))
+    assert predicted == started and plan.to_run == out.ran
+    unstarted = {label for label, what, _ in plan.lines if what.startswith("not started")}
+    assert unstarted == {t.user_attrs["row"] for t in trials
+                         if t.user_attrs.get("fail_reason", "").startswith("interrupted: not started")}
+
+
 def test_a_grid_search_on_two_workers_runs_each_point_once(tmp_path, stores):
     space = {"solver.name": {"type": "categorical", "choices": ["euler", "dpmpp3m"]},
              "loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}

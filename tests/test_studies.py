@@ -546,6 +546,8 @@ SEARCH = dict(kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_tr
     ({"space": {"student.nfe": {"type": "int", "low": 1.5, "high": 4}}}, "space.student.nfe.low: got 1.5; a finite integer"),
     ({"space": {"student.t_min": {"type": "float", "low": 0.002, "high": 0.05, "log": "yes"}}},
      "space.student.t_min.log: got 'yes'; true or false"),
+    ({"n_trials": True, "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
+     "n_trials: got True; a positive integer"),
     ({"kind": "ablation", "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
      "kind: 'ablation' is a table study with rows:; a space: is searched by kind 'search'"),
     # every NFE of a short range is checked, not only its ends: Heun without AFS spends an even number
@@ -606,7 +608,9 @@ def test_a_row_edited_after_it_ran_is_refused_not_reported_under_its_new_setting
     assert out.ran == 1 and not out.failed
     trials = optuna.load_study(study_name="mini", storage=out.storage).get_trials()
     assert trials[-1].user_attrs["row"] == "sfd-l1-as-l2"
-    assert trials[-1].user_attrs["declared"] == {**TINY, "loss.name": "l2"}
+    recorded = trials[-1].user_attrs["config"]
+    assert recorded["loss.name"] == "l2" and all(recorded[k] == v for k, v in TINY.items())
+    assert "device" not in recorded and "precision" not in recorded  # how it ran, not what it measured
 
 
 def test_a_failed_row_edited_after_it_ran_reruns_with_retry_failed(tmp_path, stores):
@@ -636,7 +640,7 @@ def test_a_search_whose_overrides_changed_is_refused(tmp_path, stores):
     _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 2}, space=space)  # more trials: fine
     assert studies.plan_study(str(path)).to_run == 1
     _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 2}, space=space, overrides={**TINY, "student.nfe": 3})
-    with pytest.raises(studies.StudyError, match=r"trial 0 \(student.nfe: '\(not set\)' -> 3\).*give the YAML a "
+    with pytest.raises(studies.StudyError, match=r"trial 0 \(student.nfe: 2 -> 3\).*give the YAML a "
                                                  "new name: for a new search"):
         studies.run_study(str(path), report=False, quiet=True)
 
@@ -647,13 +651,19 @@ def test_an_out_that_is_a_file_is_refused_before_the_trials_run(tmp_path, stores
     taken.write_text("not a folder")
     with pytest.raises(studies.StudyError, match="--out: output folder .*a-file exists and is not a folder"):
         studies.run_study(str(path), out_dir=str(taken), quiet=True)
+    with pytest.raises(studies.StudyError, match="--out: output folder .*a-file exists and is not a folder"):
+        studies.plan_study(str(path), out_dir=str(taken))  # the dry run says what the run would say
+    assert studies.plan_study(str(path), out_dir=str(taken), report=False).to_run == 1
     assert not stores.exists()
 
 
 def test_an_empty_or_broken_study_yaml_says_so(tmp_path):
-    empty, broken = tmp_path / "empty.yaml", tmp_path / "broken.yaml"
+    empty, broken, numbered = tmp_path / "empty.yaml", tmp_path / "broken.yaml", tmp_path / "numbered.yaml"
     empty.write_text("# nothing yet\n")
     broken.write_text("name: [unclosed\n")
+    numbered.write_text("1: x\n")
+    with pytest.raises(studies.StudyError, match="field names are words, got 1; allowed: name, kind"):
+        studies.load_spec(str(numbered))
     with pytest.raises(studies.StudyError, match="empty.yaml is empty; a study YAML needs name, kind, base"):
         studies.load_spec(str(empty))
     with pytest.raises(studies.StudyError, match="broken.yaml is not valid YAML"):
@@ -669,3 +679,70 @@ def test_experiments_run_refuses_an_unusable_tracking_uri_before_reading_the_con
     assert result.returncode == 2
     assert result.stderr.startswith("error: MLflow tracking URI 'foo://bar' (--tracking-uri): MLflow has no store")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_row_fixed_and_retried_resumes_without_a_refusal(tmp_path, stores):
+    """Only a row's latest outcome (the one its report shows) is compared with the YAML."""
+    path = _write_study(tmp_path, rows=[ROWS[2]])
+    studies.run_study(str(path), report=False, quiet=True)  # fails: diverges
+    _write_study(tmp_path, rows=[{**ROWS[2], "params": {**ROWS[2]["params"], "optim.lr": 1e-4}}])
+    assert studies.run_study(str(path), report=False, quiet=True, retry_failed=True).ran == 1
+    out = studies.run_study(str(path), report=False, quiet=True)  # no edit since: nothing to refuse, nothing to run
+    assert out.ran == 0 and not out.failed
+
+
+def test_an_edit_that_leaves_the_runs_config_unchanged_is_not_refused_and_a_new_base_is(tmp_path, stores):
+    path = _write_study(tmp_path, rows=ROWS[:1])
+    studies.run_study(str(path), report=False, quiet=True)
+    _write_study(tmp_path, rows=ROWS[:1], overrides={**TINY, "solver.m": 3})  # the base's value anyway
+    assert studies.plan_study(str(path)).to_run == 0
+    other = tmp_path / "other_base.yaml"
+    other.write_text(GMM.read_text().replace("solver: {name: dpmpp3m, m: 3}", "solver: {name: dpmpp3m, m: 2}"))
+    _write_study(tmp_path, rows=ROWS[:1], base=str(other))
+    with pytest.raises(studies.StudyError, match=r"row 'sfd-l1' \(solver.m: 3 -> 2\)"):
+        studies.plan_study(str(path))
+
+
+def test_queued_rows_that_the_yaml_now_skips_or_drops_do_not_run(tmp_path, stores):
+    path = _write_study(tmp_path, rows=ROWS[:2] + [{**ROWS[0], "id": "third"}])
+    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1  # the other two stay queued
+    _write_study(tmp_path, rows=ROWS[:2], skip_rows={"sfd-l2-noafs": "not now"})  # skip one, drop "third"
+    rows, plan = _plan(path)
+    assert plan.to_run == 0 and rows["sfd-l2-noafs"] == "skipped: not now" and "third" not in rows
+    out = studies.run_study(str(path), report=False, quiet=True)
+    assert out.ran == 0 and not out.failed
+    trials = optuna.load_study(study_name="mini", storage=out.storage).get_trials()
+    assert [(t.user_attrs["row"], t.state, t.user_attrs["fail_reason"]) for t in trials[1:]] == [
+        ("sfd-l2-noafs", TrialState.FAIL, "interrupted: not started: the study skips row 'sfd-l2-noafs' (not now)"),
+        ("third", TrialState.FAIL, "interrupted: not started: the study YAML no longer has row 'third'")]
+    _write_study(tmp_path, rows=ROWS[:2])  # skipped no more: it runs
+    assert studies.run_study(str(path), report=False, quiet=True).ran == 1
+
+
+def test_a_grid_point_stopped_right_after_asking_runs_next_time(tmp_path, stores, monkeypatch):
+    from sfd.cli import Terminated, handle_stop_signals
+
+    space = {"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
+    path = _write_study(tmp_path, "g", **{**SEARCH, "n_trials": 2, "sampler": {"type": "grid", "seed": 0}}, space=space)
+    real_ask, asked = optuna.study.Study.ask, []
+
+    def ask_then_stop(self, *args, **kwargs):
+        trial = real_ask(self, *args, **kwargs)
+        asked.append(trial.number)
+        if len(asked) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return trial
+
+    monkeypatch.setattr(optuna.study.Study, "ask", ask_then_stop)
+    before = signal.getsignal(signal.SIGTERM)
+    handle_stop_signals(ctrl_c=False)
+    try:
+        with pytest.raises(Terminated):
+            studies.run_study(str(path), report=False, quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(optuna.study.Study, "ask", real_ask)
+    assert studies.plan_study(str(path)).to_run == 1
+    assert studies.run_study(str(path), report=False, quiet=True).ran == 1
+    trials = optuna.load_study(study_name="g", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
+    assert sorted(t.params["loss.name"] for t in trials if t.state == TrialState.COMPLETE) == ["l1", "l2"]
