@@ -742,7 +742,8 @@ class TrialLoop:
         self.study.tell(trial, objective[0] if len(objective) == 1 else list(objective))
         self.ran += 1
         shown = ", ".join(f"{m}={v:.4g}" for m, v in zip(objective_labels(self.spec, self.smoke), objective))
-        self.say(f"[{trial.number}] {self.label(trial)}: {shown} ({time.perf_counter() - t0:.1f}s)")
+        took = metrics.get("total/wall_s")  # the run's own tracked wall time
+        self.say(f"[{trial.number}] {self.label(trial)}: {shown}" + (f" ({took:.1f}s)" if took is not None else ""))
 
     def fail(self, trial, reason: str, t0: float) -> None:
         """The trial failed for a reason of its own: recorded, and the study goes on."""
@@ -1175,15 +1176,19 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
                 loop.run_on(devices, todo)
             elif todo:
                 loop.run_here(todo)
+            seconds = time.perf_counter() - start  # what the summary prints, tracked: one value per invocation
+            client.log_metric(parent_id, "invocation/wall_s", seconds)
+            client.log_metric(parent_id, "invocation/trials_run", loop.ran)
             ok = True
         finally:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted); the study too
             client.set_terminated(parent_id, status="FINISHED" if ok else "KILLED")
         outcome = StudyOutcome(name=spec.name, experiment=experiment, parent_run_id=parent_id, optuna_study=study_name,
                                storage=storage_url, tracking_uri=tracking_uri, ran=loop.ran, failed=loop.failed,
-                               skipped=skipped, seconds=time.perf_counter() - start)
+                               skipped=skipped, seconds=seconds)
         if not quiet:
             print_summary(spec, study, smoke)
-            print(f"study wall time {outcome.seconds:.1f}s ({outcome.ran} trial(s) this invocation)")
+            print(f"study wall time {outcome.seconds:.1f}s ({outcome.ran} trial(s) this invocation; parent run "
+                  f"{parent_id}, metric invocation/wall_s)")
         if report:
             try:
                 outcome.report = build_report(spec.name, storage_url, tracking_uri, out_dir, smoke, say)

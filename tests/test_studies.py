@@ -72,6 +72,8 @@ def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, store
     assert parent.data.tags["sfd.study"] == "mini" and parent.data.tags["sfd.kind"] == "ablation"
     assert parent.data.tags["optuna.study_name"] == "mini" and parent.data.tags["optuna.storage"] == storage
     assert parent.data.tags["sfd.smoke"] == "false" and parent.data.tags["sfd.skipped_rows"] == "skipped: not on a CPU"
+    assert parent.data.metrics["invocation/trials_run"] == 3  # the printed summary's figures are tracked
+    assert parent.data.metrics["invocation/wall_s"] == pytest.approx(out.seconds)
 
     study = optuna.load_study(study_name="mini", storage=storage)
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
