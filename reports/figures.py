@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports.data import (StudyData, _canon, _is_num, _lower_is_better, _slug, fmt_tmin, fmt_value,
+from reports.data import (StudyData, _canon, _is_num, _lower_is_better, _slug, _to_float, fmt_tmin, fmt_value,
                           paper_comparison_frame)
 from reports.tables import _objective_names, param_importances
 
@@ -37,8 +37,23 @@ def _series_name(data: StudyData, r: dict) -> str:
     return " · ".join(str(p) for p in parts if p)
 
 
+def _paper_is_drawn(data: StudyData) -> bool:
+    """The paper's numbers are FID: a figure draws them only beside our FID, never on another metric's scale
+    (fd_digits, class_accuracy, teacher gap); the table still lists them for orientation."""
+    return data.metric == "fid"
+
+
+def _paper_points(data: StudyData, rows: list[dict]) -> pd.DataFrame:
+    """The paper's Table 2/3 points that these measured rows stand for (by their paper_key, so an SFD-v NFE we
+    did not evaluate, or a method we did not run, is not drawn); none when our metric is not FID."""
+    paper = paper_comparison_frame(data.paper, data.paper_dataset)
+    if not _paper_is_drawn(data) or paper.empty:
+        return paper.iloc[0:0]
+    return paper[paper["key"].isin({r["paper_key"] for r in rows if r.get("paper_key")})]
+
+
 def fig_metric_vs_nfe(data: StudyData):
-    """Ours (solid) vs NFE per method; the paper's FID (dashed) for the same methods and SFD."""
+    """Ours (solid) vs NFE per method; the paper's FID (dashed) at the rows' own paper points, when ours is FID."""
     Figure = _plt()
     ok = [r for r in data.rows.to_dict("records") if r["status"] == "ok" and r["nfe"] is not None]
     if not ok:
@@ -61,12 +76,9 @@ def fig_metric_vs_nfe(data: StudyData):
     if min(values) > 0 and max(values) / min(values) > 30:  # e.g. a 1-step solver far above the rest
         ax.set_yscale("log")
         ax.set_ylabel(f"ours: {data.metric} (log)")
-    pax = ax if data.comparable else ax.twinx()
-    paper = paper_comparison_frame(data.paper, data.paper_dataset)
-    wanted = {_canon(r["method"]) for r in ok} | {"sfd"}
+    paper = _paper_points(data, ok)
+    pax = ax if data.comparable or paper.empty else ax.twinx()
     for meth, grp in paper.groupby("method", sort=False):
-        if _canon(meth) not in wanted:
-            continue
         grp = grp.sort_values("nfe")
         pax.plot(grp["nfe"], grp["fid"], "--", marker="x", color=colors.get(_canon(meth)), alpha=0.8,
                  label=f"paper: {meth}")
@@ -75,7 +87,7 @@ def fig_metric_vs_nfe(data: StudyData):
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = (pax.get_legend_handles_labels() if pax is not ax else ([], []))
     ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left", bbox_to_anchor=(1.12, 1.0))
-    ax.set_title(f"{data.study}: {data.metric} vs NFE (ours solid, paper dashed)")
+    ax.set_title(f"{data.study}: {data.metric} vs NFE" + (" (ours solid, paper dashed)" if len(paper) else ""))
     fig.tight_layout()
     return fig
 
@@ -90,7 +102,8 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def fig_metric_vs_hours(data: StudyData):
-    """The 'fast' claim: metric vs training device-hours, with our Pareto front and the paper's points."""
+    """The 'fast' claim: metric vs training device-hours, with our Pareto front and, when ours is FID, the
+    paper's points for our rows."""
     Figure = _plt()
     ok = [r for r in data.rows.to_dict("records") if r["status"] == "ok" and _is_num(r.get("device_hours"))]
     if not ok:
@@ -110,7 +123,7 @@ def fig_metric_vs_hours(data: StudyData):
     ax.set_xscale("log")
     ax.set_xlabel("training device-hours (log; untrained rows drawn at the left edge)")
     ax.set_ylabel(f"ours: {data.metric}")
-    paper = paper_comparison_frame(data.paper, data.paper_dataset)
+    paper = _paper_points(data, ok)
     paper = paper[paper["hours"].notna()]
     if len(paper):
         pax = ax if data.comparable else ax.twinx()
@@ -132,6 +145,17 @@ def fig_metric_vs_hours(data: StudyData):
     return fig
 
 
+def _shown_run_label(data: StudyData, r: dict) -> str:
+    """A per-row panel shows the row's one chosen run; with seeds that is one seed's run, so say which."""
+    return f"{r['row_id']} (seed {r['params'].get('seed', '?')})" if data.spec.get("seeds") else str(r["row_id"])
+
+
+def _shown_run_value(data: StudyData, r: dict) -> float | None:
+    """The metric of the run a panel shows (a replicated row's own value is the mean over seeds)."""
+    run = data.runs[data.runs["run_id"] == r["run_id"]]
+    return _to_float(run.iloc[0]["metrics"].get(data.metric)) if len(run) else None
+
+
 def _per_row_figure(data: StudyData, available: dict, width: float, height: float, draw, title: str):
     """A figure with one panel per row whose run has an entry in `available` (loss histories, sample grids),
     four panels to a line, each drawn by `draw(axes, row)`; None when no row has one."""
@@ -144,7 +168,8 @@ def _per_row_figure(data: StudyData, available: dict, width: float, height: floa
     fig = Figure(figsize=(width * cols, height * nrows))
     for i, r in enumerate(rows):
         draw(fig.add_subplot(nrows, cols, i + 1), r)
-    fig.suptitle(f"{data.study}: {title}", fontsize=9)
+    seeds = " (one seed's run per row; the table gives the mean over seeds)" if data.spec.get("seeds") else ""
+    fig.suptitle(f"{data.study}: {title}{seeds}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -159,7 +184,7 @@ def fig_loss_curves(data: StudyData):
             ax.plot(g["step"], g["value"], lw=0.9, label=f"step {step}" if step != "mean" else "loss (mean)")
         if (h["value"] > 0).all():
             ax.set_yscale("log")
-        ax.set_title(str(r["row_id"]), fontsize=7)
+        ax.set_title(_shown_run_label(data, r), fontsize=7)
         ax.tick_params(which="both", labelsize=6)
         ax.set_xlabel("iteration", fontsize=6)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -169,7 +194,7 @@ def fig_loss_curves(data: StudyData):
 
 
 def fig_ablation_bars(data: StudyData):
-    """Ablation rows: ours vs the paper side by side (two axes when the metrics differ)."""
+    """Ablation rows: ours, beside the paper's FID when ours is FID too (two axes unless Δ is meaningful)."""
     Figure = _plt()
     rows = data.rows.to_dict("records")
     if not rows:
@@ -177,14 +202,16 @@ def fig_ablation_bars(data: StudyData):
     fig = Figure(figsize=(max(6, 0.7 * len(rows) + 2), 4.5))
     ax = fig.add_subplot()
     x = list(range(len(rows)))
+    has_paper = any(_is_num(r.get("paper_value")) for r in rows)
+    draw_paper = has_paper and _paper_is_drawn(data)
+    shift = 0.2 if draw_paper else 0.0  # ours left of the paper's bar, or centred alone
     ours = [r["value"] if r["status"] == "ok" else 0 for r in rows]
-    ax.bar([i - 0.2 for i in x], ours, width=0.4, label=f"ours ({data.metric})")
+    ax.bar([i - shift for i in x], ours, width=0.4, label=f"ours ({data.metric})")
     for i, r in enumerate(rows):
         if r["status"] != "ok":
-            ax.text(i - 0.2, 0, r["status"], rotation=90, fontsize=6, va="bottom", ha="center", color="red")
+            ax.text(i - shift, 0, r["status"], rotation=90, fontsize=6, va="bottom", ha="center", color="red")
     pax = ax
-    has_paper = any(_is_num(r.get("paper_value")) for r in rows)
-    if has_paper:  # no paper bars (nor axis) for rows without one
+    if draw_paper:  # no paper bars (nor axis) for rows without one
         pax = ax if data.comparable else ax.twinx()
         pv = [r["paper_value"] if _is_num(r.get("paper_value")) else 0 for r in rows]
         pax.bar([i + 0.2 for i in x], pv, width=0.4, color="gray", alpha=0.6, label="paper (FID)")
@@ -196,8 +223,9 @@ def fig_ablation_bars(data: StudyData):
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = (pax.get_legend_handles_labels() if pax is not ax else ([], []))
     ax.legend(h1 + h2, l1 + l2, fontsize=7)
-    ax.set_title(f"{data.study}: ours vs paper per ablation row" if has_paper else
-                 f"{data.study}: ours per row (no paper counterpart)")
+    ax.set_title(f"{data.study}: " + ("ours vs paper per ablation row" if draw_paper else
+                 f"ours per row (the paper's FID is in the table, not drawn: {data.metric} is not FID)"
+                 if has_paper else "ours per row (no paper counterpart)"), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -270,9 +298,9 @@ def fig_sample_grids(data: StudyData):
         img = mpimg.imread(str(data.samples[r["run_id"]]))
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(f"{r['row_id']}\n{data.metric} = {fmt_value(r['value'])}", fontsize=7)
+        ax.set_title(f"{_shown_run_label(data, r)}\n{data.metric} = {fmt_value(_shown_run_value(data, r))}", fontsize=7)
 
-    return _per_row_figure(data, data.samples, 3, 3.2, draw, "samples per row")
+    return _per_row_figure(data, data.samples, 3, 3.5, draw, "samples per row")  # 3.5: room for 2-line captions
 
 
 FIGURES = {
@@ -285,9 +313,9 @@ FIGURES = {
     "sample_grids": fig_sample_grids,
 }
 FIGURE_TITLES = {
-    "metric_vs_nfe": "Metric vs NFE (ours solid, paper dashed)",
+    "metric_vs_nfe": "Metric vs NFE",  # the figure's own title says when the paper's FID is drawn
     "metric_vs_hours": "Metric vs training device-hours (Pareto view)",
-    "ablation_bars": "Ours vs paper per ablation row",
+    "ablation_bars": "Ours per ablation row",
     "loss_curves": "Training loss per student step",
     "param_importances": "Optuna parameter importances",
     "optimization_history": "Optuna optimisation history",
