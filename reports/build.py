@@ -54,7 +54,7 @@ from reports.data import (DEFAULT_OUT_ROOT, PAPER_NUMBERS_PATH, ReportError, Stu
 from reports.figures import FIGURE_TITLES, figure_png, make_figures, save_figures
 from reports.notebook import export_html, report_markdown, run_notebook, write_notebook
 from reports.tables import (_extra_cells, _seed_noise_reading, ablation_table, comparison_table, frame_to_markdown,
-                            header_markdown, reading_markdown, report_tables)
+                            header_markdown, reading_markdown, report_tables, table_notes)
 
 # What the tests, studies/run.py and the report notebook's cells use as `reports.build.X` (`rb.X`): the code lives
 # in the modules above; build.py looks these names up in its own namespace, so patching `rb.X` takes effect here.
@@ -65,7 +65,7 @@ __all__ = [
     "figure_png", "fmt_afs", "fmt_delta", "fmt_paper", "fmt_tmin", "fmt_value", "frame_to_markdown",
     "header_markdown", "load_paper_numbers", "load_study_data", "log_report", "main", "make_figures",
     "publish_report", "reading_markdown", "report_markdown", "report_tables", "run_hint", "run_notebook",
-    "save_figures", "write_notebook",
+    "save_figures", "table_notes", "write_notebook",
 ]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from reports.data import REPO_ROOT, StudyData
 from reports.figures import FIGURE_TITLES
 from reports.tables import (frame_to_markdown, header_markdown, other_runs_table, param_importances, reading_markdown,
-                            report_tables)
+                            report_tables, table_notes)
 
 # ----------------------------------------------------------------------------------------------------------
 # report.md, notebook, html
@@ -27,9 +27,9 @@ def report_markdown(data: StudyData, figures: dict[str, Path] | None = None, fig
         imp, why = param_importances(data)
         if imp.empty:
             parts.append(f"_Parameter importances: {why}._\n")
-    if data.kind == "comparison":
-        parts.append("Rows with Source `paper` are the paper's published numbers for methods this study did not "
-                     "run; they are never measured here.\n")
+    notes = table_notes(data)
+    if notes:
+        parts.append(notes)
     if figures:
         parts.append("## Figures\n\n" + "\n\n".join(
             f"### {FIGURE_TITLES.get(n, n)}\n\n![{n}]({fig_rel}/{n}.png)" for n in figures) + "\n")
@@ -74,7 +74,8 @@ def write_notebook(data: StudyData, path: str | Path, *, spec_ref: str | None) -
         v4.new_markdown_cell("## Tables"),
         v4.new_code_cell(
             "for title, df in rb.report_tables(data).items():\n"
-            "    display(Markdown(f'### {title}\\n\\n' + rb.frame_to_markdown(df)))"),
+            "    display(Markdown(f'### {title}\\n\\n' + rb.frame_to_markdown(df)))\n"
+            "display(Markdown(rb.table_notes(data)))"),
         v4.new_markdown_cell("### The rows as loaded (pandas)"),
         v4.new_code_cell(
             "cols = ['row_id', 'method', 'teacher', 't_min', 'afs', 'loss', 'nfe', 'status', 'reason', 'value',\n"

@@ -12,9 +12,9 @@ import warnings
 
 import pandas as pd
 
-from reports.data import (FACTORS, GROUP_ORDER, METRIC_DESCRIPTIONS, QUALITY_METRICS, StudyData, _canon, _git_commit,
-                          _is_num, _lower_is_better, _to_float, _to_int, _uniq, fmt_afs, fmt_delta, fmt_hours, fmt_p,
-                          fmt_paper, fmt_tmin, fmt_value)
+from reports.data import (FACTORS, GROUP_ORDER, METRIC_DESCRIPTIONS, QUALITY_METRICS, StudyData, _canon, _choose_run,
+                          _git_commit, _is_num, _lower_is_better, _to_float, _to_int, _uniq, fmt_afs, fmt_delta,
+                          fmt_hours, fmt_p, fmt_paper, fmt_tmin, fmt_value)
 
 # ----------------------------------------------------------------------------------------------------------
 # Tables
@@ -34,11 +34,30 @@ def _ours_cell(r: dict) -> str:
     return f"{r['status']} ({reason})" if reason else r["status"]
 
 
-def _run_cell(r: dict) -> str:
-    others = r.get("seed_run_ids")
-    if isinstance(others, list) and len(others) > 1:
-        return f"`{r['run_id']}` +{len(others) - 1} more (seeds {', '.join(str(x) for x in r['seeds'])})"
+def _run_cell(data: StudyData, r: dict) -> str:
+    if data.spec.get("seeds") and r.get("run_id"):
+        return _seed_runs_cell(data, r.get("derived_from") or r["row_id"])
     return f"`{r['run_id']}`" if r.get("run_id") else "—"
+
+
+def _seed_runs_cell(data: StudyData, row_id: str) -> str:
+    """Every seed's run of a replicated row, as the table's seed mean (or failure) was read from them: the
+    latest finished attempt per seed, else its latest attempt, with its status when it did not finish."""
+    runs = [x for x in data.runs.to_dict("records") if x["row"] == row_id]
+    cells = []
+    for seed in data.spec["seeds"]:
+        run = _choose_run([x for x in runs if _to_int(x["params"].get("seed")) == _to_int(seed)], data.metric)
+        if run is None:
+            cells.append(f"seed {seed}: not run")
+        else:
+            status = "" if run["status"] == "FINISHED" else f", {run['status']}"
+            cells.append(f"`{run['run_id']}` (seed {seed}{status})")
+    return ", ".join(cells)
+
+
+def _seed_mean_label(data: StudyData) -> str:
+    """Cost cells of a replicated study are means over its seeds' runs; say so where they appear."""
+    return " (mean over seeds)" if data.spec.get("seeds") else ""
 
 
 def _delta(data: StudyData, r: dict) -> float | None:
@@ -90,13 +109,35 @@ def ablation_table(data: StudyData) -> pd.DataFrame:
                     "NFE": "—" if r["nfe"] is None else str(r["nfe"]),
                     f"ours ({metric_label(data)})": _ours_cell(r), **_extra_cells(data, r),
                     "paper (FID)": fmt_paper(r["paper_value"]), "Δ": fmt_delta(_delta(data, r)),
-                    "run id": _run_cell(r)})
+                    "run id": _run_cell(data, r)})
     return pd.DataFrame(out)
+
+
+def _is_sfdv(r: dict) -> bool:
+    return r.get("algorithm") == "sfd-v" or r.get("group") == "sfd-v"
+
+
+def _family(paper_key) -> str:
+    """A paper key without its NFE: `cifar10/sfd-v/3` -> `cifar10/sfd-v`."""
+    return str(paper_key).rsplit("/", 1)[0]
+
+
+def _sfdv_row_of(ours: list[dict], p: dict) -> dict | None:
+    """Our SFD-v row (one model, read at several NFE) whose paper family the paper line `p` belongs to."""
+    return next((r for r in ours if _is_sfdv(r) and not r.get("derived_from") and r.get("paper_key")
+                 and _family(r["paper_key"]) == _family(p["key"])), None)
+
+
+def _not_evaluated_cell(data: StudyData, r: dict) -> str:
+    if r["status"] == "ok":
+        return "not evaluated at this NFE" + (" in a smoke run" if data.smoke else "")
+    return f"not evaluated: row `{r['row_id']}` {r['status']}"
 
 
 def comparison_table(data: StudyData) -> pd.DataFrame:
     """Table 2/3 layout: our rows beside the paper's, grouped as the paper groups them; paper-only rows
-    (methods we did not run) are labelled 'paper'."""
+    (methods we did not run) are labelled 'paper', and the paper's SFD-v NFE that our SFD-v model was not
+    evaluated at 'not evaluated'."""
     ours = data.rows.to_dict("records")
     paper_rows = list(data.paper["comparison"].get(data.paper_dataset, []))
     used = {r["paper_key"] for r in ours if r.get("paper_key")}
@@ -115,6 +156,7 @@ def comparison_table(data: StudyData) -> pd.DataFrame:
                                 method_order[(e["group"], _canon(e["method"]))],
                                 e["nfe"] if e["nfe"] is not None else 10 ** 6, e["source"] != "ours"))
     labels = data.paper.get("groups", {})
+    hours_col = "ours device-h" + _seed_mean_label(data)
     out = []
     for e in entries:
         if e["source"] == "ours":
@@ -125,16 +167,19 @@ def comparison_table(data: StudyData) -> pd.DataFrame:
                         f"ours ({metric_label(data)})": _ours_cell(r), **_extra_cells(data, r),
                         "paper (FID)": fmt_paper(r["paper_value"]),
                         "Δ": fmt_delta(_delta(data, r)),
-                        "ours device-h": ours_h + (" (one model)" if r.get("derived_from") or any(
+                        hours_col: ours_h + (" (one model)" if r.get("derived_from") or any(
                             x.get("derived_from") == r["row_id"] for x in ours) else ""),
                         "paper A100-h": r.get("paper_hours_text") or "—",
-                        "run id": _run_cell(r) + (f" (row {r['derived_from']})" if r.get("derived_from") else "")})
+                        "run id": _run_cell(data, r)
+                        + (f" (row {r['derived_from']})" if r.get("derived_from") else "")})
         else:
             p = e["p"]
+            sfdv = _sfdv_row_of(ours, p)  # SFD-v was run, just not read at this NFE: not a paper-only method
             out.append({"Group": labels.get(e["group"], e["group"]), "Method": e["method"], "NFE": str(e["nfe"]),
-                        "Source": "paper", f"ours ({metric_label(data)})": "—",
+                        "Source": "not evaluated" if sfdv else "paper",
+                        f"ours ({metric_label(data)})": _not_evaluated_cell(data, sfdv) if sfdv else "—",
                         **{k: "—" for k in _extra_cells(data, {})}, "paper (FID)": fmt_paper(p["fid"]),
-                        "Δ": "—", "ours device-h": "—", "paper A100-h": p.get("hours_text") or "—", "run id": "—"})
+                        "Δ": "—", hours_col: "—", "paper A100-h": p.get("hours_text") or "—", "run id": "—"})
     return pd.DataFrame(out)
 
 
@@ -179,7 +224,7 @@ def search_best_table(data: StudyData, top: int = 10) -> pd.DataFrame:
             v = r["trial_params"].get(p, r["params"].get(p))
             line[p] = "—" if v is None else (fmt_value(v) if _is_num(v) else str(v))
         line["device-h"] = fmt_hours(r["device_hours"])
-        line["run id"] = _run_cell(r)
+        line["run id"] = _run_cell(data, r)
         out.append(line)
     return pd.DataFrame(out)
 
@@ -254,6 +299,22 @@ def report_tables(data: StudyData) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def table_notes(data: StudyData) -> str:
+    """What the Source column's labels mean (report.md and the notebook print it under the tables)."""
+    if data.kind != "comparison":
+        return ""
+    sources = set(comparison_table(data)["Source"])
+    notes = []
+    if "paper" in sources:
+        notes.append("Rows with Source `paper` are the paper's published numbers for methods this study did not "
+                     "run; they are never measured here.")
+    if "not evaluated" in sources:
+        notes.append("Rows with Source `not evaluated` are NFE at which this study's SFD-v model was not evaluated"
+                     + (" (a smoke run evaluates SFD-v at its own NFE and its largest only)" if data.smoke else "")
+                     + "; only their paper column is filled, with the paper's number.")
+    return " ".join(notes) + "\n" if notes else ""
+
+
 def frame_to_markdown(df: pd.DataFrame) -> str:
     if df is None or df.empty:
         return "_(empty)_\n"
@@ -272,12 +333,53 @@ def frame_to_markdown(df: pd.DataFrame) -> str:
 # Header and reading
 # ----------------------------------------------------------------------------------------------------------
 
+def _distinct_rows(rows: list[dict]) -> list[dict]:
+    """The study's rows without SFD-v's per-NFE lines (one model's runs read at other NFE, not rows of their own)."""
+    return [r for r in rows if not r.get("derived_from")]
+
+
+def _rows_line(rows: list[dict]) -> str:
+    distinct = _distinct_rows(rows)
+    counts = {s: sum(1 for r in distinct if r["status"] == s) for s in ("ok", "failed", "running", "not run")}
+    lines = (f" ({len(rows)} table lines: {len(rows) - len(distinct)} more read from SFD-v's one model at other NFE)"
+             if len(rows) > len(distinct) else "")
+    return (f"- **Rows:** {len(distinct)}{lines} — {counts['ok']} measured, {counts['failed']} failed, "
+            f"{counts['running']} running, {counts['not run']} not run")
+
+
+def _training_budget(runs: list[dict]) -> str:
+    """What the runs trained, by their tracked `kimg` metric, and the requested `optim.total_kimg` where it
+    differs (training runs whole batches: a budget that is not a whole number of batches is rounded up)."""
+    P = lambda rs, k: ", ".join(_uniq(r["params"].get(k) for r in rs)) or "—"  # noqa: E731
+    trained_runs = [r for r in runs if r["status"] == "FINISHED" and _is_num(r["metrics"].get("kimg"))]
+    batch, requested = P(trained_runs or runs, "optim.batch_size"), P(trained_runs or runs, "optim.total_kimg")
+    if not trained_runs:
+        return f"{requested} kimg at batch {batch} (requested: no finished run tracked the kimg it trained)"
+    trained = ", ".join(_uniq(fmt_value(r["metrics"]["kimg"]) for r in trained_runs))
+    gaps = [r["metrics"]["kimg"] - (_to_float(r["params"].get("optim.total_kimg")) or 0.0) for r in trained_runs]
+    if all(abs(g) < 1e-9 for g in gaps):
+        return f"{trained} kimg trained per training run at batch {batch}"
+    why = "; rounded up to whole batches" if all(g >= -1e-9 for g in gaps) else ""
+    return f"{trained} kimg trained per training run ({requested} requested{why}) at batch {batch}"
+
+
+def _teacher_gap_line(data: StudyData, runs: list[dict]) -> list[str]:
+    """The teacher gap's reference solve, as the runs tracked it (smoke runs use a cheap one)."""
+    if not any("teacher_gap_mean" in r["metrics"] for r in runs):
+        return []
+    gap = [r for r in runs if "teacher_gap_mean" in r["metrics"]]
+    solver = ", ".join(_uniq(r["params"].get("eval.gap_solver") for r in gap)) or "?"
+    nfe = ", ".join(_uniq(r["params"].get("eval.gap_nfe") for r in gap)) or "?"
+    smoke = (f" — a smoke setting: gaps to a {nfe}-NFE reference test the wiring and say nothing about how "
+             "close a sampler gets to the teacher's accurate solution" if data.smoke else "")
+    return [f"- **Teacher gap reference:** the teacher's own sample from the same noise, solved with `{solver}` "
+            f"at {nfe} NFE{smoke}."]
+
+
 def header_markdown(data: StudyData) -> str:
     runs = data.runs.to_dict("records")
     P = lambda k: _uniq(r["params"].get(k) for r in runs)  # noqa: E731
     T = lambda k: _uniq(r["tags"].get(k) for r in runs)  # noqa: E731
-    rows = data.rows.to_dict("records")
-    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed", "running", "not run")}
     commits = []
     for r in runs:
         c = r["tags"].get("git.commit")
@@ -295,12 +397,10 @@ def header_markdown(data: StudyData) -> str:
         f"**parent run:** `{data.parent['run_id']}` · tracking URI `{data.tracking_uri}`",
         f"- **Optuna study:** `{data.parent['tags'].get('optuna.study_name', data.study)}` in `{data.storage}` · "
         f"trials: {len(data.trials)} ({', '.join(f'{k} {v}' for k, v in data.trials['state'].value_counts().items()) or 'none'})",
-        f"- **Rows:** {len(rows)} — {counts['ok']} measured, {counts['failed']} failed, {counts['running']} running, "
-        f"{counts['not run']} not run",
+        _rows_line(data.rows.to_dict("records")),
         f"- **Teacher:** {', '.join(P('teacher.name')) or '—'} · **device:** {', '.join(T('sfd.device') or P('device')) or '—'}"
         f" · **precision:** {', '.join(P('precision')) or '—'}",
-        f"- **Samples per evaluation:** {', '.join(samples) or '—'} · **training budget:** "
-        f"{', '.join(P('optim.total_kimg')) or '—'} kimg at batch {', '.join(P('optim.batch_size')) or '—'}"
+        f"- **Samples per evaluation:** {', '.join(samples) or '—'} · **training budget:** {_training_budget(runs)}"
         + (f" · **trials budget:** {data.spec.get('n_trials')}" if data.spec.get("n_trials") else ""),
         f"- **Total training device-hours:** "
         f"{fmt_hours(sum(r['metrics'].get('train/device_hours', 0.0) for r in runs))} · **total wall time:** "
@@ -311,6 +411,7 @@ def header_markdown(data: StudyData) -> str:
         f"- **Metric:** `{data.metric}` — {METRIC_DESCRIPTIONS.get(data.metric, data.metric)}"
         + (" (lower is better)" if _lower_is_better(data.metric) else " (higher is better)"),
     ]
+    lines += _teacher_gap_line(data, runs)
     if data.objective_metrics:
         lines.append(f"- **Objective:** {', '.join(data.objective_metrics)} "
                      f"({', '.join(data.directions) or 'minimize'})")
@@ -438,11 +539,31 @@ def _agreement_words(rho: float | None) -> str:
     return "runs against the paper's"
 
 
+def _replicated_rows(ok: list[dict]) -> list[dict]:
+    """Rows with a seed spread, each counted once: SFD-v's per-NFE lines are the same runs read at other NFE."""
+    return [r for r in _distinct_rows(ok) if _is_num(r.get("value_sd"))]
+
+
+def seed_noise(ok: list[dict]) -> float | None:
+    """Twice the median seed sd over the rows the seed moves: differences smaller than this are within the
+    seed noise. None without replicates (or when no row depends on the seed)."""
+    varying = [r["value_sd"] for r in _replicated_rows(ok) if r["value_sd"] > 0]
+    return 2 * statistics.median(varying) if varying else None
+
+
+def _within_noise(d: float, noise: float | None) -> bool:
+    return noise is not None and abs(d) < noise
+
+
+def _noise_caveat(d: float, noise: float | None) -> str:
+    return f" This difference is within the seed noise (about {fmt_value(noise)})." if _within_noise(d, noise) else ""
+
+
 def _seed_noise_reading(ok: list[dict], metric: str) -> list[str]:
     """How large a difference must be before it is more than seed noise (studies with replicate seeds). Rows
     that gave one value for every seed (solver baselines: the run seed changes only training) say nothing
     about that noise and are left out of the median."""
-    replicated = [r for r in ok if _is_num(r.get("value_sd"))]
+    replicated = _replicated_rows(ok)
     if not replicated:
         return []
     n = max(int(r["n_seeds"]) for r in replicated)
@@ -460,6 +581,28 @@ def _seed_noise_reading(ok: list[dict], metric: str) -> list[str]:
             f"rows smaller than about {fmt_value(2 * sd)} are within that noise.{fixed_text}"]
 
 
+def _rows_within_noise(ref: dict, ok: list[dict], noise: float | None) -> list[dict]:
+    """The other measured table lines whose value is within the seed noise of `ref`'s."""
+    return [r for r in ok if r["row_id"] != ref["row_id"] and _within_noise(r["value"] - ref["value"], noise)]
+
+
+def _ties_with_best(best: dict, ok: list[dict], noise: float | None) -> str:
+    close = _rows_within_noise(best, ok, noise)
+    if not close:
+        return ""
+    names = ", ".join(f"`{r['row_id']}` {fmt_value(r['value'])}" for r in close[:6])
+    names += ", …" if len(close) > 6 else ""
+    return (f" It is not distinguishably the best: {len(close)} other line{'s are' if len(close) != 1 else ' is'} "
+            f"within the seed noise (about {fmt_value(noise)}) of it ({names}).")
+
+
+def _pairs_in_noise(pairs, noise: float | None) -> str:
+    n = sum(_within_noise(b["value"] - a["value"], noise) for _, a, b in pairs
+            if _is_num(a.get("value")) and _is_num(b.get("value")))
+    return (f" {n} of our {len(pairs)} one-factor changes are within the seed noise (about {fmt_value(noise)})."
+            if n else "")
+
+
 def reading(data: StudyData) -> list[str]:
     """Auto-written reading of the results, as a list of markdown paragraphs."""
     rows = data.rows.to_dict("records")
@@ -471,13 +614,14 @@ def reading(data: StudyData) -> list[str]:
     ok = [r for r in rows if r["status"] == "ok"]
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
-        out.append(f"{len(bad)} of {len(rows)} rows have no measurement ("
+        out.append(f"{len(bad)} of {len(_distinct_rows(rows))} rows have no measurement ("
                    + ", ".join(f"`{r['row_id']}`: {r['status']}" for r in bad[:8])
                    + (", …" if len(bad) > 8 else "") + "); they are left out of everything below.")
     if not ok:
         out.append("No row has a measured value yet, so there is nothing to read.")
         return out
     out += _seed_noise_reading(ok, m)
+    noise = seed_noise(ok)
     if data.kind in ("ablation", "comparison"):
         if data.kind == "ablation":
             pairs = _pairs_one_factor(ok)
@@ -486,11 +630,20 @@ def reading(data: StudyData) -> list[str]:
             if ours_eff:
                 f, (d, a, b) = max(ours_eff.items(), key=lambda kv: abs(kv[1][0]))
                 rel = f" ({d / a['value'] * 100:+.0f}%)" if a["value"] else ""
-                s = (f"**The factor that mattered most in our runs is `{f}`**: among measured rows that differ in "
-                     f"that factor alone, changing it from {_fmt_factor_value(f, a)} to {_fmt_factor_value(f, b)} "
-                     f"(`{a['row_id']}` → `{b['row_id']}`) moved {m} from {fmt_value(a['value'])} to "
-                     f"{fmt_value(b['value'])} (Δ {fmt_delta(d)}{rel}).")
-                if _is_num(a.get("paper_value")) and _is_num(b.get("paper_value")):
+                if d == 0:  # nothing moved: no factor can be said to matter most
+                    s = (f"**No factor moved {m} in our runs**: every pair of measured rows that differ in one "
+                         f"factor alone ({', '.join(f'`{k}`' for k in ours_eff)}) gave the same {m}.")
+                elif _within_noise(d, noise):
+                    s = (f"**No factor moved {m} by more than the seed noise** (about {fmt_value(noise)}): the "
+                         f"largest change, in `{f}`, from {_fmt_factor_value(f, a)} to {_fmt_factor_value(f, b)} "
+                         f"(`{a['row_id']}` → `{b['row_id']}`), moved {m} from {fmt_value(a['value'])} to "
+                         f"{fmt_value(b['value'])} (Δ {fmt_delta(d)}{rel}).")
+                else:
+                    s = (f"**The factor that mattered most in our runs is `{f}`**: among measured rows that differ "
+                         f"in that factor alone, changing it from {_fmt_factor_value(f, a)} to "
+                         f"{_fmt_factor_value(f, b)} (`{a['row_id']}` → `{b['row_id']}`) moved {m} from "
+                         f"{fmt_value(a['value'])} to {fmt_value(b['value'])} (Δ {fmt_delta(d)}{rel}).")
+                if d != 0 and _is_num(a.get("paper_value")) and _is_num(b.get("paper_value")):
                     pd_ = b["paper_value"] - a["paper_value"]
                     same = _same_direction(d, pd_, m)
                     s += (f" The paper's FID for the same pair goes {fmt_paper(a['paper_value'])} → "
@@ -506,8 +659,8 @@ def reading(data: StudyData) -> list[str]:
                     txt += (" Paper (same rows, FID): " + ", ".join(f"{k} {fmt_delta(paper_eff[k][0])}"
                                                                      for k in order_paper) + ".")
                     txt += (" By the size of its largest change, the most influential factor is the same as in "
-                            "the paper." if order_paper and order_paper[0] == order_ours[0] else
-                            f" The paper's most influential factor is `{order_paper[0]}`.")
+                            "the paper." if order_paper[0] == order_ours[0] and d != 0 and not _within_noise(d, noise)
+                            else f" The paper's most influential factor is `{order_paper[0]}`.")
                 out.append(txt)
                 agree = _direction_agreement(pairs, m)
                 if agree:
@@ -515,7 +668,8 @@ def reading(data: StudyData) -> list[str]:
                     hit = sum(v[0] for v in agree.values())
                     out.append(f"**Direction of each single-factor change vs the paper:** the same sign as the "
                                f"paper's FID change on {hit} of {tot} one-factor pairs ("
-                               + ", ".join(f"{f} {h}/{n}" for f, (h, n) in agree.items()) + ").")
+                               + ", ".join(f"{f} {h}/{n}" for f, (h, n) in agree.items()) + ")."
+                               + _pairs_in_noise(pairs, noise))
             else:
                 out.append("No two measured rows differ in exactly one factor, so no single factor can be isolated.")
         else:
@@ -530,20 +684,28 @@ def reading(data: StudyData) -> list[str]:
                     effects.append((rs[-1]["value"] - rs[0]["value"], meth, rs[0], rs[-1]))
             if effects:
                 d, meth, a, b = max(effects, key=lambda e: abs(e[0]))
-                out.append(f"**NFE matters most for {meth}**: NFE {a['nfe']} → {b['nfe']} moves {m} from "
-                           f"{fmt_value(a['value'])} to {fmt_value(b['value'])} (Δ {fmt_delta(d)}).")
-            out.extend(_same_nfe_comparisons(data, ok))
+                if d == 0:
+                    out.append(f"**NFE did not move {m} for any method measured at several NFE** (e.g. {meth}: "
+                               f"{fmt_value(a['value'])} at NFE {a['nfe']} and at NFE {b['nfe']}).")
+                else:
+                    out.append(f"**NFE matters most for {meth}**: NFE {a['nfe']} → {b['nfe']} moves {m} from "
+                               f"{fmt_value(a['value'])} to {fmt_value(b['value'])} (Δ {fmt_delta(d)})."
+                               + _noise_caveat(d, noise))
+            out.extend(_same_nfe_comparisons(data, ok, noise))
             best = min(ok, key=lambda r: r["value"] if _lower_is_better(m) else -r["value"])
+            hours = (f" after {fmt_hours(best['device_hours'])} training device-hours{_seed_mean_label(data)}"
+                     if _is_num(best['device_hours']) else "")
             out.append(f"Best measured row: `{best['row_id']}` ({_row_name(best, data.kind)}) with {m} = "
-                       f"{fmt_value(best['value'])}" + (f" after {fmt_hours(best['device_hours'])} training "
-                                                        f"device-hours." if _is_num(best['device_hours']) else "."))
+                       f"{fmt_value(best['value'])}{hours}.{_ties_with_best(best, ok, noise)}")
         ra = rank_agreement(data)
         if ra and ra["spearman"] is not None:
             out.append(f"**Ordering vs the paper** over the {ra['n']} rows measured by both: Spearman ρ = "
                        f"{ra['spearman']:.2f} (p {fmt_p(ra['spearman_p'])}), Kendall τ = {ra['kendall']:.2f} "
                        f"(p {fmt_p(ra['kendall_p'])}) — our ordering {_agreement_words(ra['spearman'])}. "
-                       f"Our best row is `{ra['best_ours']['row_id']}`, the paper's best among these is "
-                       f"`{ra['best_paper']['row_id']}`."
+                       f"Our best row is `{ra['best_ours']['row_id']}`"
+                       + (" (not distinguishable from other rows within the seed noise)"
+                          if _rows_within_noise(ra["best_ours"], ok, noise) else "")
+                       + f", the paper's best among these is `{ra['best_paper']['row_id']}`."
                        + ("" if data.comparable else f" (Ranks compare {m} with the paper's FID; rank correlation "
                                                     f"is scale-free, but the two metrics measure different things.)"))
         elif ra:
@@ -587,9 +749,10 @@ def reading(data: StudyData) -> list[str]:
     return out
 
 
-def _same_nfe_comparisons(data: StudyData, ok: list[dict]) -> list[str]:
+def _same_nfe_comparisons(data: StudyData, ok: list[dict], noise: float | None = None) -> list[str]:
     """Comparison reading: SFD-v (one model) against the separately distilled SFD students at each NFE, and
-    the second stage against the solver rows at its NFE, on every metric the rows logged."""
+    the second stage against the solver rows at its NFE, on every metric the rows logged; a win within the
+    seed noise (`noise`, from replicate seeds) is said to be one."""
     metrics = [data.metric] + extra_metrics(data)
 
     def vals(r):
@@ -604,17 +767,23 @@ def _same_nfe_comparisons(data: StudyData, ok: list[dict]) -> list[str]:
     sfd = {r["nfe"]: r for r in by("sfd")}
     pairs = [(v, sfd[v["nfe"]]) for v in sorted(by("sfd-v"), key=lambda r: r["nfe"]) if v["nfe"] in sfd]
     if pairs:
-        wins = sum(better(v, s) for v, s in pairs)
+        wins = [(v, s) for v, s in pairs if better(v, s)]
+        clear = [(v, s) for v, s in wins if not _within_noise(v["value"] - s["value"], noise)]
         out.append("**SFD-v (one model) vs separately distilled SFD at the same NFE:** " + "; ".join(
             f"NFE {v['nfe']}: SFD-v {vals(v)} vs SFD {vals(s)}" for v, s in pairs)
-                   + f". SFD-v is better by {data.metric} at {wins} of {len(pairs)} NFE.")
+                   + f". SFD-v is better by {data.metric} at {len(wins)} of {len(pairs)} NFE"
+                   + (f", by more than the seed noise (about {fmt_value(noise)}) at {len(clear)} of them."
+                      if len(clear) < len(wins) else "."))
     for st in by("second-stage"):
         rivals = [r for r in by("solver") if r["nfe"] == st["nfe"]]
         if rivals:
+            close = [r for r in rivals if _within_noise(st["value"] - r["value"], noise)]
             out.append(f"**Second stage at {st['nfe']} NFE** (`{st['row_id']}`: {vals(st)}) vs the solver rows at "
                        f"the same NFE: " + "; ".join(f"`{r['row_id']}` {vals(r)}" for r in rivals) + " — "
                        + ("better than all of them." if all(better(st, r) for r in rivals) else
-                          "not better than all of them.") + f" (by {data.metric})")
+                          "not better than all of them.") + f" (by {data.metric})"
+                       + (f" Within the seed noise (about {fmt_value(noise)}) of "
+                          + ", ".join(f"`{r['row_id']}`" for r in close) + "." if close else ""))
     return out
 
 
