@@ -528,12 +528,15 @@ def check_record(spec: StudySpec, study, retry_failed: bool) -> None:
                          f"YAML now asks for {objective(spec.metrics, spec.directions)}; a study keeps its "
                          "objective, so give the YAML a new name: (the runs so far stay under the old one)")
     rows = {r["id"]: r for r in spec.rows}
+    row_now: dict = {}  # once per row, not per seed
     changed = []
     for t in shown_trials(spec, study, retry_failed):
         row = rows.get(t.user_attrs.get("row"))
-        if "config" not in t.user_attrs or (spec.rows and row is None):  # recorded before this check; not shown
-            continue
-        now = recorded_config(row_config(spec, row) if spec.rows else trial_config(spec, t.params, t.number))
+        if "config" not in t.user_attrs or (spec.rows and (row is None or row["id"] in spec.skip_rows)):
+            continue  # recorded before this check, or not shown (a row dropped or skipped)
+        if spec.rows and row["id"] not in row_now:
+            row_now[row["id"]] = recorded_config(row_config(spec, row))
+        now = row_now[row["id"]] if spec.rows else recorded_config(trial_config(spec, t.params, t.number))
         then = t.user_attrs["config"]
         diff = [f"{k}: {then[k]!r} -> {now[k]!r}" for k in sorted(set(then) & set(now)) if then[k] != now[k]]
         if diff:  # (a key on one side only is a schema change between versions, not an edit)

@@ -45,3 +45,34 @@ def runs_by_row(client, out) -> dict:
     exp = client.get_experiment_by_name(out.experiment)
     runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
     return {r.data.tags["sfd.row"]: r for r in runs}
+
+
+def stop_after_ask(monkeypatch, run, at: int = 1) -> None:
+    """Call `run()` with SIGTERM (the stop handlers installed, as `run_script` does) arriving right after the
+    `at`-th trial Optuna hands out, before the study loop records it; `run` must end Terminated."""
+    import os
+    import signal
+
+    import optuna
+    import pytest
+
+    from sfd.cli import Terminated, handle_stop_signals
+
+    real_ask, asked = optuna.study.Study.ask, []
+
+    def ask_then_stop(self, *args, **kwargs):
+        trial = real_ask(self, *args, **kwargs)
+        asked.append(trial.number)
+        if len(asked) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return trial
+
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(optuna.study.Study, "ask", ask_then_stop)
+        handle_stop_signals(ctrl_c=False)
+        try:
+            with pytest.raises(Terminated):
+                run()
+        finally:
+            signal.signal(signal.SIGTERM, before)

@@ -17,7 +17,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from study_runner import SECOND_STAGE as SECOND
-from study_runner import load_studies_runner, runs_by_row, write_digits_study
+from study_runner import load_studies_runner, runs_by_row, stop_after_ask, write_digits_study
 
 from sfd.workers import resolve_devices, worker_environment
 
@@ -125,29 +125,12 @@ def test_ctrl_c_during_a_first_stage_marks_its_waiting_second_stage_interrupted_
 def test_a_stop_right_after_asking_leaves_no_trial_running(tmp_path, stores, monkeypatch, devices):
     """SIGTERM arriving just after Optuna hands out a trial (before it is held or running) is acted on once the
     trial is recorded, so it is marked interrupted, not left RUNNING until the next start repairs it."""
-    from sfd.cli import Terminated, handle_stop_signals
-
     path = write_digits_study(tmp_path, "asked", _rows(0.032)[:2])
-    real_ask = optuna.study.Study.ask
-
-    def ask_then_stop(self, *args, **kwargs):
-        trial = real_ask(self, *args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return trial
-
-    monkeypatch.setattr(optuna.study.Study, "ask", ask_then_stop)
-    before = signal.getsignal(signal.SIGTERM)
-    handle_stop_signals(ctrl_c=False)
-    try:
-        with pytest.raises(Terminated):
-            studies.run_study(str(path), report=False, quiet=True, devices=devices)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    stop_after_ask(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True, devices=devices))
     trials = optuna.load_study(study_name="asked", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
     assert [(t.user_attrs["row"], t.state, t.user_attrs.get("interrupted")) for t in trials] == [
         ("sfd-nfe5", TrialState.FAIL, True), ("second-stage", TrialState.WAITING, None)]
     assert trials[0].user_attrs["fail_reason"].endswith("(Terminated: stopped by SIGTERM)")
-    monkeypatch.setattr(optuna.study.Study, "ask", real_ask)
     out = studies.run_study(str(path), report=False, quiet=True, devices=devices)
     assert out.ran == 2 and not out.failed
 

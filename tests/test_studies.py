@@ -18,7 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from study_runner import load_studies_runner
+from study_runner import load_studies_runner, stop_after_ask
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
@@ -723,29 +723,18 @@ def test_queued_rows_that_the_yaml_now_skips_or_drops_do_not_run(tmp_path, store
 
 
 def test_a_grid_point_stopped_right_after_asking_runs_next_time(tmp_path, stores, monkeypatch):
-    from sfd.cli import Terminated, handle_stop_signals
-
     space = {"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
     path = _write_study(tmp_path, "g", **{**SEARCH, "n_trials": 2, "sampler": {"type": "grid", "seed": 0}}, space=space)
-    real_ask, asked = optuna.study.Study.ask, []
-
-    def ask_then_stop(self, *args, **kwargs):
-        trial = real_ask(self, *args, **kwargs)
-        asked.append(trial.number)
-        if len(asked) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return trial
-
-    monkeypatch.setattr(optuna.study.Study, "ask", ask_then_stop)
-    before = signal.getsignal(signal.SIGTERM)
-    handle_stop_signals(ctrl_c=False)
-    try:
-        with pytest.raises(Terminated):
-            studies.run_study(str(path), report=False, quiet=True)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    monkeypatch.setattr(optuna.study.Study, "ask", real_ask)
+    stop_after_ask(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True), at=2)
     assert studies.plan_study(str(path)).to_run == 1
     assert studies.run_study(str(path), report=False, quiet=True).ran == 1
     trials = optuna.load_study(study_name="g", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
     assert sorted(t.params["loss.name"] for t in trials if t.state == TrialState.COMPLETE) == ["l1", "l2"]
+
+
+def test_a_finished_row_now_skipped_is_not_checked_against_its_yaml(tmp_path, stores):
+    path = _write_study(tmp_path, rows=ROWS[:2])
+    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1  # sfd-l1 finished
+    _write_study(tmp_path, rows=[{**ROWS[0], "params": {"loss.name": "l3"}}, ROWS[1]],  # edited, even invalid
+                 skip_rows={"sfd-l1": "set aside"})
+    assert studies.run_study(str(path), report=False, quiet=True).ran == 1  # only sfd-l2-noafs
