@@ -1061,6 +1061,7 @@ class CheckedStudy:
     devices: list[str] | None
     skipped: dict[str, str]
     configs: dict[str, Any]  # row id (search: "base") -> resolved run config
+    recorded: Any = None  # the Optuna study as stored before this run (None: a new study)
 
 
 def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracking_uri: str | None,
@@ -1094,7 +1095,7 @@ def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracki
     study = recorded_study(storage_url, spec.experiment(smoke))
     if study is not None:
         check_record(spec, study, retry_failed)
-    return CheckedStudy(spec, spec_text, tracking_uri, storage_url, devices, skipped, configs)
+    return CheckedStudy(spec, spec_text, tracking_uri, storage_url, devices, skipped, configs, study)
 
 
 @dataclass
@@ -1351,8 +1352,7 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
     checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
     spec = checked.spec
     study_name = spec.experiment(smoke)
-    study = recorded_study(checked.storage_url, study_name)
-    trials = study.get_trials(deepcopy=False) if study is not None else []
+    trials = checked.recorded.get_trials(deepcopy=False) if checked.recorded is not None else []
     if smoke and spec.space and n_trials is None:
         n_trials = SMOKE_SEARCH_TRIALS
     holder = lock_holder(study_name, checked.storage_url)

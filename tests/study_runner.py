@@ -76,3 +76,20 @@ def stop_after_ask(monkeypatch, run, at: int = 1) -> None:
                 run()
         finally:
             signal.signal(signal.SIGTERM, before)
+
+
+def stop_next_training(monkeypatch, run) -> None:
+    """Call `run()` (a study) with its next training stopped by SIGTERM in this process, as a killed session
+    would leave it: that row interrupted, the later rows still queued; `run` must end Terminated."""
+    import pytest
+
+    import sfd.distill
+    from sfd.cli import Terminated
+
+    def stop(*args, **kwargs):
+        raise Terminated("stopped by SIGTERM")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sfd.distill, "distill", stop)
+        with pytest.raises(Terminated):
+            run()

@@ -17,7 +17,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from study_runner import SECOND_STAGE as SECOND
-from study_runner import load_studies_runner, runs_by_row, stop_after_ask, write_digits_study
+from study_runner import load_studies_runner, runs_by_row, stop_after_ask, stop_next_training, write_digits_study
 
 from sfd.workers import resolve_devices, worker_environment
 
@@ -62,18 +62,8 @@ def test_two_workers_run_rows_side_by_side_with_the_serial_results(tmp_path, sto
 
 
 def _interrupt_first_row(monkeypatch, path) -> None:
-    """Run the study with its first training stopped by SIGTERM (in this process), as a killed session would
-    leave it: the first row interrupted, the later rows still queued."""
-    import sfd.distill
-    from sfd.cli import Terminated
-
-    def stop(*args, **kwargs):
-        raise Terminated("stopped by SIGTERM")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(sfd.distill, "distill", stop)
-        with pytest.raises(Terminated):
-            studies.run_study(str(path), report=False, quiet=True)
+    """The first row interrupted by SIGTERM, the later rows still queued."""
+    stop_next_training(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True))
 
 
 @pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]], ids=["here", "workers"])

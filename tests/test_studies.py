@@ -18,7 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from study_runner import load_studies_runner, stop_after_ask
+from study_runner import load_studies_runner, stop_after_ask, stop_next_training
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
@@ -461,20 +461,6 @@ def _plan(path, **kw) -> dict:
     return {label: what for label, what, _ in plan.lines}, plan
 
 
-def _stop_second_row(monkeypatch, path) -> None:
-    """Run the study with its next training stopped by SIGTERM, as a killed session would leave it."""
-    import sfd.distill
-    from sfd.cli import Terminated
-
-    def stop(*args, **kwargs):
-        raise Terminated("stopped by SIGTERM")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(sfd.distill, "distill", stop)
-        with pytest.raises(Terminated):
-            studies.run_study(str(path), report=False, quiet=True)
-
-
 def test_dry_run_prints_every_row_and_creates_nothing(tmp_path, stores, capsys):
     skipped = {"id": "skipped", "params": {"loss.name": "lpips"}}
     path = _write_study(tmp_path, rows=ROWS + [skipped], skip_rows={"skipped": "not on a CPU"})
@@ -493,7 +479,7 @@ def test_dry_run_reports_done_interrupted_queued_and_failed_rows_as_the_run_then
                                                                                               monkeypatch):
     path = _write_study(tmp_path, rows=ROWS)
     assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1  # sfd-l1; the rest queued
-    _stop_second_row(monkeypatch, path)  # sfd-l2-noafs interrupted
+    stop_next_training(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True))  # sfd-l2-noafs
     storage = f"sqlite:///{stores / 'optuna.db'}"
     before = optuna.load_study(study_name="mini", storage=storage).get_trials()
 
@@ -546,7 +532,8 @@ SEARCH = dict(kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_tr
      "space.loss.name: categorical needs a non-empty choices list, got 'l1'"),
     ({"space": {"student.t_min": {"type": "float", "low": "1e-3x", "high": 0.05}}},
      "space.student.t_min.low: got '1e-3x'; a finite number"),
-    ({"space": {"student.nfe": {"type": "int", "low": 1.5, "high": 4}}}, "space.student.nfe.low: got 1.5; a finite integer"),
+    ({"space": {"student.nfe": {"type": "int", "low": 1.5, "high": 4}}},
+     "space.student.nfe.low: got 1.5; a finite integer"),
     ({"space": {"student.t_min": {"type": "float", "low": 0.002, "high": 0.05, "log": "yes"}}},
      "space.student.t_min.log: got 'yes'; true or false"),
     ({"n_trials": True, "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
