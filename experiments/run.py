@@ -69,6 +69,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from sfd.cli import run_script
+    from sfd.signals import run_script
 
     sys.exit(run_script(main))  # SIGTERM stops it the way Ctrl-C does: open runs end KILLED

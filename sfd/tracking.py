@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from sfd.cli import stops_deferred
+from sfd.signals import stops_deferred
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs / CI output
@@ -38,7 +38,22 @@ TAG_SMOKE = "sfd.smoke"
 TAG_ERROR = "sfd.error"
 TAG_DEVICE = "sfd.device"
 TAG_SEED = "sfd.seed"
+TAG_ALGORITHM = "sfd.algorithm"
+TAG_FIRST_STAGE = "sfd.first_stage"  # a second stage's first-stage reference (run id, folder, file)
+TAG_FIRST_STAGE_ROW = "sfd.first_stage_row"  # ... and, in a study, the row it came from
+TAG_WORKER_DEVICE = "sfd.worker_device"
+TAG_REPORT = "sfd.report"  # on a study's parent run: where its report artifact is
+# On a study's parent run: what the study optimises and how it was set up.
+TAG_OBJECTIVE = "sfd.objective"
+TAG_DIRECTIONS = "sfd.directions"
+TAG_SAMPLER = "sfd.sampler"
+TAG_SPEC_PATH = "sfd.spec_path"
+TAG_DEVICES = "sfd.devices"
+TAG_SKIPPED_ROWS = "sfd.skipped_rows"
+# A smoke run's notes on what it replaced: `sfd.smoke.<what>` (e.g. sfd.smoke.metric.fid, sfd.smoke.loss.name).
+TAG_SMOKE_NOTE = "sfd.smoke."
 TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"  # the description MLflow's UI shows
 TAG_OPTUNA_STUDY = "optuna.study_name"
 TAG_OPTUNA_STORAGE = "optuna.storage"
 
@@ -135,7 +150,7 @@ def _quiet_migrations() -> None:
 
 class _StopSafeClient:
     """An MlflowClient whose every call completes before a Ctrl-C or SIGTERM is acted on
-    (`sfd.cli.stops_deferred`), so the run can still be ended KILLED after the stop."""
+    (`sfd.signals.stops_deferred`), so the run can still be ended KILLED after the stop."""
 
     def __init__(self, client):
         self._client = client
@@ -383,7 +398,7 @@ class RunLogger:
             self.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
         except Exception:  # noqa: BLE001 - logging the traceback must not hide the original error
             pass
-        # Ctrl-C, or SIGTERM turned into sfd.cli.Terminated (a KeyboardInterrupt): stopped, not broken
+        # Ctrl-C, or SIGTERM turned into sfd.signals.Terminated (a KeyboardInterrupt): stopped, not broken
         try:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED", error=reason)
         except Exception as end_exc:  # noqa: BLE001 - the original error is the one to propagate

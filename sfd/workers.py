@@ -6,7 +6,7 @@ and reports back over a pipe: the run id as soon as the run exists, then the out
 in the study process; the workers write only their own MLflow runs.
 
 Stopping: a worker ignores SIGINT (Ctrl-C reaches the whole process group) and is stopped by the study
-process with one SIGTERM, which unwinds its run the way `sfd.cli.run_script` does (the run ends KILLED). A
+process with one SIGTERM, which unwinds its run the way `sfd.signals.run_script` does (the run ends KILLED). A
 worker whose study process died without stopping it (SIGKILL) stops itself the same way within a second.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _serve(conn, env: dict[str, str]) -> None:
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the study process decides when a worker stops
-    from sfd.cli import handle_stop_signals
+    from sfd.signals import handle_stop_signals
 
     handle_stop_signals(ctrl_c=False)
     threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()

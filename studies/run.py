@@ -839,7 +839,7 @@ class TrialLoop:
     # in this process
 
     def run_here(self, todo: int) -> None:
-        from sfd.cli import stops_deferred
+        from sfd.signals import stops_deferred
         from sfd.workers import run_job
 
         held: list = []
@@ -875,7 +875,7 @@ class TrialLoop:
     def run_on(self, devices: list[str], todo: int) -> None:
         from multiprocessing.connection import wait
 
-        from sfd.cli import stops_deferred
+        from sfd.signals import stops_deferred
         from sfd.workers import DeviceWorker
 
         cpu_workers = sum(d == "cpu" for d in devices)
@@ -1528,6 +1528,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from sfd.cli import run_script
+    from sfd.signals import run_script
 
     sys.exit(run_script(main))  # SIGTERM stops it the way Ctrl-C does: open runs end KILLED

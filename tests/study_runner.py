@@ -56,7 +56,7 @@ def stop_after_ask(monkeypatch, run, at: int = 1) -> None:
     import optuna
     import pytest
 
-    from sfd.cli import Terminated, handle_stop_signals
+    from sfd.signals import Terminated, handle_stop_signals
 
     real_ask, asked = optuna.study.Study.ask, []
 
@@ -84,7 +84,7 @@ def stop_next_training(monkeypatch, run) -> None:
     import pytest
 
     import sfd.distill
-    from sfd.cli import Terminated
+    from sfd.signals import Terminated
 
     def stop(*args, **kwargs):
         raise Terminated("stopped by SIGTERM")

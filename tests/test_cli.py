@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from sfd.cli import SIGTERM_EXIT, Terminated, main, run_script, stops_deferred
+from sfd.cli import main
+from sfd.signals import SIGTERM_EXIT, Terminated, run_script, stops_deferred
 from sfd.tracking import RunLogger, get_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_a_stop_waits_for_the_tracking_call_it_lands_in(tmp_path):
     client._client.set_tag = _signal_inside(signal.SIGTERM, done)
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
-        from sfd.cli import _raise_terminated
+        from sfd.signals import _raise_terminated
 
         signal.signal(signal.SIGTERM, _raise_terminated)
         with pytest.raises(Terminated, match="stopped by SIGTERM"):
@@ -127,7 +128,7 @@ def test_a_tracking_call_in_another_thread_does_not_hold_the_main_threads_stop()
     stop would be raised in that thread, and the main thread would never stop)."""
     import threading
 
-    from sfd.cli import _raise_terminated
+    from sfd.signals import _raise_terminated
 
     inside, release = threading.Event(), threading.Event()
 

@@ -295,10 +295,10 @@ def test_lock_and_seeds_yaml_live_beside_a_sqlite_storage(tmp_path, stores):
 
 
 def test_ctrl_c_or_sigterm_in_a_trial_ends_its_run_killed_and_a_rerun_retries_it(tmp_path, stores, monkeypatch):
-    """What SIGTERM raises (sfd.cli.Terminated, a KeyboardInterrupt) mid-training: the trial's run and the
+    """What SIGTERM raises (sfd.signals.Terminated, a KeyboardInterrupt) mid-training: the trial's run and the
     study's run end KILLED, the trial FAIL marked interrupted; the next run of the study retries its row."""
     import sfd.distill
-    from sfd.cli import Terminated
+    from sfd.signals import Terminated
 
     path = _write_study(tmp_path, "stopped", rows=ROWS[:1])
     real = sfd.distill.distill
