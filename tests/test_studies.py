@@ -352,7 +352,9 @@ def test_cli_list_and_missing_asset(tmp_path):
 def test_sigkill_mid_trial_then_rerun_completes_without_duplicates(tmp_path):
     """Kill the study process (SIGKILL: no cleanup) while its first trial is running; the same command then
     marks that trial and its MLflow run FAILED, reruns its row and finishes the others, each row once."""
-    rows = [{"id": "slow", "params": {"optim.total_kimg": 1.6}},  # ~100 iterations: time to kill it mid-trial
+    # ~400 iterations, about 3 s here: time to kill it mid-trial (100 used to do, while the first imports of the
+    # evaluation and plotting modules still happened inside the trial)
+    rows = [{"id": "slow", "params": {"optim.total_kimg": 6.4}},
             {"id": "quick", "params": {"loss.name": "l2"}}]
     path = _write_study(tmp_path, "killme", rows=rows)
     runs = tmp_path / "runs"
