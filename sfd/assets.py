@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch.hub
+from tqdm.auto import tqdm
+
 __all__ = [
     "Asset", "AssetError", "UnknownAssetError", "MissingAssetError", "AssetDownloadError", "AssetChecksumError",
-    "ASSETS", "register", "unregister", "get", "sfd_home", "torch_hub_checkpoints", "asset_path", "require",
+    "ASSETS", "FID_REFS", "register", "unregister", "get", "sfd_home", "torch_hub_checkpoints", "asset_path", "require",
     "fetch", "verify", "main",
 ]
 
@@ -62,13 +65,7 @@ def sfd_home() -> Path:
 
 def torch_hub_checkpoints() -> Path:
     """``torch.hub.get_dir()/checkpoints``: where torchvision and torch-fidelity look for their weights."""
-    try:
-        import torch.hub  # lazy: importing torch is slow and this module must stay light
-        return Path(torch.hub.get_dir()) / "checkpoints"
-    except ImportError:  # same rule as torch.hub.get_dir, without torch
-        torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
-        return Path(torch_home).expanduser() / "hub" / "checkpoints"
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -175,6 +172,10 @@ for _asset in (
     register(_asset)
 del _asset
 
+# FID reference statistics by the dataset a teacher models (sfd.teachers.TeacherSpec.dataset).
+FID_REFS = {"cifar10": "fid-ref-cifar10-32x32", "imagenet64": "fid-ref-imagenet-64x64",
+            "ffhq64": "fid-ref-ffhq-64x64", "afhqv2-64": "fid-ref-afhqv2-64x64"}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Look-up.
@@ -274,8 +275,6 @@ def _open(url: str, offset: int, timeout: float):
 
 def _download(asset: Asset, url: str, part: Path, progress: bool, timeout: float) -> None:
     """Append the rest of ``url`` to ``part``, resuming with an HTTP Range request where a part exists."""
-    from tqdm.auto import tqdm
-
     offset = part.stat().st_size if part.exists() else 0
     try:
         resp = _open(url, offset, timeout)

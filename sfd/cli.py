@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import sys
 
+from sfd.assets import main as assets_main
+from sfd.bench import main as bench_main
+
 USAGE = "usage: sfd {assets,bench} ...   (e.g. `sfd assets list`, `sfd bench distill --arch tiny`)"
+COMMANDS = {"assets": assets_main, "bench": bench_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,16 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "assets":
-        from sfd.assets import main as assets_main
-
-        return assets_main(rest)
-    if command == "bench":
-        from sfd.bench import main as bench_main
-
-        return bench_main(rest)
-    print(f"sfd: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"sfd: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 from sfd.compiling import maybe_compile
 from sfd.losses import get_loss
+from sfd.networks.edm import GROUP_NORMS, set_group_norm
 from sfd.sampling import GridSpec, autocast_context, bind, cudnn_autotune, use_precision
 from sfd.schedules import get_schedule, refine_grid
 from sfd.solvers import afs_derivative, check_solver, solve
@@ -75,8 +76,6 @@ class DistillSettings:
             get_schedule(self.grid.schedule, n, self.grid.t_min, self.grid.t_max, self.grid.rho)
             if self.grid.afs and n < 3:
                 raise ValueError(f"AFS needs at least 3 student timestamps, got num_steps={n}")
-        from sfd.networks.edm import GROUP_NORMS
-
         if self.group_norm not in GROUP_NORMS:
             raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {self.group_norm!r}")
         if self.m < 0:
@@ -107,8 +106,6 @@ def sanitize_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 def prepare_network(net, *, channels_last: bool, group_norm: str):
     """Group-norm computation and memory format, set on an image network itself (before compiling it);
     anything that is not a torch module (an analytic teacher) is returned untouched."""
-    from sfd.networks.edm import set_group_norm
-
     if isinstance(net, torch.nn.Module):
         set_group_norm(net, group_norm)
         # both ways: a study's trials share one cached teacher, which an earlier trial may have made NHWC

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from sfd.assets import require
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSSES = ("l1", "l2", "pseudo_huber", "lpips")
 PAPER_NAMES = {"l1": "L1", "l2": "L2", "pseudo_huber": "Pseudo-Huber", "lpips": "LPIPS"}
@@ -46,9 +48,9 @@ class LPIPSLoss(torch.nn.Module):
 
     def __init__(self, net: str = "vgg", resize: int = 224):
         super().__init__()
-        import lpips  # heavy import, only when asked for
-
-        from sfd.assets import require
+        # Imported here on purpose: sfd.distill imports this module, and the speed tools (sfd.bench) run it on GPU
+        # machines that hold PyTorch but not lpips; only a run with an LPIPS loss needs the package.
+        import lpips
 
         asset = LPIPS_NETS.get(net)
         if asset is None:

@@ -15,16 +15,16 @@ import torch
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 SolverFn = Callable[..., list]
 
+# Filled by `_register`, where each solver is named once: the name configs and studies use, the paper's name
+# for the tables, and its network evaluations per step (AFS removes exactly one: the first step's predictor).
 SOLVERS: dict[str, SolverFn] = {}
-# Network evaluations per step; AFS removes exactly one evaluation (the first step's predictor).
-EVALS_PER_STEP = {"euler": 1, "heun": 2, "dpm2": 2, "ipndm": 1, "dpmpp3m": 1}
-# The paper's names for the tables.
-PAPER_NAMES = {"euler": "DDIM", "heun": "Heun", "dpm2": "DPM(2S)", "ipndm": "iPNDM", "dpmpp3m": "DPM++(3M)"}
+PAPER_NAMES: dict[str, str] = {}
+EVALS_PER_STEP: dict[str, int] = {}
 
 
-def _register(name: str):
+def _register(name: str, paper_name: str, evals_per_step: int):
     def wrap(fn):
-        SOLVERS[name] = fn
+        SOLVERS[name], PAPER_NAMES[name], EVALS_PER_STEP[name] = fn, paper_name, evals_per_step
         return fn
     return wrap
 
@@ -50,7 +50,7 @@ def _first_derivative(denoiser: Denoiser, x: torch.Tensor, t: float, use_afs: bo
     return afs_derivative(x, t) if use_afs else derivative(denoiser, x, t)
 
 
-@_register("euler")
+@_register("euler", "DDIM", evals_per_step=1)
 def euler(denoiser: Denoiser, x: torch.Tensor, ts: Sequence[float], afs: bool = False) -> list:
     """DDIM / Euler: x' = x + (t' - t) d(x, t)."""
     states = [x]
@@ -61,7 +61,7 @@ def euler(denoiser: Denoiser, x: torch.Tensor, ts: Sequence[float], afs: bool = 
     return states
 
 
-@_register("heun")
+@_register("heun", "Heun", evals_per_step=2)
 def heun(denoiser: Denoiser, x: torch.Tensor, ts: Sequence[float], afs: bool = False) -> list:
     """EDM's Heun: Euler predictor then trapezoidal corrector on every step, the last included."""
     states = [x]
@@ -73,7 +73,7 @@ def heun(denoiser: Denoiser, x: torch.Tensor, ts: Sequence[float], afs: bool = F
     return states
 
 
-@_register("dpm2")
+@_register("dpm2", "DPM(2S)", evals_per_step=2)
 def dpm2(denoiser: Denoiser, x: torch.Tensor, ts: Sequence[float], afs: bool = False) -> list:
     """DPM-Solver-2 ("DPM(2S)"): Euler to the geometric midpoint, then the full step with its direction."""
     states = [x]
@@ -100,7 +100,7 @@ def ipndm_update(x: torch.Tensor, t: float, t_next: float, derivs: Sequence[torc
     return x + (t_next - t) * sum(c * d for c, d in zip(_IPNDM_COEFFS[order], derivs))
 
 
-@_register("ipndm")
+@_register("ipndm", "iPNDM", evals_per_step=1)
 def ipndm(denoiser: Denoiser, x: torch.Tensor, ts: Sequence[float], afs: bool = False, max_order: int = 4) -> list:
     """Improved PNDM: fixed-coefficient Adams–Bashforth of order min(max_order, step index + 1)."""
     if not 1 <= max_order <= 4:
@@ -158,7 +158,7 @@ def dpmpp_update(x: torch.Tensor, t: float, t_next: float, denoised: Sequence[to
     return x
 
 
-@_register("dpmpp3m")
+@_register("dpmpp3m", "DPM++(3M)", evals_per_step=1)
 def dpmpp3m(
     denoiser: Denoiser,
     x: torch.Tensor,

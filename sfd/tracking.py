@@ -18,15 +18,24 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from sfd.signals import stops_deferred
-
+# MLflow reads MLFLOW_DISABLE_TELEMETRY when it is imported: set the defaults before importing it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs / CI output
+
+import sqlalchemy  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # noqa: E402
+
+from sfd.signals import stops_deferred  # noqa: E402
 
 # Tag names (the contract with reports/).
 TAG_ROLE = "sfd.role"  # study | trial | run
@@ -97,8 +106,6 @@ def sqlite_path(uri: str) -> Path | None:
 def database_url_problem(url: str) -> str | None:
     """Why SQLAlchemy cannot use a database URL (unparsable, unknown dialect, driver not installed), else None.
     Connects to nothing and creates no file."""
-    import sqlalchemy
-
     try:
         sqlalchemy.create_engine(url).dispose()
     except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError: all mean unusable
@@ -109,8 +116,6 @@ def database_url_problem(url: str) -> str | None:
 def tracking_uri_problem(uri: str) -> str | None:
     """Why MLflow cannot use a tracking URI (an unknown scheme, a database driver not installed), else None.
     Creates nothing."""
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
     try:
         _tracking_store_registry.get_store_builder(uri)
     except Exception as exc:  # noqa: BLE001 - MLflow's error names the schemes it supports
@@ -168,8 +173,6 @@ class _StopSafeClient:
 
 
 def get_client(tracking_uri: str | None = None):
-    from mlflow import MlflowClient
-
     _quiet_migrations()
     uri = tracking_uri or default_tracking_uri()
     ensure_sqlite_parent(uri)
@@ -203,8 +206,6 @@ def git_info(root: Path | None = None) -> dict[str, str]:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {"version.python": platform.python_version()}
     for dist in ("sfd", "torch", "numpy", "mlflow", "optuna"):
         try:
@@ -215,8 +216,6 @@ def package_versions() -> dict[str, str]:
 
 
 def device_description(device) -> str:
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -293,22 +292,16 @@ class RunLogger:
 
     # -- params, tags, metrics
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for chunk in _chunks(items, MAX_BATCH_PARAMS):
             self.client.log_batch(self.run_id, params=chunk)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
         for chunk in _chunks(items, MAX_BATCH_PARAMS):
             self.client.log_batch(self.run_id, tags=chunk)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
         ts = _now_ms()
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for chunk in _chunks(items, MAX_BATCH_METRICS):
@@ -330,12 +323,8 @@ class RunLogger:
         return callback
 
     def flush(self) -> None:
-        from mlflow.entities import Metric
-
         if not self._pending:
             return
-        import torch
-
         # One host transfer for the whole window.
         flat = torch.cat([s.step_losses.reshape(-1).float() for s, *_ in self._pending]).tolist()
         metrics, i = [], 0
@@ -363,8 +352,6 @@ class RunLogger:
 
     def log_image(self, image, artifact_file: str) -> None:
         """A PIL image as PNG (written directly, without MLflow's image-logging extras)."""
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
             image.save(path)

@@ -83,13 +83,13 @@ def stop_next_training(monkeypatch, run) -> None:
     would leave it: that row interrupted, the later rows still queued; `run` must end Terminated."""
     import pytest
 
-    import sfd.distill
+    import sfd.runner.run
     from sfd.signals import Terminated
 
     def stop(*args, **kwargs):
         raise Terminated("stopped by SIGTERM")
 
     with monkeypatch.context() as patch:
-        patch.setattr(sfd.distill, "distill", stop)
+        patch.setattr(sfd.runner.run, "distill", stop)
         with pytest.raises(Terminated):
             run()

@@ -280,3 +280,38 @@ def test_teacher_path_that_is_not_an_edm_pickle_fails_before_the_run(tmp_path):
         good.write_bytes(pickle.dumps({"ema": None}, protocol=protocol))
         prepare(load_config(ROOT / "experiments" / "cifar10_sfd.yaml",
                             [f"teacher.path={good}", "eval.metrics=[teacher_gap]"]))
+
+
+@pytest.mark.parametrize("teacher,metric,reason", [
+    ("digits", "class_accuracy", "needs a class-conditional teacher; 'digits' is unconditional"),
+    ("gmm-8", "fd_digits", "defined for the embedded digits teachers only, not 'gmm-8'"),
+    ("gmm-img-4", "pixel_fd", "defined for the embedded digits teachers only, not 'gmm-img-4'"),
+    ("cifar10-uncond", "class_accuracy", "defined for the embedded digits teachers only, not 'cifar10-uncond'"),
+])
+def test_a_metric_that_cannot_score_the_teachers_samples_is_refused(teacher, metric, reason):
+    """Such a metric used to pass every check and fail in evaluate(), after training; the teacher's facts come
+    from its spec, so nothing is loaded to refuse it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"teacher.name={teacher}", f"eval.metrics=[teacher_gap, {metric}]"])
+    assert str(err.value).startswith(f"eval.metrics[1]: ") and reason in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("teacher,metrics", [
+    ("digits", "[fd_digits, pixel_fd, teacher_gap]"),
+    ("digits-cond", "[fd_digits, pixel_fd, class_accuracy, teacher_gap]"),
+    ("gmm-8", "[teacher_gap]"),
+    ("cifar10-uncond", "[fid, teacher_gap]"),
+])
+def test_metrics_that_fit_the_teacher_pass(teacher, metrics):
+    assert load_config(None, [f"teacher.name={teacher}", f"eval.metrics={metrics}"]).eval.metrics
+
+
+def test_an_unfit_metric_stops_a_run_before_its_store_exists(tmp_path):
+    from sfd.runner import run_experiment
+    from sfd.tracking import Tracker
+
+    cfg = from_dict({"teacher": {"name": "digits"}, "eval": {"metrics": ["class_accuracy"]}})  # not yet validated
+    store = tmp_path / "runs" / "mlflow.db"
+    with pytest.raises(ConfigError, match=r"eval.metrics\[0\]: class_accuracy needs a class-conditional teacher"):
+        run_experiment(cfg, tracker=Tracker("unfit", tracking_uri=f"sqlite:///{store}"))
+    assert not store.parent.exists()

@@ -12,13 +12,13 @@ import types
 import pytest
 import torch
 
+from sfd.assets import FID_REFS
 from sfd.metrics.evaluate import evaluate, solver_sampler, student_sampler
 from sfd.metrics.fd import FeatureStats, frechet_distance, save_stats
 from sfd.metrics.gap import GAP_SOLVER, GAP_SOLVER_OPTS, per_sample_rmse, reference_grid
 from sfd.metrics.inception import InceptionFeatures, to_uint8
 from sfd.sampling import GridSpec, generate
 from sfd.teachers import get_teacher
-from sfd.teachers.registry import FID_REFS
 
 
 def test_fid_equals_frechet_distance_of_hand_built_statistics(random_weights, tmp_path):

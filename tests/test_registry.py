@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sfd.teachers import get_teacher
+from sfd.assets import FID_REFS
+from sfd.networks.edm import EDM_CONFIGS
+from sfd.teachers import TEACHERS, TeacherError, get_teacher, teacher_spec
 from sfd.teachers.registry import load_cifar10_train
 
 
@@ -52,3 +54,30 @@ def test_step_conditioned_student_loads_every_teacher_weight():
     x = torch.randn(2, 1, 8, 8)
     # The new step layers start at zero, so the SFD-v student equals its teacher at any step.
     torch.testing.assert_close(student.eval()(x, 2.0, step=5), teacher.net(x, 2.0))
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-cond", "gmm-8", "gmm-img-4", "cifar10-uncond"])
+def test_a_teachers_spec_says_what_loading_it_gives(name):
+    """Configs are checked against the spec alone; it must agree with the loaded teacher (an EDM teacher in
+    smoke mode: a random network of its architecture, no checkpoint needed)."""
+    spec = teacher_spec(name)
+    teacher = get_teacher(name, smoke=True)
+    assert (spec.dataset, spec.default_metric, spec.num_classes, spec.description) == (
+        teacher.dataset, teacher.default_metric, teacher.num_classes, teacher.description)
+    assert spec.has_training_images == (teacher.data_fn is not None)
+
+
+def test_edm_specs_take_their_classes_and_checkpoints_from_the_architecture_table():
+    for name in ("cifar10-uncond", "ffhq64-uncond", "afhqv2-64-uncond", "imagenet64-cond"):
+        spec = teacher_spec(name)
+        assert spec.source == "checkpoint" and spec.checkpoint in EDM_CONFIGS and spec.default_metric == "fid"
+        assert spec.num_classes == EDM_CONFIGS[spec.checkpoint]["label_dim"]
+        assert spec.dataset in FID_REFS  # FID can score every checkpoint teacher
+    assert teacher_spec("imagenet64-cond").num_classes == 1000
+    assert [n for n in TEACHERS if teacher_spec(n.replace("<k>", "3")).has_training_images] == [
+        "digits", "digits-cond", "gmm-<k>", "gmm-img-<k>", "cifar10-uncond"]
+
+
+def test_an_unknown_teacher_is_a_teacher_error_naming_the_choices():
+    with pytest.raises(TeacherError, match=r"unknown teacher 'gmm-x'; choose one of \[.*'digits'"):
+        teacher_spec("gmm-x")

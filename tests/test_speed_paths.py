@@ -129,10 +129,12 @@ def test_benchmark_refuses_bad_counts_before_work(argv, capsys):
     (["show", "/nonexistent/results.jsonl"], "show: /nonexistent/results.jsonl does not exist"),
 ])
 def test_benchmark_refuses_bad_arguments_in_one_line_before_work(argv, message, capsys, monkeypatch):
-    import sfd.bench
+    import sfd.bench.common
+    import sfd.bench.sample
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda on a machine without CUDA
-    monkeypatch.setattr(sfd.bench, "build_arch", lambda arch: pytest.fail("a network was built"))
+    for tool in (sfd.bench.common, sfd.bench.sample):  # where distill and sample build their networks
+        monkeypatch.setattr(tool, "build_arch", lambda arch: pytest.fail("a network was built"))
     with pytest.raises(SystemExit) as err:
         main(argv)
     text = capsys.readouterr().err
@@ -240,7 +242,7 @@ def test_track_cli_prints_the_comparison(capsys):
 
 
 def test_suite_refuses_unknown_settings_and_records_a_failing_one(monkeypatch):
-    import sfd.bench as bench
+    import sfd.bench.suite as bench
 
     with pytest.raises(SystemExit, match="unknown suite setting"):
         bench.run_suite("tiny", 4, [2], ["fp32", "fp64"], device="cpu")
@@ -260,7 +262,7 @@ def test_suite_refuses_unknown_settings_and_records_a_failing_one(monkeypatch):
 def test_iteration_flops_count_teacher_forwards_and_student_forward_backwards():
     """NFE 2 with M = 3: a DPM++(3M) teacher spends 12 evaluations on the 13-point refined grid; the AFS
     student trains 2 steps. The cifar10 forward count is a golden value (EDM's SongUNet, batch 128)."""
-    from sfd.bench import _counted_tflop, iteration_tflop
+    from sfd.bench.distill import _counted_tflop, iteration_tflop
 
     net = build_arch("cifar10")
     fwd, fwd_bwd = _counted_tflop(net, 128, False), _counted_tflop(net, 128, True)
@@ -327,9 +329,9 @@ def test_runs_and_the_benchmark_turn_on_cudnn_autotuning_on_cuda_only(monkeypatc
 def test_track_with_dropout_draws_the_same_masks_for_the_same_setting(monkeypatch):
     """Each of track's two runs seeds the global generator as a run does: fp32 against fp32 with dropout on is
     then identical (the second run used to continue the first one's stream and draw other masks)."""
-    import sfd.bench
+    import sfd.bench.track
 
-    monkeypatch.setattr(sfd.bench, "build_arch", lambda arch: EDMPrecond(**{**TINY, "dropout": 0.2}))
+    monkeypatch.setattr(sfd.bench.track, "build_arch", lambda arch: EDMPrecond(**{**TINY, "dropout": 0.2}))
     r = track_precisions("tiny", batch=8, nfe=2, iters=4, precision="fp32", samples=8, dropout=True, device="cpu")
     assert r["weights_apart_over_moved"] == 0 and r["samples_rmse_fast_vs_fp32"] == 0
     assert r["loss_curve_fp32"] == r["loss_curve_fast"] and len(r["loss_curve_fp32"]) == 4

@@ -297,16 +297,16 @@ def test_lock_and_seeds_yaml_live_beside_a_sqlite_storage(tmp_path, stores):
 def test_ctrl_c_or_sigterm_in_a_trial_ends_its_run_killed_and_a_rerun_retries_it(tmp_path, stores, monkeypatch):
     """What SIGTERM raises (sfd.signals.Terminated, a KeyboardInterrupt) mid-training: the trial's run and the
     study's run end KILLED, the trial FAIL marked interrupted; the next run of the study retries its row."""
-    import sfd.distill
+    import sfd.runner.run
     from sfd.signals import Terminated
 
     path = _write_study(tmp_path, "stopped", rows=ROWS[:1])
-    real = sfd.distill.distill
+    real = sfd.runner.run.distill
 
     def stop(*args, **kwargs):
         raise Terminated("stopped by SIGTERM")
 
-    monkeypatch.setattr(sfd.distill, "distill", stop)
+    monkeypatch.setattr(sfd.runner.run, "distill", stop)
     with pytest.raises(Terminated):
         studies.run_study(str(path), report=False, quiet=True)
     tracking, storage = _uris(stores)
@@ -319,7 +319,7 @@ def test_ctrl_c_or_sigterm_in_a_trial_ends_its_run_killed_and_a_rerun_retries_it
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED" and parent.info.end_time
 
-    monkeypatch.setattr(sfd.distill, "distill", real)
+    monkeypatch.setattr(sfd.runner.run, "distill", real)
     again = studies.run_study(str(path), report=False, quiet=True)
     assert again.ran == 1 and not again.failed
     states = [t.state for t in optuna.load_study(study_name="stopped", storage=storage).get_trials()]
@@ -352,7 +352,9 @@ def test_cli_list_and_missing_asset(tmp_path):
 def test_sigkill_mid_trial_then_rerun_completes_without_duplicates(tmp_path):
     """Kill the study process (SIGKILL: no cleanup) while its first trial is running; the same command then
     marks that trial and its MLflow run FAILED, reruns its row and finishes the others, each row once."""
-    rows = [{"id": "slow", "params": {"optim.total_kimg": 1.6}},  # ~100 iterations: time to kill it mid-trial
+    # ~400 iterations, about 3 s here: time to kill it mid-trial (100 used to do, while the first imports of the
+    # evaluation and plotting modules still happened inside the trial)
+    rows = [{"id": "slow", "params": {"optim.total_kimg": 6.4}},
             {"id": "quick", "params": {"loss.name": "l2"}}]
     path = _write_study(tmp_path, "killme", rows=rows)
     runs = tmp_path / "runs"

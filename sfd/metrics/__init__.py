@@ -3,6 +3,8 @@
 - `fd`: FeatureStats (float64 running mean/covariance), frechet_distance, EDM-format .npz stats files.
 - `inception`: FID features (Inception-v3 2015-12-05 weights from a local file, via torch-fidelity).
 - `digits`: an embedded metric for the offline sklearn-digits teacher (small CNN classifier).
+- `names`: every metric a run can compute, once: its logged keys, direction, smoke substitute, fit to a teacher.
+- `evaluate`: one evaluation entry (sample seeds, fold into running statistics, score).
 
 Re-exports resolve lazily (PEP 562), so `import sfd.metrics` stays light and
 `python -m sfd.metrics.digits` does not import its own module twice.

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits  # bundled with sklearn: no download
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 from sfd.metrics.fd import FeatureStats, frechet_distance
@@ -54,8 +57,6 @@ __all__ = [
 
 def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 sklearn digits: images float32 [N, 1, 8, 8] in [-1, 1] (x/8 - 1), labels int64 [N]."""
-    from sklearn.datasets import load_digits  # bundled with sklearn: no download
-
     d = load_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
     labels = torch.from_numpy(d.target.astype(np.int64))
@@ -64,8 +65,6 @@ def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train_idx, test_idx) into `load_digits_data()`; fixed by `seed`."""
-    from sklearn.model_selection import train_test_split
-
     _, labels = load_digits_data()
     idx = np.arange(len(labels))
     train_idx, test_idx = train_test_split(
@@ -120,8 +119,6 @@ def load_digits_classifier(
     device: str | torch.device = "cpu", weights_dir: str | Path | None = None
 ) -> DigitsClassifier:
     """The shipped classifier (or one from `weights_dir`), in eval mode with gradients off."""
-    from safetensors.torch import load_file
-
     wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     st, js = wdir / f"{WEIGHTS_NAME}.safetensors", wdir / f"{WEIGHTS_NAME}.json"
     for p in (st, js):
@@ -334,8 +331,6 @@ def sanity_figures(classifier: DigitsClassifier, split_seed: int = 0, test_fract
 
 
 def _write(model: DigitsClassifier, cfg: TrainConfig, metrics: dict, sanity: dict, out: Path, command: str) -> Path:
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     st = out / f"{WEIGHTS_NAME}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(st))

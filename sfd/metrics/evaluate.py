@@ -12,13 +12,20 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 from sfd import solvers
+from sfd.assets import FID_REFS, require
+from sfd.compiling import runs_compiled
+from sfd.metrics import digits
+from sfd.metrics.fd import FeatureStats, frechet_distance, load_stats
 from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, reference_grid, teacher_reference
+from sfd.metrics.inception import InceptionFeatures, to_uint8
+from sfd.metrics.names import unfit_reason
 from sfd.sampling import GridSpec, generate
 
-METRICS = ("fid", "fd_digits", "pixel_fd", "class_accuracy", "teacher_gap")
-DIGITS_ONLY = ("fd_digits", "pixel_fd", "class_accuracy")
 FID_NUM_SAMPLES = 50_000
 SMALL_NUM_SAMPLES = 1_000
 
@@ -83,23 +90,15 @@ def default_num_samples(teacher, metrics) -> int:
 def check_metrics(metrics, teacher, sampler: Sampler | None = None) -> None:
     """Clear errors before sampling: unknown names, digits metrics on other data, accuracy without classes."""
     for m in metrics:
-        if m not in METRICS:
-            raise ValueError(f"unknown metric {m!r}; choose from {list(METRICS)}")
-        if m in DIGITS_ONLY and teacher.dataset != "digits":
-            raise ValueError(f"metric {m!r} is defined for the embedded digits teachers only, not {teacher.name!r}")
-    if "class_accuracy" in metrics and not teacher.num_classes:
-        raise ValueError("class_accuracy needs a class-conditional teacher")
+        reason = unfit_reason(m, teacher.name, teacher.dataset, teacher.num_classes)
+        if reason:
+            raise ValueError(reason)
 
 
 class _FID:
     """Inception pool3 statistics of the samples vs the dataset's reference statistics (EDM's fid-refs)."""
 
     def __init__(self, teacher, device, weights_path=None, ref_path=None):
-        from sfd.assets import require
-        from sfd.metrics.fd import FeatureStats, load_stats
-        from sfd.metrics.inception import InceptionFeatures
-        from sfd.teachers.registry import FID_REFS
-
         if teacher.dataset not in FID_REFS:
             raise ValueError(f"no FID reference statistics are registered for dataset {teacher.dataset!r}")
         self.ref = load_stats(require(FID_REFS[teacher.dataset], path=ref_path))
@@ -107,22 +106,13 @@ class _FID:
         self.stats = FeatureStats()
 
     def update(self, samples: torch.Tensor) -> None:
-        from sfd.metrics.inception import to_uint8
-
         self.stats.update(self.features(to_uint8(samples)))
 
     def result(self) -> float:
-        from sfd.metrics.fd import frechet_distance
-
         return frechet_distance(self.stats.mu, self.stats.sigma, *self.ref)
 
 
 def _sample_grid(samples: torch.Tensor, n: int = 64):
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from sfd.metrics.inception import to_uint8
-
     x = samples[:n]
     grid = make_grid(to_uint8(x), nrow=int(len(x) ** 0.5 + 0.999), padding=1, pad_value=0)
     arr = grid.permute(1, 2, 0).numpy()
@@ -146,13 +136,12 @@ def evaluate(
     class_labels=None,
     reference_cache: dict | None = None,
 ) -> EvalResult:
-    """Sample seeds 0..num_samples-1 and compute `metrics` (see METRICS). Returns the metrics and a grid image.
+    """Sample seeds 0..num_samples-1 and compute `metrics` (names of sfd.metrics.names.METRICS). Returns the
+    metrics and a grid image.
 
     `reference_cache`: a dict shared by evaluations of one teacher (e.g. an SFD-v student at each NFE); the
     teacher-gap reference of a batch of seeds is solved once and reused wherever its inputs are the same.
     """
-    from tqdm.auto import tqdm
-
     metrics = list(metrics)
     check_metrics(metrics, teacher, sampler)
     num_samples = num_samples or default_num_samples(teacher, metrics)
@@ -200,8 +189,6 @@ def sample_batch(sampler: Sampler, seeds: list[int], shape, device, batch_size: 
     """One batch of samples. A compiled network is given full batches only, since a ragged last batch would
     compile a second graph: the batch is filled with the seeds that follow and their samples dropped (each
     seed has its own noise, so the kept samples are the same either way)."""
-    from sfd.compiling import runs_compiled
-
     n = len(seeds)
     if n < batch_size and runs_compiled(sampler.net):
         seeds = seeds + list(range(seeds[-1] + 1, seeds[-1] + 1 + batch_size - n))
@@ -216,8 +203,6 @@ def _finish(metrics, fid, kept, classes, gaps) -> dict[str, float]:
     if fid is not None:
         out["fid"] = fid.result()
     if kept:
-        from sfd.metrics import digits
-
         images = torch.cat(kept)
         if "fd_digits" in metrics:
             out["fd_digits"] = digits.fd_digits(images)

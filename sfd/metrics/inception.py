@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from sfd.assets import require
 from sfd.metrics.fd import FeatureStats, save_stats
 
 INCEPTION_ASSET = "inception-2015-12-05"
@@ -39,8 +41,6 @@ class InceptionFeatures:
     dim = FEATURE_DIM
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-        from sfd.assets import require  # raises MissingAssetError naming the asset when absent
-
         self.weights_path = Path(require(INCEPTION_ASSET, path=weights_path))
         self.device = torch.device(device)
         self.net = _build_network(self.weights_path).to(self.device)
@@ -85,6 +85,8 @@ def check_inception_weights(path: str | os.PathLike) -> None:
 
 
 def _build_network(path: Path) -> torch.nn.Module:
+    # Imported here on purpose: `sfd.bench sample` times sampling through sfd.metrics.evaluate on GPU machines that
+    # hold PyTorch but not torch-fidelity; only Inception features (FID, `sample --inception`) need the package.
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     # torch-fidelity unpickles with weights_only=False; a restricted load first means a file that would
@@ -124,8 +126,6 @@ def _to_nchw(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _folder_batches(folder: Path, batch_size: int) -> Iterator[torch.Tensor]:
-    from PIL import Image
-
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no PNG images found under {folder}")

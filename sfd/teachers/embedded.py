@@ -13,6 +13,7 @@ quality). Retrain with `python -m sfd.teachers.train digits --variant both`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -21,8 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from sfd.metrics.digits import class_accuracy, digits_split, fd_digits, load_digits_data, pixel_fd
 from sfd.networks.edm import EDMPrecond
+from sfd.sampling import GridSpec, generate
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 VARIANTS: dict[str, bool] = {"digits": False, "digits-cond": True}  # name -> class-conditional
@@ -138,8 +142,6 @@ def train_digits_teacher(cfg: DigitsTeacherConfig, hook: Hook | None = None) -> 
     `hook(ema, progress)` is called every `cfg.eval_every_kimg` (checkpoint quality checks); the RNG state
     of training does not depend on it.
     """
-    from sfd.metrics.digits import load_digits_data
-
     images, labels = load_digits_data()
     onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES).float()
     total = cfg.total_steps()
@@ -183,8 +185,6 @@ def heun_samples(net: torch.nn.Module, num_samples: int, guidance: float | None 
                  first_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """18-step Heun samples clipped to [-1, 1] (seeds first_seed...); classes drawn per seed when
     `guidance` is given (conditional), else the network's own (for digits-cond: null-label) branch."""
-    from sfd.sampling import GridSpec, generate
-
     seeds = range(first_seed, first_seed + num_samples)
     kw = dict(num_classes=NUM_CLASSES, guidance=guidance) if guidance is not None else {}
     x, classes = generate(net, GridSpec(**HEUN_GRID), seeds, IMAGE_SHAPE, solver="heun", **kw)
@@ -193,8 +193,6 @@ def heun_samples(net: torch.nn.Module, num_samples: int, guidance: float | None 
 
 def reference_scales() -> dict:
     """fd_digits / pixel_fd of the held-out 20% split and of clipped Gaussian noise (vs all 1,797 digits)."""
-    from sfd.metrics.digits import digits_split, fd_digits, load_digits_data, pixel_fd
-
     images, _ = load_digits_data()
     _, test_idx = digits_split()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
@@ -205,8 +203,6 @@ def reference_scales() -> dict:
 
 def _nn_distance(samples: torch.Tensor) -> float:
     """Median L2 distance from each sample to its nearest training digit (memorisation: ~0)."""
-    from sfd.metrics.digits import load_digits_data
-
     data = load_digits_data()[0].flatten(1)
     return float(torch.cdist(samples.flatten(1), data).min(dim=1).values.median())
 
@@ -214,8 +210,6 @@ def _nn_distance(samples: torch.Tensor) -> float:
 def measure_quality(net: torch.nn.Module, num_samples: int = 1000, guidances: tuple[float, ...] = (1.0, 2.0)) -> dict:
     """Quality of 18-step Heun samples: fd_digits, pixel_fd (vs all digits) and, if conditional, class
     accuracy per guidance scale; plus the reference scales to read them against."""
-    from sfd.metrics.digits import class_accuracy, fd_digits, pixel_fd
-
     t0 = time.perf_counter()
     cond = getattr(net, "label_dim", 0) > 0
     x, _ = heun_samples(net, num_samples)
@@ -235,8 +229,6 @@ def measure_quality(net: torch.nn.Module, num_samples: int = 1000, guidances: tu
 
 def _data_nn_distance() -> float:
     """Median distance from held-out digits to their nearest training-split digit: what 'novel' looks like."""
-    from sfd.metrics.digits import digits_split, load_digits_data
-
     data = load_digits_data()[0].flatten(1)
     tr, te = digits_split()
     return float(torch.cdist(data[te], data[tr]).min(dim=1).values.median())
@@ -248,10 +240,6 @@ def _data_nn_distance() -> float:
 def save_teacher(net: EDMPrecond, cfg: DigitsTeacherConfig, info: dict, out: str | Path | None = None,
                  command: str = "") -> Path:
     """Write `<name>.safetensors` + `<name>.json` into `out` (default: the package weights folder)."""
-    import hashlib
-
-    from safetensors.torch import save_file
-
     out = Path(out) if out is not None else WEIGHTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     st = out / f"{cfg.name}.safetensors"
@@ -285,8 +273,6 @@ def load_embedded_teacher(name: str = "digits", device: str | torch.device = "cp
                           weights_dir: str | Path | None = None) -> EDMPrecond:
     """A shipped digits teacher: EDMPrecond in eval mode, gradients off, `.init_kwargs` set. Offline; the
     file is plain tensors, so loading executes nothing."""
-    from safetensors.torch import load_file
-
     st, js = _paths(name, weights_dir)
     kwargs = json.loads(js.read_text())["network_kwargs"]
     net = EDMPrecond(**kwargs)

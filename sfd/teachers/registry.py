@@ -1,7 +1,9 @@
 """Teachers by name, so configs and studies name them by string.
 
-`get_teacher(name)` returns a `Teacher`: the denoiser network plus what a run needs to know about it (sample
-shape, classes, time range, default metric, where real training images come from for Algorithm 1).
+`teacher_spec(name)` says what a teacher is without loading it (a frozen `TeacherSpec`: source, dataset, classes,
+default metric, checkpoint and data assets), so configs are checked before anything is read. `get_teacher(name)`
+returns a `Teacher`: the denoiser network plus what a run needs to know about it (sample shape, classes, time range,
+default metric, where real training images come from for Algorithm 1).
 """
 from __future__ import annotations
 
@@ -17,28 +19,78 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from sfd.assets import require
+from sfd.metrics.digits import load_digits_data
+from sfd.networks.edm import EDM_CONFIGS, STEP_KEY_PREFIX, EDMPrecond, architecture_mismatch
+from sfd.networks.mlp import MLPDenoiser
+from sfd.teachers.edm_pickle import EDMPickleError, check_edm_pickle_header, load_edm_pickle
+from sfd.teachers.embedded import load_embedded_teacher
 from sfd.teachers.gmm import GaussianMixture
 
-# name -> (description, EDM architecture key or None, dataset, checkpoint asset, default metric, data asset)
-_EDM_TEACHERS = {
-    "cifar10-uncond": ("EDM CIFAR-10 32x32 unconditional (DDPM++ VP, 56M params)", "edm-cifar10-32x32-uncond-vp",
-                       "cifar10", "fid", "cifar10-train"),
-    "ffhq64-uncond": ("EDM FFHQ 64x64 unconditional (DDPM++ VP)", "edm-ffhq-64x64-uncond-vp", "ffhq64", "fid", None),
-    "afhqv2-64-uncond": ("EDM AFHQv2 64x64 unconditional (DDPM++ VP)", "edm-afhqv2-64x64-uncond-vp", "afhqv2-64",
-                         "fid", None),
-    "imagenet64-cond": ("EDM ImageNet 64x64 class-conditional (ADM, 1000 classes)", "edm-imagenet-64x64-cond-adm",
-                        "imagenet64", "fid", None),
-}
-TEACHERS: dict[str, str] = {
-    "digits": "embedded: small EDM SongUNet trained on scikit-learn's 8x8 digits (unconditional)",
-    "digits-cond": "embedded: the same, class-conditional (10 labels, label dropout for guidance)",
+
+class TeacherError(ValueError):
+    """A teacher that cannot be used as named: an unknown name, or a checkpoint that is not its network."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a named teacher is, known without loading it."""
+
+    name: str
+    description: str
+    source: str  # checkpoint (an EDM pickle; teacher.path applies) | embedded (shipped) | analytic (exact mixture)
+    dataset: str  # the data it models: digits, gmm, cifar10, ...
+    default_metric: str  # what a run reports when eval.metrics is null
+    num_classes: int = 0
+    checkpoint: str | None = None  # a checkpoint teacher's asset, also its EDM architecture key
+    data_asset: str | None = None  # a checkpoint teacher's training images for Algorithm 1, if registered
+
+    @property
+    def has_training_images(self) -> bool:
+        """Whether Algorithm 1 can draw real images (digits, mixture samples, a data asset)."""
+        return self.source != "checkpoint" or self.data_asset is not None
+
+
+def _edm_spec(name: str, description: str, arch: str, dataset: str, data_asset: str | None = None) -> TeacherSpec:
+    return TeacherSpec(name, description, "checkpoint", dataset, "fid", num_classes=EDM_CONFIGS[arch]["label_dim"],
+                       checkpoint=arch, data_asset=data_asset)
+
+
+_FIXED_TEACHERS = {spec.name: spec for spec in (
+    TeacherSpec("digits", "embedded: small EDM SongUNet trained on scikit-learn's 8x8 digits (unconditional)",
+                "embedded", "digits", "fd_digits"),
+    TeacherSpec("digits-cond", "embedded: the same, class-conditional (10 labels, label dropout for guidance)",
+                "embedded", "digits", "fd_digits", num_classes=10),
+    _edm_spec("cifar10-uncond", "EDM CIFAR-10 32x32 unconditional (DDPM++ VP, 56M params)",
+              "edm-cifar10-32x32-uncond-vp", "cifar10", "cifar10-train"),
+    _edm_spec("ffhq64-uncond", "EDM FFHQ 64x64 unconditional (DDPM++ VP)", "edm-ffhq-64x64-uncond-vp", "ffhq64"),
+    _edm_spec("afhqv2-64-uncond", "EDM AFHQv2 64x64 unconditional (DDPM++ VP)", "edm-afhqv2-64x64-uncond-vp",
+              "afhqv2-64"),
+    _edm_spec("imagenet64-cond", "EDM ImageNet 64x64 class-conditional (ADM, 1000 classes)",
+              "edm-imagenet-64x64-cond-adm", "imagenet64"),
+)}
+_GMM_DESCRIPTIONS = {
     "gmm-<k>": "analytic: 2-D Gaussian mixture with k components (exact denoiser)",
     "gmm-img-<k>": "analytic: 1x8x8 'image' Gaussian mixture with k components (exact denoiser)",
-    **{name: spec[0] for name, spec in _EDM_TEACHERS.items()},
 }
-# FID reference statistics per dataset (EDM's fid-refs).
-FID_REFS = {"cifar10": "fid-ref-cifar10-32x32", "imagenet64": "fid-ref-imagenet-64x64",
-            "ffhq64": "fid-ref-ffhq-64x64", "afhqv2-64": "fid-ref-afhqv2-64x64"}
+# Every teacher name (mixtures as patterns) -> its description, for listings and error messages.
+TEACHERS: dict[str, str] = {
+    **{name: spec.description for name, spec in _FIXED_TEACHERS.items() if spec.source == "embedded"},
+    **_GMM_DESCRIPTIONS,
+    **{name: spec.description for name, spec in _FIXED_TEACHERS.items() if spec.source == "checkpoint"},
+}
+_GMM = re.compile(r"gmm-(img-)?(\d+)$")
+
+
+def teacher_spec(name: str) -> TeacherSpec:
+    """The spec of a teacher name (see TEACHERS), or a TeacherError."""
+    if name in _FIXED_TEACHERS:
+        return _FIXED_TEACHERS[name]
+    match = _GMM.match(name)
+    if match is None:
+        raise TeacherError(f"unknown teacher {name!r}; choose one of {sorted(TEACHERS)}")
+    pattern = "gmm-img-<k>" if match.group(1) else "gmm-<k>"
+    return TeacherSpec(name, _GMM_DESCRIPTIONS[pattern], "analytic", "gmm", "teacher_gap")
 
 
 @dataclass
@@ -75,8 +127,6 @@ class Teacher:
 
 
 def make_step_conditioned(net: torch.nn.Module, init_kwargs: dict | None) -> torch.nn.Module:
-    from sfd.networks.edm import STEP_KEY_PREFIX, EDMPrecond
-
     if init_kwargs is None:
         raise ValueError("SFD-v needs an EDM network whose init kwargs are known")
     student = EDMPrecond(**{**init_kwargs, "step_condition": True}).to(next(net.parameters()).device)
@@ -127,47 +177,39 @@ def load_cifar10_train(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----- construction -------------------------------------------------------------------------------------
 
-def _gmm_teacher(name: str, k: int, image: bool, device) -> Teacher:
+def _gmm_teacher(spec: TeacherSpec, device) -> Teacher:
     """An analytic mixture; its student is a small MLP denoiser (there is no network to copy)."""
-    from sfd.networks.mlp import MLPDenoiser
-
+    match = _GMM.match(spec.name)
+    k, image = int(match.group(2)), bool(match.group(1))
     shape = (1, 8, 8) if image else (2,)
     gmm = GaussianMixture.random(k, shape, spread=0.7, std=0.05 if image else 0.08, seed=k).to(device)
-    return Teacher(name=name, net=gmm, shape=shape, dataset=teacher_dataset(name), default_metric=default_metric(name),
-                   description=TEACHERS["gmm-img-<k>" if image else "gmm-<k>"],
+    return Teacher(name=spec.name, net=gmm, shape=shape, dataset=spec.dataset, default_metric=spec.default_metric,
+                   description=spec.description,
                    student_fn=lambda: MLPDenoiser(shape, hidden=128, depth=3).to(device),
                    data_fn=lambda b, s: _endless(gmm.sample(max(4096, b), torch.Generator().manual_seed(s)),
                                                  None, b, s))
 
 
-def _digits_teacher(name: str, device) -> Teacher:
-    from sfd.metrics.digits import load_digits_data
-    from sfd.teachers.embedded import load_embedded_teacher
-
-    net = load_embedded_teacher(name, device=device)
-    cond = name == "digits-cond"
+def _digits_teacher(spec: TeacherSpec, device) -> Teacher:
+    net = load_embedded_teacher(spec.name, device=device)
     images, labels = load_digits_data()
-    return Teacher(name=name, net=net, shape=(1, 8, 8), num_classes=10 if cond else 0,
-                   dataset=teacher_dataset(name), default_metric=default_metric(name), init_kwargs=getattr(net, "init_kwargs", None), description=TEACHERS[name],
-                   data_fn=lambda b, s: _endless(images, labels if cond else None, b, s))
+    cond = spec.num_classes > 0
+    return Teacher(name=spec.name, net=net, shape=(1, 8, 8), num_classes=spec.num_classes, dataset=spec.dataset,
+                   default_metric=spec.default_metric, init_kwargs=getattr(net, "init_kwargs", None),
+                   description=spec.description, data_fn=lambda b, s: _endless(images, labels if cond else None, b, s))
 
 
-def _edm_teacher(name: str, path, device, smoke: bool) -> Teacher:
-    from sfd.assets import require
-    from sfd.networks.edm import EDM_CONFIGS, EDMPrecond
-
-    description, arch, dataset, metric, data_asset = _EDM_TEACHERS[name]
+def _edm_teacher(spec: TeacherSpec, path, device, smoke: bool) -> Teacher:
+    arch = spec.checkpoint
     kwargs = dict(EDM_CONFIGS[arch])
     if smoke:
         torch.manual_seed(0)
         net = EDMPrecond(**kwargs)
     else:
-        from sfd.teachers.edm_pickle import load_edm_pickle
-
         file = require(arch, path=path)
         net = load_edm_pickle(file)
         kwargs = getattr(net, "init_kwargs", None) or kwargs
-        _check_architecture(name, arch, kwargs, file)
+        _check_architecture(spec.name, arch, kwargs, file)
     net = net.to(device).eval().requires_grad_(False)
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
 
@@ -175,22 +217,19 @@ def _edm_teacher(name: str, path, device, smoke: bool) -> Teacher:
         if smoke:  # random stand-in images: the smoke run proves the wiring, not the numbers
             g = torch.Generator().manual_seed(seed)
             return _endless(torch.rand(64, *shape, generator=g) * 2 - 1, None, batch_size, seed)
-        if data_asset is None:
-            raise ValueError(f"no training-image asset is registered for {name}; Algorithm 1 cannot run on it")
-        images, _ = load_cifar10_train(require(data_asset))
+        if spec.data_asset is None:
+            raise ValueError(f"no training-image asset is registered for {spec.name}; Algorithm 1 cannot run on it")
+        images, _ = load_cifar10_train(require(spec.data_asset))
         return _endless(images, None, batch_size, seed)
 
-    return Teacher(name=name, net=net, shape=shape, num_classes=kwargs.get("label_dim", 0), dataset=dataset,
-                   default_metric=metric, smoke=smoke, init_kwargs=kwargs, data_fn=data_fn,
-                   description=description)
+    return Teacher(name=spec.name, net=net, shape=shape, num_classes=kwargs.get("label_dim", 0), dataset=spec.dataset,
+                   default_metric=spec.default_metric, smoke=smoke, init_kwargs=kwargs, data_fn=data_fn,
+                   description=spec.description)
 
 
 def _check_architecture(name: str, arch: str, kwargs: dict, file) -> None:
     """A pickle of another network (say ImageNet's ADM given as the CIFAR-10 teacher) would be sampled and
     scored against the wrong dataset's FID reference: refuse it by name."""
-    from sfd.networks.edm import architecture_mismatch
-    from sfd.teachers.edm_pickle import EDMPickleError
-
     diff = architecture_mismatch(arch, kwargs)
     if diff:
         found = ", ".join(f"{k}={got!r} (expected {want!r})" for k, (want, got) in diff.items())
@@ -198,73 +237,28 @@ def _check_architecture(name: str, arch: str, kwargs: dict, file) -> None:
                              f"give teacher.path the {arch}.pkl checkpoint, or the teacher name that matches it")
 
 
-_GMM = re.compile(r"gmm-(img-)?(\d+)$")
-
-
-def check_teacher_name(name: str) -> None:
-    if name in ("digits", "digits-cond") or name in _EDM_TEACHERS or _GMM.match(name):
-        return
-    raise ValueError(f"unknown teacher {name!r}; choose one of {sorted(TEACHERS)}")
-
-
-def teacher_dataset(name: str) -> str:
-    """The dataset a teacher models ("digits", "gmm", "cifar10", ...), known without loading it."""
-    check_teacher_name(name)
-    if name in _EDM_TEACHERS:
-        return _EDM_TEACHERS[name][2]
-    return "digits" if name.startswith("digits") else "gmm"
-
-
-def default_metric(name: str) -> str:
-    """The metric a teacher is judged by when a run names none, known without loading it."""
-    if name in _EDM_TEACHERS:
-        return _EDM_TEACHERS[name][3]
-    return {"digits": "fd_digits", "gmm": "teacher_gap"}[teacher_dataset(name)]
-
-
-def teacher_source(name: str) -> str:
-    """Where a teacher's network comes from: 'checkpoint' (an EDM pickle; teacher.path applies), 'embedded'
-    (shipped with the package) or 'analytic' (an exact mixture denoiser)."""
-    check_teacher_name(name)
-    if name in _EDM_TEACHERS:
-        return "checkpoint"
-    return "embedded" if name.startswith("digits") else "analytic"
-
-
-def has_training_images(name: str) -> bool:
-    """Whether Algorithm 1 can draw real images for this teacher (digits, mixture samples, a data asset)."""
-    check_teacher_name(name)
-    return name not in _EDM_TEACHERS or _EDM_TEACHERS[name][4] is not None
-
-
 def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None:
-    """Raise MissingAssetError (asset, paths searched, fetch command) before any run is created."""
-    check_teacher_name(name)
-    if name not in _EDM_TEACHERS:
+    """Raise MissingAssetError (asset, paths searched, fetch command) or TeacherError (a file that is not this
+    teacher's checkpoint) before any run is created."""
+    spec = teacher_spec(name)
+    if spec.source != "checkpoint":
         return
-    from sfd.assets import require
-    from sfd.teachers.edm_pickle import EDMPickleError, check_edm_pickle_header
-
     try:  # a few header bytes: a wrong file fails here, not with an UnpicklingError once the run exists
-        check_edm_pickle_header(require(_EDM_TEACHERS[name][1], path=path))
+        check_edm_pickle_header(require(spec.checkpoint, path=path))
     except EDMPickleError as exc:
-        from sfd.config import ConfigError
-
-        raise ConfigError(f"teacher.path: got {str(path)!r}; {exc}" if path is not None else str(exc)) from None
+        raise TeacherError(f"teacher.path: got {str(path)!r}; {exc}" if path is not None else str(exc)) from None
     if needs_data:
-        data_asset = _EDM_TEACHERS[name][4]
-        if data_asset is None:
-            raise ValueError(f"no training-image asset is registered for {name}; Algorithm 1 cannot run on it")
-        require(data_asset)
+        if spec.data_asset is None:
+            raise TeacherError(f"no training-image asset is registered for {name}; Algorithm 1 cannot run on it")
+        require(spec.data_asset)
 
 
 def get_teacher(name: str, *, path=None, device: str | torch.device = "cpu", smoke: bool = False) -> Teacher:
     """A teacher by name (see TEACHERS). `path` overrides where an EDM checkpoint is looked for; `smoke`
     gives a randomly initialised network of the teacher's architecture (no asset needed)."""
-    check_teacher_name(name)
-    match = _GMM.match(name)
-    if match:
-        return _gmm_teacher(name, int(match.group(2)), bool(match.group(1)), device)
-    if name in ("digits", "digits-cond"):
-        return _digits_teacher(name, device)
-    return _edm_teacher(name, path, device, smoke)
+    spec = teacher_spec(name)
+    if spec.source == "analytic":
+        return _gmm_teacher(spec, device)
+    if spec.source == "embedded":
+        return _digits_teacher(spec, device)
+    return _edm_teacher(spec, path, device, smoke)

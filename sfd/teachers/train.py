@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sfd.teachers.embedded import (WEIGHTS_DIR, DigitsTeacherConfig, measure_quality, save_teacher,
+from sfd.metrics.digits import fd_digits, pixel_fd
+from sfd.teachers.embedded import (WEIGHTS_DIR, DigitsTeacherConfig, heun_samples, measure_quality, save_teacher,
                                    train_digits_teacher)
 
 _VARIANTS = {"uncond": [False], "cond": [True], "both": [False, True]}
@@ -50,9 +51,6 @@ def config_for(conditional: bool, args: argparse.Namespace) -> DigitsTeacherConf
 
 
 def _checkpoint_hook(num_samples: int):
-    from sfd.metrics.digits import fd_digits, pixel_fd
-    from sfd.teachers.embedded import heun_samples
-
     def hook(ema: torch.nn.Module, progress: dict) -> None:
         x, _ = heun_samples(ema, num_samples)
         print(f"  kimg {progress['kimg']:.0f}  {progress['seconds']:.0f}s  loss {progress['loss']:.4f}  "
