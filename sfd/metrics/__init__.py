@@ -3,6 +3,8 @@
 - `fd`: FeatureStats (float64 running mean/covariance), frechet_distance, EDM-format .npz stats files.
 - `inception`: FID features (Inception-v3 2015-12-05 weights from a local file, via torch-fidelity).
 - `digits`: an embedded metric for the offline sklearn-digits teacher (small CNN classifier).
+- `prdc`: precision, recall, density, coverage (k-NN in any feature space: Inception, digits classifier).
+- `clip_score`: CLIP score of text-to-image samples (transformers CLIP from a local folder).
 
 Re-exports resolve lazily (PEP 562), so `import sfd.metrics` stays light and
 `python -m sfd.metrics.digits` does not import its own module twice.
@@ -25,6 +27,8 @@ _EXPORTS = {
     "class_accuracy": "digits",
     "load_digits_classifier": "digits",
     "load_digits_data": "digits",
+    "digits_prdc": "prdc",
+    "CLIPScorer": "clip_score",
 }
 
 __all__ = list(_EXPORTS)

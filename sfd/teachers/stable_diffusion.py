@@ -149,10 +149,16 @@ def noise_levels_from_scheduler_config(config: dict) -> DiscreteVP:
     raise ValueError(f"unsupported beta_schedule {kind!r} (supported: scaled_linear, linear, trained_betas)")
 
 
+# What to download: the diffusers folder without the repo's other copies of the weights (.ckpt, .bin, fp16, the
+# single files) and without the safety checker, which SFD does not use.
+SD15_DOWNLOAD = (f"huggingface-cli download {SD15_HF_REPO} --local-dir DIR --exclude '*.ckpt' '*.bin' '*fp16*' "
+                 f"'v1-5-pruned*' 'safety_checker/*'")
+
+
 def _how_to_get(path: Path) -> str:
-    return (f"get the diffusers folder with `huggingface-cli download {SD15_HF_REPO} --local-dir DIR "
-            f"--exclude '*.ckpt' 'safety_checker/*'` (or the single file {SD15_SINGLE_FILE} with a diffusers folder "
-            f"of its configs and tokenizer as `config`) on a machine with network access and give its path")
+    return (f"get the diffusers folder with `{SD15_DOWNLOAD}` (or the single file {SD15_SINGLE_FILE}, "
+            f"`python -m sfd.assets fetch sd-v1-5`, with such a folder as `config` for its configs and tokenizer) on "
+            f"a machine with network access and give its path")
 
 
 def _check_folder(folder: Path) -> None:
