@@ -69,7 +69,9 @@ class LatentTextDenoiser(torch.nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
         timestep = self.noise_levels.timestep(sigma).float()
         s = sigma.float().reshape(-1, *([1] * (x.ndim - 1)))
-        eps = self.unet(x / (s * s + 1).sqrt(), timestep, encoder_hidden_states=labels.to(x.device)).sample
+        dtype = self.unet.dtype  # float16 weights take float16 inputs; under autocast this is float32 anyway
+        eps = self.unet((x / (s * s + 1).sqrt()).to(dtype), timestep,
+                        encoder_hidden_states=labels.to(x.device, dtype)).sample
         return x - s * eps.to(x.dtype)
 
 
