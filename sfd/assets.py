@@ -168,6 +168,17 @@ for _asset in (
           url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", subdir="datasets",
           description="CIFAR-10 (python version): training images (the vanilla rows of the ablation draw x0 from them; also FID reference statistics)",
           md5="c58f30108f718f92721af3b95e74349a", size=170498071),
+    Asset(name="sd-v1-5", filename="v1-5-pruned-emaonly.safetensors",
+          url="https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+              "v1-5-pruned-emaonly.safetensors", subdir="stable-diffusion",
+          description="Stable Diffusion v1.5 as one checkpoint file (EMA weights, ~4 GB; its configs and tokenizer "
+                      "come from a diffusers folder, see sfd.teachers.stable_diffusion)",
+          how_to_get="a diffusers folder of its configs and tokenizer goes with it; the README's Stable Diffusion "
+                     "section gives the command that downloads that folder, weights included"),
+    Asset(name="coco-30k-captions", filename="MS-COCO_val2014_30k_captions.csv",
+          url="https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/"
+              "MS-COCO_val2014_30k_captions.csv", subdir="prompts",
+          description="the MS-COCO val2014 30k captions SD's FID-30k and CLIP score use (columns image_id, text)"),
 ):
     register(_asset)
 del _asset

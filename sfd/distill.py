@@ -51,6 +51,9 @@ class DistillSettings:
     lr_decay_at: float = 0.5  # fraction of the budget after which lr is divided by lr_decay_factor
     lr_decay_factor: float = 10.0
     batch_size: int = 128
+    # Trajectories per forward/backward pass (None: the whole batch). Smaller values accumulate each student
+    # step's gradient over micro-batches before its one optimizer step (the reference accumulates SD to 128).
+    micro_batch_size: int | None = None
     total_kimg: float = 200.0
     num_classes: int = 0  # >0: one random one-hot label per trajectory
     precision: str = "fp32"  # see sfd.sampling.PRECISIONS; "bf16": autocast forwards, fp32 master weights
@@ -73,7 +76,7 @@ class DistillSettings:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         check_solver(self.teacher_solver)
         for n in self.num_steps_choices or (self.grid.num_steps,):
-            get_schedule(self.grid.schedule, n, self.grid.t_min, self.grid.t_max, self.grid.rho)
+            get_schedule(self.grid.schedule, n, self.grid.t_min, self.grid.t_max, self.grid.rho, self.grid.noise_levels)
             if self.grid.afs and n < 3:
                 raise ValueError(f"AFS needs at least 3 student timestamps, got num_steps={n}")
         if self.group_norm not in GROUP_NORMS:
@@ -82,6 +85,9 @@ class DistillSettings:
             raise ValueError(f"m (intermediate teacher steps) must be >= 0, got {self.m}")
         if self.batch_size < 1 or self.total_kimg <= 0 or self.lr <= 0:
             raise ValueError("batch_size, total_kimg and lr must be positive")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ValueError(f"micro_batch_size must be between 1 and batch_size ({self.batch_size}), "
+                             f"got {self.micro_batch_size!r}")
 
 
 @dataclass
@@ -143,12 +149,22 @@ def _one_hot_labels(n: int, num_classes: int, generator: torch.Generator, device
     return torch.nn.functional.one_hot(idx, num_classes).float().to(device)
 
 
+def _chunks(x: torch.Tensor | None, size: int, count: int) -> list:
+    """`x` split into micro-batches of `size` along the batch axis (`count` Nones for no labels)."""
+    return [None] * count if x is None else list(x.split(size))
+
+
 class Distiller:
-    """Runs Algorithm 1 or 2 for `settings.total_iterations` iterations, training `student` in place."""
+    """Runs Algorithm 1 or 2 for `settings.total_iterations` iterations, training `student` in place.
+
+    `conditioning(n, rng)`, where given, draws the conditioning of n trajectories (e.g. the text embeddings of
+    n random prompts) in place of `settings.num_classes` one-hot labels; `rng` is the loop's random.Random.
+    """
 
     def __init__(self, teacher, student: torch.nn.Module, settings: DistillSettings, *,
                  device: str | torch.device = "cpu", data: Iterable | None = None,
-                 callback: Callable[[IterationStats], None] | None = None):
+                 callback: Callable[[IterationStats], None] | None = None,
+                 conditioning: Callable[[int, random.Random], torch.Tensor] | None = None):
         settings.validate()
         if settings.algorithm == "vanilla" and data is None and not settings.vanilla_data_free:
             raise ValueError("Algorithm 1 (vanilla) needs a data source, or vanilla_data_free=True")
@@ -172,6 +188,7 @@ class Distiller:
         self.loss_fn = self._to_device(get_loss(settings.loss, **settings.loss_opts))
         self.final_loss_fn = self._to_device(get_loss(settings.final_loss)) if settings.final_loss else None
         self.callback = callback
+        self.conditioning = conditioning
         self.data = data
         self._data_iter: Iterator | None = None
         self.gen = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -185,7 +202,7 @@ class Distiller:
     def grids(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher grid, student grid); the student grid is every (m+1)-th teacher timestamp, exactly."""
         g = self.s.grid
-        teacher_grid = refine_grid(g.schedule, num_steps, g.t_min, g.t_max, g.rho, self.s.m)
+        teacher_grid = refine_grid(g.schedule, num_steps, g.t_min, g.t_max, g.rho, self.s.m, g.noise_levels)
         return teacher_grid, teacher_grid[:: self.s.m + 1]
 
     def draw_num_steps(self) -> int:
@@ -195,6 +212,16 @@ class Distiller:
     def lr_at(self, iteration: int) -> float:
         decayed = iteration >= self.s.lr_decay_at * self.s.total_iterations
         return self.s.lr / self.s.lr_decay_factor if decayed else self.s.lr
+
+    def draw_labels(self, n: int) -> torch.Tensor | None:
+        """The conditioning of n new trajectories: drawn by `conditioning`, else random one-hot classes."""
+        if self.conditioning is not None:
+            return self.conditioning(n, self.rng).to(self.device)
+        return _one_hot_labels(n, self.s.num_classes, self.gen, self.device)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.s.micro_batch_size or self.s.batch_size
 
     def teacher_denoiser(self, labels):
         return bind(self.teacher_fwd, labels, self.s.teacher_step)
@@ -212,18 +239,27 @@ class Distiller:
             denoised = bind(self.student_fwd, labels, step)(x, t)
         return x + (t_next - t) * (x - denoised.float()) / t
 
-    def train_step(self, x: torch.Tensor, t: float, t_next: float, target: torch.Tensor, labels, step,
-                   final: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero grads, one student step, loss vs the teacher state, backward, sanitize, optimizer step."""
+    def train_step(self, xs: list[torch.Tensor], t: float, t_next: float, targets: list[torch.Tensor], labels: list,
+                   step, final: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Zero grads; per micro-batch one student step, loss vs the teacher state, backward; then sanitize and
+        one optimizer step. Each micro-batch's loss (a batch mean) is weighted by its share of the batch, so the
+        accumulated gradient and the returned loss are those of the whole batch (as the reference, which
+        backpropagates loss.sum() / batch for each round)."""
         self.opt.zero_grad(set_to_none=True)
-        x_next = self.student_step(x, t, t_next, labels, step)
-        loss = self.loss_fn(x_next, target)
-        if final and self.final_loss_fn is not None:
-            loss = loss + self.final_loss_fn(x_next, target)
-        loss.backward()
+        total = sum(len(x) for x in xs)
+        outputs, batch_loss = [], None
+        for x, target, lab in zip(xs, targets, labels):
+            x_next = self.student_step(x, t, t_next, lab, step)
+            loss = self.loss_fn(x_next, target)
+            if final and self.final_loss_fn is not None:
+                loss = loss + self.final_loss_fn(x_next, target)
+            loss = loss * (len(x) / total)
+            loss.backward()
+            outputs.append(x_next.detach())
+            batch_loss = loss.detach() if batch_loss is None else batch_loss + loss.detach()
         sanitize_gradients(self.params)
         self.opt.step()
-        return x_next.detach(), loss.detach()
+        return outputs, batch_loss
 
     def noise(self) -> torch.Tensor:
         z = torch.randn(self.s.batch_size, *self.shape, generator=self.gen, device=self.device) * self.s.grid.t_max
@@ -234,22 +270,25 @@ class Distiller:
         """Algorithm 2: one teacher trajectory, then the student follows it step by step from its own state."""
         teacher_grid, student_grid = self.grids(num_steps)
         ts = student_grid.tolist()
-        labels = _one_hot_labels(self.s.batch_size, self.s.num_classes, self.gen, self.device)
+        labels = self.draw_labels(self.s.batch_size)
         step = num_steps if self.s.num_steps_choices else None
         z = self.noise()
+        xs = list(z.split(self.micro_batch))  # micro-batches: the same trajectories as the whole batch
+        labels = _chunks(labels, self.micro_batch, len(xs))
         t0 = time.perf_counter()
         with torch.profiler.record_function("sfd/teacher_trajectory"):  # named ranges in profiler traces
-            targets = self.teacher_states(z, teacher_grid, labels)[:: self.s.m + 1]
+            targets = [self.teacher_states(x, teacher_grid, lab)[:: self.s.m + 1] for x, lab in zip(xs, labels)]
         sync_device(self.device)
         t1 = time.perf_counter()
-        x, losses = z, []
+        losses = []
         for n in range(num_steps - 1):
             if n == 0 and self.s.grid.afs:  # analytical first step: no loss, no update
-                x = x + (ts[1] - ts[0]) * afs_derivative(x, ts[0])
+                xs = [x + (ts[1] - ts[0]) * afs_derivative(x, ts[0]) for x in xs]
                 continue
             final = n == num_steps - 2
             with torch.profiler.record_function("sfd/student_step"):
-                x, loss = self.train_step(x, ts[n], ts[n + 1], targets[n + 1], labels, step, final)
+                xs, loss = self.train_step(xs, ts[n], ts[n + 1], [tgt[n + 1] for tgt in targets], labels, step,
+                                           final)
             losses.append(loss)
         sync_device(self.device)
         first = 1 if self.s.grid.afs else 0
@@ -277,17 +316,19 @@ class Distiller:
         step = num_steps if self.s.num_steps_choices else None
         t0 = time.perf_counter()
         if self.s.vanilla_data_free:
-            labels = _one_hot_labels(self.s.batch_size, self.s.num_classes, self.gen, self.device)
+            labels = self.draw_labels(self.s.batch_size)
             x_n = self.teacher_states(self.noise(), teacher_grid[: k * n + 1], labels)[-1] if n else self.noise()
         else:
             x0, labels = self.next_data()
             if labels is None:
-                labels = _one_hot_labels(x0.shape[0], self.s.num_classes, self.gen, self.device)
+                labels = self.draw_labels(x0.shape[0])
             x_n = x0 + t * torch.randn(x0.shape, generator=self.gen, device=self.device)
-        target = self.teacher_states(x_n, teacher_grid[k * n: k * (n + 1) + 1], labels)[-1]
+        xs = list(x_n.split(self.micro_batch))
+        labels = _chunks(labels, self.micro_batch, len(xs))
+        targets = [self.teacher_states(x, teacher_grid[k * n: k * (n + 1) + 1], lab)[-1] for x, lab in zip(xs, labels)]
         sync_device(self.device)
         t1 = time.perf_counter()
-        _, loss = self.train_step(x_n, t, t_next, target, labels, step, final=n == num_steps - 2)
+        _, loss = self.train_step(xs, t, t_next, targets, labels, step, final=n == num_steps - 2)
         sync_device(self.device)
         return loss[None], (n,), t1 - t0, time.perf_counter() - t1
 
@@ -320,6 +361,8 @@ class Distiller:
 
 def distill(teacher, student: torch.nn.Module, settings: DistillSettings, shape: tuple[int, ...], *,
             device: str | torch.device = "cpu", data: Iterable | None = None,
-            callback: Callable[[IterationStats], None] | None = None) -> torch.nn.Module:
+            callback: Callable[[IterationStats], None] | None = None,
+            conditioning: Callable[[int, random.Random], torch.Tensor] | None = None) -> torch.nn.Module:
     """Distil `teacher` into `student` (trained in place and returned). See `Distiller`."""
-    return Distiller(teacher, student, settings, device=device, data=data, callback=callback).run(shape)
+    return Distiller(teacher, student, settings, device=device, data=data, callback=callback,
+                     conditioning=conditioning).run(shape)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sfd.schedules import get_schedule
+from sfd.schedules import DiscreteVP, get_schedule
 from sfd.solvers import solve
 
 
@@ -25,9 +25,10 @@ class GridSpec:
     t_min: float = 0.006
     t_max: float = 80.0
     rho: float = 7.0
+    noise_levels: DiscreteVP | None = None  # a discrete-time teacher's levels, for the `discrete` schedule
 
     def timestamps(self) -> torch.Tensor:
-        return get_schedule(self.schedule, self.num_steps, self.t_min, self.t_max, self.rho)
+        return get_schedule(self.schedule, self.num_steps, self.t_min, self.t_max, self.rho, self.noise_levels)
 
 
 def bind(net: Callable, labels: torch.Tensor | None = None, step=None) -> Callable:
@@ -40,15 +41,18 @@ def bind(net: Callable, labels: torch.Tensor | None = None, step=None) -> Callab
     return (lambda x, sigma: net(x, sigma, **kwargs)) if kwargs else net
 
 
-def guided(net: Callable, labels: torch.Tensor, scale: float, step=None) -> Callable:
+def guided(net: Callable, labels: torch.Tensor, scale: float, step=None,
+           null_labels: torch.Tensor | None = None) -> Callable:
     """Classifier-free guidance in data-prediction form, D = w·D(c) + (1-w)·D(null), which equals the
-    epsilon form eps~ = w·eps(c) + (1-w)·eps(null) because eps is affine in D. The null label is zeros
-    (what EDM-style label dropout trains). Scale 1 is the plain conditional model: one evaluation."""
+    epsilon form eps~ = eps(null) + w·(eps(c) - eps(null)) because eps is affine in D. The null label is zeros
+    (what EDM-style label dropout trains) unless `null_labels` gives it (a text teacher's empty-prompt
+    embedding, one row broadcast over the batch). Scale 1 is the plain conditional model: one evaluation."""
     cond = bind(net, labels, step)
     if scale == 1.0:
         return cond
-    null = bind(net, torch.zeros_like(labels), step)
-    return lambda x, sigma: scale * cond(x, sigma) + (1.0 - scale) * null(x, sigma)
+    null = torch.zeros_like(labels) if null_labels is None else null_labels.to(labels).expand_as(labels)
+    uncond = bind(net, null, step)
+    return lambda x, sigma: scale * cond(x, sigma) + (1.0 - scale) * uncond(x, sigma)
 
 
 def seed_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -108,6 +112,8 @@ def generate(
     solver: str = "euler",
     num_classes: int = 0,
     class_labels: Sequence[int] | None = None,
+    condition: Callable[[Sequence[int]], torch.Tensor] | None = None,
+    null_condition: torch.Tensor | None = None,
     guidance: float = 1.0,
     step=None,
     batch_size: int = 256,
@@ -119,7 +125,9 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples for `seeds` (float32, on `output_device`) and their class indices (None when unconditional).
 
-    `class_labels` fixes the class of every seed; otherwise each seed draws its own class.
+    `class_labels` fixes the class of every seed; otherwise each seed draws its own class. A teacher
+    conditioned on something other than classes (text) takes `condition(seeds)`, each seed's conditioning
+    (e.g. the embeddings of the prompts the seeds pick), and is guided against `null_condition`.
     """
     device = torch.device(device)
     use_precision(precision)
@@ -128,12 +136,16 @@ def generate(
     seeds = [int(s) for s in seeds]
     if class_labels is not None and len(class_labels) != len(seeds):
         raise ValueError(f"class_labels needs one class per seed ({len(seeds)}), got {len(class_labels)}")
+    if condition is not None and num_classes:
+        raise ValueError("give either num_classes (one-hot class labels) or condition, not both")
     out, classes = [], []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
         x = seed_noise(chunk, shape).to(device) * grid.t_max
         denoiser = bind(net, None, step)
-        if num_classes:
+        if condition is not None:
+            denoiser = guided(net, condition(chunk).to(device), guidance, step, null_condition)
+        elif num_classes:
             if class_labels is not None:
                 idx = torch.as_tensor(list(class_labels[start:start + batch_size]))
                 labels = torch.nn.functional.one_hot(idx, num_classes).float()

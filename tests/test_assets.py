@@ -108,7 +108,7 @@ def test_registry_has_the_project_assets():
     expected = {"edm-cifar10-32x32-uncond-vp", "edm-ffhq-64x64-uncond-vp", "edm-afhqv2-64x64-uncond-vp",
                 "edm-imagenet-64x64-cond-adm", "fid-ref-cifar10-32x32", "fid-ref-imagenet-64x64",
                 "fid-ref-ffhq-64x64", "fid-ref-afhqv2-64x64", "inception-2015-12-05", "lpips-vgg16",
-                "lpips-alexnet", "cifar10-train"}
+                "lpips-alexnet", "cifar10-train", "sd-v1-5", "coco-30k-captions"}
     assert expected <= set(assets.ASSETS)
     for name in expected:
         a = assets.get(name)

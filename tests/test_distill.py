@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from distill_helpers import record_gradients
 from sfd.distill import DistillSettings, Distiller, DivergedError, distill, make_student
 from sfd.networks.mlp import MLPDenoiser
 from sfd.sampling import GridSpec
@@ -184,7 +185,7 @@ def test_gradient_flows_through_current_step_only():
     d = Distiller(MIX, MLPDenoiser((2,)), _settings())
     z = torch.randn(4, 2) * 80
     target = torch.zeros(4, 2)
-    x_next, _ = d.train_step(z, 80.0, 10.9, target, None, None, final=False)
+    (x_next,), _ = d.train_step([z], 80.0, 10.9, [target], [None], None, final=False)
     assert not x_next.requires_grad and x_next.grad_fn is None
 
 
@@ -257,7 +258,7 @@ def test_vanilla_student_and_teacher_start_from_same_point():
     d.train_step = lambda x, t, tn, target, labels, step, final: (starts.append(("s", x, t)), orig_train(
         x, t, tn, target, labels, step, final))[1]
     d.vanilla_iteration(4)
-    (_, xt, grid), (_, xs, t) = starts
+    (_, xt, grid), (_, (xs,), t) = starts
     assert torch.equal(xt, xs) and float(grid[0]) == t and len(grid) == 5
 
 
@@ -333,3 +334,29 @@ def test_lr_decays_once_half_the_budget_is_spent_for_an_odd_budget():
 
 def test_a_tiny_positive_budget_is_still_one_iteration():
     assert _settings(total_kimg=1e-9, batch_size=128).total_iterations == 1
+
+
+@pytest.mark.parametrize("micro", [8, 12, 1])
+def test_accumulated_iteration_equals_the_full_batch(micro):
+    """Micro-batches (12 leaves a ragged 8 at batch 32) carry the same trajectories as the whole batch, and
+    each student step's gradient, summed over them with weights size/batch, is the full batch's: equal at every
+    optimizer step, as are the per-step losses."""
+    def run(micro_batch_size):
+        d = Distiller(MIX, MLPDenoiser((2,)), _settings(micro_batch_size=micro_batch_size, seed=5))
+        return record_gradients(d, (2,))
+
+    torch.manual_seed(0)
+    full_grads, full_losses = run(None)
+    torch.manual_seed(0)  # same student initialisation
+    acc_grads, acc_losses = run(micro)
+    assert len(full_grads) == len(acc_grads) == 2
+    torch.testing.assert_close(acc_losses, full_losses, rtol=1e-5, atol=1e-6)
+    for full, acc in zip(full_grads, acc_grads):
+        torch.testing.assert_close(acc, full, rtol=1e-4, atol=1e-6 * float(full.abs().max()))
+
+
+def test_micro_batch_must_fit_the_batch():
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _settings(micro_batch_size=64).validate()
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _settings(micro_batch_size=0).validate()

@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from sfd.schedules import get_schedule, refine_grid
+from sfd.sampling import GridSpec
+from sfd.schedules import SD15_NOISE_LEVELS, DiscreteVP, get_schedule, refine_grid
 
 
 @pytest.mark.parametrize("t_min,expected", [
@@ -111,3 +113,98 @@ def test_refined_grid_keeps_rho(kind):
     assert len(fine) == 10
     torch.testing.assert_close(fine[::3], student, rtol=1e-12, atol=0)
     assert not torch.allclose(student, get_schedule(kind, 4, 0.006, 80.0, rho=7.0))
+
+
+# ----- discrete (the reference's schedule for LDM / Stable Diffusion teachers) ------------------------------------
+# Stable Diffusion v1.5's noise levels written out independently of sfd.schedules: its scheduler config's
+# scaled_linear betas (linear in sqrt(beta) from 0.00085 to 0.012, 1000 levels), alphas_cumprod = cumprod(1 - beta);
+# level k sits at model time T_k = (k+1)/1000 with log alpha_k = 0.5 log(alphas_cumprod_k), and DPM-Solver's
+# discrete VP interpolates log alpha linearly in T between the levels.
+SD_BETAS = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+SD_LOG_ALPHA = 0.5 * np.log(np.cumprod(1.0 - SD_BETAS))
+SD_TIMES = np.arange(1, 1001) / 1000
+
+
+def _sd_sigma(t):
+    return np.sqrt(np.exp(-2.0 * np.interp(t, SD_TIMES, SD_LOG_ALPHA)) - 1.0)
+
+
+def _sd_model_time(sigma):
+    return np.interp(-0.5 * np.log1p(np.square(sigma)), SD_LOG_ALPHA[::-1], SD_TIMES[::-1])
+
+
+def test_sd15_noise_levels_match_the_betas_written_out():
+    levels = SD15_NOISE_LEVELS
+    assert levels == DiscreteVP.scaled_linear(0.00085, 0.012, 1000) and hash(levels) == hash(DiscreteVP.scaled_linear())
+    np.testing.assert_allclose(levels.alphas_cumprod, np.cumprod(1.0 - SD_BETAS), rtol=1e-13)
+    # sigma_min = sigma(T=1e-3) is level 0: sqrt(beta_0 / (1 - beta_0)); sigma_max = sigma(1), spec's 14.6146
+    assert levels.sigma_min == pytest.approx(math.sqrt(0.00085 / (1 - 0.00085)), rel=1e-12)
+    assert levels.sigma_max == pytest.approx(_sd_sigma(1.0), rel=1e-12) and round(levels.sigma_max, 4) == 14.6146
+    t = np.array([1e-3, 0.0123, 0.5, 0.77777, 1.0])
+    np.testing.assert_allclose(levels.sigma(torch.tensor(t)).numpy(), _sd_sigma(t), rtol=1e-12)
+    s = np.array([0.0292, 0.1, 1.0, 3.3, 14.6])
+    np.testing.assert_allclose(levels.model_time(torch.tensor(s)).numpy(), _sd_model_time(s), rtol=1e-12)
+
+
+def test_discrete_timestep_is_the_level_index_at_each_level():
+    """c = 1000·T(sigma) - 1 is exactly k at level k's sigma (the UNet's integer timesteps), fractional between."""
+    levels = SD15_NOISE_LEVELS
+    k = torch.tensor([0, 1, 250, 998, 999], dtype=torch.float64)
+    sigma_k = torch.tensor(np.sqrt(np.exp(-2 * SD_LOG_ALPHA[k.long().numpy()]) - 1))
+    torch.testing.assert_close(levels.timestep(sigma_k), k, rtol=0, atol=1e-9)
+    mid = levels.timestep((sigma_k[2] * levels.sigma((k[2] + 2) / 1000)).sqrt())
+    assert 250 < float(mid) < 251
+
+
+@pytest.mark.parametrize("n,t_min,t_max", [(5, 0.1, 14.6146), (13, 0.1, 14.6146), (4, 0.5, 10.0)])
+def test_discrete_rho_1_is_uniform_in_model_time(n, t_min, t_max):
+    """rho = 1: T_i = T_max + i/(N-1)(T_min - T_max), t_i = sigma(T_i), against the levels written out."""
+    grid = get_schedule("discrete", n, t_min, t_max, rho=1.0)
+    t_hi, t_lo = _sd_model_time(t_max), _sd_model_time(t_min)
+    expected = _sd_sigma(t_hi + np.arange(n) / (n - 1) * (t_lo - t_hi))
+    np.testing.assert_allclose(grid.numpy(), expected, rtol=1e-10)
+    assert grid[0] == t_max and grid[-1] == t_min
+    steps = np.diff(_sd_model_time(grid.numpy()))
+    np.testing.assert_allclose(steps, steps[0], rtol=1e-8)
+
+
+def test_discrete_rho_7_from_sigma_max_is_uniform_in_t_to_the_one_over_rho():
+    """With t_max = sigma_max (T_max = 1) the reference's formula is uniform in T^(1/rho); t_max rounded to
+    14.6146 gives the same grid to 2e-5 (its own start, sigma(T(t_max)^7), is 1.7e-5 below t_max)."""
+    rho, n = 7.0, 6
+    exact = get_schedule("discrete", n, 0.1, SD15_NOISE_LEVELS.sigma_max, rho)
+    t_lo = _sd_model_time(0.1)
+    expected = _sd_sigma((1.0 + np.arange(n) / (n - 1) * (t_lo ** (1 / rho) - 1.0)) ** rho)
+    np.testing.assert_allclose(exact.numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(np.diff(_sd_model_time(exact.numpy()) ** (1 / rho)),
+                               (t_lo ** (1 / rho) - 1.0) / (n - 1), rtol=1e-8)
+    rounded = get_schedule("discrete", n, 0.1, 14.6146, rho)
+    assert rounded[0] == 14.6146
+    torch.testing.assert_close(rounded[1:], exact[1:], rtol=2e-5, atol=0)
+    assert not torch.allclose(exact, get_schedule("discrete", n, 0.1, SD15_NOISE_LEVELS.sigma_max, 1.0))
+
+
+def test_discrete_refuses_a_start_other_than_t_max():
+    """T_max is not raised to 1/rho (as the reference writes it): for t_max below sigma_max and rho != 1 the
+    formula would start at sigma(T_max^rho) < t_max, where no sample is drawn."""
+    with pytest.raises(ValueError, match="rho=1"):
+        get_schedule("discrete", 4, 0.1, 10.0, rho=7.0)
+    # Below sigma_min, T(sigma) extends the first segment (the reference's interpolation does): for SD it stays
+    # positive, for levels whose first beta is the largest it reaches 0, which is refused by name.
+    assert 0 < float(SD15_NOISE_LEVELS.model_time(1e-4)) < 1e-3
+    decreasing = DiscreteVP.from_betas(np.linspace(0.02, 0.001, 1000))
+    with pytest.raises(ValueError, match="below the teacher's noise levels"):
+        get_schedule("discrete", 4, 1e-4, 1.0, 1.0, decreasing)
+
+
+def test_discrete_uses_the_teachers_noise_levels_and_refines_exactly():
+    linear = DiscreteVP.from_betas(np.linspace(0.0015, 0.0195, 1000))  # LDM's linear betas
+    assert get_schedule("discrete", 4, 0.1, 10.0, 1.0, linear).tolist() != get_schedule(
+        "discrete", 4, 0.1, 10.0, 1.0).tolist()
+    student = get_schedule("discrete", 4, 0.1, 14.6146, 7.0)
+    fine = refine_grid("discrete", 4, 0.1, 14.6146, 7.0, m=3)
+    assert len(fine) == 13
+    torch.testing.assert_close(fine[::4], student, rtol=1e-12, atol=0)
+    assert GridSpec(num_steps=4, schedule="discrete", t_min=0.1, t_max=10.0, rho=1.0,
+                    noise_levels=linear).timestamps().tolist() == get_schedule("discrete", 4, 0.1, 10.0, 1.0,
+                                                                               linear).tolist()

@@ -25,7 +25,7 @@ def _one_update(d):
     x = torch.randn(16, 1, 8, 8, generator=g) * 10.9
     target = torch.randn(16, 1, 8, 8, generator=g) * 0.67
     before = [p.detach().clone() for p in d.params]
-    d.train_step(x, 10.929, 0.67, target, None, None, final=False)
+    d.train_step([x], 10.929, 0.67, [target], [None], None, final=False)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(d.params, before)])
 
 

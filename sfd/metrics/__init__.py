@@ -5,6 +5,8 @@
 - `digits`: an embedded metric for the offline sklearn-digits teacher (small CNN classifier).
 - `names`: every metric a run can compute, once: its logged keys, direction, smoke substitute, fit to a teacher.
 - `evaluate`: one evaluation entry (sample seeds, fold into running statistics, score).
+- `prdc`: precision, recall, density, coverage (k-NN in any feature space: Inception, digits classifier).
+- `clip_score`: CLIP score of text-to-image samples (transformers CLIP from a local folder).
 
 Re-exports resolve lazily (PEP 562), so `import sfd.metrics` stays light and
 `python -m sfd.metrics.digits` does not import its own module twice.
@@ -27,6 +29,8 @@ _EXPORTS = {
     "class_accuracy": "digits",
     "load_digits_classifier": "digits",
     "load_digits_data": "digits",
+    "digits_prdc": "prdc",
+    "CLIPScorer": "clip_score",
 }
 
 __all__ = list(_EXPORTS)

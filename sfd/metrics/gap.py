@@ -6,6 +6,7 @@ few hundred samples, so small studies can optimise it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import torch
@@ -27,8 +28,7 @@ def per_sample_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def reference_grid(grid: GridSpec, solver: str = GAP_SOLVER, nfe: int = GAP_NFE) -> GridSpec:
     """The reference grid: the sampler's schedule and endpoints, refined to `nfe` evaluations, no AFS."""
-    return GridSpec(num_steps=num_steps_for_nfe(solver, nfe, afs=False), afs=False, schedule=grid.schedule,
-                    t_min=grid.t_min, t_max=grid.t_max, rho=grid.rho)
+    return dataclasses.replace(grid, num_steps=num_steps_for_nfe(solver, nfe, afs=False), afs=False)
 
 
 def teacher_reference(net: Callable, grid: GridSpec, seeds: Sequence[int], shape, *, solver: str = GAP_SOLVER,

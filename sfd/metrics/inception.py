@@ -25,7 +25,7 @@ INCEPTION_ASSET = "inception-2015-12-05"
 FEATURE_DIM = 2048
 
 __all__ = ["InceptionFeatures", "to_uint8", "compute_reference_stats", "build_reference_stats", "INCEPTION_ASSET",
-           "check_inception_weights"]
+           "check_inception_weights", "image_batches", "collect_features"]
 
 
 def to_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -144,21 +144,31 @@ def _array_batches(images: np.ndarray | torch.Tensor, batch_size: int) -> Iterat
     yield from x.split(batch_size)
 
 
+def image_batches(images_or_folder: np.ndarray | torch.Tensor | str | os.PathLike,
+                  batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 [B, C, H, W] batches of an image array or of a folder of PNGs (read lazily)."""
+    if isinstance(images_or_folder, (str, os.PathLike)):
+        folder = Path(images_or_folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {folder}")
+        return _folder_batches(folder, batch_size)
+    return _array_batches(images_or_folder, batch_size)
+
+
+def collect_features(images_or_folder: np.ndarray | torch.Tensor | str | os.PathLike,
+                     extractor: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """Every image's `extractor` features, float32 [N, D] on the CPU (what PRDC compares, unlike FID's stats)."""
+    return torch.cat([extractor(batch).float().cpu() for batch in image_batches(images_or_folder, batch_size)])
+
+
 def compute_reference_stats(
     images_or_folder: np.ndarray | torch.Tensor | str | os.PathLike,
     extractor: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of `extractor` features over uint8 images (array or a folder of PNGs, read lazily)."""
-    if isinstance(images_or_folder, (str, os.PathLike)):
-        folder = Path(images_or_folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder not found: {folder}")
-        batches = _folder_batches(folder, batch_size)
-    else:
-        batches = _array_batches(images_or_folder, batch_size)
     stats = FeatureStats()
-    for batch in batches:
+    for batch in image_batches(images_or_folder, batch_size):
         stats.update(extractor(batch))
     return stats.mu, stats.sigma
 
