@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from sfd.hf import CLIPModel, CLIPTokenizer
+
 CLIP_SCORE_HF_REPO = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,11 +42,6 @@ class CLIPScorer:
     @classmethod
     def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "CLIPScorer":
         """Load a transformers CLIP folder (e.g. a local copy of `CLIP_SCORE_HF_REPO`), offline."""
-        from transformers import CLIPModel, CLIPTokenizer
-
-        from sfd.teachers.stable_diffusion import hf_offline
-
-        hf_offline()
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"CLIP weights not found: no config.json in {folder}; get a transformers CLIP "

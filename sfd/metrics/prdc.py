@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sfd.metrics.digits import digits_features, load_digits_data
+
 PRDC_NEAREST_K = 5
 PRDC_MAX_SAMPLES = 10_000  # the reference's subsample per set
 PRDC_METRICS = ("precision", "recall", "density", "coverage")
@@ -65,6 +67,4 @@ def prdc(real, fake, nearest_k: int = PRDC_NEAREST_K, chunk: int = 1024) -> dict
 def digits_prdc(images, nearest_k: int = PRDC_NEAREST_K, classifier=None) -> dict[str, float]:
     """PRDC of digit images ([N, 1, 8, 8] in [-1, 1]) against all 1,797 real digits, in the embedded digits
     classifier's feature space (the offline counterpart of Inception features)."""
-    from sfd.metrics.digits import digits_features, load_digits_data
-
     return prdc(digits_features(load_digits_data()[0], classifier), digits_features(images, classifier), nearest_k)

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import torch
 
+from sfd.hf import (
+    AutoencoderKL, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PNDMScheduler, StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from sfd.schedules import DiscreteVP
 from sfd.teachers.prompts import PromptConditioning
 
@@ -40,12 +44,6 @@ __all__ = ["SD15_T_MIN", "SD15_T_MAX", "LatentTextDenoiser", "TextEncoder", "Sta
 
 class StableDiffusionNotFound(FileNotFoundError):
     """The model files are not where they were looked for; the message says what to get and how."""
-
-
-def hf_offline() -> None:
-    """Keep huggingface_hub, transformers and diffusers from reaching the network (set before they load)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
-        os.environ.setdefault(var, "1")
 
 
 class LatentTextDenoiser(torch.nn.Module):
@@ -182,7 +180,6 @@ def load_stable_diffusion(path: str | os.PathLike, *, config: str | os.PathLike 
     """Stable Diffusion from `path`: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/), or a single checkpoint file (.safetensors / .ckpt, e.g. v1-5-pruned-emaonly.safetensors) whose
     configs and tokenizer come from `config`, a diffusers folder (weights not needed there). Never downloads."""
-    hf_offline()
     path = Path(path).expanduser()
     if not path.exists():
         raise StableDiffusionNotFound(f"Stable Diffusion not found at {path}; {_how_to_get(path)}")
@@ -206,9 +203,6 @@ def load_stable_diffusion(path: str | os.PathLike, *, config: str | os.PathLike 
 
 
 def _load_folder(folder: Path, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     opts = dict(local_files_only=True)
     return (UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **opts),
             AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **opts),
@@ -217,8 +211,6 @@ def _load_folder(folder: Path, dtype: torch.dtype):
 
 
 def _load_single_file(file: Path, config: Path, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_single_file(str(file), config=str(config), local_files_only=True,
                                                     torch_dtype=dtype, safety_checker=None,
                                                     requires_safety_checker=False)
@@ -237,8 +229,6 @@ def _byte_level_alphabet() -> list[str]:
 def _tiny_tokenizer():
     """A CLIP tokenizer with no merges: every character is a token (vocabulary of 514), written to a temporary
     folder because the tokenizer reads its vocabulary from files."""
-    from transformers import CLIPTokenizer
-
     chars = _byte_level_alphabet()
     vocab = {tok: i for i, tok in enumerate([*chars, *(c + "</w>" for c in chars),
                                              "<|startoftext|>", "<|endoftext|>"])}
@@ -252,9 +242,6 @@ def tiny_stable_diffusion(seed: int = 0, device: str | torch.device = "cpu") -> 
     """SD v1.5's layout shrunk for a CPU: a 2-level UNet2DConditionModel on 4x8x8 latents (cross-attention to
     16-dim text states), a 2-level AutoencoderKL (16x16 RGB images), a 2-layer CLIP text encoder over 77
     positions, SD v1.5's noise levels; random weights from `seed`. It proves wiring, not image quality."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
@@ -278,8 +265,6 @@ def tiny_stable_diffusion(seed: int = 0, device: str | torch.device = "cpu") -> 
 def save_diffusers_folder(model: StableDiffusion, folder: str | os.PathLike) -> Path:
     """Write `model` (with SD v1.5's noise levels) as a diffusers folder, laid out as SD v1.5's own: each part's
     `save_pretrained`, and the PNDM scheduler config SD v1.5 ships (scaled_linear betas 0.00085 -> 0.012)."""
-    from diffusers import PNDMScheduler
-
     if model.noise_levels != DiscreteVP.scaled_linear():
         raise ValueError("save_diffusers_folder writes SD v1.5's scheduler config; this model has other noise levels")
     folder = Path(folder)
