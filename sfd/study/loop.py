@@ -35,7 +35,7 @@ def make_sampler(spec: StudySpec, parallel: bool = False) -> optuna.samplers.Bas
 
 class StudyGridSampler(optuna.samplers.GridSampler):
     def after_trial(self, study, trial, state, values) -> None:
-        """Optuna's calls `study.stop()` at the grid's end, which works only inside `study.optimize`; the trial
+        """Optuna's own calls `study.stop()` at the grid's end, which works only inside `study.optimize`; the trial
         loop asks `TrialLoop.grid_done` before each new trial instead."""
 
 
