@@ -1,5 +1,6 @@
-"""`studies/run.py` is a script, not a package module: tests load it once by path. Also the tiny digits study
-that several study tests write (two or three iterations of batch 16, 16 evaluation samples: seconds per row)."""
+"""`studies/run.py` is a script, not a package module: tests that call its `main` load it once by path (the study
+engine itself is `sfd.study`). Also the tiny digits study that several study tests write (two or three iterations
+of batch 16, 16 evaluation samples: seconds per row)."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
 
 
-def load_studies_runner(module_name: str = "sfd_studies_run"):
+def load_study_script(module_name: str = "sfd_studies_run"):
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, RUN_PY)

@@ -16,10 +16,10 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from study_runner import SECOND_STAGE as SECOND
-from study_runner import load_studies_runner, runs_by_row
+from study_runner import runs_by_row
 from study_runner import write_digits_study as _write
 
-studies = load_studies_runner("sfd_studies_run_issue7")
+from sfd import study as studies
 
 
 def test_second_stage_row_resolves_first_stage_row_and_sfdv_row_logs_every_nfe(tmp_path, stores):
@@ -32,7 +32,7 @@ def test_second_stage_row_resolves_first_stage_row_and_sfdv_row_logs_every_nfe(t
         {"id": "second-stage", "group": "second-stage", "method": "SFD second stage", "nfe": 1, "params": SECOND},
     ]
     path = _write(tmp_path, "i7_rows", rows)
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert not out.failed
     client = MlflowClient(out.tracking_uri)
     runs = runs_by_row(client, out)
@@ -66,17 +66,17 @@ def test_second_stage_row_resolves_first_stage_row_and_sfdv_row_logs_every_nfe(t
 def test_row_reference_errors_clearly(tmp_path, stores):
     later = [{"id": "second-stage", "params": SECOND}, {"id": "sfd-nfe5", "params": {"student.nfe": 5}}]
     with pytest.raises(studies.StudyError, match="names row 'sfd-nfe5', which comes later in the YAML"):
-        studies.run_study(str(_write(tmp_path, "i7_later", later)), report=False, quiet=True)
+        studies.run_study(str(_write(tmp_path, "i7_later", later)), quiet=True)
     missing = [{"id": "sfd-nfe5", "params": {"student.nfe": 5}},
                {"id": "second-stage", "params": {**SECOND, "second_stage.first_stage": "row:sfd-nfe7"}}]
     with pytest.raises(studies.StudyError, match="which is not a row of this study"):
-        studies.run_study(str(_write(tmp_path, "i7_missing", missing)), report=False, quiet=True)
+        studies.run_study(str(_write(tmp_path, "i7_missing", missing)), quiet=True)
     assert not stores.exists()  # nothing created
 
     diverges = [{"id": "sfd-nfe5", "params": {"student.nfe": 5, "optim.lr": 1.0e12, "loss.name": "l2",
                                              "optim.nan_check_every": 1}},
                 {"id": "second-stage", "params": SECOND}]
-    out = studies.run_study(str(_write(tmp_path, "i7_unfinished", diverges)), report=False, quiet=True)
+    out = studies.run_study(str(_write(tmp_path, "i7_unfinished", diverges)), quiet=True)
     assert [n for n, _ in out.failed] == [0, 1]
     assert "DivergedError" in out.failed[0][1]
     reason = out.failed[1][1]
@@ -91,7 +91,7 @@ def test_guidance_rows_double_nfe_and_share_the_student(tmp_path, stores):
              "params": {"student.guidance": float(w)}} for w in (1, 3)]
     path = _write(tmp_path, "i7_guidance", rows, base="experiments/digits_cond_sfd.yaml", kind="ablation",
                   metrics=["class_accuracy", "teacher_gap"])
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert not out.failed
     client = MlflowClient(out.tracking_uri)
     runs = runs_by_row(client, out)

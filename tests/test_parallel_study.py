@@ -2,6 +2,7 @@
 
 The embedded digits teacher at a few iterations (seconds per row); two CPU workers stand in for two GPUs.
 """
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -17,13 +19,16 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from study_runner import SECOND_STAGE as SECOND
-from study_runner import load_studies_runner, runs_by_row, stop_after_ask, stop_next_training, write_digits_study
+from study_runner import load_study_script, runs_by_row, stop_after_ask, stop_next_training, write_digits_study
 
-from sfd.workers import resolve_devices, worker_environment
+import sfd.study.workers
+from sfd import study as studies
+from sfd.study.loop import TrialLoop, make_sampler
+from sfd.study.workers import resolve_devices, worker_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
-studies = load_studies_runner("sfd_studies_run_parallel")
+script = load_study_script("sfd_studies_run_parallel")
 
 
 def _rows(long_kimg: float) -> list[dict]:
@@ -37,7 +42,7 @@ def _rows(long_kimg: float) -> list[dict]:
 
 def test_two_workers_run_rows_side_by_side_with_the_serial_results(tmp_path, stores):
     path = write_digits_study(tmp_path, "side", _rows(0.32))
-    out = studies.run_study(str(path), report=False, quiet=True, devices=["cpu", "cpu"])
+    out = studies.run_study(str(path), quiet=True, devices=["cpu", "cpu"])
     assert not out.failed and out.ran == 4
     client = MlflowClient(out.tracking_uri)
     assert client.get_run(out.parent_run_id).data.tags["sfd.devices"] == "cpu cpu"
@@ -55,7 +60,7 @@ def test_two_workers_run_rows_side_by_side_with_the_serial_results(tmp_path, sto
     assert second.data.params["second_stage.first_stage"] == first.run_id
     assert second.info.start_time >= first.end_time  # the second stage waited for its first stage
 
-    serial = studies.run_study(str(write_digits_study(tmp_path, "one-by-one", _rows(0.32))), report=False, quiet=True)
+    serial = studies.run_study(str(write_digits_study(tmp_path, "one-by-one", _rows(0.32))), quiet=True)
     expected = {t.user_attrs["row"]: t.value
                 for t in optuna.load_study(study_name="one-by-one", storage=serial.storage).get_trials()}
     assert {t.user_attrs["row"]: t.value for t in trials} == pytest.approx(expected, rel=1e-5)
@@ -63,7 +68,7 @@ def test_two_workers_run_rows_side_by_side_with_the_serial_results(tmp_path, sto
 
 def _interrupt_first_row(monkeypatch, path) -> None:
     """The first row interrupted by SIGTERM, the later rows still queued."""
-    stop_next_training(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True))
+    stop_next_training(monkeypatch, lambda: studies.run_study(str(path), quiet=True))
 
 
 @pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]], ids=["here", "workers"])
@@ -72,7 +77,7 @@ def test_a_resumed_second_stage_waits_for_its_retried_first_stage(tmp_path, stor
     stage must still run after it, from the retry's model."""
     path = write_digits_study(tmp_path, "resume", _rows(0.032))
     _interrupt_first_row(monkeypatch, path)
-    out = studies.run_study(str(path), report=False, quiet=True, devices=devices)
+    out = studies.run_study(str(path), quiet=True, devices=devices)
     assert not out.failed and out.ran == 4
     trials = optuna.load_study(study_name="resume", storage=out.storage).get_trials()
     done = {t.user_attrs["row"]: t for t in trials if t.state == TrialState.COMPLETE}
@@ -84,7 +89,7 @@ def test_a_resumed_second_stage_waits_for_its_retried_first_stage(tmp_path, stor
 def test_a_second_stage_beyond_n_trials_is_not_started_and_runs_next_time(tmp_path, stores, monkeypatch):
     path = write_digits_study(tmp_path, "limited", _rows(0.032)[:2])
     _interrupt_first_row(monkeypatch, path)  # queue: second-stage, then the retry of sfd-nfe5
-    out = studies.run_study(str(path), report=False, quiet=True, n_trials=1)
+    out = studies.run_study(str(path), quiet=True, n_trials=1)
     assert out.ran == 1 and not out.failed
     trials = optuna.load_study(study_name="limited", storage=out.storage).get_trials()
     second = next(t for t in trials if t.user_attrs["row"] == "second-stage")
@@ -92,7 +97,7 @@ def test_a_second_stage_beyond_n_trials_is_not_started_and_runs_next_time(tmp_pa
     assert second.user_attrs["fail_reason"] == ("interrupted: not started (--n-trials 1 was reached while it "
                                                 "waited for its first stage row 'sfd-nfe5')")
     assert [t.user_attrs["row"] for t in trials if t.state == TrialState.COMPLETE] == ["sfd-nfe5"]
-    again = studies.run_study(str(path), report=False, quiet=True)
+    again = studies.run_study(str(path), quiet=True)
     assert again.ran == 1 and not again.failed
     assert optuna.load_study(study_name="limited", storage=out.storage).get_trials()[-1].state == TrialState.COMPLETE
 
@@ -107,7 +112,7 @@ def test_ctrl_c_during_a_first_stage_marks_its_waiting_second_stage_interrupted_
                                                                 ("sfd-nfe5", TrialState.FAIL)]
     assert all(t.user_attrs["fail_reason"] == "interrupted: the study process stopped during this trial "
                "(Terminated: stopped by SIGTERM)" for t in trials[1:])
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert out.ran == 2 and not out.failed  # both rows again, the first stage first
 
 
@@ -116,12 +121,12 @@ def test_a_stop_right_after_asking_leaves_no_trial_running(tmp_path, stores, mon
     """SIGTERM arriving just after Optuna hands out a trial (before it is held or running) is acted on once the
     trial is recorded, so it is marked interrupted, not left RUNNING until the next start repairs it."""
     path = write_digits_study(tmp_path, "asked", _rows(0.032)[:2])
-    stop_after_ask(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True, devices=devices))
+    stop_after_ask(monkeypatch, lambda: studies.run_study(str(path), quiet=True, devices=devices))
     trials = optuna.load_study(study_name="asked", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
     assert [(t.user_attrs["row"], t.state, t.user_attrs.get("interrupted")) for t in trials] == [
         ("sfd-nfe5", TrialState.FAIL, True), ("second-stage", TrialState.WAITING, None)]
     assert trials[0].user_attrs["fail_reason"].endswith("(Terminated: stopped by SIGTERM)")
-    out = studies.run_study(str(path), report=False, quiet=True, devices=devices)
+    out = studies.run_study(str(path), quiet=True, devices=devices)
     assert out.ran == 2 and not out.failed
 
 
@@ -136,7 +141,7 @@ def test_dry_run_predicts_which_rows_start_when_a_second_stage_waits(tmp_path, s
         _interrupt_first_row(monkeypatch, path)
     n = 1 if resumed else 2
     plan = studies.plan_study(str(path), n_trials=n, devices=devices)
-    out = studies.run_study(str(path), report=False, quiet=True, n_trials=n, devices=devices)
+    out = studies.run_study(str(path), quiet=True, n_trials=n, devices=devices)
     trials = optuna.load_study(study_name="predict", storage=out.storage).get_trials()
     started = sorted(t.user_attrs["row"] for t in trials if t.state == TrialState.COMPLETE)
     predicted = sorted(label for label, what, _ in plan.lines if what in ("runs", "queued") or what.startswith(
@@ -152,7 +157,7 @@ def test_a_grid_search_on_two_workers_runs_each_point_once(tmp_path, stores):
              "loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
     path = write_digits_study(tmp_path, "grid2", None, kind="search", space=space, n_trials=6,
                               sampler={"type": "grid", "seed": 0})
-    out = studies.run_study(str(path), report=False, quiet=True, devices=["cpu", "cpu"])
+    out = studies.run_study(str(path), quiet=True, devices=["cpu", "cpu"])
     assert not out.failed and out.ran == 4
     trials = optuna.load_study(study_name="grid2", storage=out.storage).get_trials()
     assert sorted((t.params["solver.name"], t.params["loss.name"]) for t in trials) == [
@@ -168,9 +173,9 @@ def test_an_error_in_the_study_process_stops_the_workers_cleanly(tmp_path, store
     def broken(self, *args):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(studies.TrialLoop, "finish", broken)
+    monkeypatch.setattr(TrialLoop, "finish", broken)
     with pytest.raises(RuntimeError, match="database is locked"):
-        studies.run_study(str(path), report=False, quiet=True, devices=["cpu", "cpu"])
+        studies.run_study(str(path), quiet=True, devices=["cpu", "cpu"])
     storage = f"sqlite:///{stores / 'optuna.db'}"
     trials = {t.user_attrs["row"]: t for t in optuna.load_study(study_name="broken", storage=storage).get_trials()}
     for t in trials.values():
@@ -189,20 +194,16 @@ def test_an_error_in_the_study_process_stops_the_workers_cleanly(tmp_path, store
     (["all"], "--devices all: this process sees no CUDA device"),
 ])
 def test_unusable_devices_are_refused_before_anything_is_created(tmp_path, stores, devices, message, monkeypatch):
-    import sfd.workers
-
-    monkeypatch.setattr(sfd.workers, "_cuda_count", lambda: 0)  # as on a machine without a GPU
+    monkeypatch.setattr(sfd.study.workers, "_cuda_count", lambda: 0)  # as on a machine without a GPU
     path = write_digits_study(tmp_path, "baddev", _rows(0.032))
     with pytest.raises(studies.StudyError, match=message):
-        studies.run_study(str(path), report=False, quiet=True, devices=devices)
-    assert studies.main([str(path), "--devices", *devices]) == 2
+        studies.run_study(str(path), quiet=True, devices=devices)
+    assert script.main([str(path), "--devices", *devices]) == 2
     assert not stores.exists()
 
 
 def test_all_devices_are_every_cuda_device_this_process_sees(monkeypatch):
-    import sfd.workers
-
-    monkeypatch.setattr(sfd.workers, "_cuda_count", lambda: 3)
+    monkeypatch.setattr(sfd.study.workers, "_cuda_count", lambda: 3)
     assert resolve_devices(["all"]) == ["cuda:0", "cuda:1", "cuda:2"]
     assert resolve_devices(["cuda:2", "cpu", "cuda:2"]) == ["cuda:2", "cpu", "cuda:2"]
 
@@ -219,11 +220,31 @@ def test_worker_environment_pins_one_card_or_shares_the_cores(monkeypatch):
     assert worker_environment("cpu", 2) == ("cpu", {})
 
 
+def _exit_with_torch_threads() -> None:
+    sys.exit(torch.get_num_threads())
+
+
+def test_a_worker_process_starts_with_its_devices_environment(monkeypatch):
+    """A worker's OMP_NUM_THREADS (and CUDA_VISIBLE_DEVICES) must be in place before it imports torch, which a
+    spawned process does before any code of ours runs (it re-imports the study script); the study process's own
+    environment is left as it was. (torch caps its threads at the cores: 2 tells the child's setting apart.)"""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: torch runs one thread whatever OMP_NUM_THREADS says")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("SFD_WORKER_TEST", raising=False)
+    process = multiprocessing.get_context("spawn").Process(target=_exit_with_torch_threads)
+    with sfd.study.workers._environment({"OMP_NUM_THREADS": "2", "SFD_WORKER_TEST": "set"}):
+        process.start()
+    process.join(120)
+    assert process.exitcode == 2
+    assert os.environ["OMP_NUM_THREADS"] == "1" and "SFD_WORKER_TEST" not in os.environ
+
+
 def test_parallel_tpe_assumes_running_trials_scored_badly(tmp_path):
     spec = studies.load_spec("search_digits")
     assert spec.sampler == "tpe"
-    assert studies.make_sampler(spec, parallel=True)._constant_liar is True
-    assert studies.make_sampler(spec)._constant_liar is False
+    assert make_sampler(spec, parallel=True)._constant_liar is True
+    assert make_sampler(spec)._constant_liar is False
 
 
 # ----- stopping: the study process and its workers as the CLI runs them -------------------------------------

@@ -4,6 +4,7 @@ Everything runs on the analytic GMM teacher at a few iterations, except the last
 `python studies/run.py ablation_cifar --smoke` end to end (random 56M-parameter SongUNet, 11 rows).
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,14 +19,18 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from study_runner import load_studies_runner, stop_after_ask, stop_next_training
+from study_runner import load_study_script, stop_after_ask, stop_next_training
+
+from sfd import study as studies
+from sfd.study.configs import row_config
+from sfd.study.lock import study_home, study_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
 GMM = ROOT / "experiments" / "gmm_sfd.yaml"
 
 
-studies = load_studies_runner("sfd_studies_run")
+script = load_study_script()
 TINY = {"teacher.name": "gmm-img-4", "optim.batch_size": 16, "optim.total_kimg": 0.048, "eval.num_samples": 16,
         "eval.gap_nfe": 10}
 ROWS = [
@@ -58,7 +63,7 @@ def _children(client, exp_id, parent_id):
 def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, stores):
     skipped = {"id": "skipped", "params": {"loss.name": "lpips"}}
     path = _write_study(tmp_path, rows=ROWS + [skipped], skip_rows={"skipped": "not on a CPU"})
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     tracking, storage = _uris(stores)
     assert (out.tracking_uri, out.storage) == (tracking, storage)
     assert [n for n, _ in out.failed] == [2]
@@ -99,7 +104,7 @@ def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, store
     bad = children[trials[2].user_attrs["mlflow_run_id"]]
     assert bad.info.status == "FAILED" and bad.data.tags["sfd.error"].startswith("DivergedError")
 
-    again = studies.run_study(str(path), report=False, quiet=True)  # resume: nothing left to do
+    again = studies.run_study(str(path), quiet=True)  # resume: nothing left to do
     assert again.ran == 0 and again.parent_run_id == out.parent_run_id
     assert len(optuna.load_study(study_name="mini", storage=storage).trials) == 3
     assert len(_children(client, exp.experiment_id, parent.info.run_id)) == 3
@@ -107,7 +112,7 @@ def test_table_study_links_runs_and_trials_both_ways_and_resumes(tmp_path, store
     spec = yaml.safe_load(path.read_text())  # a row added to the YAML later: only it runs
     spec["rows"].append({"id": "sfd-pseudo-huber", "params": {"loss.name": "pseudo_huber"}})
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    third = studies.run_study(str(path), report=False, quiet=True)
+    third = studies.run_study(str(path), quiet=True)
     trials = optuna.load_study(study_name="mini", storage=storage).get_trials()
     assert third.ran == 1 and trials[-1].user_attrs["row"] == "sfd-pseudo-huber"
     assert trials[-1].state == TrialState.COMPLETE and len(trials) == 4
@@ -122,7 +127,7 @@ def test_search_study_samples_the_space_seeded(tmp_path, stores):
     kw = dict(kind="search", rows=None, space=space, sampler={"type": "tpe", "seed": 3}, n_trials=3,
               objective={"metrics": ["teacher_gap_mean", "train/device_hours"], "directions": ["minimize"] * 2})
     path = _write_study(tmp_path, "search_a", **kw)
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert out.ran == 3 and not out.failed
     _, storage = _uris(stores)
     study = optuna.load_study(study_name="search_a", storage=storage)
@@ -138,7 +143,7 @@ def test_search_study_samples_the_space_seeded(tmp_path, stores):
         assert run.data.metrics["objective_1"] == run.data.metrics["train/device_hours"] == t.values[1]
     # Same seed, fresh storage: the same first (random start-up) trials.
     other = tmp_path / "other"
-    studies.run_study(str(path), report=False, quiet=True, n_trials=2,
+    studies.run_study(str(path), quiet=True, n_trials=2,
                       storage=f"sqlite:///{other / 'optuna.db'}", tracking_uri=f"sqlite:///{other / 'mlflow.db'}")
     replay = optuna.load_study(study_name="search_a", storage=f"sqlite:///{other / 'optuna.db'}")
     assert [t.params for t in replay.trials] == params[:2]
@@ -150,13 +155,13 @@ def test_grid_search_runs_each_point_once_and_stops_when_the_grid_is_done(tmp_pa
              "loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
     path = _write_study(tmp_path, "grid_a", kind="search", rows=None, space=space, n_trials=6,
                         sampler={"type": "grid", "seed": 0})
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert not out.failed
     trials = optuna.load_study(study_name="grid_a", storage=out.storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert sorted((t.params["solver.name"], t.params["loss.name"]) for t in trials) == [
         ("dpmpp3m", "l1"), ("dpmpp3m", "l2"), ("euler", "l1"), ("euler", "l2")]
-    assert studies.run_study(str(path), report=False, quiet=True).failed == []  # a rerun: nothing left to try
+    assert studies.run_study(str(path), quiet=True).failed == []  # a rerun: nothing left to try
     assert len(optuna.load_study(study_name="grid_a", storage=out.storage).trials) == 4
 
 
@@ -194,7 +199,7 @@ def test_grid_search_runs_each_point_once_and_stops_when_the_grid_is_done(tmp_pa
 def test_bad_study_yaml_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
     path = _write_study(tmp_path, **edit)
     with pytest.raises(ValueError) as err:
-        studies.run_study(str(path), report=False, quiet=True)
+        studies.run_study(str(path), quiet=True)
     assert message in str(err.value)
     assert not stores.exists()
 
@@ -205,7 +210,7 @@ def test_replicate_seeds_run_each_row_per_seed_and_report_mean_and_sd(tmp_path, 
     from reports import build as rb
 
     path = _write_study(tmp_path, "reps", rows=ROWS[:2], seeds=[0, 3])
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert out.ran == 4 and not out.failed
     tracking, storage = _uris(stores)
     trials = optuna.load_study(study_name="reps", storage=storage).get_trials()
@@ -219,7 +224,7 @@ def test_replicate_seeds_run_each_row_per_seed_and_report_mean_and_sd(tmp_path, 
     a, b = (runs[("sfd-l1", s)].data.metrics["teacher_gap_mean"] for s in ("0", "3"))
     assert a != b  # the seed changed the run, not only its label
 
-    assert studies.run_study(str(path), report=False, quiet=True).ran == 0
+    assert studies.run_study(str(path), quiet=True).ran == 0
     md = rb.build_report("reps", storage=storage, tracking_uri=tracking, out_dir=tmp_path / "out",
                          execute_notebook=False, log_to_mlflow=False).read_text()
     line = next(x for x in md.splitlines() if x.startswith("| SFD") and "L1" in x)
@@ -236,7 +241,7 @@ def test_seeds_option_replicates_any_table_study_as_a_study_of_its_own(tmp_path,
     from reports import build as rb
 
     path = _write_study(tmp_path, "plain", rows=ROWS[:1])
-    out = studies.run_study(str(path), report=False, quiet=True, seeds=[1, 2])
+    out = studies.run_study(str(path), quiet=True, seeds=[1, 2])
     assert out.experiment == "plain-seeds-1-2" and out.ran == 2 and not out.failed
     saved = yaml.safe_load((stores / "studies" / "plain-seeds-1-2.yaml").read_text())
     assert saved["seeds"] == [1, 2] and saved["rows"] == ROWS[:1] and Path(saved["base"]).is_absolute()
@@ -253,7 +258,7 @@ def test_replicates_are_refused_for_a_search(tmp_path, stores, how):
                         seeds=[0, 1] if how == "yaml" else None,
                         space={"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}})
     with pytest.raises(ValueError, match="seeds: replicates are for table studies"):
-        studies.run_study(str(path), report=False, quiet=True, seeds=[0, 1] if how == "option" else None)
+        studies.run_study(str(path), quiet=True, seeds=[0, 1] if how == "option" else None)
     assert not stores.exists()
 
 
@@ -262,21 +267,21 @@ def test_a_second_live_process_is_refused_before_it_touches_the_study(tmp_path, 
     the first one's trial: it is refused instead (here the test holds the lock a running study would hold)."""
     path = _write_study(tmp_path, "busy", rows=ROWS[:1])
     tracking, storage = _uris(stores)
-    with studies.study_lock("busy", storage):
+    with study_lock("busy", storage):
         with pytest.raises(studies.StudyError, match=r"already being run by process \d+"):
-            studies.run_study(str(path), report=False, quiet=True)
+            studies.run_study(str(path), quiet=True)
         assert not (stores / "optuna.db").exists() and not (stores / "mlflow.db").exists()
-    assert studies.run_study(str(path), report=False, quiet=True).ran == 1  # free again once the holder is gone
+    assert studies.run_study(str(path), quiet=True).ran == 1  # free again once the holder is gone
 
 
 @pytest.mark.parametrize("n", [0, -1])
 def test_n_trials_below_one_is_refused_before_anything_is_created(tmp_path, stores, capsys, n):
     path = _write_study(tmp_path, rows=ROWS[:1])
     with pytest.raises(SystemExit) as exit_:
-        studies.main([str(path), "--n-trials", str(n)])
+        script.main([str(path), "--n-trials", str(n)])
     assert exit_.value.code == 2 and f"--n-trials: got {n}; a positive integer" in capsys.readouterr().err
     with pytest.raises(studies.StudyError, match=f"n_trials: got {n}; a positive integer"):
-        studies.run_study(str(path), report=False, quiet=True, n_trials=n)
+        studies.run_study(str(path), quiet=True, n_trials=n)
     assert not stores.exists()
 
 
@@ -285,11 +290,11 @@ def test_lock_and_seeds_yaml_live_beside_a_sqlite_storage(tmp_path, stores):
     path = _write_study(tmp_path, "plain", rows=ROWS[:1])
     other = tmp_path / "other"
     storage = f"sqlite:///{other / 'optuna.db'}"
-    out = studies.run_study(str(path), report=False, quiet=True, seeds=[1], storage=storage,
+    out = studies.run_study(str(path), quiet=True, seeds=[1], storage=storage,
                             tracking_uri=f"sqlite:///{other / 'mlflow.db'}")
     assert out.ran == 1 and not out.failed
     assert (other / "studies" / "plain-seeds-1.yaml").is_file()
-    assert studies.study_home(storage) == other.resolve()
+    assert study_home(storage) == other.resolve()
     assert len(list((other / ".locks").glob("plain-seeds-1-*.lock"))) == 1
     assert not stores.exists()
 
@@ -308,7 +313,7 @@ def test_ctrl_c_or_sigterm_in_a_trial_ends_its_run_killed_and_a_rerun_retries_it
 
     monkeypatch.setattr(sfd.runner.run, "distill", stop)
     with pytest.raises(Terminated):
-        studies.run_study(str(path), report=False, quiet=True)
+        studies.run_study(str(path), quiet=True)
     tracking, storage = _uris(stores)
     client = MlflowClient(tracking)
     (trial,) = optuna.load_study(study_name="stopped", storage=storage).get_trials()
@@ -320,7 +325,7 @@ def test_ctrl_c_or_sigterm_in_a_trial_ends_its_run_killed_and_a_rerun_retries_it
     assert parent.info.status == "KILLED" and parent.info.end_time
 
     monkeypatch.setattr(sfd.runner.run, "distill", real)
-    again = studies.run_study(str(path), report=False, quiet=True)
+    again = studies.run_study(str(path), quiet=True)
     assert again.ran == 1 and not again.failed
     states = [t.state for t in optuna.load_study(study_name="stopped", storage=storage).get_trials()]
     assert states == [TrialState.FAIL, TrialState.COMPLETE]
@@ -449,7 +454,7 @@ def test_paper_comparison_rows_train_with_the_papers_budgets(name, lr):
     spec = studies.load_spec(name)
     budgets = {}
     for row in spec.rows:
-        cfg = studies.row_config(spec, row)
+        cfg = row_config(spec, row)
         budgets[cfg.algorithm] = budgets.get(cfg.algorithm, set()) | {(cfg.optim.total_kimg, cfg.optim.lr)}
     assert budgets["sfd"] == {(200, lr)}
     assert budgets["sfd-v"] == {(800, lr)}
@@ -466,7 +471,7 @@ def _plan(path, **kw) -> dict:
 def test_dry_run_prints_every_row_and_creates_nothing(tmp_path, stores, capsys):
     skipped = {"id": "skipped", "params": {"loss.name": "lpips"}}
     path = _write_study(tmp_path, rows=ROWS + [skipped], skip_rows={"skipped": "not on a CPU"})
-    assert studies.main([str(path), "--dry-run"]) == 0
+    assert script.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "study mini: dry run, nothing created. 3 trial(s) would run now." in out
     assert "study 'mini': new" in out
@@ -480,8 +485,8 @@ def test_dry_run_prints_every_row_and_creates_nothing(tmp_path, stores, capsys):
 def test_dry_run_reports_done_interrupted_queued_and_failed_rows_as_the_run_then_finds_them(tmp_path, stores,
                                                                                               monkeypatch):
     path = _write_study(tmp_path, rows=ROWS)
-    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1  # sfd-l1; the rest queued
-    stop_next_training(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True))  # sfd-l2-noafs
+    assert studies.run_study(str(path), quiet=True, n_trials=1).ran == 1  # sfd-l1; the rest queued
+    stop_next_training(monkeypatch, lambda: studies.run_study(str(path), quiet=True))  # sfd-l2-noafs
     storage = f"sqlite:///{stores / 'optuna.db'}"
     before = optuna.load_study(study_name="mini", storage=storage).get_trials()
 
@@ -494,19 +499,19 @@ def test_dry_run_reports_done_interrupted_queued_and_failed_rows_as_the_run_then
     assert rows["sfd-l2-noafs"] == "waits: beyond --n-trials 1" and plan.to_run == 1
     assert len(optuna.load_study(study_name="mini", storage=storage).get_trials()) == len(before)  # nothing queued
 
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert out.ran == 2 and [n for n, _ in out.failed] == [2]  # the queued diverging row
     rows, plan = _plan(path)
     assert rows["diverges"].startswith("failed, kept (--retry-failed runs it again): DivergedError")
     assert rows["sfd-l2-noafs"].startswith("done: teacher_gap_mean=") and plan.to_run == 0
     rows, plan = _plan(path, retry_failed=True)
     assert rows["diverges"] == "runs again (--retry-failed)" and plan.to_run == 1
-    assert studies.run_study(str(path), report=False, quiet=True, retry_failed=True).ran == 1
+    assert studies.run_study(str(path), quiet=True, retry_failed=True).ran == 1
 
 
 def test_dry_run_says_when_another_process_is_running_the_study(tmp_path, stores):
     path = _write_study(tmp_path, "busy", rows=ROWS[:1])
-    with studies.study_lock("busy", f"sqlite:///{stores / 'optuna.db'}"):
+    with study_lock("busy", f"sqlite:///{stores / 'optuna.db'}"):
         _, plan = _plan(path)
     assert plan.running_elsewhere.startswith(f"process {os.getpid()} (started ")
     assert _plan(path)[1].running_elsewhere is None
@@ -518,10 +523,10 @@ def test_dry_run_of_a_search_counts_the_trials_left(tmp_path, stores):
                         n_trials=2)
     rows, plan = _plan(path)
     assert plan.to_run == 2 and rows["next"].startswith("2 trial(s): tpe sampler (seed 1) over loss.name in ['l1'")
-    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1
+    assert studies.run_study(str(path), quiet=True, n_trials=1).ran == 1
     rows, plan = _plan(path)
     assert plan.to_run == 1 and rows["trial 0"].startswith("done: teacher_gap_mean=")
-    assert studies.run_study(str(path), report=False, quiet=True).ran == plan.to_run
+    assert studies.run_study(str(path), quiet=True).ran == plan.to_run
 
 
 SEARCH = dict(kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_trials=2)
@@ -549,7 +554,7 @@ SEARCH = dict(kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_tr
 def test_bad_search_space_fails_clearly_and_creates_nothing(tmp_path, stores, edit, message):
     path = _write_study(tmp_path, "s", **{**SEARCH, **edit})
     with pytest.raises(ValueError) as err:
-        studies.run_study(str(path), report=False, quiet=True)
+        studies.run_study(str(path), quiet=True)
     assert message in str(err.value)
     assert not stores.exists()
 
@@ -573,7 +578,7 @@ def test_unusable_store_urls_are_refused_before_anything_is_created(tmp_path, st
     path = _write_study(tmp_path, rows=ROWS[:1])
     for run in (studies.run_study, studies.plan_study):
         with pytest.raises(studies.StudyError) as err:
-            run(str(path), **option, **({"report": False, "quiet": True} if run is studies.run_study else {}))
+            run(str(path), **option, **({"quiet": True} if run is studies.run_study else {}))
         assert message in str(err.value)
     assert not stores.exists()
 
@@ -582,21 +587,21 @@ def test_unusable_store_urls_are_refused_before_anything_is_created(tmp_path, st
 
 def test_a_row_edited_after_it_ran_is_refused_not_reported_under_its_new_settings(tmp_path, stores):
     path = _write_study(tmp_path, rows=ROWS[:2])
-    assert studies.run_study(str(path), report=False, quiet=True).ran == 2
+    assert studies.run_study(str(path), quiet=True).ran == 2
     edited = [{**ROWS[0], "params": {"loss.name": "l2"}}, ROWS[1]]
     _write_study(tmp_path, rows=edited)
     for run in (studies.run_study, studies.plan_study):
         with pytest.raises(studies.StudyError) as err:
-            run(str(path), **({"report": False, "quiet": True} if run is studies.run_study else {}))
+            run(str(path), **({"quiet": True} if run is studies.run_study else {}))
         assert ("finished trials ran with settings the YAML no longer gives, so the report would show their "
                 "results under settings they did not use: row 'sfd-l1' (loss.name: 'l1' -> 'l2')") in str(err.value)
         assert "give each changed row a new id" in str(err.value)
     _write_study(tmp_path, rows=ROWS[:2], overrides={**TINY, "optim.total_kimg": 0.064})  # the budget of both
     with pytest.raises(studies.StudyError, match=r"row 'sfd-l1' \(optim.total_kimg: 0.048 -> 0.064\), row "
                                                  r"'sfd-l2-noafs' \(optim.total_kimg: 0.048 -> 0.064\)"):
-        studies.run_study(str(path), report=False, quiet=True)
+        studies.run_study(str(path), quiet=True)
     _write_study(tmp_path, rows=[{**edited[0], "id": "sfd-l1-as-l2"}, ROWS[1]])  # a new id: a new row
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert out.ran == 1 and not out.failed
     trials = optuna.load_study(study_name="mini", storage=out.storage).get_trials()
     assert trials[-1].user_attrs["row"] == "sfd-l1-as-l2"
@@ -607,45 +612,44 @@ def test_a_row_edited_after_it_ran_is_refused_not_reported_under_its_new_setting
 
 def test_a_failed_row_edited_after_it_ran_reruns_with_retry_failed(tmp_path, stores):
     path = _write_study(tmp_path, rows=[ROWS[2]])
-    assert [n for n, _ in studies.run_study(str(path), report=False, quiet=True).failed] == [0]
+    assert [n for n, _ in studies.run_study(str(path), quiet=True).failed] == [0]
     _write_study(tmp_path, rows=[{**ROWS[2], "params": {**ROWS[2]["params"], "optim.lr": 1e-4}}])
     with pytest.raises(studies.StudyError, match="optim.lr: 1000000000000.0 -> 0.0001.*also reruns with "
                                                  "--retry-failed"):
-        studies.run_study(str(path), report=False, quiet=True)
-    out = studies.run_study(str(path), report=False, quiet=True, retry_failed=True)
+        studies.run_study(str(path), quiet=True)
+    out = studies.run_study(str(path), quiet=True, retry_failed=True)
     assert out.ran == 1 and not out.failed
 
 
 def test_a_changed_objective_is_refused(tmp_path, stores):
     path = _write_study(tmp_path, rows=ROWS[:1])
-    studies.run_study(str(path), report=False, quiet=True)
+    studies.run_study(str(path), quiet=True)
     _write_study(tmp_path, rows=ROWS[:1], objective={"metric": "teacher_gap_mean", "direction": "maximize"})
     with pytest.raises(studies.StudyError, match=r"its Optuna study optimises teacher_gap_mean \(minimize\), but "
                                                  r"the YAML now asks for teacher_gap_mean \(maximize\)"):
-        studies.run_study(str(path), report=False, quiet=True)
+        studies.run_study(str(path), quiet=True)
 
 
 def test_a_search_whose_overrides_changed_is_refused(tmp_path, stores):
     space = {"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
     path = _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 1}, space=space)
-    assert studies.run_study(str(path), report=False, quiet=True).ran == 1
+    assert studies.run_study(str(path), quiet=True).ran == 1
     _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 2}, space=space)  # more trials: fine
     assert studies.plan_study(str(path)).to_run == 1
     _write_study(tmp_path, "s", **{**SEARCH, "n_trials": 2}, space=space, overrides={**TINY, "student.nfe": 3})
     with pytest.raises(studies.StudyError, match=r"trial 0 \(student.nfe: 2 -> 3\).*give the YAML a "
                                                  "new name: for a new search"):
-        studies.run_study(str(path), report=False, quiet=True)
+        studies.run_study(str(path), quiet=True)
 
 
-def test_an_out_that_is_a_file_is_refused_before_the_trials_run(tmp_path, stores):
+def test_an_out_that_is_a_file_is_refused_before_the_trials_run(tmp_path, stores, capsys):
     path = _write_study(tmp_path, rows=ROWS[:1])
     taken = tmp_path / "a-file"
     taken.write_text("not a folder")
-    with pytest.raises(studies.StudyError, match="--out: output folder .*a-file exists and is not a folder"):
-        studies.run_study(str(path), out_dir=str(taken), quiet=True)
-    with pytest.raises(studies.StudyError, match="--out: output folder .*a-file exists and is not a folder"):
-        studies.plan_study(str(path), out_dir=str(taken))  # the dry run says what the run would say
-    assert studies.plan_study(str(path), out_dir=str(taken), report=False).to_run == 1
+    for dry_run in ([], ["--dry-run"]):  # the dry run says what the run would say
+        assert script.main([str(path), "--out", str(taken), *dry_run]) == 2
+        assert re.search("error: --out: output folder .*a-file exists and is not a folder", capsys.readouterr().err)
+    assert script.main([str(path), "--out", str(taken), "--dry-run", "--no-report"]) == 0
     assert not stores.exists()
 
 
@@ -676,16 +680,16 @@ def test_experiments_run_refuses_an_unusable_tracking_uri_before_reading_the_con
 def test_a_failed_row_fixed_and_retried_resumes_without_a_refusal(tmp_path, stores):
     """Only a row's latest outcome (the one its report shows) is compared with the YAML."""
     path = _write_study(tmp_path, rows=[ROWS[2]])
-    studies.run_study(str(path), report=False, quiet=True)  # fails: diverges
+    studies.run_study(str(path), quiet=True)  # fails: diverges
     _write_study(tmp_path, rows=[{**ROWS[2], "params": {**ROWS[2]["params"], "optim.lr": 1e-4}}])
-    assert studies.run_study(str(path), report=False, quiet=True, retry_failed=True).ran == 1
-    out = studies.run_study(str(path), report=False, quiet=True)  # no edit since: nothing to refuse, nothing to run
+    assert studies.run_study(str(path), quiet=True, retry_failed=True).ran == 1
+    out = studies.run_study(str(path), quiet=True)  # no edit since: nothing to refuse, nothing to run
     assert out.ran == 0 and not out.failed
 
 
 def test_an_edit_that_leaves_the_runs_config_unchanged_is_not_refused_and_a_new_base_is(tmp_path, stores):
     path = _write_study(tmp_path, rows=ROWS[:1])
-    studies.run_study(str(path), report=False, quiet=True)
+    studies.run_study(str(path), quiet=True)
     _write_study(tmp_path, rows=ROWS[:1], overrides={**TINY, "solver.m": 3})  # the base's value anyway
     assert studies.plan_study(str(path)).to_run == 0
     other = tmp_path / "other_base.yaml"
@@ -697,33 +701,33 @@ def test_an_edit_that_leaves_the_runs_config_unchanged_is_not_refused_and_a_new_
 
 def test_queued_rows_that_the_yaml_now_skips_or_drops_do_not_run(tmp_path, stores):
     path = _write_study(tmp_path, rows=ROWS[:2] + [{**ROWS[0], "id": "third"}])
-    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1  # the other two stay queued
+    assert studies.run_study(str(path), quiet=True, n_trials=1).ran == 1  # the other two stay queued
     _write_study(tmp_path, rows=ROWS[:2], skip_rows={"sfd-l2-noafs": "not now"})  # skip one, drop "third"
     rows, plan = _plan(path)
     assert plan.to_run == 0 and rows["sfd-l2-noafs"] == "skipped: not now" and "third" not in rows
-    out = studies.run_study(str(path), report=False, quiet=True)
+    out = studies.run_study(str(path), quiet=True)
     assert out.ran == 0 and not out.failed
     trials = optuna.load_study(study_name="mini", storage=out.storage).get_trials()
     assert [(t.user_attrs["row"], t.state, t.user_attrs["fail_reason"]) for t in trials[1:]] == [
         ("sfd-l2-noafs", TrialState.FAIL, "interrupted: not started: the study skips row 'sfd-l2-noafs' (not now)"),
         ("third", TrialState.FAIL, "interrupted: not started: the study YAML no longer has row 'third'")]
     _write_study(tmp_path, rows=ROWS[:2])  # skipped no more: it runs
-    assert studies.run_study(str(path), report=False, quiet=True).ran == 1
+    assert studies.run_study(str(path), quiet=True).ran == 1
 
 
 def test_a_grid_point_stopped_right_after_asking_runs_next_time(tmp_path, stores, monkeypatch):
     space = {"loss.name": {"type": "categorical", "choices": ["l1", "l2"]}}
     path = _write_study(tmp_path, "g", **{**SEARCH, "n_trials": 2, "sampler": {"type": "grid", "seed": 0}}, space=space)
-    stop_after_ask(monkeypatch, lambda: studies.run_study(str(path), report=False, quiet=True), at=2)
+    stop_after_ask(monkeypatch, lambda: studies.run_study(str(path), quiet=True), at=2)
     assert studies.plan_study(str(path)).to_run == 1
-    assert studies.run_study(str(path), report=False, quiet=True).ran == 1
+    assert studies.run_study(str(path), quiet=True).ran == 1
     trials = optuna.load_study(study_name="g", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
     assert sorted(t.params["loss.name"] for t in trials if t.state == TrialState.COMPLETE) == ["l1", "l2"]
 
 
 def test_a_finished_row_now_skipped_is_not_checked_against_its_yaml(tmp_path, stores):
     path = _write_study(tmp_path, rows=ROWS[:2])
-    assert studies.run_study(str(path), report=False, quiet=True, n_trials=1).ran == 1  # sfd-l1 finished
+    assert studies.run_study(str(path), quiet=True, n_trials=1).ran == 1  # sfd-l1 finished
     _write_study(tmp_path, rows=[{**ROWS[0], "params": {"loss.name": "l3"}}, ROWS[1]],  # edited, even invalid
                  skip_rows={"sfd-l1": "set aside"})
-    assert studies.run_study(str(path), report=False, quiet=True).ran == 1  # only sfd-l2-noafs
+    assert studies.run_study(str(path), quiet=True).ran == 1  # only sfd-l2-noafs

@@ -9,7 +9,6 @@ the reason (`sfd.error`) and propagates; a diverging loss raises `sfd.distill.Di
 By job: `preflight` (checks, the smoke budget, the teacher cache), `first_stage` (a student's saved files and
 the first stage a second stage continues) and `run` (train, evaluate, log).
 """
-from sfd.config import ROW_REF_PREFIX  # kept importable here until the study engine reads it from sfd.config
 from sfd.runner.first_stage import (SAMPLING_FILE, STUDENT_FILE, check_first_stage, first_stage_num_steps,
                                     load_first_stage, locate_first_stage, read_sampling_info, sampling_info,
                                     save_student)
@@ -21,7 +20,7 @@ from sfd.runner.preflight import (SMOKE_BATCH, SMOKE_GAP_NFE, SMOKE_ITERATIONS, 
 from sfd.runner.run import RunResult, run_experiment, sampling_network
 
 __all__ = [
-    "ROW_REF_PREFIX", "SAMPLING_FILE", "STUDENT_FILE", "SMOKE_BATCH", "SMOKE_GAP_NFE", "SMOKE_ITERATIONS", "SMOKE_M",
+    "SAMPLING_FILE", "STUDENT_FILE", "SMOKE_BATCH", "SMOKE_GAP_NFE", "SMOKE_ITERATIONS", "SMOKE_M",
     "SMOKE_SAMPLES", "RunResult", "check_assets", "check_fid_files", "check_first_stage", "check_objective",
     "check_teacher_checkpoint", "computed_metrics", "default_metrics", "first_stage_num_steps", "is_small_teacher",
     "load_first_stage", "load_teacher", "locate_first_stage", "lpips_assets", "objective_key", "objective_values",

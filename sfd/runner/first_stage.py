@@ -81,7 +81,7 @@ def locate_first_stage(ref: str, tracking_uri: str | None = None) -> Path:
     folder, the .safetensors file, or an MLflow run id (its `student/` artifacts are downloaded, once per
     process)."""
     if ref.startswith(ROW_REF_PREFIX):
-        raise ConfigError(f"second_stage.first_stage: got {ref!r}, a row of a study; only studies/run.py resolves "
+        raise ConfigError(f"second_stage.first_stage: got {ref!r}, a row of a study; only a study resolves "
                           "it (to that row's finished run id); give a run id or a student/ folder here")
     path = Path(ref).expanduser()
     if path.suffix == ".safetensors" and path.is_file():

@@ -1,9 +1,9 @@
 """Tracked runs in worker processes, one per device, so that a study's trials can run side by side.
 
-A study process (`studies/run.py --devices cuda:0 cuda:1`) keeps the Optuna study; each `DeviceWorker` is a
-spawned process that runs one `Job` at a time (`run_experiment`, logged to MLflow as the trial's child run)
-and reports back over a pipe: the run id as soon as the run exists, then the outcome. All Optuna writes stay
-in the study process; the workers write only their own MLflow runs.
+The study process (`sfd.study.devices`) keeps the Optuna study; each `DeviceWorker` is a spawned process that
+runs one `Job` at a time (`run_job`, logged to MLflow as the trial's child run) and reports back over a pipe: the
+run id as soon as the run exists, then the outcome. All Optuna writes stay in the study process; the workers
+write only their own MLflow runs.
 
 Stopping: a worker ignores SIGINT (Ctrl-C reaches the whole process group) and is stopped by the study
 process with one SIGTERM, which unwinds its run the way `sfd.signals.run_script` does (the run ends KILLED). A
@@ -11,14 +11,19 @@ worker whose study process died without stopping it (SIGKILL) stops itself the s
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+
+import torch
+
+from sfd.signals import handle_stop_signals
+
+from .jobs import Job, run_job
 
 _DEVICE = re.compile(r"^(cpu|cuda:(\d+))$")
 STOP_WAIT_S = 120.0  # how long a stopped worker may take to end its run before it is killed
@@ -28,32 +33,7 @@ class DeviceError(ValueError):
     """A `--devices` entry that is not usable here: the message names it and what is allowed."""
 
 
-@dataclass
-class Job:
-    """One tracked run: the resolved config and where and how it is logged (all picklable)."""
-    cfg: Any  # sfd.config.RunConfig
-    experiment: str
-    tracking_uri: str
-    parent_run_id: str | None = None
-    tags: dict = field(default_factory=dict)
-    objective: list = field(default_factory=list)
-    smoke: bool = False
-    save_student: bool | None = None
-
-
-def run_job(job: Job, on_start=None):
-    """Run `job` in this process; returns `sfd.runner.RunResult`. `on_start(run_id)` as in `sfd.tracking.Tracker`."""
-    from sfd.runner import run_experiment
-    from sfd.tracking import Tracker
-
-    tracker = Tracker(job.experiment, tracking_uri=job.tracking_uri, parent_run_id=job.parent_run_id,
-                      tags=job.tags, objective=job.objective, on_start=on_start)
-    return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, save_student=job.save_student)
-
-
 def _cuda_count() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -112,13 +92,9 @@ def _stop_when_orphaned(parent: int, every_s: float = 1.0) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _serve(conn, env: dict[str, str]) -> None:
+def _serve(conn) -> None:
     """The worker process: run jobs until told to stop (None) or stopped by SIGTERM."""
-    os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the study process decides when a worker stops
-    from sfd.signals import handle_stop_signals
-
     handle_stop_signals(ctrl_c=False)
     threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
@@ -139,6 +115,21 @@ def _serve(conn, env: dict[str, str]) -> None:
             pass
     except EOFError:  # the study process is gone
         pass
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """`env` in this process's environment for the block, then as it was. A process spawned inside the block
+    starts with it, so its CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS are in place before it imports anything
+    (spawn re-imports the study script, and with it torch, before the worker's own code runs)."""
+    before = {key: os.environ[key] for key in env if key in os.environ}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key in env:
+            os.environ.pop(key)
+        os.environ.update(before)
 
 
 class DeviceWorker:
@@ -163,8 +154,9 @@ class DeviceWorker:
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")  # no forked CUDA state, no inherited MLflow clients
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, self.env), name=f"sfd-worker-{self.device}")
-        self.process.start()
+        self.process = context.Process(target=_serve, args=(child,), name=f"sfd-worker-{self.device}")
+        with _environment(self.env):
+            self.process.start()
         child.close()
 
     def receive(self) -> tuple:
@@ -203,4 +195,3 @@ class DeviceWorker:
         self.retire(timeout)
 
 
-__all__ = ["Job", "DeviceWorker", "DeviceError", "resolve_devices", "run_job", "worker_environment", "STOP_WAIT_S"]

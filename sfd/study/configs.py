@@ -1,0 +1,121 @@
+"""From a study to run configs: each row's (or search point's) config, the `row:<id>` first-stage reference a
+second-stage row makes to an earlier row, and the pre-flight check of every config the study will run
+(validated, assets found; nothing is created)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sfd.assets import MissingAssetError
+from sfd.config import ROW_REF_PREFIX, ConfigError, RunConfig, from_dict, merge, read_yaml, validate
+from sfd.runner import check_teacher_checkpoint, computed_metrics, objective_key, prepare, sampling_info
+
+from .spec import StudyError, StudySpec
+
+
+def base_data(spec: StudySpec) -> dict:
+    return merge(read_yaml(spec.base), spec.overrides)
+
+
+def row_config(spec: StudySpec, row: dict) -> RunConfig:
+    try:
+        data = merge(base_data(spec), {"name": f"{spec.name}/{row['id']}", **row["params"]})
+        return validate(from_dict(data))
+    except ConfigError as exc:
+        raise ConfigError(f"study {spec.name}, row {row['id']}: {exc}") from None
+
+
+def trial_config(spec: StudySpec, params: dict, number: int) -> RunConfig:
+    return validate(from_dict(merge(base_data(spec), {"name": f"{spec.name}/trial-{number}", **params})))
+
+
+def first_stage_row(spec: StudySpec, row: dict) -> str | None:
+    """The row id a second-stage row names as its first stage (`second_stage.first_stage: row:<id>`, in the row
+    or the study's overrides), else None. The loop replaces it by that row's finished run id."""
+    ref = row["params"].get("second_stage.first_stage",
+                            (row["params"].get("second_stage") or {}).get("first_stage"))
+    if ref is None:
+        ref = (spec.overrides.get("second_stage.first_stage")
+               or (spec.overrides.get("second_stage") or {}).get("first_stage"))
+    if isinstance(ref, str) and ref.startswith(ROW_REF_PREFIX):
+        return ref[len(ROW_REF_PREFIX):].strip()
+    return None
+
+
+def objective_labels(spec: StudySpec, smoke: bool) -> list[str]:
+    """The objective metrics as computed: a smoke run reports e.g. the teacher gap in place of FID."""
+    return [objective_key(m, smoke) for m in spec.metrics]
+
+
+def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
+                teacher_device: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """Validate every row's config (search: the base and each categorical choice) and check its assets.
+    Returns ({row id: reason} for the rows the study YAML skips (`skip_rows`), which are not checked, and
+    {row id (search: "base"): resolved run config}). Creates nothing. A checkpoint teacher is read onto
+    `teacher_device` (default: the run's device; `cpu` when the trials run in workers, so this process holds no
+    GPU memory)."""
+    skipped = {row: str(reason) for row, reason in spec.skip_rows.items()}
+
+    def check(make_config: Callable[[], RunConfig], where: str, first_stage_info: dict | None = None) -> RunConfig:
+        return _check_run(spec, make_config, where, smoke, tracking_uri, teacher_device, first_stage_info)
+
+    if spec.rows:
+        return skipped, _check_rows(spec, skipped, check)
+    base = check(lambda: trial_config(spec, {}, 0), "base")
+    for key, dist in spec.space.items():
+        for value in space_values(dist):
+            check(lambda: trial_config(spec, {key: value}, 0), f"space.{key}={value!r}")
+    return skipped, {"base": base}
+
+
+def _check_rows(spec: StudySpec, skipped: dict[str, str], check) -> dict[str, Any]:
+    """Each row not skipped, in YAML order; a second stage checks the grid of the earlier row it starts from."""
+    resolved_rows: dict[str, Any] = {}
+    for row in spec.rows:
+        if row["id"] in skipped:
+            continue
+        info = None
+        target = first_stage_row(spec, row)
+        if target is not None:  # its first stage is an earlier row: check that row's grid, not a model
+            if target not in resolved_rows:
+                order = [r["id"] for r in spec.rows]
+                why = ("is skipped by the study (skip_rows)" if target in skipped else
+                       "comes later in the YAML (rows run in YAML order)" if target in order else
+                       f"is not a row of this study (rows: {', '.join(order)})")
+                raise StudyError(f"study {spec.name}, row {row['id']}: second_stage.first_stage names row "
+                                 f"{target!r}, which {why}")
+            first = resolved_rows[target]
+            info = sampling_info(first, 0, step_condition=first.algorithm == "sfd-v")
+        try:
+            resolved_rows[row["id"]] = check(lambda: row_config(spec, row), f"row {row['id']}", info)
+        except MissingAssetError as exc:
+            raise MissingAssetError(f"study {spec.name}, row {row['id']}: {exc}") from None
+    return resolved_rows
+
+
+def _check_run(spec: StudySpec, make_config: Callable[[], RunConfig], where: str, smoke: bool,
+               tracking_uri: str | None, teacher_device: str | None, first_stage_info: dict | None) -> RunConfig:
+    """One run config as the run would resolve it, its assets and teacher checkpoint found, and the study's
+    objective among the metrics it computes; a ConfigError names the study and the row."""
+    try:
+        resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri,
+                              first_stage_info=first_stage_info)
+        check_teacher_checkpoint(resolved, teacher_device)  # kept for trials run in this process
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith(f"study {spec.name},") else
+                          f"study {spec.name}, {where}: {text}") from None
+    missing = [m for m in spec.metrics if objective_key(m, smoke) not in computed_metrics(resolved)]
+    if missing:
+        raise ConfigError(f"study {spec.name}, {where}: objective {missing} is not among the metrics the run "
+                          f"computes (eval.metrics={resolved.eval.metrics}); add it to eval.metrics")
+    return resolved
+
+
+def space_values(dist: dict) -> list:
+    """The values of a distribution that the checks try: every choice, every value of an int range of up to
+    64 (some settings allow only some NFEs), else the two ends."""
+    if dist["type"] == "categorical":
+        return list(dist["choices"])
+    if dist["type"] == "int" and dist["high"] - dist["low"] < 64:
+        return list(range(dist["low"], dist["high"] + 1))
+    return [dist["low"], dist["high"]]

@@ -1,0 +1,28 @@
+"""A trial's tracked run as a picklable job, and running one in this process (a worker process runs the same)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sfd.runner import RunResult, run_experiment
+from sfd.tracking import Tracker
+
+
+@dataclass
+class Job:
+    """One tracked run: the resolved config and where and how it is logged (all picklable)."""
+    cfg: Any  # sfd.config.RunConfig
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str | None = None
+    tags: dict = field(default_factory=dict)
+    objective: list = field(default_factory=list)
+    smoke: bool = False
+    save_student: bool | None = None
+
+
+def run_job(job: Job, on_start: Callable[[str], None] | None = None) -> RunResult:
+    """Run `job` in this process. `on_start(run_id)` as in `sfd.tracking.Tracker`."""
+    tracker = Tracker(job.experiment, tracking_uri=job.tracking_uri, parent_run_id=job.parent_run_id,
+                      tags=job.tags, objective=job.objective, on_start=on_start)
+    return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, save_student=job.save_student)

@@ -1,0 +1,57 @@
+"""Everything a study invocation checks before it creates anything: its options, the study file, every run
+config and asset, the stores' addresses, and what the study recorded so far against its YAML now."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from sfd import tracking as T
+
+from .configs import check_study
+from .record import check_record, recorded_study
+from .spec import StudyError, StudySpec, load_spec, with_seeds
+from .workers import DeviceError, resolve_devices
+
+
+@dataclass
+class CheckedStudy:
+    spec: StudySpec
+    spec_text: str | None  # the YAML of a `--seeds` study, written only when it runs
+    tracking_uri: str
+    storage_url: str
+    devices: list[str] | None
+    skipped: dict[str, str]
+    configs: dict[str, Any]  # row id (search: "base") -> resolved run config
+    recorded: optuna.Study | None = None  # the Optuna study as stored before this run (None: a new study)
+
+
+def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracking_uri: str | None,
+                     n_trials: int | None, seeds: list[int] | None, devices: list[str] | None,
+                     retry_failed: bool) -> CheckedStudy:
+    """The study, its options, every row's config and assets, and what the study recorded so far, checked;
+    creates nothing."""
+    if n_trials is not None and n_trials < 1:
+        raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
+    if devices is not None:
+        try:
+            devices = resolve_devices(devices)
+        except DeviceError as exc:
+            raise StudyError(str(exc)) from None
+    spec = load_spec(name_or_path)
+    spec_text = None
+    if seeds is not None:
+        spec, spec_text = with_seeds(spec, seeds)
+    tracking_uri = tracking_uri or T.default_tracking_uri()
+    storage_url = storage or T.default_optuna_storage()
+    problems = {f"MLflow tracking URI {tracking_uri!r} (--tracking-uri)": T.tracking_uri_problem(tracking_uri),
+                f"Optuna storage {storage_url!r} (--storage)": T.database_url_problem(storage_url)}
+    for what, problem in problems.items():
+        if problem:
+            raise StudyError(f"{what}: {problem}")
+    skipped, configs = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if devices else None)
+    study = recorded_study(storage_url, spec.experiment(smoke))
+    if study is not None:
+        check_record(spec, study, retry_failed)
+    return CheckedStudy(spec, spec_text, tracking_uri, storage_url, devices, skipped, configs, study)
