@@ -36,15 +36,20 @@ def _is_module(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def _targets(node: ast.Import | ast.ImportFrom) -> list[str]:
-    """The sfd modules an import statement loads (`from sfd.bench import distill` loads the module
-    sfd.bench.distill; `from sfd.config import load_config` loads sfd.config)."""
+def _targets(node: ast.Import | ast.ImportFrom, package: str) -> list[str]:
+    """The sfd modules an import statement in `package` loads (`from sfd.bench import distill` loads the module
+    sfd.bench.distill; `from sfd.config import load_config` loads sfd.config; `from .spec import X` inside
+    sfd.study loads sfd.study.spec)."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name.split(".")[0] == "sfd"]
-    if node.level or not node.module or node.module.split(".")[0] != "sfd":
+    module = node.module or ""
+    if node.level:
+        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+        module = ".".join(anchor + ([module] if module else []))
+    if not module or module.split(".")[0] != "sfd":
         return []
-    subs = [f"{node.module}.{a.name}" for a in node.names if _is_module(f"{node.module}.{a.name}")]
-    return subs or [node.module]
+    subs = [f"{module}.{a.name}" for a in node.names if _is_module(f"{module}.{a.name}")]
+    return subs or [module]
 
 
 def _import_graph() -> dict[str, set[str]]:
@@ -56,7 +61,8 @@ def _import_graph() -> dict[str, set[str]]:
         for node in ast.parse(path.read_text()).body:
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
-            for target in _targets(node):
+            package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+            for target in _targets(node, package):
                 parts = target.split(".")
                 for i in range(1, len(parts) + 1):
                     above = ".".join(parts[:i])
