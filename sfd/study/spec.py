@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from sfd.config import ConfigError, set_value
-from sfd.metrics.names import OBJECTIVE_KEYS
+from sfd.metrics import names
 from sfd.tracking import project_root
 
 STUDIES_DIR = project_root() / "studies"
@@ -163,8 +163,8 @@ def _objective(where: str, data: dict) -> tuple[list[str], list[str]]:
     if not metrics:
         raise _fail(where, "objective.metric: missing; name the metric(s) to optimise, e.g. fd_digits")
     for m in metrics:
-        if m not in OBJECTIVE_KEYS:
-            raise _fail(where, f"objective.metric: got {m!r}; allowed: {', '.join(OBJECTIVE_KEYS)}")
+        if m not in names.OBJECTIVE_KEYS:
+            raise _fail(where, f"objective.metric: got {m!r}; allowed: {', '.join(names.OBJECTIVE_KEYS)}")
     if len(directions) != len(metrics) or any(d not in DIRECTIONS for d in directions):
         raise _fail(where, f"objective.direction: got {directions!r}; one of {', '.join(DIRECTIONS)} per metric")
     return metrics, directions
