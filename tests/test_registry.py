@@ -46,9 +46,17 @@ def test_cifar10_batch_that_calls_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_step_conditioned_student_loads_every_teacher_weight():
+    from sfd.networks.edm import is_step_key
+
     teacher = get_teacher("digits")
     student = teacher.make_student(step_condition=True)
     assert student.training and student.step_condition
+    for key, value in teacher.net.state_dict().items():
+        assert torch.equal(student.state_dict()[key], value), key
+    assert all(map(is_step_key, set(student.state_dict()) - set(teacher.net.state_dict())))
     x = torch.randn(2, 1, 8, 8)
-    # The new step layers start at zero, so the SFD-v student equals its teacher at any step.
-    torch.testing.assert_close(student.eval()(x, 2.0, step=5), teacher.net(x, 2.0))
+    with torch.no_grad():
+        # the reference's random step layers change the output from the start; zero ones do not
+        assert not torch.allclose(student.eval()(x, 2.0, step=5), teacher.net(x, 2.0), atol=1e-4)
+        zero = teacher.make_student(step_condition=True, step_init="zero").eval()
+        torch.testing.assert_close(zero(x, 2.0, step=5), teacher.net(x, 2.0))
