@@ -50,6 +50,7 @@ import types
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sfd.networks import edm
 
@@ -185,6 +186,31 @@ def persistent_layers(persistence):
         for name, cls in saved.items():
             setattr(edm, name, cls)
         edm.MODELS.update(saved_models)
+
+
+def song_kwargs(**kw) -> dict:
+    """A tiny DDPM++ SongUNet with attention, recorded kwargs spelled as EDM's train.py passes them."""
+    cfg = dict(img_resolution=8, img_channels=3, label_dim=4, use_fp16=False, model_type="SongUNet",
+               embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
+               resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+               dropout=0.13, augment_dim=9)
+    return {**cfg, **kw}
+
+
+def adm_kwargs(**kw) -> dict:
+    """A tiny ADM DhariwalUNet (64 channels at 4x4, so attention has heads)."""
+    cfg = dict(img_resolution=8, img_channels=3, label_dim=5, use_fp16=False, model_type="DhariwalUNet",
+               model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.1)
+    return {**cfg, **kw}
+
+
+def outputs(net, kwargs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    labels = F.one_hot(torch.tensor([0, 3]), kwargs["label_dim"]).float() if kwargs["label_dim"] else None
+    augment = torch.randn(2, kwargs["augment_dim"], generator=g) if kwargs.get("augment_dim") else None
+    with torch.no_grad():
+        return net(x, torch.tensor([0.3, 7.0]), labels, augment_labels=augment)
 
 
 def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -12,11 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from checkpoint_writers import (
-    check_edm_facts, edm_network, install_fake_modules, numpy1_spelling, pickle_globals, randomize,
-    remove_fake_modules, write_edm_pickle,
+    adm_kwargs, check_edm_facts, edm_network, numpy1_spelling, outputs, pickle_globals, randomize,
+    remove_fake_modules, song_kwargs, write_edm_pickle,
 )
 from sfd.networks.edm import EDMPrecond, is_step_key
 from sfd.teachers.edm_pickle import (
@@ -33,38 +32,6 @@ def one_thread():
     torch.set_num_threads(1)  # tiny convolutions crawl with 2 threads on a shared 2-core machine
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture
-def fakes(tmp_path, monkeypatch):
-    """EDM's `torch_utils.persistence` and `dnnlib.util` stand-ins, importable while the test runs."""
-    yield install_fake_modules(tmp_path / "fakepkgs", monkeypatch)
-    remove_fake_modules()
-
-
-def song_kwargs(**kw) -> dict:
-    """A tiny DDPM++ SongUNet with attention, recorded kwargs spelled as EDM's train.py passes them."""
-    cfg = dict(img_resolution=8, img_channels=3, label_dim=4, use_fp16=False, model_type="SongUNet",
-               embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
-               resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-               dropout=0.13, augment_dim=9)
-    return {**cfg, **kw}
-
-
-def adm_kwargs(**kw) -> dict:
-    """A tiny ADM DhariwalUNet (64 channels at 4x4, so attention has heads)."""
-    cfg = dict(img_resolution=8, img_channels=3, label_dim=5, use_fp16=False, model_type="DhariwalUNet",
-               model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.1)
-    return {**cfg, **kw}
-
-
-def outputs(net, kwargs, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 8, 8, generator=g)
-    labels = F.one_hot(torch.tensor([0, 3]), kwargs["label_dim"]).float() if kwargs["label_dim"] else None
-    augment = torch.randn(2, kwargs["augment_dim"], generator=g) if kwargs.get("augment_dim") else None
-    with torch.no_grad():
-        return net(x, torch.tensor([0.3, 7.0]), labels, augment_labels=augment)
 
 
 def written(tmp_path, fakes, kwargs, *, name="net.pkl", **write):

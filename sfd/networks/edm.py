@@ -731,9 +731,10 @@ EDM_CONFIGS: dict[str, dict[str, Any]] = {
 ARCHITECTURE_KEYS = ("img_resolution", "img_channels", "label_dim", "model_type", "model_channels", "channel_mult")
 
 
-def architecture_mismatch(arch: str, kwargs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{key: (expected, found)} for each architecture kwarg in which `kwargs` differ from EDM_CONFIGS[arch]."""
-    expected = EDM_CONFIGS[arch]
+def architecture_mismatch(arch: str | dict[str, Any], kwargs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (expected, found)} for each architecture kwarg in which `kwargs` differ from `arch` (init kwargs,
+    or a key of EDM_CONFIGS)."""
+    expected = EDM_CONFIGS[arch] if isinstance(arch, str) else arch
     return {k: (expected[k], kwargs.get(k)) for k in ARCHITECTURE_KEYS
             if k in expected and list(_as_seq(expected[k])) != list(_as_seq(kwargs.get(k)))}
 

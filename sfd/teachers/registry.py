@@ -232,6 +232,20 @@ def teacher_source(name: str) -> str:
     return "embedded" if name.startswith("digits") else "analytic"
 
 
+def teacher_architecture(name: str) -> dict | None:
+    """A teacher network's EDMPrecond init kwargs, known without loading its weights (None: analytic)."""
+    check_teacher_name(name)
+    if name in _EDM_TEACHERS:
+        from sfd.networks.edm import EDM_CONFIGS
+
+        return dict(EDM_CONFIGS[_EDM_TEACHERS[name][1]])
+    if name.startswith("digits"):
+        from sfd.teachers.embedded import embedded_teacher_info
+
+        return dict(embedded_teacher_info(name)["network_kwargs"])
+    return None
+
+
 def has_training_images(name: str) -> bool:
     """Whether Algorithm 1 can draw real images for this teacher (digits, mixture samples, a data asset)."""
     check_teacher_name(name)
