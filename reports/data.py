@@ -42,13 +42,16 @@ METRIC_DESCRIPTIONS = {
 }
 # The ablation table's label columns (the factors the paper varies).
 FACTORS = ("method", "teacher", "t_min", "afs", "loss", "nfe", "guidance")
-GROUP_ORDER = ("solver", "distillation", "sfd", "sfd-v", "second-stage")
+GROUP_ORDER = ("solver", "distillation", "sfd", "sfd-v", "second-stage", "reference")
+# Our groups the paper does not have (its own are labelled in paper_numbers.yaml).
+GROUP_LABELS = {"reference": "Reference-trained students (the SFD reference implementation's checkpoints)"}
 ALGORITHM_GROUP = {"sfd": "sfd", "sfd-v": "sfd-v", "sfdv": "sfd-v", "second-stage": "second-stage",
                    "second_stage": "second-stage", "vanilla": "distillation", "baseline": "solver",
-                   "solver": "solver", "none": "solver"}
+                   "solver": "solver", "none": "solver", "reference": "reference"}
 SOLVER_DISPLAY = {"euler": "DDIM", "heun": "Heun", "dpm2": "DPM(2S)", "ipndm": "iPNDM", "dpmpp3m": "DPM++(3M)"}
 LOSS_DISPLAY = {"l1": "L1", "l2": "L2", "pseudo_huber": "Pseudo-Huber", "lpips": "LPIPS"}
-METHOD_DISPLAY = {"sfd": "SFD", "vanilla": "Vanilla", "sfd-v": "SFD-v", "second-stage": "SFD second stage"}
+METHOD_DISPLAY = {"sfd": "SFD", "vanilla": "Vanilla", "sfd-v": "SFD-v", "second-stage": "SFD second stage",
+                  "reference": "SFD (reference-trained)"}
 # Synonyms folded together when a row has no paper_key and is matched by its labels.
 _CANON_ALIASES = {"dpm2": "dpm2s", "dpmsolver2": "dpm2s", "ddim": "euler", "dpmsolverpp3m": "dpmpp3m",
                   "secondstage": "sfdsecondstage", "sfd2ndstage": "sfdsecondstage", "pseudohuber": "pseudohuber",

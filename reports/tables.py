@@ -12,9 +12,9 @@ import warnings
 
 import pandas as pd
 
-from reports.data import (FACTORS, GROUP_ORDER, METRIC_DESCRIPTIONS, QUALITY_METRICS, StudyData, _canon, _choose_run,
-                          _git_commit, _is_num, _lower_is_better, _to_float, _to_int, _uniq, fmt_afs, fmt_delta,
-                          fmt_hours, fmt_p, fmt_paper, fmt_tmin, fmt_value)
+from reports.data import (FACTORS, GROUP_LABELS, GROUP_ORDER, METRIC_DESCRIPTIONS, QUALITY_METRICS, StudyData, _canon,
+                          _choose_run, _git_commit, _is_num, _lower_is_better, _to_float, _to_int, _uniq, fmt_afs,
+                          fmt_delta, fmt_hours, fmt_p, fmt_paper, fmt_tmin, fmt_value)
 
 # ----------------------------------------------------------------------------------------------------------
 # Tables
@@ -155,7 +155,7 @@ def comparison_table(data: StudyData) -> pd.DataFrame:
     entries.sort(key=lambda e: (group_rank.get(e["group"], len(GROUP_ORDER)),
                                 method_order[(e["group"], _canon(e["method"]))],
                                 e["nfe"] if e["nfe"] is not None else 10 ** 6, e["source"] != "ours"))
-    labels = data.paper.get("groups", {})
+    labels = {**GROUP_LABELS, **data.paper.get("groups", {})}
     hours_col = "ours device-h" + _seed_mean_label(data)
     out = []
     for e in entries:

@@ -17,6 +17,8 @@ Algorithms:
   or a folder / .safetensors path), sampled as teacher with Euler on its own grid (spec §10).
 - `baseline` — no training: the teacher sampled with `solver.name` at `student.nfe` on the `student.*` grid
   (the "solver-based methods" rows of the paper's tables).
+- `reference` — no training: a student the SFD reference implementation trained (`reference.path`, its
+  network-snapshot-NNNNNN.pkl) evaluated on its own grid, which `student.*` must state (the run checks it).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage", "baseline")
+ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage", "baseline", "reference")
 TRAINING_ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 VANILLA_DATA = ("dataset", "teacher")
@@ -103,12 +105,22 @@ class VanillaConfig:
 @dataclass
 class SFDVConfig:
     num_steps_choices: list[int] = field(default_factory=lambda: [4, 5, 6, 7])
+    step_init: str = "random"  # the new step layers: random as the reference, or zero (student = teacher at start)
 
 
 @dataclass
 class SecondStageConfig:
-    first_stage: str | None = None  # MLflow run id, or a folder / .safetensors written by a first-stage run
+    # MLflow run id, a folder / .safetensors written by a first-stage run, or an SFD reference network-snapshot .pkl
+    first_stage: str | None = None
     first_stage_step: int | None = None  # step condition of an SFD-v first stage (e.g. 7); None: plain SFD
+
+
+@dataclass
+class ReferenceConfig:
+    """A student trained by the SFD reference implementation (algorithm `reference`)."""
+
+    path: str | None = None  # its network-snapshot-NNNNNN.pkl
+    num_steps_choices: list[int] | None = None  # an SFD-v student: also evaluated at each of these N
 
 
 @dataclass
@@ -150,6 +162,7 @@ class RunConfig:
     vanilla: VanillaConfig = field(default_factory=VanillaConfig)
     sfdv: SFDVConfig = field(default_factory=SFDVConfig)
     second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -591,7 +604,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 # Sections that only one algorithm reads: set for another, they would be logged as if they had been used.
-_ALGORITHM_SECTIONS = {"vanilla": "vanilla", "sfdv": "sfd-v", "second_stage": "second-stage"}
+_ALGORITHM_SECTIONS = {"vanilla": "vanilla", "sfdv": "sfd-v", "second_stage": "second-stage", "reference": "reference"}
 
 
 def _check_sections_apply(cfg: RunConfig) -> None:
@@ -605,8 +618,8 @@ def _check_sections_apply(cfg: RunConfig) -> None:
                 raise ConfigError(f"{section}.{f.name}: got {getattr(ours, f.name)!r}, but only algorithm={algorithm} "
                                   f"reads it and this run is algorithm={cfg.algorithm}; remove it (default "
                                   f"{getattr(default, f.name)!r})")
-    if cfg.algorithm == "baseline" and cfg.loss.final is not None:
-        raise ConfigError(f"loss.final: got {cfg.loss.final!r}; a baseline only samples the teacher, it trains "
+    if cfg.algorithm in ("baseline", "reference") and cfg.loss.final is not None:
+        raise ConfigError(f"loss.final: got {cfg.loss.final!r}; algorithm={cfg.algorithm} only samples, it trains "
                           "nothing")
     if cfg.algorithm == "baseline" and cfg.solver.afs:
         raise ConfigError("solver.afs: got true; it is the teacher's AFS inside distillation, and a baseline only "
@@ -627,7 +640,13 @@ def _validate_algorithm(cfg: RunConfig) -> None:
                 f"{str(cfg.student.afs).lower()} cannot spend exactly that many evaluations "
                 "(two-evaluation solvers need an even NFE without AFS, odd with AFS)") from None
         return
+    if alg == "reference":
+        _validate_reference(cfg)
+        return
     if alg == "sfd-v":
+        from sfd.networks.edm import STEP_INITS
+
+        _choice("sfdv.step_init", cfg.sfdv.step_init, STEP_INITS)
         if cfg.teacher.name.startswith("gmm"):
             raise ConfigError(f"algorithm: sfd-v needs a step-conditioned EDM network student; teacher "
                               f"{cfg.teacher.name!r} is analytic (its student is a small MLP)")
@@ -662,6 +681,22 @@ def _validate_algorithm(cfg: RunConfig) -> None:
         to_settings(cfg).validate()
     except ValueError as exc:  # a check the core knows that this module does not repeat
         raise ConfigError(f"invalid settings for the distillation core: {exc}") from None
+
+
+def _validate_reference(cfg: RunConfig) -> None:
+    from sfd.teachers.registry import teacher_source
+
+    r = cfg.reference
+    if not r.path:
+        raise ConfigError("reference.path: got null; name the network-snapshot-NNNNNN.pkl the SFD reference saved")
+    if not Path(r.path).expanduser().is_file():
+        raise ConfigError(f"reference.path: got {r.path!r}; the file does not exist")
+    if teacher_source(cfg.teacher.name) == "analytic":
+        raise ConfigError(f"teacher.name: got {cfg.teacher.name!r}; a reference-trained student is an EDM network, "
+                          "so its teacher is one (an EDM checkpoint or an embedded digits teacher)")
+    _check_grid(cfg, "student.nfe", cfg.num_steps)
+    for i, n in enumerate(r.num_steps_choices or []):
+        _check_grid(cfg, f"reference.num_steps_choices[{i}]", n)
 
 
 # ----- mapping onto the core ----------------------------------------------------------------------------

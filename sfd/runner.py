@@ -20,6 +20,10 @@ import torch
 
 from sfd import config as C
 from sfd.config import ConfigError, RunConfig
+from sfd.reference_runs import (
+    check_reference_run, load_reference, load_reference_first_stage, reference_first_stage_info,
+)
+from sfd.teachers.reference import is_reference_snapshot
 
 # Metrics a smoke run computes instead of ones that need large assets (and mean nothing on a random net).
 SMOKE_METRIC_SUBSTITUTES = {"fid": "teacher_gap"}
@@ -158,7 +162,11 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_in
             check_fid_files(require("inception-2015-12-05"), require(FID_REFS[dataset]))
         for asset in lpips_assets(cfg).values():
             require(asset)
+    if cfg.algorithm == "reference":
+        check_reference_run(cfg)  # reads the snapshot: its teacher and grid must be this run's
     if cfg.algorithm == "second-stage":
+        if first_stage_info is None and is_reference_snapshot(cfg.second_stage.first_stage):
+            first_stage_info = reference_first_stage_info(cfg)
         if first_stage_info is None:
             folder = locate_first_stage(cfg.second_stage.first_stage, tracking_uri)
             first_stage_info = json.loads((folder / SAMPLING_FILE).read_text())
@@ -304,9 +312,12 @@ def check_first_stage(cfg: RunConfig, info: dict) -> int:
     mismatch = {k: (g[k], getattr(cfg.student, k)) for k in ("schedule", "t_min", "t_max", "rho")
                 if g[k] != getattr(cfg.student, k)}
     if n != expected or mismatch:
+        hint = ""  # a step-conditioned first stage samples at any N it was trained on
+        if n != expected and info.get("step_condition") and expected in (info.get("num_steps_choices") or []):
+            hint = f"; the first stage is SFD-v: set second_stage.first_stage_step={expected}"
         raise ConfigError(f"second stage: the Euler teacher grid ((solver.m+1)(N-1)+1 = {expected} points) must be "
                           f"the first stage's own grid (N={n}, {g['schedule']}, t_min={g['t_min']}, "
-                          f"t_max={g['t_max']}, rho={g['rho']}); differs: {mismatch or 'N'}")
+                          f"t_max={g['t_max']}, rho={g['rho']}); differs: {mismatch or 'N'}{hint}")
     return n
 
 
@@ -415,10 +426,13 @@ def _distill_setup(cfg: RunConfig, teacher, device, tracking_uri: str | None = N
 
     settings = C.to_settings(cfg, num_classes=teacher.num_classes)
     if cfg.algorithm == "sfd-v":
-        return teacher.net, teacher.make_student(step_condition=True), settings, True
+        return teacher.net, teacher.make_student(step_condition=True, step_init=cfg.sfdv.step_init), settings, True
     if cfg.algorithm != "second-stage":
         return teacher.net, teacher.make_student(), settings, False
-    first_net, info = load_first_stage(locate_first_stage(cfg.second_stage.first_stage, tracking_uri), device)
+    if is_reference_snapshot(cfg.second_stage.first_stage):
+        first_net, info = load_reference_first_stage(cfg, device)
+    else:
+        first_net, info = load_first_stage(locate_first_stage(cfg.second_stage.first_stage, tracking_uri), device)
     first_n = check_first_stage(cfg, info)
     g = info["grid"]
     step_cond = bool(info.get("step_condition"))
@@ -491,7 +505,11 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
 
         net, step_cond, train_s = teacher.net, False, 0.0
         torch.manual_seed(cfg.seed)  # the student's dropout (and new SFD-v layers) draw from the global generator
-        if cfg.algorithm != "baseline":
+        if cfg.algorithm == "reference":  # a student trained elsewhere: evaluated as it is
+            student = load_reference(cfg.reference.path, cfg.teacher.name)
+            net, step_cond = student.net.to(device), student.step_condition
+            run.log_text(json.dumps(student.training_kwargs, indent=2, default=str), "reference_training_kwargs.json")
+        elif cfg.algorithm != "baseline":
             teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device, tracker.tracking_uri)
             data = None
             if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
@@ -504,13 +522,15 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
             net.eval()
 
         t0 = time.perf_counter()
-        sampling_net = sampling_network(cfg, net, prepare=cfg.algorithm == "baseline")
+        sampling_net = sampling_network(cfg, net, prepare=cfg.algorithm in ("baseline", "reference"))
         references: dict = {}  # teacher-gap references: SFD-v's NFEs share one grid's endpoints
         result, nfe = _evaluate(cfg, teacher, sampling_net, step_cond, device, progress=progress,
                                 reference_cache=references)
         metrics = dict(result.metrics)
-        if cfg.algorithm == "sfd-v":  # the one model at every other trained NFE
-            for n in cfg.sfdv.num_steps_choices:
+        # the one step-conditioned model at every other trained (or asked) N
+        other_steps = {"sfd-v": cfg.sfdv.num_steps_choices, "reference": cfg.reference.num_steps_choices or []}
+        if step_cond:
+            for n in other_steps.get(cfg.algorithm, []):
                 if n != cfg.num_steps:
                     extra, extra_nfe = _evaluate(cfg, teacher, sampling_net, True, device, num_steps=n,
                                                  progress=progress, reference_cache=references)
@@ -523,7 +543,7 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
         for i, value in enumerate(objective):
             metrics["objective" if i == 0 else f"objective_{i}"] = value
         run.log_image(result.grid_image, "samples.png")
-        if cfg.algorithm != "baseline":
+        if cfg.algorithm not in ("baseline", "reference"):
             run.log_figure(_loss_curve(run.history), "loss_curve.png")
             if save_student or (save_student is None and not (cfg.smoke and not _is_small_teacher(cfg.teacher.name))):
                 _save_student(run, net, sampling_info(cfg, teacher.num_classes, step_cond))

@@ -436,6 +436,10 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
                     raise StudyError(f"study {spec.name}, row {row['id']}: second_stage.first_stage names row "
                                      f"{target!r}, which {why}")
                 first = resolved_rows[target]
+                if first.algorithm in ("baseline", "reference"):  # it trains no student to start from
+                    raise StudyError(f"study {spec.name}, row {row['id']}: second_stage.first_stage names row "
+                                     f"{target!r}, which trains no student (algorithm={first.algorithm}); name a "
+                                     "training row, or give a reference student's .pkl path")
                 info = sampling_info(first, 0, step_condition=first.algorithm == "sfd-v")
             try:
                 resolved_rows[row["id"]] = check(lambda: row_config(spec, row), f"row {row['id']}", info)
@@ -1223,6 +1227,8 @@ def settings(cfg) -> str:
     sampled = f"{cfg.algorithm} {cfg.solver.name} NFE {s.nfe} t_min {s.t_min:g} AFS {'yes' if s.afs else 'no'}"
     if cfg.algorithm == "baseline":  # the teacher sampled directly: nothing is trained
         return sampled
+    if cfg.algorithm == "reference":  # a student trained by the SFD reference implementation, evaluated as it is
+        return f"reference student {cfg.reference.path} NFE {s.nfe} t_min {s.t_min:g} AFS {'yes' if s.afs else 'no'}"
     if cfg.algorithm == "sfd-v":  # one model trained over several student grids
         sampled += f" (trains N in {list(cfg.sfdv.num_steps_choices)})"
     return f"{sampled} {cfg.loss.name} {cfg.optim.total_kimg:g} kimg"

@@ -380,3 +380,39 @@ def test_a_damaged_stream_is_one_line(tmp_path):
     with pytest.raises(EDMPickleError) as err:
         load_edm_pickle(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_an_edm_written_cifar10_checkpoint_is_distilled_by_experiments_run(tmp_path, fakes, stores):
+    """The headline use (issue 17): EDM's CIFAR-10 teacher as EDM's code writes it (the full 55.7M-parameter
+    DDPM++ network, numpy scalars recorded in every block, numpy < 2's spelling as in the published 2022 file)
+    given as teacher.path; experiments/run.py distils two iterations from it and evaluates the student."""
+    from mlflow import MlflowClient
+
+    from sfd.tracking import default_tracking_uri
+
+    # init kwargs as EDM records them for edm-cifar10-32x32-uncond-vp.pkl (tests/data/edm_keys/cifar10-32x32.txt)
+    kwargs = dict(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet", embedding_type="positional",
+                  encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
+                  model_channels=128, channel_mult=[2, 2, 2], dropout=0.13, augment_dim=9)
+    torch.manual_seed(0)
+    source = EDMPrecond(**kwargs).eval()  # EDM's own initialisation: finite through all 30 blocks
+    net = edm_network(kwargs, fakes.persistence, weights_from=source)
+    check_edm_facts(net)
+    path = write_edm_pickle(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl", net, fakes.persistence,
+                            numpy_spelling="numpy.core", resolution=32)
+    del net
+    remove_fake_modules()
+    script = os.path.join(ROOT, "experiments", "run.py")
+    spec = importlib.util.spec_from_file_location("experiments_run_cifar", script)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    assert runner.main([os.path.join(ROOT, "experiments", "cifar10_sfd.yaml"), f"teacher.path={path}",
+                        "precision=fp32", "compile=false", "channels_last=false", "optim.batch_size=2",
+                        "optim.total_kimg=0.004", "solver.m=0", "log.every=1", "eval.metrics=[teacher_gap]",
+                        "eval.num_samples=2", "eval.batch_size=2", "eval.gap_nfe=1", "--experiment", "edm"]) == 0
+    client = MlflowClient(default_tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("edm").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["teacher.path"] == str(path)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "kimg")] == [0, 1]
+    assert np.isfinite(run.data.metrics["teacher_gap_mean"]) and run.data.metrics["nfe"] == 2

@@ -3,6 +3,7 @@ writes them (tests/checkpoint_writers.py), read safely into our EDMPrecond with 
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +17,7 @@ from sfd.sampling import GridSpec
 from sfd.teachers.edm_pickle import EDMPickleError
 from sfd.teachers.reference import read_reference_student
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def snapshot(tmp_path, fakes, kwargs, *, sfdv=False, persistent=False, protocol=pickle.DEFAULT_PROTOCOL,
@@ -127,3 +122,131 @@ def test_a_snapshot_without_training_kwargs_is_not_a_reference_student(tmp_path,
     _refused(path, "no training_kwargs", architecture=kwargs)
     path.write_bytes(pickle.dumps({"ema": 1}))
     _refused(path, "no entry 'model'", architecture=kwargs)
+
+
+# ----- end to end: evaluated by experiments/run.py, a second stage's first stage, a study row ------------------
+
+def digits_snapshot(tmp_path, fakes, *, sfdv: bool, num_steps: int, name: str):
+    """A reference snapshot of the embedded digits teacher's network (dataset_name "digits": the name a fork of
+    the reference records for a teacher it does not know): the teacher's weights, random SFD-v layers."""
+    from sfd.teachers import get_teacher
+    from sfd.teachers.registry import teacher_architecture
+
+    kwargs = teacher_architecture("digits")
+    source = EDMPrecond(**kwargs, step_condition=True)
+    source.load_state_dict(get_teacher("digits").net.state_dict(), strict=False)
+    tk = {**REFERENCE_TRAINING_KWARGS, "dataset_name": "digits", "num_steps": num_steps, "use_step_condition": sfdv}
+    net = reference_network(kwargs, fakes.persistence, source.eval(), tk, fakes.dnnlib_util)
+    return write_reference_snapshot(tmp_path / name, net)
+
+
+TINY = ["eval.metrics=[teacher_gap]", "eval.num_samples=16", "eval.batch_size=16", "eval.gap_nfe=10"]
+
+
+def experiments_main(argv) -> int:
+    import importlib.util
+
+    script = ROOT / "experiments" / "run.py"
+    spec = importlib.util.spec_from_file_location("experiments_run_reference", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in argv])
+
+
+def only_run(client, experiment):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_a_reference_student_is_evaluated_on_its_own_grid(tmp_path, fakes, stores, capsys):
+    """experiments/run.py evaluates the snapshot as sample.py would (Euler, AFS, its grid): the logged metric is
+    the one a direct evaluation of the loaded network on that grid gives."""
+    from mlflow import MlflowClient
+
+    from sfd.metrics.evaluate import evaluate, student_sampler
+    from sfd.teachers import get_teacher
+    from sfd.tracking import default_tracking_uri
+
+    path = digits_snapshot(tmp_path, fakes, sfdv=False, num_steps=5, name="network-snapshot-000200.pkl")
+    remove_fake_modules()
+    base = [ROOT / "experiments" / "digits_sfd.yaml", "algorithm=reference", f"reference.path={path}", *TINY]
+    assert experiments_main([*base, "--experiment", "ref"]) == 2  # digits_sfd.yaml says NFE 2; the student is N=5
+    err = capsys.readouterr().err
+    assert "NFE 3 student of digits" in err and "set student.nfe=3" in err and len(err.strip().splitlines()) == 1
+    assert experiments_main([*base, "student.nfe=3", "--experiment", "ref"]) == 0
+    client = MlflowClient(default_tracking_uri())
+    run = only_run(client, "ref")
+    assert run.info.status == "FINISHED" and run.data.metrics["nfe"] == 3
+    assert run.data.params["reference.path"] == str(path) and run.data.params["algorithm"] == "reference"
+    logged = client.download_artifacts(run.info.run_id, "reference_training_kwargs.json", str(tmp_path))
+    assert '"dataset_name": "digits"' in Path(logged).read_text()
+
+    student = read_reference_student(path, architecture=get_teacher("digits").init_kwargs)
+    direct = evaluate(student_sampler(student.net, student.grid), get_teacher("digits"), ["teacher_gap"], 16,
+                      batch_size=16, device="cpu", gap_solver="dpmpp3m", gap_nfe=10)
+    assert run.data.metrics["teacher_gap_mean"] == pytest.approx(direct.metrics["teacher_gap_mean"], rel=1e-6)
+
+
+def test_a_reference_sfdv_student_is_evaluated_at_every_asked_nfe(tmp_path, fakes, stores):
+    from sfd.config import load_config
+    from sfd.runner import run_experiment
+    from sfd.tracking import Tracker
+
+    path = digits_snapshot(tmp_path, fakes, sfdv=True, num_steps=4, name="network-snapshot-000800.pkl")
+    cfg = load_config(ROOT / "experiments" / "digits_sfd.yaml", ["algorithm=reference", f"reference.path={path}",
+                                                                  "reference.num_steps_choices=[4,5,6,7]", *TINY])
+    result = run_experiment(cfg, tracker=Tracker("ref-v"))
+    m = result.metrics
+    assert m["nfe"] == 2 and {k for k in m if "/nfe_" in k} == {
+        f"teacher_gap_{s}/nfe_{k}" for s in ("mean", "std") for k in (3, 4, 5)}
+    assert len({m["teacher_gap_mean"], *(m[f"teacher_gap_mean/nfe_{k}"] for k in (3, 4, 5))}) == 4
+
+
+def test_a_reference_student_is_a_second_stage_first_stage(tmp_path, fakes, stores):
+    """second_stage.first_stage: X.pkl — the Euler teacher walks the snapshot's own grid (N = 7: NFE 5 with
+    AFS) and, for an SFD-v snapshot, runs at the step condition asked (7)."""
+    from sfd.config import ConfigError, load_config
+    from sfd.runner import run_experiment
+    from sfd.tracking import Tracker
+
+    plain = digits_snapshot(tmp_path, fakes, sfdv=False, num_steps=7, name="plain.pkl")
+    sfdv = digits_snapshot(tmp_path, fakes, sfdv=True, num_steps=4, name="sfdv.pkl")
+    second = ["algorithm=second-stage", "solver.name=euler", "solver.m=2", "student.nfe=1", "student.afs=true",
+              "optim.batch_size=16", "optim.total_kimg=0.032", "log.every=1", *TINY]
+    for path, extra in ((plain, []), (sfdv, ["second_stage.first_stage_step=7"])):
+        cfg = load_config(ROOT / "experiments" / "digits_sfd.yaml",
+                          [*second, f"second_stage.first_stage={path}", *extra])
+        result = run_experiment(cfg, tracker=Tracker(f"second-{path.stem}"))
+        assert result.status == "FINISHED" and result.metrics["nfe"] == 1 and result.metrics["train/wall_s"] > 0
+    with pytest.raises(ConfigError, match="first_stage_step"):  # an SFD-v first stage at its recorded N=4 is not 7
+        run_experiment(load_config(ROOT / "experiments" / "digits_sfd.yaml",
+                                   [*second, f"second_stage.first_stage={sfdv}"]), tracker=Tracker("x"))
+    with pytest.raises(ConfigError, match="a student of digits .*not of digits-cond; set teacher.name=digits"):
+        run_experiment(load_config(ROOT / "experiments" / "digits_sfd.yaml",
+                                   [*second, f"second_stage.first_stage={plain}", "teacher.name=digits-cond"]),
+                       tracker=Tracker("x"))
+
+
+def test_a_reference_student_is_a_row_of_a_comparison_study(tmp_path, fakes, stores):
+    from mlflow import MlflowClient
+
+    from reports.build import comparison_table, load_study_data
+    from study_runner import load_studies_runner, runs_by_row, write_digits_study
+
+    path = digits_snapshot(tmp_path, fakes, sfdv=False, num_steps=4, name="network-snapshot-000200.pkl")
+    rows = [{"id": "euler-2", "group": "solver", "method": "DDIM", "nfe": 2,
+             "params": {"algorithm": "baseline", "solver.name": "euler", "student.nfe": 2, "student.afs": False}},
+            {"id": "lab-sfd-2", "group": "reference", "method": "SFD (reference-trained)", "nfe": 2,
+             "params": {"algorithm": "reference", "reference.path": str(path)}}]
+    spec = write_digits_study(tmp_path, "with_reference", rows)
+    out = load_studies_runner().run_study(str(spec), report=False, quiet=True)
+    assert not out.failed
+    run = runs_by_row(MlflowClient(out.tracking_uri), out)["lab-sfd-2"]
+    assert run.info.status == "FINISHED" and run.data.params["reference.path"] == str(path)
+    data = load_study_data("with_reference", spec=str(spec), tracking_uri=out.tracking_uri, storage=out.storage)
+    table = comparison_table(data)
+    row = table[table["Method"] == "SFD (reference-trained)"]
+    assert len(row) == 1 and row["Group"].iloc[0].startswith("Reference-trained students")
+    assert row["Source"].iloc[0] == "ours" and run.info.run_id in row["run id"].iloc[0]
+    assert list(table["Group"])[-1].startswith("Reference-trained")  # its own group, after the paper's

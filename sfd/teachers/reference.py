@@ -24,7 +24,8 @@ from sfd.teachers.edm_pickle import (
     edm_state_from_record, network_from_tensors, read_edm_pickle,
 )
 
-__all__ = ["REFERENCE_DATASETS", "SFDV_NUM_STEPS", "ReferenceStudent", "read_reference_student", "is_reference_snapshot"]
+__all__ = ["REFERENCE_DATASETS", "SFDV_NUM_STEPS", "ReferenceStudent", "read_reference_student",
+           "is_reference_snapshot"]
 
 # The reference's dataset names: the SFD Lab teacher each distils and the EDM network its create_model builds.
 REFERENCE_DATASETS = {
@@ -170,11 +171,12 @@ def _architecture_of(record: Any, dataset_name: str, architecture: dict | None) 
     return check_network_kwargs({**kwargs, **_recorded_attributes(record)})
 
 
-def read_reference_student(path: str | os.PathLike, *, architecture: dict | None = None,
+def read_reference_student(path: str | os.PathLike, *, teacher: str | None = None, architecture: dict | None = None,
                            device: str = "cpu") -> ReferenceStudent:
-    """Rebuild a reference `network-snapshot-*.pkl` (see the module docstring). `architecture`: the teacher's
-    EDMPrecond kwargs (needed when the snapshot's dataset is not one of the reference's EDM datasets, and
-    checked against the recording otherwise). Every refusal is one EDMPickleError naming the file."""
+    """Rebuild a reference `network-snapshot-*.pkl` (see the module docstring). `teacher`: the SFD Lab teacher
+    the student must have been distilled from (checked before anything is built); `architecture`: that
+    teacher's EDMPrecond kwargs (needed when the snapshot's dataset is not one of the reference's EDM datasets,
+    and checked against the recording otherwise). Every refusal is one EDMPickleError naming the file."""
     path = Path(path)
     data = read_edm_pickle(path)
     try:
@@ -187,7 +189,10 @@ def read_reference_student(path: str | os.PathLike, *, architecture: dict | None
                                  "the reference's EDMPrecond")
         training = _training_kwargs(record.state)
         grid = _grid(training)
-        teacher = reference_teacher(training["dataset_name"])
+        distilled = reference_teacher(training["dataset_name"])
+        if teacher is not None and distilled != teacher:
+            raise EDMPickleError(f"it is a student of {distilled} (its training_kwargs say dataset "
+                                 f"{training['dataset_name']!r}), not of {teacher}; set teacher.name={distilled}")
         kwargs = _architecture_of(record, training["dataset_name"], architecture)
         tensors = collect_tensors(record)
         step = training["use_step_condition"]
@@ -202,5 +207,5 @@ def read_reference_student(path: str | os.PathLike, *, architecture: dict | None
     except EDMPickleError as exc:
         text = str(exc)
         raise EDMPickleError(text if text.startswith(str(path)) else f"{path}: {text}") from None
-    return ReferenceStudent(path=path, net=net.to(device), training_kwargs=training, teacher=teacher, grid=grid,
+    return ReferenceStudent(path=path, net=net.to(device), training_kwargs=training, teacher=distilled, grid=grid,
                             step_condition=step)
