@@ -506,9 +506,9 @@ def run_experiment(cfg: RunConfig, *, tracker=None, smoke: bool = False, progres
         net, step_cond, train_s = teacher.net, False, 0.0
         torch.manual_seed(cfg.seed)  # the student's dropout (and new SFD-v layers) draw from the global generator
         if cfg.algorithm == "reference":  # a student trained elsewhere: evaluated as it is
-            student = load_reference(cfg.reference.path, cfg.teacher.name)
-            net, step_cond = student.net.to(device), student.step_condition
-            run.log_text(json.dumps(student.training_kwargs, indent=2, default=str), "reference_training_kwargs.json")
+            reference = load_reference(cfg.reference.path, cfg.teacher.name)
+            net, step_cond = reference.net.to(device), reference.step_condition
+            run.log_text(json.dumps(reference.training_kwargs, indent=2, default=str), "reference_training_kwargs.json")
         elif cfg.algorithm != "baseline":
             teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device, tracker.tracking_uri)
             data = None
