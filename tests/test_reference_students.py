@@ -176,7 +176,7 @@ def test_a_reference_student_is_evaluated_on_its_own_grid(tmp_path, fakes, store
     base = [DIGITS, "algorithm=evaluate", f"evaluate.student={path}", *TINY]
     assert experiments_main([*base, "--experiment", "ref"]) == 2  # digits_sfd.yaml says NFE 2; the student is N=5
     err = capsys.readouterr().err
-    assert "reference-trained NFE 3 student of digits" in err and "(its training_kwargs)" in err
+    assert "the reference-trained student of digits (NFE 3)" in err and "(its training_kwargs)" in err
     assert "set student.nfe=3" in err and len(err.strip().splitlines()) == 1
     assert experiments_main([*base, "student.nfe=3", "--experiment", "ref"]) == 0
     client = MlflowClient(default_tracking_uri())

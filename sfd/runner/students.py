@@ -174,10 +174,9 @@ def load_saved_student(cfg: RunConfig, device, tracking_uri: str | None = None) 
 
 
 def describe(info: dict) -> str:
-    """A saved student in a few words, e.g. `a reference-trained NFE 3 student of digits`."""
-    kind = "reference-trained" if info.get("algorithm") == REFERENCE_ALGORITHM else info.get("algorithm", "saved")
-    steps = "step-conditioned (SFD-v)" if info.get("step_condition") else f"NFE {info['nfe']}"
-    return f"a {kind} {steps} student of {info['teacher']}"
+    """A saved student in a few words, e.g. `the reference-trained student of digits (NFE 3)`."""
+    steps = "step-conditioned, SFD-v" if info.get("step_condition") else f"NFE {info['nfe']}"
+    return f"the {info.get('algorithm', 'saved')}-trained student of {info['teacher']} ({steps})"
 
 
 def check_same_teacher(key: str, cfg: RunConfig, info: dict) -> None:
