@@ -171,3 +171,18 @@ def test_an_evaluate_row_of_an_unfinished_row_fails_with_the_reason(tmp_path, st
     assert "it reads the student of row 'sfd', which has not finished" in out.failed[1][1]
     trials = optuna.load_study(study_name="unfinished", storage=out.storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_an_sfdv_row_evaluated_at_several_n_runs_in_a_smoke_study_too(tmp_path, stores):
+    """A smoke SFD-v row trains two of its N (the main one and the largest); an evaluate row of it asks the same
+    two, so `--smoke` proves such a study's wiring instead of refusing the N the smoke row no longer trains."""
+    rows = [{"id": "sfd-v", "params": {"algorithm": "sfd-v"}},
+            {"id": "sfd-v-evaluated", "params": {"algorithm": "evaluate", "evaluate.student": "row:sfd-v",
+                                                 "evaluate.num_steps_choices": [4, 5, 6, 7]}}]
+    path = write_digits_study(tmp_path, "sfdv-evaluated", rows)
+    assert plan_study(str(path)).to_run == 2
+    out = run_study(str(path), quiet=True, smoke=True)
+    assert not out.failed
+    metrics = runs_by_row(MlflowClient(out.tracking_uri), out)["sfd-v-evaluated"].data.metrics
+    assert metrics["nfe"] == 2 and {k for k in metrics if "/nfe_" in k} == {"teacher_gap_mean/nfe_5",
+                                                                           "teacher_gap_std/nfe_5"}

@@ -92,6 +92,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         notes[f"{TAG_SMOKE_NOTE}compile"] = "off (a one-iteration wiring check would spend its time compiling)"
     if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two (the main one and another)
         updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.sfdv.num_steps_choices)})
+    if cfg.algorithm == "evaluate" and cfg.evaluate.num_steps_choices:  # the same two N a smoke SFD-v row trains
+        updates["evaluate.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.evaluate.num_steps_choices)})
     for key, asset in lpips_assets(cfg).items():
         if asset_path(asset) is None:
             updates[f"loss.{key}"] = "l2"
