@@ -104,7 +104,7 @@ def test_sharded_feature_statistics_equal_one_process_to_1e_10(evaluated_on_two_
     for rank_result in evaluated_on_two_ranks[0]:
         for num, mu, sigma in rank_result["statistics"].values():
             assert num == 37
-            # float64 sums in another order: equal to rounding (measured: max difference ~1e-15 relative)
+            # float64 sums in another order: equal to rounding (measured: 2.7e-16 relative at most)
             np.testing.assert_allclose(mu, whole.mu, rtol=1e-10, atol=0)
             np.testing.assert_allclose(sigma, whole.sigma, rtol=1e-10, atol=1e-10 * np.abs(whole.sigma).max())
 
@@ -115,13 +115,15 @@ def test_sharded_evaluation_equals_one_process(evaluated_on_two_ranks, monkeypat
     ranks = [r["evaluate"] for r in results]
     monkeypatch.setattr(sfd.metrics.evaluate, "InceptionFeatures", PixelFeatures)
     single = evaluate_cases(SINGLE, ref)
+    for rank_result in ranks:  # every rank gets rank 0's metrics
+        # Each batch is the one-process batch, so the samples, and the metrics computed from them on rank 0 in
+        # seed order, are bit-identical.
+        assert rank_result["gap"] == single["gap"] and rank_result["digits"] == single["digits"]
+        # FID's float64 sums add in another order (statistics ~3e-16 apart); 9 samples in 2048 dimensions give
+        # a singular covariance whose square root amplifies that to a measured 2.8e-11 relative.
+        assert rank_result["fid"].keys() == {"fid"}
+        assert rank_result["fid"]["fid"] == pytest.approx(single["fid"]["fid"], rel=1e-9, abs=0)
     for name in ("gap", "digits", "fid"):
-        for rank_result in ranks:  # every rank gets rank 0's metrics
-            assert rank_result[name].keys() == single[name].keys()
-            for key, value in single[name].items():
-                # Each batch is the one-process batch, so samples are bit-identical; only FID's float64 sums
-                # add in another order.
-                assert rank_result[name][key] == pytest.approx(value, rel=1e-10, abs=0), (name, key)
         np.testing.assert_array_equal(ranks[0][f"{name}/grid"], single[f"{name}/grid"])
         assert ranks[1][f"{name}/grid"] is None
 
