@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sfd.config import load_config
-from sfd.runner import read_outcome, run_experiment
+from sfd.runner import OutcomeFile, read_outcome, run_experiment
 from sfd.tracking import TAG_PARENT, Tracker, find_runs, get_client, get_or_create_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +81,53 @@ def test_an_error_on_one_rank_fails_the_run_on_rank_0_and_every_rank_exits(store
     run = get_client().get_run(outcome["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sfd.error"] == reason and run.data.params["ddp"] == "2"
     assert seconds < 120  # everyone left at once; a rank left waiting in a collective would sit out its timeout
+
+
+# ----- the outcome file -------------------------------------------------------------------------------------
+
+def _load_run_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sfd_experiments_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_outcome_file_follows_the_run_and_only_rank_0_writes_it(stores, tmp_path, monkeypatch):
+    path = tmp_path / "out" / "outcome.json"
+    cfg = load_config(GMM, ["optim.total_kimg=0.128", "eval.num_samples=8"])
+    outcome = OutcomeFile(path)
+    seen = []
+
+    def on_start(run_id):
+        outcome.started(run_id)
+        seen.append(read_outcome(path))
+
+    tracker = Tracker(EXPERIMENT, objective=["teacher_gap_mean"], on_start=on_start)
+    with outcome.reporting():
+        result = run_experiment(cfg, tracker=tracker)
+        outcome.finished(result)
+    assert seen[0]["status"] == "RUNNING" and seen[0]["run_id"] == result.run_id  # as soon as the run exists
+    final = read_outcome(path)
+    assert final["status"] == "FINISHED" and final["run_id"] == result.run_id and final["error"] is None
+    assert final["metrics"] == pytest.approx(result.metrics) and final["objective"] == result.objective
+    assert final["ddp"] == 1 and not list(path.parent.glob(".*tmp"))  # replaced atomically, nothing left over
+
+    with pytest.raises(KeyboardInterrupt), OutcomeFile(path).reporting():
+        raise KeyboardInterrupt
+    assert read_outcome(path)["status"] == "KILLED"
+    monkeypatch.setenv("RANK", "1")
+    OutcomeFile(path).started("another")
+    assert read_outcome(path)["status"] == "KILLED"  # rank 1 wrote nothing
+
+
+def test_bad_input_is_an_invalid_outcome_and_exit_status_2(stores, tmp_path):
+    script = _load_run_script()
+    path = tmp_path / "outcome.json"
+    assert script.main([GMM, "--tag", "no-equals-sign", "--result-file", str(path)]) == 2
+    assert read_outcome(path) == {**read_outcome(path), "status": "INVALID", "run_id": None,
+                                  "error": "ConfigError: --tag: got 'no-equals-sign'; expected KEY=VALUE"}
+    assert script.main([GMM, "ddp=3", "--result-file", str(path)]) == 2  # refused before any relaunch
+    assert "optim.batch_size: got 64 with ddp=3" in read_outcome(path)["error"]
+    assert not (stores / "mlflow.db").exists()
