@@ -294,6 +294,8 @@ class RunLogger:
     error in tag `sfd.error` and the traceback as artifact `error.txt`, and propagates.
     """
 
+    active = True  # writes to MLflow (a `SilentRunLogger` does not)
+
     def __init__(self, client, run_id: str, *, every: int = 50):
         self.client = client
         self.run_id = run_id
@@ -448,6 +450,43 @@ class Tracker:
         return logger
 
 
+class SilentRunLogger:
+    """A `RunLogger` that writes nothing: what the ranks other than 0 of a DDP run log through (rank 0 alone
+    talks to MLflow). Its iteration callback is None, so the training loop skips it."""
+
+    active = False
+    run_id = None
+
+    def __init__(self):
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    log_params = set_tags = log_metrics = iteration_callback = flush = _nothing
+    log_artifact = log_text = log_image = log_figure = end = _nothing
+
+    def __enter__(self) -> "SilentRunLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False
+
+
+class SilentTracker:
+    """A `Tracker` for a rank other than 0: the same settings (objective, tracking URI for reading a first
+    stage), but its runs are `SilentRunLogger`s."""
+
+    def __init__(self, tracker: Tracker):
+        self.experiment = tracker.experiment
+        self.tracking_uri = tracker.tracking_uri
+        self.parent_run_id = tracker.parent_run_id
+        self.objective = list(tracker.objective)
+
+    def start_run(self, run_name: str, *, tags: Mapping[str, Any] | None = None, every: int = 50) -> SilentRunLogger:
+        return SilentRunLogger()
+
+
 # ----- study (parent) runs -------------------------------------------------------------------------------
 
 def study_parent_run(client, experiment: str, study: str, tags: Mapping[str, str]) -> str:
@@ -479,7 +518,7 @@ def fail_stale_children(client, parent_run_id: str, experiment: str, keep: Itera
 
 
 __all__ = [
-    "RunLogger", "Tracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
+    "RunLogger", "Tracker", "SilentRunLogger", "SilentTracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
     "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
     "find_runs", "mark_failed", "study_parent_run", "fail_stale_children", "tracking_uri_problem",
     "database_url_problem", "run_url",
