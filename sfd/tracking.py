@@ -65,6 +65,10 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"  # the description MLflow's UI shows
 TAG_OPTUNA_STUDY = "optuna.study_name"
 TAG_OPTUNA_STORAGE = "optuna.storage"
+# Provenance on every run: the checkout's commit, whether it had local edits, and `version.<package>`.
+TAG_GIT_COMMIT = "git.commit"
+TAG_GIT_DIRTY = "git.dirty"
+TAG_VERSION = "version."
 
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 MAX_BATCH_PARAMS = 100
@@ -125,6 +129,14 @@ def tracking_uri_problem(uri: str) -> str | None:
     if "://" in uri and uri.split("://")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
         return database_url_problem(uri)
     return None
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """A run's page in the MLflow UI when the tracking URI is a server (http or https), else None. The page is
+    where MLflow's own client points when a run ends (`{server}/#/experiments/{id}/runs/{run id}`)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def ensure_sqlite_parent(uri: str) -> None:
@@ -200,18 +212,18 @@ def git_info(root: Path | None = None) -> dict[str, str]:
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
-        return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
+        return {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(bool(status.strip())).lower()}
     except (OSError, subprocess.SubprocessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
+        return {TAG_GIT_COMMIT: "unknown", TAG_GIT_DIRTY: "unknown"}
 
 
 def package_versions() -> dict[str, str]:
-    out = {"version.python": platform.python_version()}
+    out = {f"{TAG_VERSION}python": platform.python_version()}
     for dist in ("sfd", "torch", "numpy", "mlflow", "optuna"):
         try:
-            out[f"version.{dist}"] = metadata.version(dist)
+            out[f"{TAG_VERSION}{dist}"] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            out[f"version.{dist}"] = "not installed"
+            out[f"{TAG_VERSION}{dist}"] = "not installed"
     return out
 
 
@@ -509,5 +521,5 @@ __all__ = [
     "RunLogger", "Tracker", "SilentRunLogger", "SilentTracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
     "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
     "find_runs", "mark_failed", "study_parent_run", "fail_stale_children", "tracking_uri_problem",
-    "database_url_problem",
+    "database_url_problem", "run_url",
 ]

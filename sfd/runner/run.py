@@ -12,11 +12,13 @@ reason (sfd.distributed).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 
 from sfd.compiling import maybe_compile
 from sfd.config import RunConfig, dump_yaml, flatten, grid_spec, to_dict, to_settings
@@ -29,6 +31,10 @@ from sfd.runner.preflight import (check_ddp, check_objective, ddp_for_launch, is
 from sfd.teachers import Teacher
 from sfd.tracking import (TAG_ALGORITHM, TAG_DEVICE, TAG_FIRST_STAGE, TAG_SEED, TAG_SMOKE, RunLogger, SilentTracker,
                           Tracker, device_description)
+
+
+# samples.png is enlarged to at least this many pixels on its longer side (a digits grid is 73 pixels wide).
+SAMPLES_MIN_SIDE = 512
 
 
 @dataclass
@@ -200,13 +206,20 @@ def _loss_curve(history: dict[str, list[tuple[int, float]]]) -> Figure:
     return fig
 
 
+def readable(image: Image.Image) -> Image.Image:
+    """A small sample grid enlarged by a whole factor, nearest neighbour (each pixel a sharp square block), to at
+    least SAMPLES_MIN_SIDE pixels on its longer side; a grid that large already is returned as it is."""
+    factor = math.ceil(SAMPLES_MIN_SIDE / max(image.size))
+    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
 def _log_outputs(run: RunLogger, cfg: RunConfig, teacher: Teacher, net, step_cond: bool, result: EvalResult,
                  save: bool | None) -> None:
     """The sample grid; for a trained student, its loss curve and (unless a large smoke network) its weights.
     Rank 0's job alone under DDP."""
     if not run.active:
         return
-    run.log_image(result.grid_image, "samples.png")
+    run.log_image(readable(result.grid_image), "samples.png")
     if cfg.algorithm == "baseline":
         return
     run.log_figure(_loss_curve(run.history), "loss_curve.png")
