@@ -70,6 +70,10 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"  # the description MLflow's UI shows
 TAG_OPTUNA_STUDY = "optuna.study_name"
 TAG_OPTUNA_STORAGE = "optuna.storage"
+# Provenance on every run: the checkout's commit, whether it had local edits, and `version.<package>`.
+TAG_GIT_COMMIT = "git.commit"
+TAG_GIT_DIRTY = "git.dirty"
+TAG_VERSION = "version."
 
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 MAX_BATCH_PARAMS = 100
@@ -130,6 +134,14 @@ def tracking_uri_problem(uri: str) -> str | None:
     if "://" in uri and uri.split("://")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
         return database_url_problem(uri)
     return None
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """A run's page in the MLflow UI when the tracking URI is a server (http or https), else None. The page is
+    where MLflow's own client points when a run ends (`{server}/#/experiments/{id}/runs/{run id}`)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def ensure_sqlite_parent(uri: str) -> None:
@@ -205,18 +217,18 @@ def git_info(root: Path | None = None) -> dict[str, str]:
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
-        return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
+        return {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(bool(status.strip())).lower()}
     except (OSError, subprocess.SubprocessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
+        return {TAG_GIT_COMMIT: "unknown", TAG_GIT_DIRTY: "unknown"}
 
 
 def package_versions() -> dict[str, str]:
-    out = {"version.python": platform.python_version()}
+    out = {f"{TAG_VERSION}python": platform.python_version()}
     for dist in ("sfd", "torch", "numpy", "mlflow", "optuna"):
         try:
-            out[f"version.{dist}"] = metadata.version(dist)
+            out[f"{TAG_VERSION}{dist}"] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            out[f"version.{dist}"] = "not installed"
+            out[f"{TAG_VERSION}{dist}"] = "not installed"
     return out
 
 
@@ -286,6 +298,8 @@ class RunLogger:
     Used as a context manager: a clean exit ends the run FINISHED; an exception ends it FAILED with the
     error in tag `sfd.error` and the traceback as artifact `error.txt`, and propagates.
     """
+
+    active = True  # writes to MLflow (a `SilentRunLogger` does not)
 
     def __init__(self, client, run_id: str, *, every: int = 50):
         self.client = client
@@ -441,6 +455,43 @@ class Tracker:
         return logger
 
 
+class SilentRunLogger:
+    """A `RunLogger` that writes nothing: what the ranks other than 0 of a DDP run log through (rank 0 alone
+    talks to MLflow). Its iteration callback is None, so the training loop skips it."""
+
+    active = False
+    run_id = None
+
+    def __init__(self):
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    log_params = set_tags = log_metrics = iteration_callback = flush = _nothing
+    log_artifact = log_text = log_image = log_figure = end = _nothing
+
+    def __enter__(self) -> "SilentRunLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False
+
+
+class SilentTracker:
+    """A `Tracker` for a rank other than 0: the same settings (objective, tracking URI for reading a first
+    stage), but its runs are `SilentRunLogger`s."""
+
+    def __init__(self, tracker: Tracker):
+        self.experiment = tracker.experiment
+        self.tracking_uri = tracker.tracking_uri
+        self.parent_run_id = tracker.parent_run_id
+        self.objective = list(tracker.objective)
+
+    def start_run(self, run_name: str, *, tags: Mapping[str, Any] | None = None, every: int = 50) -> SilentRunLogger:
+        return SilentRunLogger()
+
+
 # ----- study (parent) runs -------------------------------------------------------------------------------
 
 def study_parent_run(client, experiment: str, study: str, tags: Mapping[str, str]) -> str:
@@ -472,8 +523,8 @@ def fail_stale_children(client, parent_run_id: str, experiment: str, keep: Itera
 
 
 __all__ = [
-    "RunLogger", "Tracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
+    "RunLogger", "Tracker", "SilentRunLogger", "SilentTracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
     "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
     "find_runs", "mark_failed", "study_parent_run", "fail_stale_children", "tracking_uri_problem",
-    "database_url_problem",
+    "database_url_problem", "run_url",
 ]

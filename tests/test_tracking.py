@@ -9,15 +9,18 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import numpy as np
 import torch
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from sfd import tracking as T
 from sfd.assets import MissingAssetError
 from sfd.config import flatten, load_config, to_dict
 from sfd.distill import DivergedError, IterationStats
 from sfd.runner import run_experiment
+from sfd.runner.run import readable
 
 ROOT = Path(__file__).resolve().parents[1]
 GMM = ROOT / "experiments" / "gmm_sfd.yaml"
@@ -174,6 +177,21 @@ def test_run_experiment_logs_the_contract_layout(store):
     sampling = yaml.safe_load(Path(client.download_artifacts(result.run_id, "student/sampling.json",
                                                              str(store.parent / "dl"))).read_text())
     assert sampling["grid"]["num_steps"] == 4 and sampling["grid"]["afs"] is True and sampling["nfe"] == 2
+    # the grid of 16 8x8 samples (4 x 9 + 1 = 37 pixels a side) is logged enlarged 14x, each pixel a 14x14 block
+    png = np.asarray(Image.open(client.download_artifacts(result.run_id, "samples.png", str(store.parent / "dl"))))
+    assert png.shape[:2] == (37 * 14, 37 * 14)
+    assert (png == np.repeat(np.repeat(png[::14, ::14], 14, axis=0), 14, axis=1)).all()
+
+
+def test_small_sample_grids_are_enlarged_by_a_whole_factor_and_large_ones_kept():
+    digits = Image.fromarray(np.arange(73 * 73, dtype=np.uint8).reshape(73, 73))  # 8x8 digits, 8 to a row
+    big = readable(digits)
+    assert big.size == (584, 584)  # 8x: the smallest whole factor reaching 512
+    assert (np.asarray(big)[::8, ::8] == np.asarray(digits)).all()
+    cifar = Image.new("RGB", (265, 265))  # 8 x 33 + 1
+    assert readable(cifar).size == (530, 530)
+    imagenet = Image.new("RGB", (521, 521))
+    assert readable(imagenet) is imagenet
 
 
 def test_baseline_run_samples_the_teacher_without_training(store):

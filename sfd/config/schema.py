@@ -132,8 +132,11 @@ class RunConfig:
     algorithm: str = "sfd"
     seed: int = 0
     device: str = "auto"
+    # Processes (one device each) that train and evaluate this one run with DistributedDataParallel; 1 = no DDP.
+    # experiments/run.py relaunches itself under torchrun for ddp > 1 (see the README's "One run on several GPUs").
+    ddp: int = 1
     precision: str = "fp32"  # fp32 (TF32 off) | tf32 | bf16 (autocast, fp32 master weights); sfd.sampling
-    # Speed options for image networks (see the README's "Speed (GPU)"): results change only by rounding, but a
+    # Speed options for image networks (see experiments/gpu_notes.md): results change only by rounding, but a
     # channels-last student draws other dropout masks (they follow memory order), as another seed would.
     compile: bool = False  # torch.compile teacher and student (falls back to eager if compiling fails)
     compile_mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs); null: torch's default

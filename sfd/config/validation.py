@@ -19,7 +19,8 @@ from typing import Mapping
 import torch
 
 from sfd.config.coercion import coerce
-from sfd.config.schema import ALGORITHMS, COMPILE_MODES, ROW_REF_PREFIX, VANILLA_DATA, ConfigError, RunConfig
+from sfd.config.schema import (ALGORITHMS, COMPILE_MODES, ROW_REF_PREFIX, TRAINING_ALGORITHMS, VANILLA_DATA,
+                               ConfigError, RunConfig)
 from sfd.config.settings import to_settings
 from sfd.losses import LOSS_FNS, LOSSES, LPIPS_NETS
 from sfd.metrics.names import METRICS, unfit_reason
@@ -38,7 +39,7 @@ _ALGORITHM_SECTIONS = {"vanilla": "vanilla", "sfdv": "sfd-v", "second_stage": "s
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field against what is allowed; raise ConfigError naming the first bad one. Solver and loss
     options are converted in place to the types the run passes them as."""
-    for check in (_check_run, _check_teacher, _check_student, _check_solver, _check_loss, _check_optim,
+    for check in (_check_run, _check_ddp, _check_teacher, _check_student, _check_solver, _check_loss, _check_optim,
                   _check_eval, _check_algorithm):
         check(cfg)
     return cfg
@@ -133,6 +134,20 @@ def _check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"device: got {cfg.device!r}; allowed: auto, cpu, cuda, cuda:<index>, mps")
     if not 0 <= cfg.seed < 2**63:  # torch and numpy generators take 64-bit seeds; studies use 0, 1, 2, ...
         raise ConfigError(f"seed: got {cfg.seed!r}; must be an integer in [0, 2**63)")
+
+
+def _check_ddp(cfg: RunConfig) -> None:
+    """One run on several processes: each takes its own device (cpu, or cuda:<local rank>) and an equal share of
+    the batch. How many CUDA devices there are is checked when the run starts (sfd.runner.preflight.check_ddp)."""
+    _at_least_one("ddp", cfg.ddp)
+    if cfg.ddp == 1:
+        return
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: got {cfg.device!r} with ddp={cfg.ddp}; each process takes its own device, so use "
+                          "device=cuda (process i on cuda:i of those visible), cpu or auto")
+    if cfg.algorithm in TRAINING_ALGORITHMS and cfg.optim.batch_size % cfg.ddp:
+        raise ConfigError(f"optim.batch_size: got {cfg.optim.batch_size} with ddp={cfg.ddp}; the batch is split "
+                          f"evenly over the processes, so it must be a multiple of {cfg.ddp}")
 
 
 def _check_teacher(cfg: RunConfig) -> None:

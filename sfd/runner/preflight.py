@@ -4,6 +4,7 @@ stage's first stage). Nothing here creates a run or a file; a failure is a Confi
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from sfd.assets import FID_REFS, asset_path, file_version, require
 from sfd.config import ConfigError, RunConfig, replace, validate
+from sfd.distributed import launched_world_size, local_world_size
 from sfd.losses import LPIPS_NETS
 from sfd.metrics.evaluate import default_num_samples
 from sfd.metrics.fd import check_reference_stats
@@ -43,6 +45,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def ddp_for_launch(cfg: RunConfig) -> RunConfig:
+    """Under torchrun the number of processes is the run's `ddp`: a config that leaves ddp at 1 takes torchrun's
+    world size, so the logged config replays the run as it ran."""
+    world = launched_world_size()
+    return replace(cfg, {"ddp": world}) if world > 1 and cfg.ddp == 1 else cfg
+
+
+def check_ddp(cfg: RunConfig, device: torch.device, *, launched: bool = True) -> None:
+    """`ddp` processes must be the ones torchrun started (when `launched`; before a relaunch, not yet) and, on
+    CUDA, no more per machine than the devices this process sees."""
+    world = launched_world_size()
+    if launched and cfg.ddp != world:
+        if world == 1:
+            raise ConfigError(f"ddp: got {cfg.ddp}, but this process was not started by torchrun; run it with "
+                              f"experiments/run.py (which relaunches itself under torchrun) or with torchrun "
+                              f"--nproc-per-node {cfg.ddp} experiments/run.py ...")
+        raise ConfigError(f"ddp: got {cfg.ddp}, but torchrun started {world} processes; give torchrun "
+                          f"--nproc-per-node {cfg.ddp}, or leave ddp at 1 (it then follows torchrun)")
+    if cfg.ddp > 1 and device.type == "cuda":
+        here = local_world_size() if launched else cfg.ddp
+        count = torch.cuda.device_count()
+        if here > count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(f"ddp: got {here} processes on this machine, but it sees {count} CUDA device(s)"
+                              f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; lower ddp or "
+                              "use device=cpu")
+
+
 def is_small_teacher(name: str) -> bool:
     return name.startswith(SMALL_TEACHER_PREFIXES)
 
@@ -73,7 +103,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
     batch 2 with M = 0, two evaluation samples, FID replaced by the teacher gap against a 1-NFE reference.
     Returns the config and notes (tagged on the run) saying what was substituted."""
     notes: dict[str, str] = {}
-    batch = min(cfg.optim.batch_size, SMOKE_BATCH)
+    # a multiple of ddp (the batch splits evenly over the processes), so at least one trajectory per process
+    batch = max(cfg.ddp, min(cfg.optim.batch_size, SMOKE_BATCH) // cfg.ddp * cfg.ddp)
     updates: dict[str, Any] = {
         "smoke": True,
         "optim.batch_size": batch,

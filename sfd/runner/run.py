@@ -3,30 +3,40 @@
 Everything that can fail on bad input fails in `prepare` (sfd.runner.preflight), before the MLflow run exists.
 Once it exists, any error ends it FAILED with the reason (`sfd.error`) and propagates; a diverging loss raises
 `sfd.distill.DivergedError`.
+
+Under torchrun (`ddp` > 1) every rank runs `run_experiment`: each trains on its share of the batch and samples its
+share of the seeds (sfd.distill, sfd.metrics.evaluate); rank 0 alone creates and logs the MLflow run, the others
+log through a `SilentTracker`. An error on any rank ends the run FAILED on rank 0 with the first failing rank's
+reason (sfd.distributed).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 
 from sfd.compiling import maybe_compile
 from sfd.config import TRAINING_ALGORITHMS, RunConfig, dump_yaml, flatten, grid_spec, to_dict, to_settings
 from sfd.distill import distill, make_student, prepare_network
+from sfd.distributed import SINGLE, Ranks, process_group, rank_seed
 from sfd.metrics.evaluate import EvalResult, evaluate, solver_sampler, student_sampler
 from sfd.runner.first_stage import check_first_stage
-from sfd.runner.preflight import (check_objective, is_small_teacher, load_teacher, objective_values, prepare,
-                                  resolve_device)
+from sfd.runner.preflight import (check_ddp, check_objective, ddp_for_launch, is_small_teacher, load_teacher,
+                                  objective_values, prepare, resolve_device)
 from sfd.runner.students import load_saved_student, sampling_info, save_student
 from sfd.teachers import Teacher
-from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEED, TAG_SMOKE, RunLogger, Tracker,
-                          device_description)
+from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEED, TAG_SMOKE, RunLogger,
+                          SilentTracker, Tracker, device_description)
 
 
+# samples.png is enlarged to at least this many pixels on its longer side (a digits grid is 73 pixels wide).
+SAMPLES_MIN_SIDE = 512
 EVALUATED_STUDENT_FILE = "evaluated_student.json"  # algorithm evaluate: the saved student's record, as read
 
 
@@ -45,34 +55,43 @@ def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: boo
     """Distil (or, for `baseline` and `evaluate`, only sample), evaluate and log one run. See the module docstring.
 
     `save_student`: None keeps the default (every trained student is logged, except a smoke run's large
-    random network); True logs it anyway (a study row that a later second-stage row starts from)."""
+    random network); True logs it anyway (a study row that a later second-stage row starts from). Under torchrun
+    every rank returns the same metrics; only rank 0's result has the run id."""
     t_total = time.perf_counter()
+    cfg = ddp_for_launch(cfg)
     cfg, notes = prepare(cfg, smoke=smoke, tracking_uri=tracker.tracking_uri if tracker is not None else None)
     device = resolve_device(cfg.device)
+    check_ddp(cfg, device)
     if tracker is None:
         tracker = Tracker("experiments-smoke" if cfg.smoke else "experiments")
     check_objective(cfg, tracker.objective)
-    teacher = load_teacher(cfg, device)  # before the run: a checkpoint that is not this teacher creates no run
-    with tracker.start_run(cfg.name, tags=_run_tags(cfg, device, notes), every=cfg.log.every) as run:
-        run.log_params(flatten(to_dict(cfg)))
-        run.log_text(dump_yaml(cfg), "config.yaml")
-        net, step_cond, train_s = _train(cfg, teacher, device, run, tracker.tracking_uri)
-        t0 = time.perf_counter()
-        result, nfe, metrics = _evaluate(cfg, teacher, net, step_cond, device, progress)
-        metrics.update({"nfe": nfe, "train/wall_s": train_s, "train/device_hours": train_s / 3600.0,
-                        "eval/wall_s": time.perf_counter() - t0, "eval/num_samples": result.num_samples})
-        objective = objective_values(metrics, tracker.objective, cfg.smoke) if tracker.objective else []
-        for i, value in enumerate(objective):
-            metrics["objective" if i == 0 else f"objective_{i}"] = value
-        _log_outputs(run, cfg, teacher, net, step_cond, result, save_student)
-        metrics["total/wall_s"] = time.perf_counter() - t_total
-        run.log_metrics(metrics, step=0)
+    with process_group(cfg.ddp, device) as ranks, ranks.failures():
+        device = ranks.place(device)
+        teacher = load_teacher(cfg, device)  # before the run: a checkpoint that is not this teacher creates no run
+        if not ranks.is_main:  # rank 0 alone talks to MLflow
+            tracker = SilentTracker(tracker)
+        tags = _run_tags(cfg, device, notes)
+        with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run, ranks.failures():
+            run.log_params(flatten(to_dict(cfg)))
+            run.log_text(dump_yaml(cfg), "config.yaml")
+            net, step_cond, metrics = _train(cfg, teacher, device, run, tracker.tracking_uri, ranks)
+            t0 = time.perf_counter()
+            result, nfe, eval_metrics = _evaluate(cfg, teacher, net, step_cond, device, progress, ranks)
+            metrics = {**eval_metrics, "nfe": nfe, **metrics, "eval/wall_s": time.perf_counter() - t0,
+                       "eval/num_samples": result.num_samples}
+            objective = objective_values(metrics, tracker.objective, cfg.smoke) if tracker.objective else []
+            for i, value in enumerate(objective):
+                metrics["objective" if i == 0 else f"objective_{i}"] = value
+            _log_outputs(run, cfg, teacher, net, step_cond, result, save_student)
+            metrics["total/wall_s"] = time.perf_counter() - t_total
+            run.log_metrics(metrics, step=0)
     return RunResult(run_id=run.run_id, status="FINISHED", metrics=metrics, config=cfg, objective=objective,
                      notes=notes)
 
 
 def _run_tags(cfg: RunConfig, device: torch.device, notes: dict[str, str]) -> dict:
-    tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: device_description(device), TAG_SEED: cfg.seed,
+    where = device_description(device) + (f" x{cfg.ddp}" if cfg.ddp > 1 else "")
+    tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: where, TAG_SEED: cfg.seed,
             TAG_ALGORITHM: cfg.algorithm, **notes}
     if cfg.saved_student is not None:  # which saved student (run id, folder, file) it continues or evaluates
         key, ref = cfg.saved_student
@@ -97,26 +116,35 @@ def _distill_setup(cfg: RunConfig, teacher: Teacher, device, tracking_uri: str |
     return first_net, make_student(first_net), settings, step_cond
 
 
-def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_uri: str | None):
-    """(the network to sample, whether it is step-conditioned, training seconds); a baseline trains nothing and
-    samples its teacher, `evaluate` trains nothing and samples the saved student (its record logged)."""
+def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_uri: str | None, ranks: Ranks = SINGLE):
+    """(the network to sample, whether it is step-conditioned, training metrics); a baseline trains nothing and
+    samples its teacher, `evaluate` trains nothing and samples the saved student (its record logged). Under DDP
+    the metrics hold `ddp/max_weight_diff`, the largest difference between a rank's trained weights and rank 0's
+    (0.0: DDP kept the ranks in step)."""
     torch.manual_seed(cfg.seed)  # the student's dropout (and new SFD-v layers) draw from the global generator
+    untrained = {"train/wall_s": 0.0, "train/device_hours": 0.0}
     if cfg.algorithm == "baseline":
-        return teacher.net, False, 0.0
+        return teacher.net, False, untrained
     if cfg.algorithm == "evaluate":
         net, info = load_saved_student(cfg, device, tracking_uri)
         run.log_text(json.dumps(info, indent=2, default=str), EVALUATED_STUDENT_FILE)
-        return net, bool(info.get("step_condition")), 0.0
+        return net, bool(info.get("step_condition")), untrained
     teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device, tracking_uri)
+    if ranks.rank:  # other ranks draw other dropout masks; rank 0 keeps the one-process stream
+        torch.manual_seed(rank_seed(cfg.seed, ranks.rank))
     data = None
     if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
-        data = teacher.data(settings.batch_size, cfg.seed)
+        data = teacher.data(settings.batch_size, cfg.seed)  # the global batch: each rank keeps its rows
     callback = run.iteration_callback(afs=cfg.student.afs)
     t0 = time.perf_counter()
-    net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback)
+    net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
+                  ranks=ranks)
     train_s = time.perf_counter() - t0
     run.flush()
-    return net.eval(), step_cond, train_s
+    metrics = {"train/wall_s": train_s, "train/device_hours": train_s * cfg.ddp / 3600.0}
+    if ranks.distributed:
+        metrics["ddp/max_weight_diff"] = ranks.weight_spread(net)
+    return net.eval(), step_cond, metrics
 
 
 # ----- evaluate --------------------------------------------------------------------------------------------
@@ -133,7 +161,8 @@ def sampling_network(cfg: RunConfig, net, *, prepare: bool):
 
 
 def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, device, *, num_steps: int | None = None,
-                 progress: bool = False, reference_cache: dict | None = None) -> tuple[EvalResult, int]:
+                 progress: bool = False, reference_cache: dict | None = None,
+                 ranks: Ranks = SINGLE) -> tuple[EvalResult, int]:
     """Sample and score at one NFE: the student on its grid with `num_steps` timestamps, or a baseline's solver."""
     s = cfg.student
     if cfg.algorithm == "baseline":
@@ -147,25 +176,25 @@ def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, de
     e = cfg.eval
     result = evaluate(sampler, teacher, e.metrics, e.num_samples, batch_size=e.batch_size, device=device,
                       precision=cfg.precision, progress=progress, gap_solver=e.gap_solver, gap_nfe=e.gap_nfe,
-                      reference_cache=reference_cache)
+                      reference_cache=reference_cache, ranks=ranks)
     return result, sampler.nfe
 
 
-def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device,
-              progress: bool) -> tuple[EvalResult, int, dict[str, float]]:
+def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, progress: bool,
+              ranks: Ranks = SINGLE) -> tuple[EvalResult, int, dict[str, float]]:
     """The main NFE's result and NFE, and the metrics: the main NFE's, then a step-conditioned model's at every
     other trained (sfd-v) or asked (evaluate) NFE (suffixed `/nfe_<k>`)."""
     sampling_net = sampling_network(cfg, net, prepare=cfg.algorithm not in TRAINING_ALGORITHMS)
     references: dict = {}  # teacher-gap references: SFD-v's NFEs share one grid's endpoints
     result, nfe = _evaluate_at(cfg, teacher, sampling_net, step_cond, device, progress=progress,
-                               reference_cache=references)
+                               reference_cache=references, ranks=ranks)
     metrics = dict(result.metrics)
     other_steps = {"sfd-v": cfg.sfdv.num_steps_choices, "evaluate": cfg.evaluate.num_steps_choices or []}
     if step_cond:  # the one model at every other N
         for n in other_steps.get(cfg.algorithm, []):
             if n != cfg.num_steps:
                 extra, extra_nfe = _evaluate_at(cfg, teacher, sampling_net, True, device, num_steps=n,
-                                                progress=progress, reference_cache=references)
+                                                progress=progress, reference_cache=references, ranks=ranks)
                 metrics.update({f"{k}/nfe_{extra_nfe}": v for k, v in extra.metrics.items()})
     return result, nfe, metrics
 
@@ -189,10 +218,20 @@ def _loss_curve(history: dict[str, list[tuple[int, float]]]) -> Figure:
     return fig
 
 
+def readable(image: Image.Image) -> Image.Image:
+    """A small sample grid enlarged by a whole factor, nearest neighbour (each pixel a sharp square block), to at
+    least SAMPLES_MIN_SIDE pixels on its longer side; a grid that large already is returned as it is."""
+    factor = math.ceil(SAMPLES_MIN_SIDE / max(image.size))
+    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
 def _log_outputs(run: RunLogger, cfg: RunConfig, teacher: Teacher, net, step_cond: bool, result: EvalResult,
                  save: bool | None) -> None:
-    """The sample grid; for a trained student, its loss curve and (unless a large smoke network) its weights."""
-    run.log_image(result.grid_image, "samples.png")
+    """The sample grid; for a trained student, its loss curve and (unless a large smoke network) its weights.
+    Rank 0's job alone under DDP."""
+    if not run.active:
+        return
+    run.log_image(readable(result.grid_image), "samples.png")
     if cfg.algorithm not in TRAINING_ALGORITHMS:
         return
     run.log_figure(_loss_curve(run.history), "loss_curve.png")

@@ -81,7 +81,7 @@ def _fail(where: str, message: str) -> StudyError:
 def load_spec(name_or_path: str) -> StudySpec:
     """Read and check a study YAML: a name in studies/ or a path (structure only; `configs.check_study` checks
     every run config)."""
-    path, data = _read(name_or_path)
+    path, data = read_study_file(name_or_path)
     where = path.stem
     _check_fields(where, data)
     name = data.get("name", path.stem)
@@ -110,8 +110,11 @@ def load_spec(name_or_path: str) -> StudySpec:
                      skip_rows=skip_rows, path=path, seeds=seeds)
 
 
-def _read(name_or_path: str) -> tuple[Path, dict]:
-    """The study file and its mapping, or a StudyError naming what is wrong with it."""
+def read_study_file(name_or_path: str) -> tuple[Path, dict]:
+    """The study file and its mapping as written, or a StudyError naming what is wrong with it (no study there, a
+    folder, not YAML, not a mapping). `load_spec` checks the fields; a report of recorded runs reads them as
+    written, since a study's file may no longer pass today's checks (a `--seeds` copy names its base by an
+    absolute path of the machine that ran it)."""
     path = study_path(name_or_path)
     if path.is_dir():
         raise StudyError(f"{name_or_path!r} is a folder; name a study (see --list) or a study YAML file")
