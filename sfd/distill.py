@@ -57,7 +57,7 @@ class DistillSettings:
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    lr_decay_at: float = 0.5  # fraction of the budget after which lr is divided by lr_decay_factor
+    lr_decay_at: float = 0.5  # fraction of the budget after which lr is divided by lr_decay_factor (lr_at)
     lr_decay_factor: float = 10.0
     batch_size: int = 128
     # Trajectories per forward/backward pass (None: the whole batch). Smaller values accumulate each student
@@ -271,7 +271,12 @@ class Distiller:
 
     # ----- pieces ------------------------------------------------------------------------------------
     def lr_at(self, iteration: int) -> float:
-        decayed = iteration >= self.s.lr_decay_at * self.s.total_iterations
+        """The reference's schedule (spec §14): after each iteration it compares the trajectories seen *before*
+        that iteration with the decay point, then lowers lr for the iterations that follow. So iteration k (from
+        0) runs at lr / factor iff k >= 1 and (k - 1)·batch >= lr_decay_at · budget in trajectories (200 kimg at
+        batch 128: from iteration 783)."""
+        seen_before_previous = (iteration - 1) * self.s.batch_size
+        decayed = iteration >= 1 and seen_before_previous >= self.s.lr_decay_at * self.s.total_kimg * 1000
         return self.s.lr / self.s.lr_decay_factor if decayed else self.s.lr
 
     def draw_labels(self, n: int) -> torch.Tensor | None:

@@ -50,6 +50,11 @@ TAG_SEED = "sfd.seed"
 TAG_ALGORITHM = "sfd.algorithm"
 TAG_FIRST_STAGE = "sfd.first_stage"  # a second stage's first-stage reference (run id, folder, file)
 TAG_FIRST_STAGE_ROW = "sfd.first_stage_row"  # ... and, in a study, the row it came from
+TAG_EVALUATED_STUDENT = "sfd.evaluated_student"  # algorithm evaluate: the saved student it samples (run id, path)
+TAG_EVALUATED_ROW = "sfd.evaluated_row"  # ... and, in a study, the row that trained it
+# By the config key naming a saved student (sfd.config.SAVED_STUDENT_KEYS): its tag and its study-row tag.
+SAVED_STUDENT_TAGS = {"second_stage.first_stage": (TAG_FIRST_STAGE, TAG_FIRST_STAGE_ROW),
+                      "evaluate.student": (TAG_EVALUATED_STUDENT, TAG_EVALUATED_ROW)}
 TAG_WORKER_DEVICE = "sfd.worker_device"
 TAG_REPORT = "sfd.report"  # on a study's parent run: where its report artifact is
 # On a study's parent run: what the study optimises and how it was set up.

@@ -15,6 +15,16 @@ INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"  # the asse
 
 
 @pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    """EDM's `torch_utils.persistence` and `dnnlib.util` stand-ins (tests/checkpoint_writers.py), importable
+    while the test runs."""
+    from checkpoint_writers import install_fake_modules, remove_fake_modules
+
+    yield install_fake_modules(tmp_path / "fakepkgs", monkeypatch)
+    remove_fake_modules()
+
+
+@pytest.fixture
 def stores(tmp_path, monkeypatch):
     """A private runs/ folder (MLflow + Optuna) for one test; the usual tracking URI variable is cleared."""
     runs = tmp_path / "runs"

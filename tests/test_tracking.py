@@ -270,7 +270,7 @@ def test_second_stage_starts_from_an_sfdv_run_at_a_trained_step_condition(store)
                            tracker=T.Tracker("stages"))
     # a first stage of another teacher: its network, classes and metrics do not fit (it used to run, score
     # against the wrong teacher and save a student that could not be loaded again)
-    with pytest.raises(ConfigError, match="first stage was distilled with teacher='digits', this run has "
+    with pytest.raises(ConfigError, match="saved student was distilled with teacher='digits', this run has "
                                           "teacher='digits-cond'"):
         run_experiment(load_config(digits, stage2 + ["second_stage.first_stage_step=7", "teacher.name=digits-cond",
                                                      "eval.metrics=[fd_digits]"]), tracker=T.Tracker("stages"))

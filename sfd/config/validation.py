@@ -19,19 +19,21 @@ from typing import Mapping
 import torch
 
 from sfd.config.coercion import coerce
-from sfd.config.schema import ALGORITHMS, COMPILE_MODES, TRAINING_ALGORITHMS, VANILLA_DATA, ConfigError, RunConfig
+from sfd.config.schema import (ALGORITHMS, COMPILE_MODES, ROW_REF_PREFIX, TRAINING_ALGORITHMS, VANILLA_DATA,
+                               ConfigError, RunConfig)
 from sfd.config.settings import to_settings
 from sfd.losses import LOSS_FNS, LOSSES, LPIPS_NETS
 from sfd.metrics.names import METRICS, unfit_reason
-from sfd.networks.edm import GROUP_NORMS
+from sfd.networks.edm import GROUP_NORMS, STEP_INITS
 from sfd.sampling import PRECISIONS
 from sfd.schedules import SCHEDULES
 from sfd.solvers import SOLVERS, num_steps_for_nfe, solve
 from sfd.teachers import TEACHERS, TeacherError, teacher_spec
+from sfd.teachers.reference import is_reference_snapshot
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # Sections that only one algorithm reads: set for another, they would be logged as if they had been used.
-_ALGORITHM_SECTIONS = {"vanilla": "vanilla", "sfdv": "sfd-v", "second_stage": "second-stage"}
+_ALGORITHM_SECTIONS = {"vanilla": "vanilla", "sfdv": "sfd-v", "second_stage": "second-stage", "evaluate": "evaluate"}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -250,6 +252,9 @@ def _check_algorithm(cfg: RunConfig) -> None:
     if cfg.algorithm == "baseline":
         _check_baseline(cfg)
         return
+    if cfg.algorithm == "evaluate":
+        _check_evaluate(cfg)
+        return
     if cfg.algorithm == "sfd-v":
         _check_sfdv(cfg)
     else:
@@ -293,7 +298,28 @@ def _check_baseline(cfg: RunConfig) -> None:
             "(two-evaluation solvers need an even NFE without AFS, odd with AFS)") from None
 
 
+def _check_evaluate(cfg: RunConfig) -> None:
+    """A saved student sampled as it is: it must be named, and its grid (checked against the student's own record
+    once it is located, in the runner's pre-flight) must be a usable one at every N asked."""
+    ref, choices = cfg.evaluate.student, cfg.evaluate.num_steps_choices
+    if not ref:
+        raise ConfigError("evaluate.student: got null; name the saved student to evaluate (an MLflow run id, a "
+                          "student/ folder or .safetensors file, an SFD reference network-snapshot .pkl, or in a "
+                          f"study {ROW_REF_PREFIX}<id>)")
+    if is_reference_snapshot(ref) and teacher_spec(cfg.teacher.name).source == "analytic":
+        raise ConfigError(f"teacher.name: got {cfg.teacher.name!r}; a reference-trained student is an EDM network, "
+                          "so its teacher is one (an EDM checkpoint or an embedded digits teacher)")
+    if cfg.loss.final is not None:
+        raise ConfigError(f"loss.final: got {cfg.loss.final!r}; algorithm=evaluate only samples, it trains nothing")
+    _check_grid(cfg, "student.nfe", cfg.num_steps)
+    for i, n in enumerate(choices or []):
+        _check_grid(cfg, f"evaluate.num_steps_choices[{i}]", n)
+    if choices is not None and (not choices or len(set(choices)) != len(choices)):
+        raise ConfigError(f"evaluate.num_steps_choices: got {choices}; each N once, or null for student.nfe's only")
+
+
 def _check_sfdv(cfg: RunConfig) -> None:
+    _choice("sfdv.step_init", cfg.sfdv.step_init, STEP_INITS)
     if teacher_spec(cfg.teacher.name).source == "analytic":
         raise ConfigError(f"algorithm: sfd-v needs a step-conditioned EDM network student; teacher "
                           f"{cfg.teacher.name!r} is analytic (its student is a small MLP)")
@@ -311,8 +337,9 @@ def _check_sfdv(cfg: RunConfig) -> None:
 
 def _check_second_stage(cfg: RunConfig) -> None:
     if not cfg.second_stage.first_stage:
-        raise ConfigError("second_stage.first_stage: got null; name the first-stage model (an MLflow run id, "
-                          "or a folder / .safetensors file written by a first-stage run)")
+        raise ConfigError("second_stage.first_stage: got null; name the first-stage model (an MLflow run id, a "
+                          "student/ folder or .safetensors file written by a first-stage run, an SFD reference "
+                          f"network-snapshot .pkl, or in a study {ROW_REF_PREFIX}<id>)")
     if cfg.solver.name != "euler":
         raise ConfigError(f"solver.name: got {cfg.solver.name!r}; the second stage samples its first-stage "
                           "teacher with its own Euler sampler, so it must be euler")

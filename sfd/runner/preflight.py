@@ -18,7 +18,8 @@ from sfd.metrics.evaluate import default_num_samples
 from sfd.metrics.fd import check_reference_stats
 from sfd.metrics.inception import FEATURE_DIM, check_inception_weights
 from sfd.metrics.names import logged_keys, smoke_key, smoke_metric
-from sfd.runner.first_stage import check_first_stage, locate_first_stage, read_sampling_info
+from sfd.runner.first_stage import check_first_stage
+from sfd.runner.students import REFERENCE_ALGORITHM, check_evaluated_student, saved_student_info
 from sfd.teachers import Teacher, TeacherError, check_teacher_assets, get_teacher, teacher_spec
 from sfd.teachers.edm_pickle import EDMPickleError
 from sfd.tracking import TAG_SMOKE_NOTE
@@ -122,6 +123,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         notes[f"{TAG_SMOKE_NOTE}compile"] = "off (a one-iteration wiring check would spend its time compiling)"
     if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two (the main one and another)
         updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.sfdv.num_steps_choices)})
+    if cfg.algorithm == "evaluate" and cfg.evaluate.num_steps_choices:  # the same two N a smoke SFD-v row trains
+        updates["evaluate.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.evaluate.num_steps_choices)})
     for key, asset in lpips_assets(cfg).items():
         if asset_path(asset) is None:
             updates[f"loss.{key}"] = "l2"
@@ -153,11 +156,12 @@ def _check_teacher_files(name: str, path: str | None, needs_data: bool = False) 
         raise ConfigError(str(exc)) from None
 
 
-def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_info: dict | None = None) -> None:
+def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: dict | None = None) -> None:
     """Raise MissingAssetError / ConfigError for anything the run will need but cannot find — before any
-    run or file is created. A second stage's first-stage model is located (downloaded once from its run)
-    and its grid checked against the Euler teacher grid; `first_stage_info` (a sampling.json-like dict with
-    the `grid`) stands in for a first stage that does not exist yet (a study row run earlier in the study)."""
+    run or file is created. A saved student the run reads (a second stage's first stage, the student `evaluate`
+    samples) is located (downloaded once from its run, or read from its snapshot) and its grid checked against
+    the run's; `student_info` (a sampling.json-like dict with the `grid`) stands in for one that does not exist
+    yet (a study row run earlier in the study)."""
     if not cfg.smoke:
         _check_teacher_files(cfg.teacher.name, cfg.teacher.path,
                              needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset")
@@ -168,12 +172,17 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_in
             check_fid_files(require("inception-2015-12-05"), require(FID_REFS[dataset]))
         for asset in lpips_assets(cfg).values():
             require(asset)
+    if cfg.saved_student is None:
+        return
+    if student_info is None:
+        student_info = saved_student_info(cfg, tracking_uri)
+        # ours is rebuilt from its own teacher's checkpoint (a reference snapshot holds its whole network)
+        if student_info["algorithm"] != REFERENCE_ALGORITHM and not student_info.get("smoke"):
+            _check_teacher_files(student_info["teacher"], student_info.get("teacher_path"))
     if cfg.algorithm == "second-stage":
-        if first_stage_info is None:
-            first_stage_info = read_sampling_info(locate_first_stage(cfg.second_stage.first_stage, tracking_uri))
-            if not first_stage_info.get("smoke"):  # its network is rebuilt from its own teacher's checkpoint
-                _check_teacher_files(first_stage_info["teacher"], first_stage_info.get("teacher_path"))
-        check_first_stage(cfg, first_stage_info)
+        check_first_stage(cfg, student_info)
+    else:
+        check_evaluated_student(cfg, student_info)
 
 
 _CHECKED_FID_FILES: set[tuple] = set()
@@ -255,13 +264,13 @@ def check_objective(cfg: RunConfig, objective: list[str]) -> None:
 
 
 def prepare(cfg: RunConfig, *, smoke: bool = False, tracking_uri: str | None = None,
-            first_stage_info: dict | None = None) -> tuple[RunConfig, dict[str, str]]:
+            student_info: dict | None = None) -> tuple[RunConfig, dict[str, str]]:
     """Validate, apply the smoke budget when asked, resolve evaluation defaults, check assets (see
-    `check_assets` for `first_stage_info`). Creates nothing."""
+    `check_assets` for `student_info`). Creates nothing."""
     validate(cfg)
     notes: dict[str, str] = {}
     if smoke and not cfg.smoke:
         cfg, notes = smoke_config(cfg)
     cfg = resolve_eval(cfg)
-    check_assets(cfg, tracking_uri, first_stage_info)
+    check_assets(cfg, tracking_uri, student_info)
     return cfg, notes

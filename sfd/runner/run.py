@@ -12,6 +12,7 @@ reason (sfd.distributed).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,20 +22,22 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from sfd.compiling import maybe_compile
-from sfd.config import RunConfig, dump_yaml, flatten, grid_spec, to_dict, to_settings
+from sfd.config import TRAINING_ALGORITHMS, RunConfig, dump_yaml, flatten, grid_spec, to_dict, to_settings
 from sfd.distill import distill, make_student, prepare_network
 from sfd.distributed import SINGLE, Ranks, process_group, rank_seed
 from sfd.metrics.evaluate import EvalResult, evaluate, solver_sampler, student_sampler
-from sfd.runner.first_stage import check_first_stage, load_first_stage, locate_first_stage, sampling_info, save_student
+from sfd.runner.first_stage import check_first_stage
 from sfd.runner.preflight import (check_ddp, check_objective, ddp_for_launch, is_small_teacher, load_teacher,
                                   objective_values, prepare, resolve_device)
+from sfd.runner.students import load_saved_student, sampling_info, save_student
 from sfd.teachers import Teacher
-from sfd.tracking import (TAG_ALGORITHM, TAG_DEVICE, TAG_FIRST_STAGE, TAG_SEED, TAG_SMOKE, RunLogger, SilentTracker,
-                          Tracker, device_description)
+from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEED, TAG_SMOKE, RunLogger,
+                          SilentTracker, Tracker, device_description)
 
 
 # samples.png is enlarged to at least this many pixels on its longer side (a digits grid is 73 pixels wide).
 SAMPLES_MIN_SIDE = 512
+EVALUATED_STUDENT_FILE = "evaluated_student.json"  # algorithm evaluate: the saved student's record, as read
 
 
 @dataclass
@@ -49,7 +52,7 @@ class RunResult:
 
 def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: bool = False, progress: bool = False,
                    save_student: bool | None = None) -> RunResult:
-    """Distil (or, for `baseline`, only sample), evaluate and log one run. See the module docstring.
+    """Distil (or, for `baseline` and `evaluate`, only sample), evaluate and log one run. See the module docstring.
 
     `save_student`: None keeps the default (every trained student is logged, except a smoke run's large
     random network); True logs it anyway (a study row that a later second-stage row starts from). Under torchrun
@@ -90,8 +93,9 @@ def _run_tags(cfg: RunConfig, device: torch.device, notes: dict[str, str]) -> di
     where = device_description(device) + (f" x{cfg.ddp}" if cfg.ddp > 1 else "")
     tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: where, TAG_SEED: cfg.seed,
             TAG_ALGORITHM: cfg.algorithm, **notes}
-    if cfg.algorithm == "second-stage":  # which first-stage model (run id or folder) this one came from
-        tags[TAG_FIRST_STAGE] = cfg.second_stage.first_stage
+    if cfg.saved_student is not None:  # which saved student (run id, folder, file) it continues or evaluates
+        key, ref = cfg.saved_student
+        tags[SAVED_STUDENT_TAGS[key][0]] = ref
     return tags
 
 
@@ -101,10 +105,10 @@ def _distill_setup(cfg: RunConfig, teacher: Teacher, device, tracking_uri: str |
     """(teacher network, student, settings, step condition) for a training algorithm."""
     settings = to_settings(cfg, num_classes=teacher.num_classes)
     if cfg.algorithm == "sfd-v":
-        return teacher.net, teacher.make_student(step_condition=True), settings, True
+        return teacher.net, teacher.make_student(step_condition=True, step_init=cfg.sfdv.step_init), settings, True
     if cfg.algorithm != "second-stage":
         return teacher.net, teacher.make_student(), settings, False
-    first_net, info = load_first_stage(locate_first_stage(cfg.second_stage.first_stage, tracking_uri), device)
+    first_net, info = load_saved_student(cfg, device, tracking_uri)
     first_n = check_first_stage(cfg, info)
     step_cond = bool(info.get("step_condition"))
     settings = dataclasses.replace(settings, teacher_afs=info["grid"]["afs"], teacher_step=first_n if step_cond else None,
@@ -114,11 +118,17 @@ def _distill_setup(cfg: RunConfig, teacher: Teacher, device, tracking_uri: str |
 
 def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_uri: str | None, ranks: Ranks = SINGLE):
     """(the network to sample, whether it is step-conditioned, training metrics); a baseline trains nothing and
-    samples its teacher. Under DDP the metrics hold `ddp/max_weight_diff`, the largest difference between a
-    rank's trained weights and rank 0's (0.0: DDP kept the ranks in step)."""
+    samples its teacher, `evaluate` trains nothing and samples the saved student (its record logged). Under DDP
+    the metrics hold `ddp/max_weight_diff`, the largest difference between a rank's trained weights and rank 0's
+    (0.0: DDP kept the ranks in step)."""
     torch.manual_seed(cfg.seed)  # the student's dropout (and new SFD-v layers) draw from the global generator
+    untrained = {"train/wall_s": 0.0, "train/device_hours": 0.0}
     if cfg.algorithm == "baseline":
-        return teacher.net, False, {"train/wall_s": 0.0, "train/device_hours": 0.0}
+        return teacher.net, False, untrained
+    if cfg.algorithm == "evaluate":
+        net, info = load_saved_student(cfg, device, tracking_uri)
+        run.log_text(json.dumps(info, indent=2, default=str), EVALUATED_STUDENT_FILE)
+        return net, bool(info.get("step_condition")), untrained
     teacher_net, student, settings, step_cond = _distill_setup(cfg, teacher, device, tracking_uri)
     if ranks.rank:  # other ranks draw other dropout masks; rank 0 keeps the one-process stream
         torch.manual_seed(rank_seed(cfg.seed, ranks.rank))
@@ -141,9 +151,10 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
 
 def sampling_network(cfg: RunConfig, net, *, prepare: bool):
     """The network evaluation samples with, under the run's speed settings. A distilled student already has
-    its group norm and memory format from training; a baseline's teacher gets them here (`prepare`). It is
-    compiled only with `eval.compile`: the eval-mode graph (no dropout, no gradients) is a compile of its own,
-    which at a low NFE costs more than it saves over 50k samples (see `sfd.bench sample --compile`)."""
+    its group norm and memory format from training; a baseline's teacher or a loaded student gets them here
+    (`prepare`). It is compiled only with `eval.compile`: the eval-mode graph (no dropout, no gradients) is a
+    compile of its own, which at a low NFE costs more than it saves over 50k samples (see `sfd.bench sample
+    --compile`)."""
     if prepare:
         prepare_network(net, channels_last=cfg.channels_last, group_norm=cfg.group_norm)
     return maybe_compile(net, cfg.eval.compile, cfg.compile_mode)
@@ -171,15 +182,16 @@ def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, de
 
 def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, progress: bool,
               ranks: Ranks = SINGLE) -> tuple[EvalResult, int, dict[str, float]]:
-    """The main NFE's result and NFE, and the metrics: the main NFE's, then an SFD-v model's at every other
-    trained NFE (suffixed `/nfe_<k>`)."""
-    sampling_net = sampling_network(cfg, net, prepare=cfg.algorithm == "baseline")
+    """The main NFE's result and NFE, and the metrics: the main NFE's, then a step-conditioned model's at every
+    other trained (sfd-v) or asked (evaluate) NFE (suffixed `/nfe_<k>`)."""
+    sampling_net = sampling_network(cfg, net, prepare=cfg.algorithm not in TRAINING_ALGORITHMS)
     references: dict = {}  # teacher-gap references: SFD-v's NFEs share one grid's endpoints
     result, nfe = _evaluate_at(cfg, teacher, sampling_net, step_cond, device, progress=progress,
                                reference_cache=references, ranks=ranks)
     metrics = dict(result.metrics)
-    if cfg.algorithm == "sfd-v":  # the one model at every other trained NFE
-        for n in cfg.sfdv.num_steps_choices:
+    other_steps = {"sfd-v": cfg.sfdv.num_steps_choices, "evaluate": cfg.evaluate.num_steps_choices or []}
+    if step_cond:  # the one model at every other N
+        for n in other_steps.get(cfg.algorithm, []):
             if n != cfg.num_steps:
                 extra, extra_nfe = _evaluate_at(cfg, teacher, sampling_net, True, device, num_steps=n,
                                                 progress=progress, reference_cache=references, ranks=ranks)
@@ -220,7 +232,7 @@ def _log_outputs(run: RunLogger, cfg: RunConfig, teacher: Teacher, net, step_con
     if not run.active:
         return
     run.log_image(readable(result.grid_image), "samples.png")
-    if cfg.algorithm == "baseline":
+    if cfg.algorithm not in TRAINING_ALGORITHMS:
         return
     run.log_figure(_loss_curve(run.history), "loss_curve.png")
     if save or (save is None and not (cfg.smoke and not is_small_teacher(cfg.teacher.name))):

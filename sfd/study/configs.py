@@ -1,12 +1,13 @@
-"""From a study to run configs: each row's (or search point's) config, the `row:<id>` first-stage reference a
-second-stage row makes to an earlier row, and the pre-flight check of every config the study will run
-(validated, assets found; nothing is created)."""
+"""From a study to run configs: each row's (or search point's) config, the `row:<id>` reference a row makes to the
+student an earlier row trains (a second stage's first stage, a student `evaluate` samples), and the pre-flight
+check of every config the study will run (validated, assets found; nothing is created)."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from sfd.assets import MissingAssetError
-from sfd.config import ROW_REF_PREFIX, ConfigError, RunConfig, from_dict, merge, read_yaml, validate
+from sfd.config import (ROW_REF_PREFIX, SAVED_STUDENT_KEYS, TRAINING_ALGORITHMS, ConfigError, RunConfig, from_dict,
+                        merge, read_yaml, validate)
 from sfd.runner import check_teacher_checkpoint, computed_metrics, objective_key, prepare, sampling_info
 
 from .spec import StudyError, StudySpec
@@ -28,16 +29,22 @@ def trial_config(spec: StudySpec, params: dict, number: int) -> RunConfig:
     return validate(from_dict(merge(base_data(spec), {"name": f"{spec.name}/trial-{number}", **params})))
 
 
-def first_stage_row(spec: StudySpec, row: dict) -> str | None:
-    """The row id a second-stage row names as its first stage (`second_stage.first_stage: row:<id>`, in the row
-    or the study's overrides), else None. The loop replaces it by that row's finished run id."""
-    ref = row["params"].get("second_stage.first_stage",
-                            (row["params"].get("second_stage") or {}).get("first_stage"))
-    if ref is None:
-        ref = (spec.overrides.get("second_stage.first_stage")
-               or (spec.overrides.get("second_stage") or {}).get("first_stage"))
-    if isinstance(ref, str) and ref.startswith(ROW_REF_PREFIX):
-        return ref[len(ROW_REF_PREFIX):].strip()
+def _setting(params: dict, dotted: str):
+    """A dotted setting as a row's params or a study's overrides give it (flat `a.b` or nested `a: {b}`)."""
+    section, name = dotted.split(".")
+    return params.get(dotted, (params.get(section) or {}).get(name))
+
+
+def student_row(spec: StudySpec, row: dict) -> tuple[str, str] | None:
+    """(config key, row id) when a row reads the student another row trains (`second_stage.first_stage:
+    row:<id>` or `evaluate.student: row:<id>`, in the row or the study's overrides), else None. The loop
+    replaces it by that row's finished run id."""
+    for key in SAVED_STUDENT_KEYS.values():
+        ref = _setting(row["params"], key)
+        if ref is None:
+            ref = _setting(spec.overrides, key)
+        if isinstance(ref, str) and ref.startswith(ROW_REF_PREFIX):
+            return key, ref[len(ROW_REF_PREFIX):].strip()
     return None
 
 
@@ -55,8 +62,8 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
     GPU memory)."""
     skipped = {row: str(reason) for row, reason in spec.skip_rows.items()}
 
-    def check(make_config: Callable[[], RunConfig], where: str, first_stage_info: dict | None = None) -> RunConfig:
-        return _check_run(spec, make_config, where, smoke, tracking_uri, teacher_device, first_stage_info)
+    def check(make_config: Callable[[], RunConfig], where: str, student_info: dict | None = None) -> RunConfig:
+        return _check_run(spec, make_config, where, smoke, tracking_uri, teacher_device, student_info)
 
     if spec.rows:
         return skipped, _check_rows(spec, skipped, check)
@@ -68,23 +75,15 @@ def check_study(spec: StudySpec, smoke: bool, tracking_uri: str | None = None,
 
 
 def _check_rows(spec: StudySpec, skipped: dict[str, str], check) -> dict[str, Any]:
-    """Each row not skipped, in YAML order; a second stage checks the grid of the earlier row it starts from."""
+    """Each row not skipped, in YAML order; a row that reads another row's student checks that row's grid."""
     resolved_rows: dict[str, Any] = {}
     for row in spec.rows:
         if row["id"] in skipped:
             continue
         info = None
-        target = first_stage_row(spec, row)
-        if target is not None:  # its first stage is an earlier row: check that row's grid, not a model
-            if target not in resolved_rows:
-                order = [r["id"] for r in spec.rows]
-                why = ("is skipped by the study (skip_rows)" if target in skipped else
-                       "comes later in the YAML (rows run in YAML order)" if target in order else
-                       f"is not a row of this study (rows: {', '.join(order)})")
-                raise StudyError(f"study {spec.name}, row {row['id']}: second_stage.first_stage names row "
-                                 f"{target!r}, which {why}")
-            first = resolved_rows[target]
-            info = sampling_info(first, 0, step_condition=first.algorithm == "sfd-v")
+        ref = student_row(spec, row)
+        if ref is not None:  # its saved student is an earlier row's: check that row's grid, not a model
+            info = _row_student_info(spec, row["id"], ref, skipped, resolved_rows)
         try:
             resolved_rows[row["id"]] = check(lambda: row_config(spec, row), f"row {row['id']}", info)
         except MissingAssetError as exc:
@@ -92,13 +91,31 @@ def _check_rows(spec: StudySpec, skipped: dict[str, str], check) -> dict[str, An
     return resolved_rows
 
 
+def _row_student_info(spec: StudySpec, row_id: str, ref: tuple[str, str], skipped: dict[str, str],
+                      resolved_rows: dict[str, Any]) -> dict:
+    """The `sampling_info` the student of row `ref[1]` (checked earlier) will have, for row `row_id` that names
+    it by `ref[0]`; a StudyError if that row is not an earlier training row."""
+    key, target = ref
+    first = resolved_rows.get(target)
+    if first is None:
+        order = [r["id"] for r in spec.rows]
+        why = ("is skipped by the study (skip_rows)" if target in skipped else
+               "comes later in the YAML (rows run in YAML order)" if target in order else
+               f"is not a row of this study (rows: {', '.join(order)})")
+        raise StudyError(f"study {spec.name}, row {row_id}: {key} names row {target!r}, which {why}")
+    if first.algorithm not in TRAINING_ALGORITHMS:  # it saves no student to read
+        raise StudyError(f"study {spec.name}, row {row_id}: {key} names row {target!r}, which trains no student "
+                         f"(algorithm={first.algorithm}); name a training row, or give a saved student's run id or "
+                         "path")
+    return sampling_info(first, 0, step_condition=first.algorithm == "sfd-v")
+
+
 def _check_run(spec: StudySpec, make_config: Callable[[], RunConfig], where: str, smoke: bool,
-               tracking_uri: str | None, teacher_device: str | None, first_stage_info: dict | None) -> RunConfig:
+               tracking_uri: str | None, teacher_device: str | None, student_info: dict | None) -> RunConfig:
     """One run config as the run would resolve it, its assets and teacher checkpoint found, and the study's
     objective among the metrics it computes; a ConfigError names the study and the row."""
     try:
-        resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri,
-                              first_stage_info=first_stage_info)
+        resolved, _ = prepare(make_config(), smoke=smoke, tracking_uri=tracking_uri, student_info=student_info)
         check_teacher_checkpoint(resolved, teacher_device)  # kept for trials run in this process
     except ConfigError as exc:
         text = str(exc)

@@ -7,7 +7,7 @@ from typing import Callable
 
 from optuna.trial import FrozenTrial, TrialState
 
-from .configs import first_stage_row, objective_labels
+from .configs import objective_labels, student_row
 from .lock import lock_holder
 from .plan import may_start, next_to_start, rows_left, search_left, trial_limit, waits_for
 from .preflight import CheckedStudy, check_everything
@@ -41,7 +41,7 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
     holder = lock_holder(study_name, checked.storage_url)
     make = plan_rows if spec.rows else plan_search
     lines, to_run = make(checked, trials, smoke, retry_failed, limit, live=holder is not None)
-    waiting_rows = any(first_stage_row(spec, r) for r in spec.rows)
+    waiting_rows = any(student_row(spec, r) for r in spec.rows)
     assumption = ("trials end in the order they start (with several workers, which second stage can start "
                   "before --n-trials is reached depends on that)" if waiting_rows and limit is not None
                   and len(checked.devices or []) > 1 else None)
@@ -55,6 +55,10 @@ def settings(cfg) -> str:
     sampled = f"{cfg.algorithm} {cfg.solver.name} NFE {s.nfe} t_min {s.t_min:g} AFS {'yes' if s.afs else 'no'}"
     if cfg.algorithm == "baseline":  # the teacher sampled directly: nothing is trained
         return sampled
+    if cfg.algorithm == "evaluate":  # a saved student sampled as it is (a row:<id> is resolved when it runs)
+        guided = f" guidance {s.guidance:g}" if s.guidance != 1.0 else ""
+        return (f"evaluate {cfg.evaluate.student} NFE {s.nfe} t_min {s.t_min:g} AFS {'yes' if s.afs else 'no'}"
+                + guided)
     if cfg.algorithm == "sfd-v":  # one model trained over several student grids
         sampled += f" (trains N in {list(cfg.sfdv.num_steps_choices)})"
     return f"{sampled} {cfg.loss.name} {cfg.optim.total_kimg:g} kimg"

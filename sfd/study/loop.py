@@ -1,11 +1,12 @@
 """The study's Optuna bookkeeping, kept apart from where trials run (`serial`, `devices`): which trial next, the
-run each trial is (its config, tags and first stage), and how its outcome is told (finish, fail, interrupt).
+run each trial is (its config, tags and the saved student it reads), and how its outcome is told (finish, fail, interrupt).
 Only the study process writes the Optuna study."""
 from __future__ import annotations
 
 import math
 import sys
 import time
+from functools import partial
 from typing import Callable
 
 import optuna
@@ -14,10 +15,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sfd import tracking as T
 from sfd.config import replace
 
-from .configs import first_stage_row, objective_labels, row_config, trial_config
+from .configs import objective_labels, row_config, student_row, trial_config
 from .jobs import Job
 from .plan import may_start, next_to_start, waits_for
-from .record import INTERRUPTED, NOT_STARTED, first_stage_run_id, recorded_config, row_key, row_trials
+from .record import INTERRUPTED, NOT_STARTED, student_row_run_id, recorded_config, row_key, row_trials
 from .spec import StudyError, StudySpec
 
 
@@ -88,7 +89,8 @@ class TrialLoop:
                  parent_id: str, say: Callable[[str], None]):
         self.spec, self.study, self.smoke, self.say = spec, study, smoke, say
         self.experiment, self.tracking_uri, self.parent_id = experiment, tracking_uri, parent_id
-        self.first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
+        # rows whose student another row reads (a second stage's first stage, a student `evaluate` samples)
+        self.student_rows = {ref[1] for ref in map(partial(student_row, spec), spec.rows) if ref is not None}
         self.failed: list[tuple[int, str]] = []
         self.started = 0  # trials started in this invocation (at most the planned number)
         self.ran = 0  # trials that ended (complete or failed) in this invocation
@@ -116,11 +118,12 @@ class TrialLoop:
             cfg = replace(cfg, {"device": worker.config_device})
             tags[T.TAG_WORKER_DEVICE] = worker.device
         return Job(cfg, self.experiment, self.tracking_uri, self.parent_id, tags, list(spec.metrics), self.smoke,
-                   save_student=True if row_id in self.first_stages else None)
+                   save_student=True if row_id in self.student_rows else None)
 
     def row_run(self, trial: optuna.Trial, tags: dict):
-        """A table study's trial: its row's config (recorded on the trial), its replicate seed, and a second
-        stage's `row:<id>` first stage replaced by that row's finished run id; its tags added to `tags`."""
+        """A table study's trial: its row's config (recorded on the trial), its replicate seed, and a `row:<id>`
+        saved student (a second stage's first stage, a student `evaluate` samples) replaced by that row's finished
+        run id; its tags added to `tags`."""
         spec = self.spec
         row_id, seed = row_key(trial)
         row = spec.row(row_id)
@@ -132,11 +135,12 @@ class TrialLoop:
         trial.set_user_attr("config", recorded_config(cfg))
         if seed is not None:
             cfg = replace(cfg, {"seed": seed})
-        target = first_stage_row(spec, row)
-        if target is not None:
-            run_id = first_stage_run_id(spec, self.study.get_trials(deepcopy=False), row_id, target, seed)
-            cfg = replace(cfg, {"second_stage.first_stage": run_id})
-            tags[T.TAG_FIRST_STAGE_ROW] = target
+        ref = student_row(spec, row)
+        if ref is not None:
+            key, target = ref
+            run_id = student_row_run_id(spec, self.study.get_trials(deepcopy=False), row_id, target, seed)
+            cfg = replace(cfg, {key: run_id})
+            tags[T.SAVED_STUDENT_TAGS[key][1]] = target
         return cfg
 
     def finish(self, trial: optuna.Trial, objective: list[float], metrics: dict, t0: float) -> None:
@@ -168,7 +172,7 @@ class TrialLoop:
     # which trial next
 
     def waits_for(self, trial) -> tuple | None:
-        """(row, seed) of the first stage a second-stage row trains from, else None."""
+        """(row, seed) of the row whose student this row reads (its first stage, or the student it evaluates)."""
         return waits_for(self.spec, row_key(trial))
 
     def waiting(self) -> list[FrozenTrial]:

@@ -1,6 +1,6 @@
 """What is left to run, and in which order trials may start: the rows (and seeds) or search points still to do,
 queued rows the YAML no longer runs, and the one rule the trial loop and the dry run both follow to pick the
-next trial (a second stage waits for its first stage)."""
+next trial (a row that reads another row's student, a second stage or an `evaluate` row, waits for that row)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, TypeVar
@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .configs import first_stage_row
+from .configs import student_row
 from .record import NOT_STARTED, row_key
 from .spec import StudySpec
 
@@ -22,16 +22,17 @@ def trial_limit(spec: StudySpec, smoke: bool, n_trials: int | None) -> int | Non
 
 
 def waits_for(spec: StudySpec, key: tuple) -> tuple | None:
-    """(row, seed) of the first stage that the trial of (row, seed) `key` trains from, else None."""
+    """(row, seed) of the row whose student the trial of (row, seed) `key` reads (a second stage's first stage,
+    a student `evaluate` samples), else None."""
     row = spec.row(key[0])
-    target = first_stage_row(spec, row) if row is not None else None
-    return None if target is None else (target, key[1])
+    ref = student_row(spec, row) if row is not None else None
+    return None if ref is None else (ref[1], key[1])
 
 
 def may_start(first_stage: tuple | None, running: Iterable[tuple], held: Iterable[tuple],
               queued: Iterable[tuple]) -> bool:
-    """Whether a trial that trains from `first_stage` ((row, seed), or None) may start now: not while that first
-    stage is running, held back or still queued (a resumed study queues a retried first stage after the rows
+    """Whether a trial that reads the student of `first_stage` ((row, seed), or None) may start now: not while
+    that row is running, held back or still queued (a resumed study queues a retried first stage after the rows
     already waiting). The arguments are (row, seed) keys."""
     return first_stage is None or first_stage not in {*running, *held, *queued}
 

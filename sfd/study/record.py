@@ -1,6 +1,6 @@
 """What a study has recorded, read against its YAML now: the Optuna study as stored, each trial's recorded run
-config, which trial a row shows (the rule the reports use too), a first stage's finished run, and the checks
-that refuse to resume a study whose YAML no longer describes what it ran."""
+config, which trial a row shows (the rule the reports use too), the finished run of a row whose student another
+row reads, and the checks that refuse to resume a study whose YAML no longer describes what it ran."""
 from __future__ import annotations
 
 import json
@@ -57,10 +57,11 @@ def shown_trials(spec: StudySpec, trials: Sequence[FrozenTrial], retry_failed: b
     return [t for t in shown if kept(t)]
 
 
-def first_stage_run_id(spec: StudySpec, trials: Sequence[FrozenTrial], row_id: str, target: str,
+def student_row_run_id(spec: StudySpec, trials: Sequence[FrozenTrial], row_id: str, target: str,
                        seed: int | None = None) -> str:
-    """The MLflow run id of row `target`'s latest finished trial in this study (row `row_id` names it as its
-    first stage; with replicates, the trial of the same seed), or a StudyError saying why there is none."""
+    """The MLflow run id of row `target`'s latest finished trial in this study (row `row_id` reads its student:
+    as its first stage, or to evaluate it; with replicates, the trial of the same seed), or a StudyError saying
+    why there is none."""
     mine = row_trials(trials, (target, seed))
     done = [t for t in mine if t.state == TrialState.COMPLETE and t.user_attrs.get("mlflow_run_id")]
     if done:
@@ -72,7 +73,7 @@ def first_stage_run_id(spec: StudySpec, trials: Sequence[FrozenTrial], row_id: s
             why += f": {last.user_attrs['fail_reason'][:300]}"
     else:
         why = "it has not been run"
-    raise StudyError(f"study {spec.name}, row {row_id}: its first stage is row {target!r}, which has not finished "
+    raise StudyError(f"study {spec.name}, row {row_id}: it reads the student of row {target!r}, which has not finished "
                      f"({why}); rows run in YAML order, so fix that row (or --retry-failed) and run the study again")
 
 
