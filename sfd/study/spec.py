@@ -13,6 +13,7 @@ import yaml
 
 from sfd.config import ConfigError, set_value
 from sfd.metrics import names
+from sfd.safe_yaml import YAMLInputError, read_yaml_file
 from sfd.tracking import project_root
 
 STUDIES_DIR = project_root() / "studies"
@@ -118,16 +119,16 @@ def read_study_file(name_or_path: str) -> tuple[Path, dict]:
     path = study_path(name_or_path)
     if path.is_dir():
         raise StudyError(f"{name_or_path!r} is a folder; name a study (see --list) or a study YAML file")
-    if not path.is_file():
+    if not path.exists():
         names = [p.stem for p in available_studies()]
         close = difflib.get_close_matches(str(name_or_path), names, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known studies: {', '.join(names)}"
         raise StudyError(f"no study {name_or_path!r} ({path} does not exist); {hint}")
     where = path.stem
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise _fail(where, f"{path} is not valid YAML: {exc}") from None
+        data = read_yaml_file(path)
+    except YAMLInputError as exc:
+        raise _fail(where, f"{path}: {exc}") from None
     if data is None:
         raise _fail(where, f"{path} is empty; a study YAML needs name, kind, base, objective and rows or space")
     if not isinstance(data, dict):
@@ -254,7 +255,7 @@ def with_seeds(spec: StudySpec, seeds: list[int]) -> tuple[StudySpec, str]:
     plus `name` and `seeds`), which `run_study` saves beside the stores once every check has passed."""
     _check_seeds(spec.name, list(seeds), bool(spec.rows))
     name = f"{spec.name}-seeds-{'-'.join(str(x) for x in seeds)}"
-    data = yaml.safe_load(spec.path.read_text()) if spec.path else {}
+    data = read_yaml_file(spec.path) if spec.path else {}  # read and checked by load_spec a moment ago
     data.update(name=name, seeds=list(seeds), base=str(spec.base))  # base made absolute: the copy lives elsewhere
     replicated = dataclasses.replace(spec, name=name, seeds=list(seeds),
                                      n_trials=len(spec.rows) * len(seeds), path=None)
