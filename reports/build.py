@@ -62,6 +62,7 @@ from reports.notebook import export_html, report_markdown, run_notebook, write_n
 from reports.paper import PAPER_NUMBERS_PATH, load_paper_numbers
 from reports.reading import reading_markdown
 from reports.tables import ablation_table, comparison_table, frame_to_markdown, report_tables, table_notes
+from sfd.signals import run_script
 from sfd.tracking import TAG_REPORT
 
 # What the notebook's cells, studies/run.py and the tests use as `reports.build.X` (`rb.X`): the code lives in the
@@ -205,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     matplotlib.use("Agg")
-    sys.exit(main())
+    sys.exit(run_script(main))  # Ctrl-C / SIGTERM: the half-built report's folder goes, one line says why
