@@ -19,12 +19,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from sfd.assets import require
+from sfd.assets import AssetError, require
 from sfd.metrics.digits import load_digits_data
 from sfd.networks.edm import EDM_CONFIGS, STEP_KEY_PREFIX, EDMPrecond, architecture_mismatch
 from sfd.networks.mlp import MLPDenoiser
 from sfd.teachers.edm_pickle import EDMPickleError, check_edm_pickle_header, load_edm_pickle
-from sfd.teachers.embedded import load_embedded_teacher
+from sfd.teachers.embedded import embedded_teacher_info, load_embedded_teacher
 from sfd.teachers.gmm import GaussianMixture
 
 
@@ -239,8 +239,14 @@ def _check_architecture(name: str, arch: str, kwargs: dict, file) -> None:
 
 def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None:
     """Raise MissingAssetError (asset, paths searched, fetch command) or TeacherError (a file that is not this
-    teacher's checkpoint) before any run is created."""
+    teacher's checkpoint, or embedded weights that are not the ones shipped) before any run is created."""
     spec = teacher_spec(name)
+    if spec.source == "embedded":
+        try:
+            embedded_teacher_info(name)  # checks the weights against the SHA-256 recorded beside them
+        except AssetError as exc:
+            raise TeacherError(f"teacher {name}: {exc}") from None
+        return
     if spec.source != "checkpoint":
         return
     try:  # a few header bytes: a wrong file fails here, not with an UnpicklingError once the run exists
