@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bad_inputs import CASES, ROOT, Case, Outcome, changes, fill, prepare, snapshot
 from study_runner import load_study_script
@@ -73,3 +74,52 @@ def test_bad_input_is_one_clear_line_and_creates_nothing(case, tmp_path, monkeyp
         assert fill(fragment, root, ROOT) in line, line
     assert len(line) < 600, line  # quotes what it refuses, cut short
     assert outcome.created == [], outcome.created
+
+
+GMM_TINY = ["teacher.name=gmm-img-4", "optim.batch_size=16", "optim.total_kimg=0.032", "eval.num_samples=16",
+            "eval.gap_nfe=10", "log.every=1"]
+ESCAPES = ("../../../escaped", "..", "/tmp/escaped-absolute", "a/../../../escaped")
+RUN_NAMES = ESCAPES[:2]
+
+
+def _outside(folder: Path, allowed: tuple[str, ...]) -> list[str]:
+    """Every file under `folder` that is not under one of its `allowed` sub-folders."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.relative_to(folder).parts[0] not in allowed)
+
+
+@pytest.mark.slow
+def test_whatever_the_names_nothing_is_written_outside_the_runs_folder(tmp_path, monkeypatch):
+    """A run named like a path, an experiment named like a path, a study whose rows are named like paths, and its
+    report: the run and the study (its trials, artifacts, student weights, lock, report) write only under the runs
+    folder and the report's folder; the experiment name that would lead out of the artifacts folder (`--experiment
+    ../../../escaped` wrote the run's config, figures and student outside it) is refused, and so is its library
+    call."""
+    from sfd.tracking import artifact_location
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("SFD_RUNS_DIR", str(work / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = _experiment_script().main
+    config = str(ROOT / "experiments" / "gmm_sfd.yaml")
+    for name in RUN_NAMES:  # a run's name is its MLflow run name, never a path
+        assert run_script(lambda: run([config, *GMM_TINY, f"name={name}", "--save-student"])) == 0
+    for name in ESCAPES:
+        assert run_script(lambda: run([config, *GMM_TINY, "--experiment", name])) == 2
+        with pytest.raises(ValueError, match="outside"):
+            artifact_location(f"sqlite:///{work / 'runs' / 'mlflow.db'}", name)
+    study = work / "inputs" / "escape.yaml"
+    study.parent.mkdir()
+    study.write_text(yaml.safe_dump({
+        "name": "escape", "kind": "ablation", "base": config, "overrides": {k: yaml.safe_load(v) for k, v in (a.split("=") for a in GMM_TINY)},
+        "objective": {"metric": "teacher_gap_mean"},
+        "rows": [{"id": row_id, "params": {"student.nfe": 2}} for row_id in RUN_NAMES]}))
+    studies = load_study_script().main  # its row ids name its runs and the report's sample grids
+    assert run_script(lambda: studies([str(study), "--seeds", "0", "--no-report"])) == 0
+    report_script.build_report("escape-seeds-0", out_dir=work / "report", execute_notebook=False)
+    assert (work / "report" / "figures" / "samples" / "escaped.png").is_file()
+    assert _outside(tmp_path, ("work",)) == []
+    assert _outside(work, ("runs", "report", "inputs")) == []
+    assert not (tmp_path / "escaped").exists() and not Path("/tmp/escaped-absolute").exists()
