@@ -76,11 +76,13 @@ def main(argv=None) -> int:
     from sfd.config import ConfigError, dump_yaml, load_config
     from sfd.distributed import launched_rank, launched_world_size
     from sfd.runner import OutcomeFile, check_ddp, check_teacher_checkpoint, prepare, resolve_device, run_experiment
-    from sfd.tracking import Tracker, default_tracking_uri, tracking_uri_problem
+    from sfd.tracking import Tracker, default_tracking_uri, name_problem, tracking_uri_problem
 
     outcome = OutcomeFile(args.result_file)
     try:
         with outcome.reporting():
+            if args.experiment is not None and name_problem(args.experiment):  # it names the artifacts' folder
+                raise ConfigError(f"--experiment: {name_problem(args.experiment)}")
             uri = args.tracking_uri or default_tracking_uri()
             problem = tracking_uri_problem(uri)
             if problem:  # before the config and its teacher are read, not when the run starts

@@ -37,11 +37,19 @@ Rows that were not run, failed, or are still running are shown as such and never
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # no POSIX file locks (Windows): a killed build's stage folder stays until removed by hand
+    fcntl = None
 
 if not __package__:
     # run as a script (python reports/build.py): import `reports.*` from the repo root, and keep reports/ itself
@@ -62,7 +70,8 @@ from reports.notebook import export_html, report_markdown, run_notebook, write_n
 from reports.paper import PAPER_NUMBERS_PATH, load_paper_numbers
 from reports.reading import reading_markdown
 from reports.tables import ablation_table, comparison_table, frame_to_markdown, report_tables, table_notes
-from sfd.tracking import TAG_REPORT
+from sfd.signals import run_script
+from sfd.tracking import TAG_REPORT, name_problem
 
 # What the notebook's cells, studies/run.py and the tests use as `reports.build.X` (`rb.X`): the code lives in the
 # modules above; build.py looks these names up in its own namespace, so patching `rb.X` takes effect here.
@@ -108,6 +117,55 @@ def publish_report(stage: Path, out: Path) -> None:
             dst.unlink()
         if src.exists():
             os.replace(src, dst)
+
+
+def _locked(folder: Path, *, wait: bool) -> int | None:
+    """A file descriptor holding an exclusive OS lock on `folder`, or None when another process holds it (and not
+    `wait`). The OS drops the lock when the process ends, however it ends (SIGKILL too)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_stages(parent: Path, prefix: str) -> None:
+    """Remove the stage folders that killed builds left in `parent`: those whose lock no live build holds."""
+    for old in parent.glob(glob.escape(prefix) + "*"):
+        if not old.is_dir() or old.is_symlink():
+            continue
+        fd = _locked(old, wait=False)
+        if fd is not None:  # no build owns it
+            shutil.rmtree(old, ignore_errors=True)
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def building_stage(out: Path) -> Iterator[Path]:
+    """A hidden folder beside `out` to build the report in, removed when the build ends (a stop included). The
+    build holds an OS lock on it, so a build that was killed (SIGKILL, a power cut) leaves a folder that the next
+    build beside it removes, while the folder of a build still running stays. Stages are made and cleared under a
+    lock on `out`'s parent folder, so no build can clear another's stage between its creation and its lock."""
+    parent, prefix = out.parent, f".{out.name}-building-"
+    parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as stage:
+            yield Path(stage)
+        return
+    guard = _locked(parent, wait=True)
+    try:
+        _remove_stale_stages(parent, prefix)
+        stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        held = _locked(stage, wait=True)
+    finally:
+        os.close(guard)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        os.close(held)
 
 
 def _build_in(stage: Path, out: Path, data: StudyData, execute_notebook: bool) -> Exception | None:
@@ -162,18 +220,20 @@ def build_report(study_name: str, *, storage: str | None = None, tracking_uri: s
 
     The report is built in a hidden folder beside `out_dir` and moved in only when complete, so a build
     that fails (a study that cannot be loaded, a figure that cannot be drawn) leaves an earlier report whole
-    and creates no folder. A notebook that fails to execute is the exception: the report is published and
+    and creates no folder; a stop removes that folder, and one a killed build left goes with the next build
+    (`building_stage`). A notebook that fails to execute is the exception: the report is published and
     logged with the failing cell's output, then the build fails loudly."""
+    if name_problem(study_name):  # it names the report's folder
+        raise ReportError(f"study: {name_problem(study_name)}")
     out = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / (f"{study_name}-smoke" if smoke else study_name)
     check_out_dir(out)
     check_spec_name(study_name, spec)
     with tempfile.TemporaryDirectory(prefix="sfd-report-art-") as art:
         data = load_study_data(study_name, storage=storage, tracking_uri=tracking_uri, smoke=smoke, spec=spec,
                                artifact_dir=art)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}-building-", dir=out.parent) as stage:
-            error = _build_in(Path(stage), out, data, execute_notebook)
-            publish_report(Path(stage), out)
+        with building_stage(out) as stage:
+            error = _build_in(stage, out, data, execute_notebook)
+            publish_report(stage, out)
     if log_to_mlflow:
         log_report(data, out)
     if error is not None:
@@ -205,4 +265,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     matplotlib.use("Agg")
-    sys.exit(main())
+    sys.exit(run_script(main))  # Ctrl-C / SIGTERM: the half-built report's folder goes, one line says why

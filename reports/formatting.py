@@ -74,7 +74,7 @@ def uniq(values) -> list[str]:
 
 def slug(s: str) -> str:
     """A file name for a row id."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or "row"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_.") or "row"  # never "." or "..": one path component
 
 
 def lower_is_better(metric: str) -> bool:

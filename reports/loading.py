@@ -65,6 +65,9 @@ class StudyData:
     optuna_study: Any = None
     notes: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    # where `samples` were downloaded when the caller gave no folder (the notebook's kernel): removed with the data,
+    # or when the interpreter exits, so no build or notebook leaves a temporary folder behind
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def run_url(self, run_id: str) -> str | None:
         """The run's page in the MLflow UI (a tracking server), else None."""
@@ -94,7 +97,7 @@ def spec_name(study_name: str, spec: str | Path | dict) -> tuple[str, str | None
     return str(data.get("name", Path(path).stem if path else study_name)), path
 
 
-def _spec_from_parent(client, parent: dict, art_dir: str | Path | None) -> tuple[dict, str | None]:
+def _spec_from_parent(client, parent: dict, art_dir: str | Path) -> tuple[dict, str | None]:
     """The study file the runner recorded: the parent's `sfd.spec_path` if that file is here, else a study
     YAML logged on the parent run."""
     path = parent["tags"].get(T.TAG_SPEC_PATH)
@@ -138,10 +141,13 @@ def check_storage(url: str, given: bool) -> None:
     without the trials would be logged over the parent run's. `given`: the URL came from --storage (else from
     the parent run's optuna.storage tag)."""
     path = storage_file(url)
+    where, fix = (("--storage", "leave --storage out to use the one the study ran with") if given else
+                  ("the study's optuna.storage tag", "pass --storage with where that file is now"))
     if path is not None and not path.is_file():
-        where, fix = (("--storage", "leave --storage out to use the one the study ran with") if given else
-                      ("the study's optuna.storage tag", "pass --storage with where that file is now"))
         raise ReportError(f"no Optuna storage at {path} ({where} {url}); {fix}")
+    problem = T.database_url_problem(url) if str(url).startswith("sqlite:") else None
+    if problem:  # a file that is not a database: loading it would fail, and the report come out without trials
+        raise ReportError(f"Optuna storage {url} ({where}): {problem}; {fix}")
 
 
 def open_optuna_storage(url: str):
@@ -171,6 +177,9 @@ def _client(study_name: str, tracking_uri: str, smoke: bool):
     if db is not None and not db.is_file():  # MlflowClient would create an empty store there
         raise ReportError(f"no MLflow store at {db} (tracking URI {tracking_uri}); {run_hint(study_name, smoke)}; "
                           "or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+    problem = T.tracking_uri_problem(tracking_uri)
+    if problem:
+        raise ReportError(f"MLflow tracking URI {tracking_uri}: {problem}")
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(f"{study_name}-smoke" if smoke else study_name)
     if exp is None:
@@ -235,6 +244,9 @@ def _trials(study_name: str, parent: dict, storage: str | None, notes: list[str]
         study = optuna.load_study(study_name=name, storage=open_optuna_storage(url))
         return url, study, [_flatten_trial(t) for t in study.get_trials(deepcopy=False)]
     except Exception as exc:  # noqa: BLE001 - any store problem: say so and report from MLflow alone
+        if storage:  # named with --storage: a report without its trials is not what was asked for
+            raise ReportError(f"Optuna study {name!r} could not be loaded from {url} (--storage): "
+                              f"{' '.join(f'{type(exc).__name__}: {exc}'.split())}") from None
         notes.append(f"Optuna study {name!r} could not be loaded from {url}: {exc}")
         return url, None, []
 
@@ -309,7 +321,9 @@ def _runs_frame(children: list[dict]) -> pd.DataFrame:
 def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri: str | None = None,
                     smoke: bool = False, spec: str | Path | dict | None = None,
                     artifact_dir: str | Path | None = None, paper_numbers: str | Path | None = None) -> StudyData:
-    """Read the study from Optuna and its runs from MLflow into pandas (see the module docstring)."""
+    """Read the study from Optuna and its runs from MLflow into pandas (see the module docstring). Artifacts (the
+    sample grids, a study file logged on the parent run) go to `artifact_dir`, else to a temporary folder that
+    lives as long as the data."""
     spec_dict, spec_path = load_study_spec(study_name, spec)
     if storage:
         check_storage(storage, given=True)
@@ -317,6 +331,8 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     client, exp = _client(study_name, tracking_uri, smoke)
     notes: list[str] = []
     parent = _parent_run(client, exp, study_name, notes)
+    scratch = None if artifact_dir else tempfile.TemporaryDirectory(prefix="sfd-report-")
+    artifact_dir = artifact_dir or scratch.name
     if not spec_dict and spec is None:
         spec_dict, spec_path = _spec_from_parent(client, parent, artifact_dir)
         if spec_path:
@@ -339,7 +355,7 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
         rows=_lines(spec_dict, parent, kind, children, trials, metric, paper, paper_dataset, notes), metric=metric,
         objective_metrics=objective_metrics, directions=directions, paper=paper, paper_dataset=paper_dataset,
         comparable=(metric == "fid" and not smoke and our_dataset == paper_dataset), optuna_study=optuna_study,
-        notes=notes)
+        notes=notes, scratch=scratch)
     _fetch_histories_and_samples(data, client, children, artifact_dir)
     return data
 
@@ -348,7 +364,7 @@ def _fetch_histories_and_samples(data: StudyData, client, children: list[dict], 
     """The loss histories and sample grids of the runs the table shows (an SFD-v line at another NFE shows
     its row's run)."""
     by_id = {c["run_id"]: c for c in children}
-    art_dir = Path(artifact_dir) if artifact_dir else Path(tempfile.mkdtemp(prefix="sfd-report-"))
+    art_dir = Path(artifact_dir)
     for r in data.rows.to_dict("records") if len(data.rows) else []:
         if not r.get("run_id") or r.get("derived_from"):
             continue

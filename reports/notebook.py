@@ -11,10 +11,12 @@ Part of the report builder (``reports/build.py``); imports ``reports.loading``, 
 which re-exports what they call."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import nbformat
@@ -145,16 +147,40 @@ def _kernel_manager(tmp: Path):
 
 
 def run_notebook(path: str | Path, *, cwd: str | Path | None = None, timeout: int = 600) -> Path:
-    """Execute in place, headless (nbclient); the notebook is saved with its outputs even when a cell fails."""
+    """Execute in place, headless (nbclient); the notebook is saved with its outputs even when a cell fails.
+
+    nbclient runs in a thread of its own: in the main thread it takes SIGINT and SIGTERM over while it executes (a
+    stop then only shuts the kernel down, the running cell fails, and the build went on to publish the report)
+    and leaves Python's default handlers behind. Here the caller's handlers stay: a stop is raised in the caller
+    as anywhere else, once the kernel is shut down."""
     path = Path(path)
     nb = nbformat.read(str(path), as_version=4)
     with tempfile.TemporaryDirectory(prefix="sfd-kernel-") as tmp:
-        client = NotebookClient(nb, km=_kernel_manager(Path(tmp)), timeout=timeout, kernel_name="python3",
+        km = _kernel_manager(Path(tmp))
+        client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(cwd or path.parent)}})
+        failure: list[BaseException] = []
+
+        def execute() -> None:
+            try:
+                client.execute(cleanup_kc=True)  # we pass the manager, so ask nbclient to shut the kernel down now
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+                failure.append(exc)
+
+        worker = threading.Thread(target=execute, name="report-notebook", daemon=True)
+        worker.start()
         try:
-            client.execute(cleanup_kc=True)  # we pass the manager, so ask nbclient to shut the kernel down now
+            while worker.is_alive():
+                worker.join(0.1)  # wakes for a stop signal, which is raised here
+        except BaseException:
+            with contextlib.suppress(Exception):
+                km.shutdown_kernel(now=True)
+            worker.join(10)
+            raise
         finally:
             nbformat.write(nb, str(path))
+        if failure:
+            raise failure[0]
     return path
 
 

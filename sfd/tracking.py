@@ -75,6 +75,12 @@ TAG_GIT_COMMIT = "git.commit"
 TAG_GIT_DIRTY = "git.dirty"
 TAG_VERSION = "version."
 
+# Names that become folder and file names: MLflow experiments (artifacts/<experiment>/), studies (their lock, the
+# YAML `--seeds` writes, reports/out/<study>/). One path component that is not hidden, short enough for every file
+# name built from it (`.<study>-smoke-building-xxxxxxxx`, `<study>-smoke-<key>.lock`) to stay under 255 bytes.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_NAME_LENGTH = 128
+
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 MAX_BATCH_PARAMS = 100
 MAX_PARAM_LENGTH = 6000
@@ -112,19 +118,53 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def _first_existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+
+
+def local_store_problem(path: Path, kind: str) -> str | None:
+    """Why a local store cannot be at `path` (kind "sqlite": a database file; "folder": an MLflow file store),
+    else None. Reads at most 16 bytes and creates nothing: a folder, a device or a file of another kind there
+    (`/etc/passwd`) would otherwise fail inside SQLAlchemy or MLflow, after a lock file or a folder was made."""
+    path = path.expanduser()
+    if not path.exists():
+        parent = _first_existing(path.absolute().parent)
+        return None if parent.is_dir() else f"{path} cannot be created: {parent} is not a folder"
+    if kind == "folder":
+        return None if path.is_dir() else f"{path} is not a folder (an MLflow file store is a folder)"
+    if path.is_dir():
+        return f"{path} is a folder; name a database file (in it, or a new one)"
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if head and head != SQLITE_HEADER:  # an empty file is an empty database to SQLite
+        return f"{path} is not an SQLite database (it starts with {head[:8]!r}); name a new file or a store"
+    return None
+
+
 def database_url_problem(url: str) -> str | None:
-    """Why SQLAlchemy cannot use a database URL (unparsable, unknown dialect, driver not installed), else None.
-    Connects to nothing and creates no file."""
+    """Why SQLAlchemy cannot use a database URL (unparsable, unknown dialect, driver not installed, a sqlite file
+    that is not a database), else None. Connects to nothing and creates no file."""
     try:
         sqlalchemy.create_engine(url).dispose()
     except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError: all mean unusable
-        return f"{type(exc).__name__}: {exc}"
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
+    path = sqlite_path(url)
+    if path is not None and str(path).split("?", 1)[0] not in ("", ":memory:"):
+        return local_store_problem(Path(str(path).split("?", 1)[0]), "sqlite")
     return None
 
 
 def tracking_uri_problem(uri: str) -> str | None:
-    """Why MLflow cannot use a tracking URI (an unknown scheme, a database driver not installed), else None.
-    Creates nothing."""
+    """Why MLflow cannot use a tracking URI (an unknown scheme, a database driver not installed, a local store
+    that cannot be one), else None. Creates nothing."""
     try:
         _tracking_store_registry.get_store_builder(uri)
     except Exception as exc:  # noqa: BLE001 - MLflow's error names the schemes it supports
@@ -133,6 +173,18 @@ def tracking_uri_problem(uri: str) -> str | None:
                                                         f" ({type(exc).__name__})")
     if "://" in uri and uri.split("://")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
         return database_url_problem(uri)
+    if uri.startswith("file:") or "://" not in uri:  # MLflow's file store: a folder
+        return local_store_problem(Path(uri.removeprefix("file://").removeprefix("file:")), "folder")
+    return None
+
+
+def name_problem(name: Any) -> str | None:
+    """Why `name` cannot name an experiment or a study (it becomes a folder or file name), else None."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        return (f"got {name!r}; letters, digits, '_', '.' and '-' only, starting with a letter or digit (it names "
+                "folders and files, so no '/' and no '..')")
+    if len(name) > MAX_NAME_LENGTH:
+        return f"got a name of {len(name)} characters; at most {MAX_NAME_LENGTH} (it names folders and files)"
     return None
 
 
@@ -153,14 +205,20 @@ def ensure_sqlite_parent(uri: str) -> None:
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Artifacts of a local (sqlite / file) store go next to it: ``<store folder>/artifacts/<experiment>``.
-    Remote servers choose their own (None)."""
+    Remote servers choose their own (None). An experiment name that would lead anywhere else (`../x`) is a
+    ValueError: whatever the name, nothing is written outside the store's folder."""
     path = sqlite_path(tracking_uri)
     if path is not None:
-        return (path.parent / "artifacts" / experiment).resolve().as_uri()
-    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        base = path.parent
+    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
         base = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
-        return (base / "artifacts" / experiment).resolve().as_uri()
-    return None
+    else:
+        return None
+    home = (base / "artifacts").resolve()
+    location = (home / experiment).resolve()
+    if location.parent != home:
+        raise ValueError(f"experiment name {experiment!r} would put its artifacts at {location}, outside {home}")
+    return location.as_uri()
 
 
 @functools.lru_cache(maxsize=None)
@@ -526,5 +584,5 @@ __all__ = [
     "RunLogger", "Tracker", "SilentRunLogger", "SilentTracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
     "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
     "find_runs", "mark_failed", "study_parent_run", "fail_stale_children", "tracking_uri_problem",
-    "database_url_problem", "run_url",
+    "database_url_problem", "local_store_problem", "run_url", "name_problem",
 ]

@@ -669,3 +669,110 @@ def test_ablation_rows_of_another_dataset_get_no_paper_number_by_label():
     cifar = _paper_row({"id": "sfd-dpmpp3m-0.006-afs-l1"}, labels, paper, "cifar10", "ablation")
     assert cifar is not None and cifar["fid"] == 4.57 and cifar["dataset"] == "cifar10"
     assert _paper_row({"id": "sfd-dpmpp3m-0.006-afs-l1"}, labels, paper, "imagenet64", "ablation") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Builds that are stopped or killed (issue 18)
+# ---------------------------------------------------------------------------------------------------------
+
+def _stages(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _build_command(L, out: Path, spec: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "reports" / "build.py"), "ablation_tiny", "--out", str(out), "--storage",
+            L.storage, "--tracking-uri", L.tracking_uri, "--spec", str(spec), "--no-log", *extra]
+
+
+def _start_and_wait_for_stage(command: list[str], folder: Path, ready: str):
+    """Start a build; return the process once its stage folder holds `ready` (it is then mid-build)."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the build ended before it could be stopped: {proc.communicate()}")
+        if any((folder / name / ready).exists() for name in _stages(folder)):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the build never reached its stage folder")
+
+
+def test_a_killed_build_leaves_a_stage_that_the_next_build_removes_but_not_a_live_builds(ablation, tmp_path,
+                                                                                          monkeypatch):
+    """SIGKILL mid-build (the notebook executing) leaves its hidden stage folder: the next build beside it
+    removes it, leaves alone the stage of a build that is still running (it holds its lock), and leaves no
+    temporary folder anywhere (the notebook's kernel downloaded its sample grids into one)."""
+    import fcntl
+    import signal
+
+    L = ablation["L"]
+    spec = tmp_path / "ablation_tiny.yaml"
+    spec.write_text(yaml.safe_dump(ABLATION_SPEC))
+    site = tmp_path / "site"
+    out = site / "ablation_tiny"
+    proc = _start_and_wait_for_stage(_build_command(L, out, spec), site, "report.ipynb")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed = _stages(site)
+    assert len(killed) == 1 and killed[0].startswith(".ablation_tiny-building-")
+
+    live = site / ".ablation_tiny-building-live"  # a build still running beside it holds its stage's lock
+    live.mkdir()
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the notebook's kernel reads it
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    try:
+        rb.build_report("ablation_tiny", storage=L.storage, tracking_uri=L.tracking_uri, out_dir=out,
+                        spec=ABLATION_SPEC, log_to_mlflow=False)
+        assert _stages(site) == [live.name]
+    finally:
+        os.close(held)
+    assert (out / "report.html").is_file()
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_stopped_build_removes_its_stage_and_says_so_in_one_line(ablation, tmp_path):
+    import signal
+
+    L = ablation["L"]
+    spec = tmp_path / "ablation_tiny.yaml"
+    spec.write_text(yaml.safe_dump(ABLATION_SPEC))
+    out = tmp_path / "site" / "ablation_tiny"
+    proc = _start_and_wait_for_stage(_build_command(L, out, spec), out.parent, "report.ipynb")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.splitlines() == [
+        "error: stopped by SIGTERM (any MLflow run it had open is ended KILLED)"], err
+    assert _stages(out.parent) == [] and not out.exists()
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"\x00\x01garbage" * 100, "is not an SQLite database"),
+    (b"root:x:0:0:root:/root:/bin/bash\n", "is not an SQLite database (it starts with b'root:x:0')"),
+])
+def test_a_storage_that_is_not_a_database_is_an_error_not_a_report_without_trials(ablation, tmp_path, capsys,
+                                                                                  content, why):
+    """`--storage` naming a garbage file exited 0 with a report whose trials were missing (the load failure became
+    a note); it is a one-line error before anything is built or logged, and so is a journal file that holds
+    no Optuna journal."""
+    L = ablation["L"]
+    garbage = tmp_path / "optuna.db"
+    garbage.write_bytes(content)
+    out = tmp_path / "out"
+    argv = ["ablation_tiny", "--out", str(out), "--no-notebook", "--no-log", "--tracking-uri", L.tracking_uri]
+    assert rb.main([*argv, "--storage", f"sqlite:///{garbage}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and why in err and "--storage" in err, err
+    journal = tmp_path / "journal.log"
+    journal.write_bytes(content)
+    assert rb.main([*argv, "--storage", str(journal)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not be loaded from" in err and "(--storage)" in err, err
+    assert not out.exists() and garbage.read_bytes() == content and journal.read_bytes() == content

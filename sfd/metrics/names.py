@@ -19,14 +19,16 @@ class Metric:
     direction: str = MINIMIZE  # which way is better
     digits_only: bool = False  # defined for the embedded digits teachers only (their classifier, their pixels)
     needs_classes: bool = False  # needs a class-conditional teacher
+    needs_classifier: bool = False  # scored in the features of the shipped digits classifier
     smoke_substitute: str | None = None  # what a smoke run computes instead
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("fid", ("fid",), smoke_substitute="teacher_gap"),
-    Metric("fd_digits", ("fd_digits",), digits_only=True),
+    Metric("fd_digits", ("fd_digits",), digits_only=True, needs_classifier=True),
     Metric("pixel_fd", ("pixel_fd",), digits_only=True),
-    Metric("class_accuracy", ("class_accuracy",), direction=MAXIMIZE, digits_only=True, needs_classes=True),
+    Metric("class_accuracy", ("class_accuracy",), direction=MAXIMIZE, digits_only=True, needs_classes=True,
+           needs_classifier=True),
     Metric("teacher_gap", ("teacher_gap_mean", "teacher_gap_std")),
 )}
 

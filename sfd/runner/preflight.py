@@ -17,7 +17,8 @@ from sfd.losses import LPIPS_NETS
 from sfd.metrics.evaluate import default_num_samples
 from sfd.metrics.fd import check_reference_stats
 from sfd.metrics.inception import FEATURE_DIM, check_inception_weights
-from sfd.metrics.names import logged_keys, smoke_key, smoke_metric
+from sfd.metrics.digits import check_digits_classifier
+from sfd.metrics.names import METRICS, logged_keys, smoke_key, smoke_metric
 from sfd.runner.first_stage import check_first_stage
 from sfd.runner.students import REFERENCE_ALGORITHM, check_evaluated_student, saved_student_info
 from sfd.teachers import Teacher, TeacherError, check_teacher_assets, get_teacher, teacher_spec
@@ -162,10 +163,14 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
     samples) is located (downloaded once from its run, or read from its snapshot) and its grid checked against
     the run's; `student_info` (a sampling.json-like dict with the `grid`) stands in for one that does not exist
     yet (a study row run earlier in the study)."""
-    if not cfg.smoke:
+    metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
+    if not cfg.smoke or teacher_spec(cfg.teacher.name).source == "embedded":  # a smoke run samples those as they are
         _check_teacher_files(cfg.teacher.name, cfg.teacher.path,
                              needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset")
-        if "fid" in (cfg.eval.metrics or default_metrics(cfg.teacher.name)):
+    if any(METRICS[m].needs_classifier for m in metrics):  # a smoke run scores digits metrics too
+        check_digits_classifier()
+    if not cfg.smoke:
+        if "fid" in metrics:
             dataset = teacher_spec(cfg.teacher.name).dataset
             if dataset not in FID_REFS:
                 raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from sfd.assets import require
+from sfd.assets import AssetError, require
 from sfd.metrics.digits import load_digits_data
 from sfd.networks.edm import EDM_CONFIGS, EDMPrecond, architecture_mismatch, is_step_key
 from sfd.networks.mlp import MLPDenoiser
@@ -250,8 +250,14 @@ def teacher_architecture(name: str) -> dict | None:
 
 def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None:
     """Raise MissingAssetError (asset, paths searched, fetch command) or TeacherError (a file that is not this
-    teacher's checkpoint) before any run is created."""
+    teacher's checkpoint, or embedded weights that are not the ones shipped) before any run is created."""
     spec = teacher_spec(name)
+    if spec.source == "embedded":
+        try:
+            embedded_teacher_info(name)  # checks the weights against the SHA-256 recorded beside them
+        except AssetError as exc:
+            raise TeacherError(f"teacher {name}: {exc}") from None
+        return
     if spec.source != "checkpoint":
         return
     try:  # a few header bytes: a wrong file fails here, not with an UnpicklingError once the run exists
