@@ -26,6 +26,7 @@ class StudyPlan:
     lines: list[tuple[str, str, str]]  # (row / trial, what a run would do, its settings)
     running_elsewhere: str | None  # the lock's note, when another process is running the study now
     assumption: str | None = None  # what the prediction takes for granted, if anything
+    devices: list[str] | None = None  # the worker devices trials would run on (None: one at a time, in the process)
 
 
 def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
@@ -46,7 +47,7 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
                   "before --n-trials is reached depends on that)" if waiting_rows and limit is not None
                   and len(checked.devices or []) > 1 else None)
     return StudyPlan(spec.name, study_name, checked.storage_url, checked.tracking_uri, len(trials), to_run, lines,
-                     holder, assumption)
+                     holder, assumption, checked.devices)
 
 
 def settings(cfg) -> str:

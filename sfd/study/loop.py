@@ -85,8 +85,9 @@ class TrialLoop:
     `devices.run_on`) runs the jobs and reports each outcome here."""
 
     def __init__(self, spec: StudySpec, study: optuna.Study, smoke: bool, experiment: str, tracking_uri: str,
-                 parent_id: str, say: Callable[[str], None]):
+                 parent_id: str, say: Callable[[str], None], progress: bool = False):
         self.spec, self.study, self.smoke, self.say = spec, study, smoke, say
+        self.progress = progress  # say which trial starts, and draw bars over its training and evaluation
         self.experiment, self.tracking_uri, self.parent_id = experiment, tracking_uri, parent_id
         self.first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
         self.failed: list[tuple[int, str]] = []
@@ -116,7 +117,8 @@ class TrialLoop:
             cfg = replace(cfg, {"device": worker.config_device})
             tags[T.TAG_WORKER_DEVICE] = worker.device
         return Job(cfg, self.experiment, self.tracking_uri, self.parent_id, tags, list(spec.metrics), self.smoke,
-                   save_student=True if row_id in self.first_stages else None)
+                   save_student=True if row_id in self.first_stages else None,
+                   progress=self.progress and worker is not None)
 
     def row_run(self, trial: optuna.Trial, tags: dict):
         """A table study's trial: its row's config (recorded on the trial), its replicate seed, and a second
@@ -138,6 +140,12 @@ class TrialLoop:
             cfg = replace(cfg, {"second_stage.first_stage": run_id})
             tags[T.TAG_FIRST_STAGE_ROW] = target
         return cfg
+
+    def announce(self, trial, todo: int, where: str | None = None) -> None:
+        """With progress on: which trial has started, as the how-many-th of this invocation's `todo`."""
+        if self.progress:
+            self.say(f"[{trial.number}] {self.label(trial)}: started ({self.started} of {todo})"
+                     + (f" on {where}" if where else ""))
 
     def finish(self, trial: optuna.Trial, objective: list[float], metrics: dict, t0: float) -> None:
         if any(math.isnan(v) for v in objective):  # Optuna would fail it without a reason

@@ -12,7 +12,7 @@ from sfd import tracking as T
 from .configs import check_study
 from .record import check_record, recorded_study
 from .spec import StudyError, StudySpec, load_spec, with_seeds
-from .workers import DeviceError, resolve_devices
+from .workers import AUTO, SERIAL, DeviceError, auto_devices, resolve_devices
 
 
 @dataclass
@@ -31,10 +31,11 @@ def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracki
                      n_trials: int | None, seeds: list[int] | None, devices: list[str] | None,
                      retry_failed: bool) -> CheckedStudy:
     """The study, its options, every row's config and assets, and what the study recorded so far, checked;
-    creates nothing."""
+    creates nothing. `devices` comes back as the worker devices (None: this process), `auto` decided."""
     if n_trials is not None and n_trials < 1:
         raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
-    if devices is not None:
+    chosen = devices not in (None, [AUTO], [SERIAL])  # named by the user: their trials run in workers
+    if chosen:
         try:
             devices = resolve_devices(devices)
         except DeviceError as exc:
@@ -50,7 +51,11 @@ def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracki
     for what, problem in problems.items():
         if problem:
             raise StudyError(f"{what}: {problem}")
-    skipped, configs = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if devices else None)
+    skipped, configs = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if chosen else None)
+    if devices == [AUTO]:
+        devices = auto_devices(bool(spec.rows), configs.values(), len(configs) * len(spec.replicates()))
+    elif devices == [SERIAL]:
+        devices = None
     study = recorded_study(storage_url, spec.experiment(smoke))
     if study is not None:
         check_record(spec, study, retry_failed)
