@@ -169,7 +169,11 @@ def main(argv=None) -> int:
         if not args.no_report and args.out is not None:
             check_out_dir(args.out)  # before the trials run rather than after
         if args.dry_run:
-            print_plan(plan_study(args.study, **options))
+            plan = plan_study(args.study, **options)
+            print_plan(plan)
+            if plan.missing is not None:  # the plan stands; a run of it would stop before anything
+                print(f"error: a run would stop before creating anything: {plan.missing}", file=sys.stderr)
+                return 2
             return 0
         outcome = run_study(args.study, progress=wanted(args.quiet), **options)
     except ReportError as exc:

@@ -16,8 +16,8 @@ from sfd.runner.outcome import RESULT_FILE_ENV, OutcomeFile, read_outcome
 from sfd.runner.preflight import (SMOKE_BATCH, SMOKE_GAP_NFE, SMOKE_ITERATIONS, SMOKE_M, SMOKE_SAMPLES,
                                   check_assets, check_ddp, check_fid_files, check_objective, check_teacher_checkpoint,
                                   computed_metrics, ddp_for_launch, default_metrics, is_small_teacher, load_teacher,
-                                  lpips_assets, objective_key, objective_values, prepare, resolve_device, resolve_eval,
-                                  smoke_config)
+                                  lpips_assets, missing_assets, needed_assets, objective_key, objective_values,
+                                  prepare, resolve_device, resolve_eval, smoke_config)
 from sfd.runner.run import RunResult, run_experiment, sampling_network
 
 __all__ = [
@@ -25,7 +25,8 @@ __all__ = [
     "SMOKE_ITERATIONS", "SMOKE_M", "SMOKE_SAMPLES", "OutcomeFile", "RunResult", "check_assets", "check_ddp",
     "check_fid_files", "check_first_stage", "check_objective", "check_teacher_checkpoint", "computed_metrics",
     "ddp_for_launch", "default_metrics", "first_stage_num_steps", "is_small_teacher",
-    "load_first_stage", "load_teacher", "locate_first_stage", "lpips_assets", "objective_key", "objective_values",
+    "load_first_stage", "load_teacher", "locate_first_stage", "lpips_assets", "missing_assets", "needed_assets",
+    "objective_key", "objective_values",
     "prepare", "read_outcome", "read_sampling_info", "resolve_device", "resolve_eval", "run_experiment", "sampling_info",
     "sampling_network", "save_student", "smoke_config",
 ]

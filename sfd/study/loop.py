@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sfd import tracking as T
 from sfd.config import replace
+from sfd.metrics.names import COST_KEY, CPU_TIME_KEY
 
 from .configs import first_stage_row, objective_labels, row_config, trial_config
 from .jobs import Job
@@ -151,7 +152,7 @@ class TrialLoop:
         if any(math.isnan(v) for v in objective):  # Optuna would fail it without a reason
             self.fail(trial, f"ObjectiveNotANumber: the run finished but its objective is {objective}", t0)
             return
-        for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
+        for key in ("train/wall_s", CPU_TIME_KEY, COST_KEY, "total/wall_s", "nfe"):
             trial.set_user_attr(key, metrics.get(key))
         self.study.tell(trial, objective[0] if len(objective) == 1 else list(objective))
         self.ran += 1

@@ -59,6 +59,8 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     each, unless `quiet`; `progress` adds which trial starts and bars over its training and evaluation."""
     start = time.perf_counter()
     checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
+    if checked.missing is not None:
+        raise checked.missing
     spec = checked.spec
     if checked.spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
         spec.path = study_home(checked.storage_url) / "studies" / f"{spec.name}.yaml"
