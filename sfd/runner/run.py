@@ -136,7 +136,7 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
     with counting(progress, "train", settings.total_iterations, "it", callback) as callback:
         net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
                       ranks=ranks)
-    metrics = training_cost(clock, ranks)
+    metrics = training_cost(clock.read(), device, ranks)
     run.flush()
     if ranks.distributed:
         metrics["ddp/max_weight_diff"] = ranks.weight_spread(net)
@@ -148,7 +148,7 @@ class Clock:
     (between two CUDA events on the current stream)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.events = device, None
+        self.events = None
         if device.type == "cuda":
             self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             self.events[0].record()
@@ -164,13 +164,12 @@ class Clock:
         return {"wall_s": time.perf_counter() - self.wall, "cpu_s": time.process_time() - self.cpu, **out}
 
 
-def training_cost(clock: Clock, ranks: Ranks = SINGLE) -> dict[str, float]:
-    """The training metrics of cost: `train/wall_s` (rank 0's), `train/cpu_s` (CPU time of every rank's process,
-    summed) and, on CUDA, `train/gpu_s` (GPU time summed over the ranks); `train/device_hours` is the cost a study
-    compares: GPU-hours on CUDA, CPU core-hours otherwise. Processor time does not grow when other processes
-    compete for the machine, as wall time does (see sfd.threads)."""
-    own = clock.read()
-    summed = ranks.sum_(torch.tensor([own["cpu_s"], own.get("gpu_s", 0.0)], dtype=torch.float64, device=clock.device))
+def training_cost(own: dict[str, float], device: torch.device, ranks: Ranks = SINGLE) -> dict[str, float]:
+    """The training metrics of cost from this rank's `Clock.read()`: `train/wall_s` (rank 0's), `train/cpu_s` (CPU
+    time of every rank's process, summed) and, on CUDA, `train/gpu_s` (GPU time summed over the ranks);
+    `train/device_hours` is the cost a study compares: GPU-hours on CUDA, CPU core-hours otherwise. Processor time
+    does not grow when other processes compete for the machine, as wall time does (see sfd.threads)."""
+    summed = ranks.sum_(torch.tensor([own["cpu_s"], own.get("gpu_s", 0.0)], dtype=torch.float64, device=device))
     cpu_s, gpu_s = summed.tolist()
     metrics = {"train/wall_s": own["wall_s"], "train/cpu_s": cpu_s}
     if "gpu_s" in own:
