@@ -4,7 +4,8 @@
     python experiments/run.py experiments/digits_sfd.yaml [key=value ...] [--smoke] [--dry-run]
 
 `key=value` overrides use dotted config keys with YAML-typed values (student.nfe=3, student.afs=false,
-loss.name=pseudo_huber). `--dry-run` validates, checks assets (reading a checkpoint teacher whole) and prints the
+loss.name=pseudo_huber); the run is named after the YAML and its overrides (`digits_sfd student.nfe=3`, unless
+`name=` is one of them) and tagged `sfd.overrides`. `--dry-run` validates, checks assets (reading a checkpoint teacher whole) and prints the
 resolved config without creating anything. The run's `config.yaml` artifact replays it: `python experiments/run.py <that file>`.
 
 `ddp=N` (N > 1) runs the one run on N processes: the script replaces itself with `torchrun --standalone
@@ -34,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MLflow experiment name (default: experiments, or experiments-smoke with --smoke)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                    "sqlite:///<repo>/runs/mlflow.db)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar while evaluating")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
+    p.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
     p.add_argument("--result-file", default=os.environ.get("SFD_RESULT_FILE") or None, metavar="PATH",
                    help="write the run's outcome (status, run id, metrics, objective) here as JSON "
                         "(default: $SFD_RESULT_FILE)")
@@ -59,6 +61,16 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     return tags
 
 
+def named_after_overrides(cfg, overrides: list[str]):
+    """The config named after its YAML and the overrides (`digits_sfd student.nfe=3 loss.name=l2`), so that runs of
+    one YAML can be told apart in the MLflow UI; an override of `name` itself stands as given."""
+    from sfd.config import replace
+
+    if not overrides or any(o.partition("=")[0].strip() == "name" for o in overrides):
+        return cfg
+    return replace(cfg, {"name": " ".join([cfg.name, *overrides])})
+
+
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
     """Replace this process with torchrun running this script on `nproc` processes (it never returns)."""
     from sfd.distributed import torchrun_command
@@ -76,7 +88,8 @@ def main(argv=None) -> int:
     from sfd.config import ConfigError, dump_yaml, load_config
     from sfd.distributed import launched_rank, launched_world_size
     from sfd.runner import OutcomeFile, check_ddp, check_teacher_checkpoint, prepare, resolve_device, run_experiment
-    from sfd.tracking import Tracker, default_tracking_uri, name_problem, tracking_uri_problem
+    from sfd.progress import terminal_bars, wanted
+    from sfd.tracking import TAG_OVERRIDES, Tracker, default_tracking_uri, name_problem, tracking_uri_problem
 
     outcome = OutcomeFile(args.result_file)
     try:
@@ -88,7 +101,9 @@ def main(argv=None) -> int:
             if problem:  # before the config and its teacher are read, not when the run starts
                 raise ConfigError(f"MLflow tracking URI {uri!r} (--tracking-uri): {problem}")
             tags = parse_tags(args.tag)
-            cfg = load_config(args.config, args.overrides)
+            cfg = named_after_overrides(load_config(args.config, args.overrides), args.overrides)
+            if args.overrides:
+                tags.setdefault(TAG_OVERRIDES, " ".join(args.overrides))
             if args.dry_run:
                 cfg, notes = prepare(cfg, smoke=args.smoke, tracking_uri=args.tracking_uri)
                 check_teacher_checkpoint(cfg)
@@ -102,7 +117,8 @@ def main(argv=None) -> int:
             experiment = args.experiment or ("experiments-smoke" if args.smoke or cfg.smoke else "experiments")
             tracker = Tracker(experiment, tracking_uri=args.tracking_uri, parent_run_id=args.parent_run_id, tags=tags,
                               objective=args.objective, on_start=outcome.started)
-            result = run_experiment(cfg, tracker=tracker, smoke=args.smoke, progress=args.progress,
+            bars = terminal_bars if args.progress or wanted(args.quiet) else None
+            result = run_experiment(cfg, tracker=tracker, smoke=args.smoke, progress=bars,
                                     save_student=True if args.save_student else None)
             outcome.finished(result)
     except (ConfigError, AssetError) as exc:

@@ -21,6 +21,7 @@ from reports.formatting import canon, fmt_tmin, fmt_value, is_num, lower_is_bett
 from reports.loading import StudyData
 from reports.paper import paper_comparison_frame
 from reports.tables import objective_names, param_importances
+from sfd.metrics.names import COST_LABEL
 
 def _series_name(data: StudyData, r: dict) -> str:
     """Comparison rows: one line per method. Ablation/search rows: one series per configuration without NFE."""
@@ -112,7 +113,7 @@ def fig_metric_vs_hours(data: StudyData):
     front = _pareto([(x, sign * r["value"]) for x, r in zip(xs, ok)])
     ax.plot([p[0] for p in front], [sign * p[1] for p in front], "-", drawstyle="steps-post", label="ours: Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel("training device-hours (log; untrained rows drawn at the left edge)")
+    ax.set_xlabel(f"{COST_LABEL}\n(log; untrained rows drawn at the left edge)", fontsize=8)
     ax.set_ylabel(f"ours: {data.metric}")
     paper = _paper_points(data, ok)
     paper = paper[paper["hours"].notna()]

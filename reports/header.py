@@ -9,7 +9,7 @@ import datetime as dt
 from reports.formatting import fmt_hours, fmt_value, is_num, lower_is_better, to_float, to_int, uniq
 from reports.loading import StudyData
 from sfd import tracking as T
-from sfd.metrics.names import DESCRIPTIONS
+from sfd.metrics.names import COST_LABEL, DESCRIPTIONS, training_cost
 
 
 def distinct_rows(rows: list[dict]) -> list[dict]:
@@ -106,6 +106,16 @@ def _paper_line(data: StudyData, runs: list[dict], samples: list[str]) -> str:
             f"different metrics; compare the ordering of rows, not the values.")
 
 
+def _cost_line(runs: list[dict]) -> str:
+    """The study's total cost: processor time (comparable whatever else the machine ran) and wall time."""
+    costs = [training_cost(r["metrics"]) for r in runs]
+    known = [c for c in costs if c is not None]
+    unknown = len(costs) - len(known)
+    return (f"- **Total {COST_LABEL}:** {fmt_hours(sum(known)) if known else '—'}"
+            + (f" (not counted: {unknown} run(s) logged before the cost was processor time)" if unknown else "")
+            + f" · **total wall time:** {fmt_value(sum(r['metrics'].get('total/wall_s', 0.0) for r in runs) / 60)} min")
+
+
 def header_markdown(data: StudyData) -> str:
     runs = data.runs.to_dict("records")
     samples = _samples(runs)
@@ -124,9 +134,7 @@ def header_markdown(data: StudyData) -> str:
         f" · **precision:** {_joined(runs, 'precision') or '—'}",
         f"- **Samples per evaluation:** {', '.join(samples) or '—'} · **training budget:** {_training_budget(runs)}"
         + (f" · **trials budget:** {data.spec.get('n_trials')}" if data.spec.get("n_trials") else ""),
-        f"- **Total training device-hours:** "
-        f"{fmt_hours(sum(r['metrics'].get('train/device_hours', 0.0) for r in runs))} · **total wall time:** "
-        f"{fmt_value(sum(r['metrics'].get('total/wall_s', 0.0) for r in runs) / 60)} min",
+        _cost_line(runs),
         _provenance_line(runs), _metric_line(data.metric), *_teacher_gap_line(data, runs)]
     if data.objective_metrics:
         lines.append(f"- **Objective:** {', '.join(data.objective_metrics)} "

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from reports.formatting import LOSS_NAMES, METHOD_NAMES, solver_name, to_bool, to_float, to_int
 from reports.paper import paper_row
-from sfd.metrics.names import QUALITY_KEYS
+from sfd.metrics.names import QUALITY_KEYS, training_cost
 from sfd.study import shown_trial
 from sfd.tracking import TAG_ERROR, TAG_ROW, TAG_SMOKE_NOTE
 
@@ -191,7 +191,7 @@ def make_line(order, rid, srow, run, trial, metric, attempts, paper, paper_datas
             "trial_state": (trial or {}).get("state"), "attempts": attempts,
             "value": to_float(metrics.get(metric)) if ok else None, "objective": to_float(metrics.get("objective")),
             "trial_values": (trial or {}).get("values"), "trial_params": (trial or {}).get("params") or {},
-            "device_hours": to_float(metrics.get("train/device_hours")) if ok else None,
+            "device_hours": to_float(training_cost(metrics)) if ok else None,  # processor time, comparable
             "train_wall_s": to_float(metrics.get("train/wall_s")),
             "eval_samples": to_int(metrics.get("eval/num_samples", params.get("eval.num_samples"))),
             "teacher_name": params.get("teacher.name"), "algorithm": params.get("algorithm"), "params": params,

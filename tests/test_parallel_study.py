@@ -208,16 +208,14 @@ def test_all_devices_are_every_cuda_device_this_process_sees(monkeypatch):
     assert resolve_devices(["cuda:2", "cpu", "cuda:2"]) == ["cuda:2", "cpu", "cuda:2"]
 
 
-def test_worker_environment_pins_one_card_or_shares_the_cores(monkeypatch):
+def test_worker_environment_pins_one_card_and_leaves_cpu_threads_to_the_run(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert worker_environment("cuda:3", 0) == ("cuda", {"CUDA_VISIBLE_DEVICES": "3"})
+    assert worker_environment("cuda:3") == ("cuda", {"CUDA_VISIBLE_DEVICES": "3"})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # cuda:1 of this process is physical card 6
-    assert worker_environment("cuda:1", 0) == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert worker_environment("cpu", 2) == ("cpu", {"OMP_NUM_THREADS": "4"})
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
-    assert worker_environment("cpu", 2) == ("cpu", {})
+    assert worker_environment("cuda:1") == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
+    # a CPU worker's runs set their own threads (`threads: auto` is one each): no OMP_NUM_THREADS that would
+    # stand in for the user's choice
+    assert worker_environment("cpu") == ("cpu", {})
 
 
 def _exit_with_torch_threads() -> None:

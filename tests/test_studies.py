@@ -377,7 +377,8 @@ def test_sigkill_mid_trial_then_rerun_completes_without_duplicates(tmp_path):
     # Create the Optuna schema before the study process starts: polling a fresh sqlite file while the child
     # creates the same tables races on Optuna's alembic_version row (UNIQUE constraint failed).
     optuna.storages.RDBStorage(storage)
-    cmd = [sys.executable, str(RUN_PY), str(path), "--no-report"]
+    # in the study process (its runs die with it): workers, which end their runs themselves, are test_parallel_study's
+    cmd = [sys.executable, str(RUN_PY), str(path), "--no-report", "--devices", "serial"]
     proc = subprocess.Popen(cmd, env=_env(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     killed_run = None

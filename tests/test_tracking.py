@@ -159,15 +159,16 @@ def test_run_experiment_logs_the_contract_layout(store):
     assert set(flatten(to_dict(result.config))) <= set(params)
     assert params["student.nfe"] == "2" and params["solver.name"] == "dpmpp3m" and params["eval.num_samples"] == "16"
     m = run.data.metrics
-    for key in ("teacher_gap_mean", "teacher_gap_std", "nfe", "train/wall_s", "train/device_hours", "eval/wall_s",
-                "total/wall_s", "objective", "loss/step_1", "loss/step_2", "lr", "time/teacher_s", "time/student_s"):
+    for key in ("teacher_gap_mean", "teacher_gap_std", "nfe", "train/wall_s", "train/cpu_s", "train/device_hours",
+                "eval/wall_s", "total/wall_s", "objective", "loss/step_1", "loss/step_2", "lr", "time/teacher_s",
+                "time/student_s"):
         assert key in m, key
     assert m["objective"] == m["teacher_gap_mean"] == result.metrics["teacher_gap_mean"]
-    assert m["nfe"] == 2 and m["train/device_hours"] == pytest.approx(m["train/wall_s"] / 3600)
+    assert m["nfe"] == 2 and m["train/device_hours"] == pytest.approx(m["train/cpu_s"] / 3600)  # processor time
     assert len(client.get_metric_history(result.run_id, "loss/step_1")) == 5  # 80 trajectories / batch 16
     tags = run.data.tags
     assert tags["sfd.smoke"] == "false" and tags["sfd.study"] == "unit" and tags["sfd.seed"] == "0"
-    assert tags["sfd.device"] == "cpu" and tags["sfd.role"] == "run"
+    assert tags["sfd.device"] == "cpu" and tags["sfd.role"] == "run" and tags["sfd.threads"] == "1"
     assert {"git.commit", "git.dirty", "version.torch", "version.sfd"} <= set(tags)
     files = _artifacts(client, result.run_id)
     assert {"config.yaml", "samples.png", "loss_curve.png", "student/student.safetensors",

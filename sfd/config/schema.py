@@ -132,6 +132,9 @@ class RunConfig:
     algorithm: str = "sfd"
     seed: int = 0
     device: str = "auto"
+    # CPU threads of PyTorch and BLAS (sfd.threads): auto = one per process on a CPU ($OMP_NUM_THREADS if set),
+    # which holds up when other processes compete for the cores; PyTorch's default on a GPU. Or a count >= 1.
+    threads: int | str = "auto"
     # Processes (one device each) that train and evaluate this one run with DistributedDataParallel; 1 = no DDP.
     # experiments/run.py relaunches itself under torchrun for ddp > 1 (see the README's "One run on several GPUs").
     ddp: int = 1

@@ -30,6 +30,7 @@ from sfd.schedules import SCHEDULES
 from sfd.solvers import SOLVERS, num_steps_for_nfe, solve
 from sfd.teachers import TEACHERS, TeacherError, teacher_spec
 from sfd.teachers.reference import is_reference_snapshot
+from sfd.threads import AUTO, is_thread_setting
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # Upper bounds for what could not finish or fit (a slip of the keyboard's extra zeros), each far above what the
@@ -140,7 +141,7 @@ def _dry_run_solver(name: str, opts: dict) -> None:
 # ----- one function per section -------------------------------------------------------------------------
 
 def _check_run(cfg: RunConfig) -> None:
-    """The run-level fields: algorithm, precision, speed options, device, seed."""
+    """The run-level fields: algorithm, precision, speed options, device, threads, seed."""
     _choice("algorithm", cfg.algorithm, ALGORITHMS)
     _choice("precision", cfg.precision, PRECISIONS)
     if cfg.compile_mode is not None:
@@ -151,6 +152,8 @@ def _check_run(cfg: RunConfig) -> None:
     _choice("group_norm", cfg.group_norm, GROUP_NORMS)
     if not _DEVICE.match(cfg.device):
         raise ConfigError(f"device: got {cfg.device!r}; allowed: auto, cpu, cuda, cuda:<index>, mps")
+    if not is_thread_setting(cfg.threads):
+        raise ConfigError(f"threads: got {cfg.threads!r}; allowed: {AUTO} or an integer >= 1")
     if not 0 <= cfg.seed < 2**63:  # torch and numpy generators take 64-bit seeds; studies use 0, 1, 2, ...
         raise ConfigError(f"seed: got {cfg.seed!r}; must be an integer in [0, 2**63)")
     if not 0 < len(cfg.name) <= MAX_NAME_LENGTH:

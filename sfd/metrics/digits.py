@@ -15,7 +15,6 @@ Retrain with `python -m sfd.metrics.digits train`; print the sanity figures with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -35,6 +34,7 @@ from torch import nn
 
 from sfd.assets import shipped_weights
 from sfd.metrics.fd import FeatureStats, frechet_distance
+from sfd.threads import cpu_threads
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_NAME = "digits_classifier"
@@ -253,21 +253,11 @@ def _lr_at(step: int, total: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))  # cosine decay to 0
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny convs gain nothing from threads, and one thread makes the result independent of the core count
-    (and of other processes contending for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_classifier(cfg: TrainConfig) -> tuple[DigitsClassifier, dict]:
-    """Train on the stratified train split; return the model (eval mode) and its measured metrics."""
-    with _one_thread():
+    """Train on the stratified train split; return the model (eval mode) and its measured metrics. On one thread:
+    tiny convs gain nothing from threads, and the result does not depend on the core count (or on other processes
+    contending for the cores)."""
+    with cpu_threads(1):
         return _train(cfg)
 
 

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
-from tqdm.auto import tqdm
 
 from sfd import solvers
 from sfd.assets import FID_REFS, require
@@ -25,6 +24,7 @@ from sfd.metrics.fd import FeatureStats, frechet_distance, load_stats
 from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, reference_grid, teacher_reference
 from sfd.metrics.inception import FEATURE_DIM, InceptionFeatures, to_uint8
 from sfd.metrics.names import unfit_reason
+from sfd.progress import Bars
 from sfd.sampling import GridSpec, generate
 
 FID_NUM_SAMPLES = 50_000
@@ -133,7 +133,7 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    progress: bool = True,
+    progress: Bars | None = None,
     gap_solver: str = GAP_SOLVER,
     gap_nfe: int = GAP_NFE,
     inception_weights=None,
@@ -143,7 +143,7 @@ def evaluate(
     ranks: Ranks = SINGLE,
 ) -> EvalResult:
     """Sample seeds 0..num_samples-1 and compute `metrics` (names of sfd.metrics.names.METRICS). Returns the
-    metrics and a grid image.
+    metrics and a grid image. `progress` (sfd.progress): a bar over the samples (rank 0's); None: silent.
 
     `reference_cache`: a dict shared by evaluations of one teacher (e.g. an SFD-v student at each NFE); the
     teacher-gap reference of a batch of seeds is solved once and reused wherever its inputs are the same.
@@ -162,8 +162,8 @@ def evaluate(
     kept, classes, gaps, first = [], [], [], None  # kept, classes, gaps: (first seed, values) per batch
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no sync per batch
     mine = range(0, num_samples, batch_size)[ranks.rank::ranks.world_size]
-    bar = tqdm(total=sum(min(batch_size, num_samples - lo) for lo in mine), desc=f"evaluate (NFE {sampler.nfe})",
-               disable=not progress or not ranks.is_main, leave=False)
+    bar = (progress(f"evaluate (NFE {sampler.nfe})", sum(min(batch_size, num_samples - lo) for lo in mine), "sample")
+           if progress and ranks.is_main else None)
     for lo in mine:
         seeds = list(range(lo, min(lo + batch_size, num_samples)))
         labels = None if class_labels is None else class_labels[lo:lo + len(seeds)]
@@ -190,8 +190,10 @@ def evaluate(
                                                output_device=device)
             ref = cache[key]
             gaps.append((lo, per_sample_rmse(samples, ref.clamp(-1, 1))))
-        bar.update(len(seeds))
-    bar.close()
+        if bar is not None:
+            bar.update(len(seeds))
+    if bar is not None:
+        bar.close()
     if int(ranks.sum_(nonfinite)):  # every rank raises alike
         raise NonFiniteSamplesError(f"{int(nonfinite)} of {num_samples} samples contain NaN or inf (the sampler "
                                     f"diverged at NFE {sampler.nfe}); no metric is computed from them")

@@ -15,8 +15,8 @@ from sfd.runner.outcome import RESULT_FILE_ENV, OutcomeFile, read_outcome
 from sfd.runner.preflight import (SMOKE_BATCH, SMOKE_GAP_NFE, SMOKE_ITERATIONS, SMOKE_M, SMOKE_SAMPLES,
                                   check_assets, check_ddp, check_fid_files, check_objective, check_teacher_checkpoint,
                                   computed_metrics, ddp_for_launch, default_metrics, is_small_teacher, load_teacher,
-                                  lpips_assets, objective_key, objective_values, prepare, resolve_device, resolve_eval,
-                                  smoke_config)
+                                  lpips_assets, missing_assets, needed_assets, objective_key, objective_values,
+                                  prepare, resolve_device, resolve_eval, smoke_config)
 from sfd.runner.run import EVALUATED_STUDENT_FILE, RunResult, run_experiment, sampling_network
 from sfd.runner.students import (REFERENCE_ALGORITHM, SAMPLING_FILE, STUDENT_FILE, check_evaluated_student,
                                  load_reference, load_saved_student, locate_student, read_sampling_info,
@@ -28,7 +28,7 @@ __all__ = [
     "check_ddp", "check_evaluated_student", "check_fid_files", "check_first_stage", "check_objective",
     "check_teacher_checkpoint", "computed_metrics", "ddp_for_launch", "default_metrics", "first_stage_num_steps",
     "is_small_teacher", "load_reference", "load_saved_student", "load_teacher", "locate_student", "lpips_assets",
-    "objective_key", "objective_values", "prepare", "read_outcome", "read_sampling_info", "resolve_device",
-    "resolve_eval", "run_experiment", "sampling_info", "sampling_network", "save_student", "saved_student_info",
+    "missing_assets", "needed_assets", "objective_key", "objective_values", "prepare", "read_outcome",
+    "read_sampling_info", "resolve_device", "resolve_eval", "run_experiment", "sampling_info", "sampling_network", "save_student", "saved_student_info",
     "smoke_config",
 ]

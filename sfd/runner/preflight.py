@@ -150,6 +150,31 @@ def lpips_assets(cfg: RunConfig) -> dict[str, str]:
     return assets
 
 
+INCEPTION = "inception-2015-12-05"  # the Inception-v3 FID weights asset
+
+
+def needed_assets(cfg: RunConfig) -> list[str]:
+    """The named assets a (validated) run reads, in the order `check_assets` checks them: the teacher's checkpoint
+    (unless teacher.path names the file) and training images (Algorithm 1 on real data), the Inception weights and
+    the FID statistics (fid), LPIPS weights. A smoke run reads none."""
+    if cfg.smoke:
+        return []
+    spec = teacher_spec(cfg.teacher.name)
+    names = []
+    if spec.source == "checkpoint" and cfg.teacher.path is None:
+        names.append(spec.checkpoint)
+    if cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset" and spec.data_asset:
+        names.append(spec.data_asset)
+    if "fid" in (cfg.eval.metrics or default_metrics(cfg.teacher.name)) and spec.dataset in FID_REFS:
+        names += [INCEPTION, FID_REFS[spec.dataset]]
+    return names + list(lpips_assets(cfg).values())
+
+
+def missing_assets(cfg: RunConfig) -> list[str]:
+    """The assets of `needed_assets` that are nowhere in their search paths."""
+    return [name for name in needed_assets(cfg) if asset_path(name) is None]
+
+
 def _check_teacher_files(name: str, path: str | None, needs_data: bool = False) -> None:
     try:
         check_teacher_assets(name, path, needs_data=needs_data)
@@ -174,7 +199,7 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
             dataset = teacher_spec(cfg.teacher.name).dataset
             if dataset not in FID_REFS:
                 raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
-            check_fid_files(require("inception-2015-12-05"), require(FID_REFS[dataset]))
+            check_fid_files(require(INCEPTION), require(FID_REFS[dataset]))
         for asset in lpips_assets(cfg).values():
             require(asset)
     if cfg.saved_student is None:

@@ -26,12 +26,14 @@ from sfd.config import TRAINING_ALGORITHMS, RunConfig, dump_yaml, flatten, grid_
 from sfd.distill import distill, make_student, prepare_network
 from sfd.distributed import SINGLE, Ranks, process_group, rank_seed
 from sfd.metrics.evaluate import EvalResult, evaluate, solver_sampler, student_sampler
+from sfd.progress import Bars, counting
 from sfd.runner.first_stage import check_first_stage
 from sfd.runner.preflight import (check_ddp, check_objective, ddp_for_launch, is_small_teacher, load_teacher,
                                   objective_values, prepare, resolve_device)
 from sfd.runner.students import load_saved_student, sampling_info, save_student
 from sfd.teachers import Teacher
-from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEED, TAG_SMOKE, RunLogger,
+from sfd.threads import cpu_threads, thread_count
+from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEED, TAG_SMOKE, TAG_THREADS, RunLogger,
                           SilentTracker, Tracker, device_description)
 
 
@@ -50,10 +52,11 @@ class RunResult:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: bool = False, progress: bool = False,
+def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: bool = False, progress: Bars | None = None,
                    save_student: bool | None = None) -> RunResult:
     """Distil (or, for `baseline` and `evaluate`, only sample), evaluate and log one run. See the module docstring.
 
+    `progress`: bars over the training iterations and the evaluation samples (sfd.progress; None: silent).
     `save_student`: None keeps the default (every trained student is logged, except a smoke run's large
     random network); True logs it anyway (a study row that a later second-stage row starts from). Under torchrun
     every rank returns the same metrics; only rank 0's result has the run id."""
@@ -65,7 +68,7 @@ def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: boo
     if tracker is None:
         tracker = Tracker("experiments-smoke" if cfg.smoke else "experiments")
     check_objective(cfg, tracker.objective)
-    with process_group(cfg.ddp, device) as ranks, ranks.failures():
+    with cpu_threads(thread_count(cfg.threads, device)), process_group(cfg.ddp, device) as ranks, ranks.failures():
         device = ranks.place(device)
         teacher = load_teacher(cfg, device)  # before the run: a checkpoint that is not this teacher creates no run
         if not ranks.is_main:  # rank 0 alone talks to MLflow
@@ -74,9 +77,10 @@ def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: boo
         with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run, ranks.failures():
             run.log_params(flatten(to_dict(cfg)))
             run.log_text(dump_yaml(cfg), "config.yaml")
-            net, step_cond, metrics = _train(cfg, teacher, device, run, tracker.tracking_uri, ranks)
+            bars = progress if ranks.is_main else None
+            net, step_cond, metrics = _train(cfg, teacher, device, run, tracker.tracking_uri, ranks, bars)
             t0 = time.perf_counter()
-            result, nfe, eval_metrics = _evaluate(cfg, teacher, net, step_cond, device, progress, ranks)
+            result, nfe, eval_metrics = _evaluate(cfg, teacher, net, step_cond, device, bars, ranks)
             metrics = {**eval_metrics, "nfe": nfe, **metrics, "eval/wall_s": time.perf_counter() - t0,
                        "eval/num_samples": result.num_samples}
             objective = objective_values(metrics, tracker.objective, cfg.smoke) if tracker.objective else []
@@ -91,8 +95,8 @@ def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: boo
 
 def _run_tags(cfg: RunConfig, device: torch.device, notes: dict[str, str]) -> dict:
     where = device_description(device) + (f" x{cfg.ddp}" if cfg.ddp > 1 else "")
-    tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: where, TAG_SEED: cfg.seed,
-            TAG_ALGORITHM: cfg.algorithm, **notes}
+    tags = {TAG_SMOKE: str(cfg.smoke).lower(), TAG_DEVICE: where, TAG_THREADS: torch.get_num_threads(),
+            TAG_SEED: cfg.seed, TAG_ALGORITHM: cfg.algorithm, **notes}
     if cfg.saved_student is not None:  # which saved student (run id, folder, file) it continues or evaluates
         key, ref = cfg.saved_student
         tags[SAVED_STUDENT_TAGS[key][0]] = ref
@@ -116,13 +120,15 @@ def _distill_setup(cfg: RunConfig, teacher: Teacher, device, tracking_uri: str |
     return first_net, make_student(first_net), settings, step_cond
 
 
-def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_uri: str | None, ranks: Ranks = SINGLE):
+def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_uri: str | None, ranks: Ranks = SINGLE,
+           progress: Bars | None = None):
     """(the network to sample, whether it is step-conditioned, training metrics); a baseline trains nothing and
-    samples its teacher, `evaluate` trains nothing and samples the saved student (its record logged). Under DDP
-    the metrics hold `ddp/max_weight_diff`, the largest difference between a rank's trained weights and rank 0's
-    (0.0: DDP kept the ranks in step)."""
+    samples its teacher, `evaluate` trains nothing and samples the saved student (its record logged). The cost is
+    measured as wall time and as processor time, which does not depend on what else the machine runs
+    (`training_cost`). Under DDP the metrics hold `ddp/max_weight_diff`, the largest difference between a rank's
+    trained weights and rank 0's (0.0: DDP kept the ranks in step)."""
     torch.manual_seed(cfg.seed)  # the student's dropout (and new SFD-v layers) draw from the global generator
-    untrained = {"train/wall_s": 0.0, "train/device_hours": 0.0}
+    untrained = {"train/wall_s": 0.0, "train/cpu_s": 0.0, "train/device_hours": 0.0}
     if cfg.algorithm == "baseline":
         return teacher.net, False, untrained
     if cfg.algorithm == "evaluate":
@@ -136,15 +142,50 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
     if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
         data = teacher.data(settings.batch_size, cfg.seed)  # the global batch: each rank keeps its rows
     callback = run.iteration_callback(afs=cfg.student.afs)
-    t0 = time.perf_counter()
-    net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
-                  ranks=ranks)
-    train_s = time.perf_counter() - t0
+    clock = Clock(device)
+    with counting(progress, "train", settings.total_iterations, "it", callback) as callback:
+        net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
+                      ranks=ranks)
+    metrics = training_cost(clock.read(), device, ranks)
     run.flush()
-    metrics = {"train/wall_s": train_s, "train/device_hours": train_s * cfg.ddp / 3600.0}
     if ranks.distributed:
         metrics["ddp/max_weight_diff"] = ranks.weight_spread(net)
     return net.eval(), step_cond, metrics
+
+
+class Clock:
+    """Started at construction: wall time, this process's CPU time (all its threads) and, on a CUDA device, GPU time
+    (between two CUDA events on the current stream)."""
+
+    def __init__(self, device: torch.device):
+        self.events = None
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict[str, float]:
+        """Seconds since the start: `wall_s`, `cpu_s` and (CUDA) `gpu_s`, once the device's queued work is done."""
+        out = {}
+        if self.events is not None:
+            self.events[1].record()
+            self.events[1].synchronize()
+            out["gpu_s"] = self.events[0].elapsed_time(self.events[1]) / 1e3
+        return {"wall_s": time.perf_counter() - self.wall, "cpu_s": time.process_time() - self.cpu, **out}
+
+
+def training_cost(own: dict[str, float], device: torch.device, ranks: Ranks = SINGLE) -> dict[str, float]:
+    """The training metrics of cost from this rank's `Clock.read()`: `train/wall_s` (rank 0's), `train/cpu_s` (CPU
+    time of every rank's process, summed) and, on CUDA, `train/gpu_s` (GPU time summed over the ranks);
+    `train/device_hours` is the cost a study compares: GPU-hours on CUDA, CPU core-hours otherwise. Processor time
+    does not grow when other processes compete for the machine, as wall time does (see sfd.threads)."""
+    summed = ranks.sum_(torch.tensor([own["cpu_s"], own.get("gpu_s", 0.0)], dtype=torch.float64, device=device))
+    cpu_s, gpu_s = summed.tolist()
+    metrics = {"train/wall_s": own["wall_s"], "train/cpu_s": cpu_s}
+    if "gpu_s" in own:
+        metrics["train/gpu_s"] = gpu_s
+    metrics["train/device_hours"] = (gpu_s if "gpu_s" in own else cpu_s) / 3600.0
+    return metrics
 
 
 # ----- evaluate --------------------------------------------------------------------------------------------
@@ -161,7 +202,7 @@ def sampling_network(cfg: RunConfig, net, *, prepare: bool):
 
 
 def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, device, *, num_steps: int | None = None,
-                 progress: bool = False, reference_cache: dict | None = None,
+                 progress: Bars | None = None, reference_cache: dict | None = None,
                  ranks: Ranks = SINGLE) -> tuple[EvalResult, int]:
     """Sample and score at one NFE: the student on its grid with `num_steps` timestamps, or a baseline's solver."""
     s = cfg.student
@@ -180,7 +221,7 @@ def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, de
     return result, sampler.nfe
 
 
-def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, progress: bool,
+def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, progress: Bars | None,
               ranks: Ranks = SINGLE) -> tuple[EvalResult, int, dict[str, float]]:
     """The main NFE's result and NFE, and the metrics: the main NFE's, then a step-conditioned model's at every
     other trained (sfd-v) or asked (evaluate) NFE (suffixed `/nfe_<k>`)."""

@@ -26,13 +26,16 @@ class StudyPlan:
     lines: list[tuple[str, str, str]]  # (row / trial, what a run would do, its settings)
     running_elsewhere: str | None  # the lock's note, when another process is running the study now
     assumption: str | None = None  # what the prediction takes for granted, if anything
+    devices: list[str] | None = None  # the worker devices trials would run on (None: one at a time, in the process)
+    missing: Exception | None = None  # every asset the study needs that is not here: a run would stop on it
 
 
 def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
                tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
                seeds: list[int] | None = None, devices: list[str] | None = None) -> StudyPlan:
     """What `run_study` with these options would do now, after the same checks; creates nothing (no store, no
-    study, no lock, no run)."""
+    study, no lock, no run). Missing assets do not stop it: the plan says which (`missing`), and that a run would
+    stop on them."""
     checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
     spec = checked.spec
     study_name = spec.experiment(smoke)
@@ -46,7 +49,7 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
                   "before --n-trials is reached depends on that)" if waiting_rows and limit is not None
                   and len(checked.devices or []) > 1 else None)
     return StudyPlan(spec.name, study_name, checked.storage_url, checked.tracking_uri, len(trials), to_run, lines,
-                     holder, assumption)
+                     holder, assumption, checked.devices, checked.missing)
 
 
 def settings(cfg) -> str:

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sfd import tracking as T
 from sfd.config import replace
+from sfd.metrics.names import COST_KEY, CPU_TIME_KEY
 
 from .configs import objective_labels, row_config, student_row, trial_config
 from .jobs import Job
@@ -86,8 +87,9 @@ class TrialLoop:
     `devices.run_on`) runs the jobs and reports each outcome here."""
 
     def __init__(self, spec: StudySpec, study: optuna.Study, smoke: bool, experiment: str, tracking_uri: str,
-                 parent_id: str, say: Callable[[str], None]):
+                 parent_id: str, say: Callable[[str], None], progress: bool = False):
         self.spec, self.study, self.smoke, self.say = spec, study, smoke, say
+        self.progress = progress  # say which trial starts, and draw bars over its training and evaluation
         self.experiment, self.tracking_uri, self.parent_id = experiment, tracking_uri, parent_id
         # rows whose student another row reads (a second stage's first stage, a student `evaluate` samples)
         self.student_rows = {ref[1] for ref in map(partial(student_row, spec), spec.rows) if ref is not None}
@@ -118,7 +120,8 @@ class TrialLoop:
             cfg = replace(cfg, {"device": worker.config_device})
             tags[T.TAG_WORKER_DEVICE] = worker.device
         return Job(cfg, self.experiment, self.tracking_uri, self.parent_id, tags, list(spec.metrics), self.smoke,
-                   save_student=True if row_id in self.student_rows else None)
+                   save_student=True if row_id in self.student_rows else None,
+                   progress=self.progress and worker is not None)
 
     def row_run(self, trial: optuna.Trial, tags: dict):
         """A table study's trial: its row's config (recorded on the trial), its replicate seed, and a `row:<id>`
@@ -143,11 +146,17 @@ class TrialLoop:
             tags[T.SAVED_STUDENT_TAGS[key][1]] = target
         return cfg
 
+    def announce(self, trial, todo: int, where: str | None = None) -> None:
+        """With progress on: which trial has started, as the how-many-th of this invocation's `todo`."""
+        if self.progress:
+            self.say(f"[{trial.number}] {self.label(trial)}: started ({self.started} of {todo})"
+                     + (f" on {where}" if where else ""))
+
     def finish(self, trial: optuna.Trial, objective: list[float], metrics: dict, t0: float) -> None:
         if any(math.isnan(v) for v in objective):  # Optuna would fail it without a reason
             self.fail(trial, f"ObjectiveNotANumber: the run finished but its objective is {objective}", t0)
             return
-        for key in ("train/wall_s", "train/device_hours", "total/wall_s", "nfe"):
+        for key in ("train/wall_s", CPU_TIME_KEY, COST_KEY, "total/wall_s", "nfe"):
             trial.set_user_attr(key, metrics.get(key))
         self.study.tell(trial, objective[0] if len(objective) == 1 else list(objective))
         self.ran += 1

@@ -9,10 +9,10 @@ import optuna
 
 from sfd import tracking as T
 
-from .configs import check_study
+from .configs import check_study, missing_assets_error
 from .record import check_record, recorded_study
 from .spec import StudyError, StudySpec, load_spec, with_seeds
-from .workers import DeviceError, resolve_devices
+from .workers import AUTO, SERIAL, DeviceError, auto_devices, resolve_devices
 
 
 @dataclass
@@ -25,16 +25,19 @@ class CheckedStudy:
     skipped: dict[str, str]
     configs: dict[str, Any]  # row id (search: "base") -> resolved run config
     recorded: optuna.Study | None = None  # the Optuna study as stored before this run (None: a new study)
+    missing: Exception | None = None  # every asset the study needs that is not here (a MissingAssetError), if any
 
 
 def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracking_uri: str | None,
                      n_trials: int | None, seeds: list[int] | None, devices: list[str] | None,
                      retry_failed: bool) -> CheckedStudy:
     """The study, its options, every row's config and assets, and what the study recorded so far, checked;
-    creates nothing."""
+    creates nothing. `devices` comes back as the worker devices (None: this process), `auto` decided. Missing
+    assets are all gathered in `missing`: a run refuses to start with it, a dry run shows its plan, then it."""
     if n_trials is not None and n_trials < 1:
         raise StudyError(f"n_trials: got {n_trials}; a positive integer (leave it out to run every trial left)")
-    if devices is not None:
+    chosen = devices not in (None, [AUTO], [SERIAL])  # named by the user: their trials run in workers
+    if chosen:
         try:
             devices = resolve_devices(devices)
         except DeviceError as exc:
@@ -50,8 +53,13 @@ def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracki
     for what, problem in problems.items():
         if problem:
             raise StudyError(f"{what}: {problem}")
-    skipped, configs = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if devices else None)
+    skipped, configs, missing = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if chosen else None)
+    if devices == [AUTO]:
+        devices = auto_devices(bool(spec.rows), configs.values(), len(configs) * len(spec.replicates()))
+    elif devices == [SERIAL]:
+        devices = None
     study = recorded_study(storage_url, spec.experiment(smoke))
     if study is not None:
         check_record(spec, study, retry_failed)
-    return CheckedStudy(spec, spec_text, tracking_uri, storage_url, devices, skipped, configs, study)
+    return CheckedStudy(spec, spec_text, tracking_uri, storage_url, devices, skipped, configs, study,
+                        missing_assets_error(spec, missing, len(configs) if spec.rows else 0) if missing else None)

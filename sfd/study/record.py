@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sfd.config import flatten, to_dict
+from sfd.metrics.names import COST_KEY, CPU_TIME_KEY
 from sfd.tracking import sqlite_path
 
 from .configs import row_config, trial_config
@@ -20,8 +21,8 @@ INTERRUPTED = "interrupted: the study process stopped during this trial"
 NOT_STARTED = "interrupted: not started"
 # Run-config keys that say how a run is carried out, not what it measures (results agree to rounding, or to
 # dropout masks drawn in another memory order): a study may change them between trials.
-EXECUTION_KEYS = ("name", "device", "precision", "compile", "compile_mode", "channels_last", "group_norm",
-                  "eval.compile", "eval.batch_size", "log.every")
+EXECUTION_KEYS = ("name", "device", "threads", "precision", "compile", "compile_mode", "channels_last",
+                  "group_norm", "eval.compile", "eval.batch_size", "log.every")
 
 
 def row_key(trial) -> tuple:
@@ -101,6 +102,7 @@ def check_record(spec: StudySpec, study: optuna.Study, retry_failed: bool) -> No
     a study's), or a finished row whose config the YAML (or its base) now gives differently (the report would
     label the old result with the new settings)."""
     _check_objective(spec, study)
+    _check_cost(spec, study)
     changed = _changed_trials(spec, study.get_trials(deepcopy=False), retry_failed)
     if changed:
         way_out = ("give each changed row a new id (the old result stays under the old id)" if spec.rows else
@@ -122,6 +124,20 @@ def _check_objective(spec: StudySpec, study: optuna.Study) -> None:
         raise StudyError(f"study {spec.name}: its Optuna study optimises {objective(metrics, directions)}, but the "
                          f"YAML now asks for {objective(spec.metrics, spec.directions)}; a study keeps its "
                          "objective, so give the YAML a new name: (the runs so far stay under the old one)")
+
+
+def _check_cost(spec: StudySpec, study: optuna.Study) -> None:
+    """A study that optimises the training cost cannot go on from trials whose cost was wall time (recorded before
+    it became processor time, without CPU_TIME_KEY): the sampler would compare the two."""
+    if COST_KEY not in spec.metrics:
+        return
+    old = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+           if t.user_attrs.get(CPU_TIME_KEY) is None]
+    if old:
+        raise StudyError(f"study {spec.name}: its trial(s) {old[:5]}{' ...' if len(old) > 5 else ''} recorded "
+                         f"{COST_KEY} as wall time, before it became processor time; the sampler cannot compare "
+                         "the two, so give the YAML a new name: for a new search (the runs so far stay under the "
+                         "old one)")
 
 
 def _changed_trials(spec: StudySpec, trials: Sequence[FrozenTrial], retry_failed: bool) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 
 from sfd import tracking as T
+from sfd.progress import say as say_line
 
 from .devices import run_on
 from .lock import study_home, study_lock
@@ -46,29 +47,33 @@ class _Opened:
 
 def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
               tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
-              quiet: bool = False, seeds: list[int] | None = None, devices: list[str] | None = None) -> StudyOutcome:
+              quiet: bool = False, seeds: list[int] | None = None, devices: list[str] | None = None,
+              progress: bool = False) -> StudyOutcome:
     """Check everything (nothing is created before), then create or resume the study and run what is left.
 
     Finished trials are kept; trials left RUNNING by a dead process are marked FAILED (their MLflow runs too)
     and, like trials stopped by Ctrl-C or SIGTERM, run again; failed trials stay failed unless `retry_failed`.
     `n_trials` caps the trials started now; `seeds` runs a table study's rows once per seed, as a study of its
-    own; `devices` runs up to one trial per entry at once, each in a worker process. Progress lines go to stdout
-    unless `quiet`."""
+    own; `devices` runs up to one trial per entry at once, each in a worker process (`["auto"]`: see
+    `sfd.study.workers.auto_devices`; None: one at a time in this process). What happens goes to stdout, one line
+    each, unless `quiet`; `progress` adds which trial starts and bars over its training and evaluation."""
     start = time.perf_counter()
     checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
+    if checked.missing is not None:
+        raise checked.missing
     spec = checked.spec
     if checked.spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
         spec.path = study_home(checked.storage_url) / "studies" / f"{spec.name}.yaml"
         spec.path.parent.mkdir(parents=True, exist_ok=True)
         spec.path.write_text(checked.spec_text)
-    say = (lambda *a: None) if quiet else print
+    say = (lambda *a: None) if quiet else say_line
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with study_lock(spec.experiment(smoke), checked.storage_url):  # one live process per study (see study_lock)
         T.ensure_sqlite_parent(checked.storage_url)
         opened = _open_study(checked, smoke)
         todo = _resume(checked, opened, smoke, n_trials, retry_failed, say)
         loop = TrialLoop(spec, opened.study, smoke, spec.experiment(smoke), checked.tracking_uri, opened.parent_id,
-                         say)
+                         say, progress=progress and not quiet)
         seconds = _run_trials(loop, checked.devices, todo, opened, start)
     return StudyOutcome(name=spec.name, experiment=spec.experiment(smoke), parent_run_id=opened.parent_id,
                         optuna_study=spec.experiment(smoke), storage=checked.storage_url,
