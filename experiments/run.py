@@ -63,12 +63,19 @@ def parse_tags(items: list[str]) -> dict[str, str]:
 
 def named_after_overrides(cfg, overrides: list[str]):
     """The config named after its YAML and the overrides (`digits_sfd student.nfe=3 loss.name=l2`), so that runs of
-    one YAML can be told apart in the MLflow UI; an override of `name` itself stands as given."""
+    one YAML can be told apart in the MLflow UI; an override of `name` itself stands as given. A path is shown by its
+    file name, and a name longer than a run name may be is cut short (the `sfd.overrides` tag keeps them whole)."""
     from sfd.config import replace
+    from sfd.config.validation import MAX_NAME_LENGTH
 
     if not overrides or any(o.partition("=")[0].strip() == "name" for o in overrides):
         return cfg
-    return replace(cfg, {"name": " ".join([cfg.name, *overrides])})
+    shown = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        shown.append(key + sep + (os.path.basename(value.rstrip("/")) if "/" in value else value))
+    name = " ".join([cfg.name, *shown])
+    return replace(cfg, {"name": name if len(name) <= MAX_NAME_LENGTH else name[:MAX_NAME_LENGTH - 1] + "…"})
 
 
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:

@@ -107,3 +107,21 @@ def test_a_worker_sends_its_count_a_few_times_a_second_and_always_the_last():
         bar.update(1)
     assert sent[0] == ("progress", "train", 1, 1000, "it") and sent[-1] == ("progress", "train", 1000, 1000, "it")
     assert len(sent) < 100  # not one message per iteration (the loop above takes far less than 50 s)
+
+
+def test_a_run_named_after_long_or_path_overrides_keeps_a_valid_name():
+    """A path in an override is shown by its file name and a name past the run-name bound is cut short, so an
+    override list that is valid config never makes the run's name invalid (a 312-character name was refused)."""
+    import importlib.util
+
+    from sfd.config import load_config
+    from sfd.config.validation import MAX_NAME_LENGTH
+
+    spec = importlib.util.spec_from_file_location("experiments_run_naming", RUN_ONE)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    cfg = load_config(str(GMM))
+    named = runner.named_after_overrides(cfg, ["teacher.path=/very/deep/folder/teacher.pkl", "student.nfe=3"])
+    assert named.name == "gmm_sfd teacher.path=teacher.pkl student.nfe=3"
+    many = [f"log.every={i}" for i in range(100)]
+    assert len(runner.named_after_overrides(cfg, many).name) == MAX_NAME_LENGTH
