@@ -26,6 +26,7 @@ from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, reference_grid
 from sfd.metrics.inception import FEATURE_DIM, InceptionFeatures, to_uint8
 from sfd.metrics.names import unfit_reason
 from sfd.sampling import GridSpec, generate
+from sfd.teachers.prompts import PromptConditioning
 
 FID_NUM_SAMPLES = 50_000
 SMALL_NUM_SAMPLES = 1_000
@@ -46,34 +47,46 @@ class Sampler:
     guidance: float = 1.0
     num_classes: int = 0
     solver_opts: dict = field(default_factory=dict)
+    # A text teacher's conditioning (sfd.teachers.prompts.PromptConditioning): seed i samples prompt i mod N,
+    # guided against the empty prompt's embedding.
+    prompts: PromptConditioning | None = None
 
     @property
     def nfe(self) -> int:
         """Network evaluations per sample; guidance != 1 evaluates the model twice per call."""
         n = solvers.nfe(self.solver, self.grid.num_steps, self.grid.afs)
-        return 2 * n if (self.num_classes and self.guidance != 1.0) else n
+        conditional = self.num_classes or self.prompts is not None
+        return 2 * n if (conditional and self.guidance != 1.0) else n
 
     def sample(self, seeds, shape, *, device, batch_size: int, precision: str = "fp32", class_labels=None):
         """Samples stay on `device`: metrics accumulate there without a host copy per batch."""
         return generate(self.net, self.grid, seeds, shape, solver=self.solver, num_classes=self.num_classes,
                         class_labels=class_labels, guidance=self.guidance, step=self.step,
                         batch_size=batch_size, device=device, precision=precision, solver_opts=self.solver_opts,
-                        output_device=device)
+                        output_device=device, **self.text_conditioning())
+
+    def text_conditioning(self) -> dict:
+        """`generate`'s condition / null_condition for a text teacher (nothing otherwise)."""
+        if self.prompts is None:
+            return {}
+        return {"condition": self.prompts.for_seeds, "null_condition": self.prompts.null()}
 
 
 def student_sampler(net, grid: GridSpec, *, step: int | None = None, guidance: float = 1.0,
-                    num_classes: int = 0) -> Sampler:
-    return Sampler(net=net, grid=grid, solver="euler", step=step, guidance=guidance, num_classes=num_classes)
+                    num_classes: int = 0, prompts: PromptConditioning | None = None) -> Sampler:
+    return Sampler(net=net, grid=grid, solver="euler", step=step, guidance=guidance, num_classes=num_classes,
+                   prompts=prompts)
 
 
 def solver_sampler(net, solver: str, nfe: int, *, afs: bool = False, schedule: str = "polynomial",
                    t_min: float = 0.002, t_max: float = 80.0, rho: float = 7.0, guidance: float = 1.0,
-                   num_classes: int = 0, solver_opts: dict | None = None) -> Sampler:
+                   num_classes: int = 0, solver_opts: dict | None = None,
+                   prompts: PromptConditioning | None = None) -> Sampler:
     """A teacher sampled with `solver` on the grid that costs exactly `nfe` evaluations."""
     grid = GridSpec(num_steps=solvers.num_steps_for_nfe(solver, nfe, afs), afs=afs, schedule=schedule,
                     t_min=t_min, t_max=t_max, rho=rho)
     return Sampler(net=net, grid=grid, solver=solver, guidance=guidance, num_classes=num_classes,
-                   solver_opts=dict(solver_opts or {}))
+                   solver_opts=dict(solver_opts or {}), prompts=prompts)
 
 
 @dataclass
@@ -168,6 +181,7 @@ def evaluate(
         seeds = list(range(lo, min(lo + batch_size, num_samples)))
         labels = None if class_labels is None else class_labels[lo:lo + len(seeds)]
         samples, cls = sample_batch(sampler, seeds, teacher.shape, device, batch_size, precision, labels)
+        samples = _images(teacher, samples)
         nonfinite += (~torch.isfinite(samples)).flatten(1).any(1).sum()
         samples = samples.clamp(-1, 1)  # keeps NaN, which the uint8 conversion would turn into black pixels
         if lo == 0:
@@ -187,7 +201,8 @@ def evaluate(
                                                nfe=gap_nfe, num_classes=sampler.num_classes,
                                                guidance=sampler.guidance, class_labels=labels,
                                                batch_size=batch_size, device=device, precision=precision,
-                                               output_device=device)
+                                               output_device=device, **sampler.text_conditioning())
+                cache[key] = _images(teacher, cache[key])
             ref = cache[key]
             gaps.append((lo, per_sample_rmse(samples, ref.clamp(-1, 1))))
         bar.update(len(seeds))
@@ -201,6 +216,12 @@ def evaluate(
     results = _finish(metrics, fid, kept, classes, gaps) if ranks.is_main else None
     return EvalResult(metrics=ranks.broadcast(results), grid_image=_sample_grid(first) if ranks.is_main else None,
                       num_samples=num_samples, seconds=time.perf_counter() - start)
+
+
+def _images(teacher, samples: torch.Tensor) -> torch.Tensor:
+    """What the metrics see: a latent teacher's samples decoded to images (NaN stays NaN), others as they are."""
+    decode = getattr(teacher, "decode", None)  # a stand-in teacher object may not have the field
+    return samples if decode is None else decode(samples)
 
 
 def _in_seed_order(ranks: Ranks, *pieces: list) -> list[list[torch.Tensor]]:

@@ -118,6 +118,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         "eval.gap_nfe": SMOKE_GAP_NFE,
         "log.every": SMOKE_ITERATIONS,
     }
+    if cfg.optim.micro_batch_size is not None:  # still accumulated: one trajectory per forward/backward
+        updates["optim.micro_batch_size"] = 1
     if cfg.compile or cfg.eval.compile:  # compiling would take longer than the one iteration it speeds up
         updates.update({"compile": False, "compile_mode": None, "eval.compile": False})
         notes[f"{TAG_SMOKE_NOTE}compile"] = "off (a one-iteration wiring check would spend its time compiling)"
@@ -149,9 +151,10 @@ def lpips_assets(cfg: RunConfig) -> dict[str, str]:
     return assets
 
 
-def _check_teacher_files(name: str, path: str | None, needs_data: bool = False) -> None:
+def _check_teacher_files(name: str, path: str | None, needs_data: bool = False, *, config: str | None = None,
+                         prompts: str | None = None, smoke: bool = False) -> None:
     try:
-        check_teacher_assets(name, path, needs_data=needs_data)
+        check_teacher_assets(name, path, needs_data=needs_data, config=config, prompts=prompts, smoke=smoke)
     except TeacherError as exc:  # a file that is there but is not this teacher's checkpoint
         raise ConfigError(str(exc)) from None
 
@@ -162,9 +165,10 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
     samples) is located (downloaded once from its run, or read from its snapshot) and its grid checked against
     the run's; `student_info` (a sampling.json-like dict with the `grid`) stands in for one that does not exist
     yet (a study row run earlier in the study)."""
+    t = cfg.teacher
+    _check_teacher_files(t.name, t.path, needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset",
+                         config=t.config, prompts=t.prompts, smoke=cfg.smoke)
     if not cfg.smoke:
-        _check_teacher_files(cfg.teacher.name, cfg.teacher.path,
-                             needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset")
         if "fid" in (cfg.eval.metrics or default_metrics(cfg.teacher.name)):
             dataset = teacher_spec(cfg.teacher.name).dataset
             if dataset not in FID_REFS:
@@ -178,7 +182,8 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
         student_info = saved_student_info(cfg, tracking_uri)
         # ours is rebuilt from its own teacher's checkpoint (a reference snapshot holds its whole network)
         if student_info["algorithm"] != REFERENCE_ALGORITHM and not student_info.get("smoke"):
-            _check_teacher_files(student_info["teacher"], student_info.get("teacher_path"))
+            _check_teacher_files(student_info["teacher"], student_info.get("teacher_path"),
+                                 config=student_info.get("teacher_config"), prompts=cfg.teacher.prompts)
     if cfg.algorithm == "second-stage":
         check_first_stage(cfg, student_info)
     else:
@@ -209,11 +214,12 @@ _TEACHER_CACHE: dict[tuple, Teacher] = {}
 def load_teacher(cfg: RunConfig, device) -> Teacher:
     """`sfd.teachers.get_teacher`, keeping the last teacher: a study's trials share it (it is frozen and never
     trained), so a checkpoint is read once per study, not once per trial."""
-    key = (cfg.teacher.name, cfg.teacher.path, str(device), cfg.smoke)
+    t = cfg.teacher
+    key = (t.name, t.path, t.config, t.prompts, str(device), cfg.smoke)
     if key not in _TEACHER_CACHE:
         _TEACHER_CACHE.clear()
         try:
-            _TEACHER_CACHE[key] = get_teacher(cfg.teacher.name, path=cfg.teacher.path, device=device,
+            _TEACHER_CACHE[key] = get_teacher(t.name, path=t.path, config=t.config, prompts=t.prompts, device=device,
                                               smoke=cfg.smoke)
         except EDMPickleError as exc:  # a checkpoint that is not this teacher's: bad input, not a failed run
             where = "teacher.path" if cfg.teacher.path else f"teacher {cfg.teacher.name}"

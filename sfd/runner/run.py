@@ -137,8 +137,10 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
         data = teacher.data(settings.batch_size, cfg.seed)  # the global batch: each rank keeps its rows
     callback = run.iteration_callback(afs=cfg.student.afs)
     t0 = time.perf_counter()
+    # a text teacher distils at guidance 1 (its conditional branch only): one random prompt per trajectory
+    conditioning = teacher.condition.draw if teacher.condition is not None else None
     net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
-                  ranks=ranks)
+                  conditioning=conditioning, ranks=ranks)
     train_s = time.perf_counter() - t0
     run.flush()
     metrics = {"train/wall_s": train_s, "train/device_hours": train_s * cfg.ddp / 3600.0}
@@ -168,11 +170,12 @@ def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, de
     if cfg.algorithm == "baseline":
         sampler = solver_sampler(net, cfg.solver.name, s.nfe, afs=s.afs, schedule=s.schedule,
                                  t_min=s.t_min, t_max=s.t_max, rho=s.rho, guidance=s.guidance,
-                                 num_classes=teacher.num_classes, solver_opts=cfg.solver.opts)
+                                 num_classes=teacher.num_classes, solver_opts=cfg.solver.opts,
+                                 prompts=teacher.condition)
     else:
         n = num_steps or cfg.num_steps
         sampler = student_sampler(net, grid_spec(cfg, n), step=n if step_condition else None,
-                                  guidance=s.guidance, num_classes=teacher.num_classes)
+                                  guidance=s.guidance, num_classes=teacher.num_classes, prompts=teacher.condition)
     e = cfg.eval
     result = evaluate(sampler, teacher, e.metrics, e.num_samples, batch_size=e.batch_size, device=device,
                       precision=cfg.precision, progress=progress, gap_solver=e.gap_solver, gap_nfe=e.gap_nfe,
