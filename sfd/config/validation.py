@@ -266,7 +266,7 @@ def _check_eval(cfg: RunConfig) -> None:
 def _check_metric_fits_teacher(key: str, metric: str, teacher: str) -> None:
     """A digits metric on other data, or class accuracy without classes, would fail only after training."""
     spec = teacher_spec(teacher)
-    reason = unfit_reason(metric, teacher, spec.dataset, spec.num_classes)
+    reason = unfit_reason(metric, teacher, spec.dataset, spec.num_classes, spec.text)
     if reason:
         raise ConfigError(f"{key}: {reason}; name a metric that teacher {teacher!r} supports, e.g. "
                           f"{spec.default_metric}")

@@ -18,13 +18,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from sfd.assets import CLIP_DOWNLOAD, CLIP_SCORE_HF_REPO, default_clip_folder
 from sfd.hf import CLIPConfig, CLIPModel, CLIPTokenizer, tiny_clip_tokenizer
 
-CLIP_SCORE_HF_REPO = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-__all__ = ["CLIPScorer", "clip_score", "tiny_clip_scorer", "CLIP_SCORE_HF_REPO"]
+__all__ = ["CLIPScorer", "clip_score", "tiny_clip_scorer", "default_clip_folder", "CLIP_SCORE_HF_REPO",
+           "CLIP_DOWNLOAD"]
 
 
 class CLIPScorer:

@@ -21,10 +21,11 @@ from sfd.assets import FID_REFS, require
 from sfd.compiling import runs_compiled
 from sfd.distributed import SINGLE, Ranks
 from sfd.metrics import digits
-from sfd.metrics.fd import FeatureStats, frechet_distance, load_stats
+from sfd.metrics.fd import FeatureStats, frechet_distance, load_reference_features, load_stats
 from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, reference_grid, teacher_reference
 from sfd.metrics.inception import FEATURE_DIM, InceptionFeatures, to_uint8
 from sfd.metrics.names import unfit_reason
+from sfd.metrics.prdc import PRDC_MAX_SAMPLES, digits_prdc, prdc
 from sfd.sampling import GridSpec, generate
 from sfd.teachers.prompts import PromptConditioning
 
@@ -104,24 +105,37 @@ def default_num_samples(teacher, metrics) -> int:
 def check_metrics(metrics, teacher, sampler: Sampler | None = None) -> None:
     """Clear errors before sampling: unknown names, digits metrics on other data, accuracy without classes."""
     for m in metrics:
-        reason = unfit_reason(m, teacher.name, teacher.dataset, teacher.num_classes)
+        reason = unfit_reason(m, teacher.name, teacher.dataset, teacher.num_classes,
+                              getattr(teacher, "condition", None) is not None)
         if reason:
             raise ValueError(reason)
 
 
-class _FID:
-    """Inception pool3 statistics of the samples vs the dataset's reference statistics (EDM's fid-refs)."""
+def reference_file(dataset: str, ref_path=None):
+    """The dataset's reference statistics file (`ref_path` overriding the registered one)."""
+    if dataset not in FID_REFS:
+        raise ValueError(f"no FID reference statistics are registered for dataset {dataset!r}")
+    return require(FID_REFS[dataset], path=ref_path)
 
-    def __init__(self, teacher, device, weights_path=None, ref_path=None):
-        if teacher.dataset not in FID_REFS:
-            raise ValueError(f"no FID reference statistics are registered for dataset {teacher.dataset!r}")
-        self.ref = load_stats(require(FID_REFS[teacher.dataset], path=ref_path))
+
+class _FID:
+    """Inception pool3 statistics of the samples vs the dataset's reference statistics (EDM's fid-refs); the
+    first PRDC_MAX_SAMPLES samples' features are kept too when PRDC is asked (`keep_features`)."""
+
+    def __init__(self, teacher, device, weights_path=None, ref_path=None, *, fid: bool = True,
+                 keep_features: bool = False):
+        self.ref = load_stats(reference_file(teacher.dataset, ref_path)) if fid else None
+        self.real = load_reference_features(reference_file(teacher.dataset, ref_path)) if keep_features else None
         self.features = InceptionFeatures(weights_path, device=device)
         self.stats = FeatureStats()
+        self.kept: list[tuple[int, torch.Tensor]] = []
         self.device = device
 
-    def update(self, samples: torch.Tensor) -> None:
-        self.stats.update(self.features(to_uint8(samples)))
+    def update(self, samples: torch.Tensor, first_seed: int = 0) -> None:
+        features = self.features(to_uint8(samples))
+        self.stats.update(features)
+        if self.real is not None and first_seed < PRDC_MAX_SAMPLES:
+            self.kept.append((first_seed, features[:PRDC_MAX_SAMPLES - first_seed].cpu()))
 
     def all_reduce(self, ranks: Ranks) -> None:
         self.stats.all_reduce(ranks, FEATURE_DIM, self.device)
@@ -153,6 +167,7 @@ def evaluate(
     fid_ref=None,
     class_labels=None,
     reference_cache: dict | None = None,
+    clip_scorer=None,  # a sfd.metrics.clip_score.CLIPScorer (not imported here: it imports transformers)
     ranks: Ranks = SINGLE,
 ) -> EvalResult:
     """Sample seeds 0..num_samples-1 and compute `metrics` (names of sfd.metrics.names.METRICS). Returns the
@@ -166,13 +181,22 @@ def evaluate(
     the digits samples, their classes and the teacher-gap values are gathered to rank 0 in seed order; rank 0
     computes the metrics and sends them to every rank. The grid image (the first batch) is rank 0's; other ranks
     get None.
+
+    A text teacher's samples are decoded to images first; `clip_score` scores them against each seed's prompt
+    with `clip_scorer`. `prdc` compares the first PRDC_MAX_SAMPLES samples' features (the reference's subsample
+    size) with the reference file's `features` (images), all 1,797 digits, or as many of the mixture's samples.
     """
     metrics = list(metrics)
     check_metrics(metrics, teacher, sampler)
+    if "clip_score" in metrics and clip_scorer is None:
+        raise ValueError("clip_score needs a CLIPScorer (sfd.metrics.clip_score)")
     num_samples = num_samples or default_num_samples(teacher, metrics)
-    fid = _FID(teacher, device, inception_weights, fid_ref) if "fid" in metrics else None  # fails early
+    image_prdc = "prdc" in metrics and teacher.dataset not in _OFFLINE_PRDC
+    fid = None
+    if "fid" in metrics or image_prdc:  # fails early
+        fid = _FID(teacher, device, inception_weights, fid_ref, fid="fid" in metrics, keep_features=image_prdc)
     start = time.perf_counter()
-    kept, classes, gaps, first = [], [], [], None  # kept, classes, gaps: (first seed, values) per batch
+    kept, classes, gaps, clips, first = [], [], [], [], None  # (first seed, values) per batch
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no sync per batch
     mine = range(0, num_samples, batch_size)[ranks.rank::ranks.world_size]
     bar = tqdm(total=sum(min(batch_size, num_samples - lo) for lo in mine), desc=f"evaluate (NFE {sampler.nfe})",
@@ -187,9 +211,11 @@ def evaluate(
         if lo == 0:
             first = samples.cpu()
         if fid is not None:
-            fid.update(samples)
-        if teacher.dataset == "digits":
+            fid.update(samples, lo)
+        if teacher.dataset in _OFFLINE_PRDC:
             kept.append((lo, samples.cpu()))
+        if clip_scorer is not None and "clip_score" in metrics:
+            clips.append((lo, clip_scorer.scores(samples, sampler.prompts.prompts_for_seeds(seeds)).double().cpu()))
         if cls is not None:
             classes.append((lo, cls.cpu()))
         if "teacher_gap" in metrics:
@@ -212,8 +238,16 @@ def evaluate(
                                     f"diverged at NFE {sampler.nfe}); no metric is computed from them")
     if fid is not None:
         fid.all_reduce(ranks)
-    kept, classes, gaps = _in_seed_order(ranks, kept, classes, [(lo, g.cpu()) for lo, g in gaps])
-    results = _finish(metrics, fid, kept, classes, gaps) if ranks.is_main else None
+    fid_kept = fid.kept if fid is not None else []
+    kept, classes, gaps, clips, fid_kept = _in_seed_order(ranks, kept, classes, [(lo, g.cpu()) for lo, g in gaps],
+                                                          clips, fid_kept)
+    results = None
+    if ranks.is_main:
+        results = _finish(metrics, fid, kept, classes, gaps)
+        if clips:
+            results["clip_score"] = float(torch.cat(clips).mean())
+        if "prdc" in metrics:
+            results.update(_prdc(teacher, kept, fid, fid_kept))
     return EvalResult(metrics=ranks.broadcast(results), grid_image=_sample_grid(first) if ranks.is_main else None,
                       num_samples=num_samples, seconds=time.perf_counter() - start)
 
@@ -247,9 +281,24 @@ def sample_batch(sampler: Sampler, seeds: list[int], shape, device, batch_size: 
     return samples[:n], (None if cls is None else cls[:n])
 
 
+_OFFLINE_PRDC = ("digits", "gmm")  # datasets whose PRDC needs no feature network download
+
+
+def _prdc(teacher, kept: list[torch.Tensor], fid: _FID | None, fid_kept: list[torch.Tensor]) -> dict[str, float]:
+    """PRDC of the first PRDC_MAX_SAMPLES samples: the digits classifier's features, a mixture's data space, or
+    Inception features against the reference file's."""
+    if teacher.dataset == "digits":
+        return digits_prdc(torch.cat(kept)[:PRDC_MAX_SAMPLES])
+    if teacher.dataset == "gmm":
+        fake = torch.cat(kept)[:PRDC_MAX_SAMPLES].flatten(1)
+        real = teacher.net.sample(len(fake), torch.Generator().manual_seed(0)).flatten(1)
+        return prdc(real.cpu(), fake)
+    return prdc(fid.real, torch.cat(fid_kept))
+
+
 def _finish(metrics, fid, kept, classes, gaps) -> dict[str, float]:
     out: dict[str, float] = {}
-    if fid is not None:
+    if fid is not None and fid.ref is not None:
         out["fid"] = fid.result()
     if kept:
         images = torch.cat(kept)

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from sfd.assets import FID_REFS, asset_path, file_version, require
+from sfd.assets import CLIP_DOWNLOAD, FID_REFS, asset_path, default_clip_folder, file_version, require
 from sfd.config import ConfigError, RunConfig, replace, validate
 from sfd.distributed import launched_world_size, local_world_size
 from sfd.losses import LPIPS_NETS
 from sfd.metrics.evaluate import default_num_samples
-from sfd.metrics.fd import check_reference_stats
+from sfd.metrics.fd import check_reference_stats, load_reference_features
 from sfd.metrics.inception import FEATURE_DIM, check_inception_weights
 from sfd.metrics.names import logged_keys, smoke_key, smoke_metric
 from sfd.runner.first_stage import check_first_stage
@@ -88,11 +88,11 @@ def _smoke_metrics(cfg: RunConfig, notes: dict[str, str]) -> list[str]:
     """The run's metrics with the smoke substitutes, each substitution noted."""
     metrics = []
     for m in cfg.eval.metrics or default_metrics(cfg.teacher.name):
-        sub = smoke_metric(m)
+        sub = smoke_metric(m, teacher_spec(cfg.teacher.name).dataset)
         if sub != m:
             notes[f"{TAG_SMOKE_NOTE}metric.{m}"] = (f"{sub} on {SMOKE_SAMPLES} samples against a {SMOKE_GAP_NFE}-NFE "
-                                                    "reference (FID needs Inception weights and 50k samples, and "
-                                                    "means nothing on a random teacher)")
+                                                    f"reference ({m} needs Inception weights and reference "
+                                                    "statistics, and means nothing on a random teacher)")
         if sub not in metrics:
             metrics.append(sub)
     return metrics
@@ -169,11 +169,7 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
     _check_teacher_files(t.name, t.path, needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset",
                          config=t.config, prompts=t.prompts, smoke=cfg.smoke)
     if not cfg.smoke:
-        if "fid" in (cfg.eval.metrics or default_metrics(cfg.teacher.name)):
-            dataset = teacher_spec(cfg.teacher.name).dataset
-            if dataset not in FID_REFS:
-                raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
-            check_fid_files(require("inception-2015-12-05"), require(FID_REFS[dataset]))
+        _check_metric_files(cfg)
         for asset in lpips_assets(cfg).values():
             require(asset)
     if cfg.saved_student is None:
@@ -188,6 +184,31 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
         check_first_stage(cfg, student_info)
     else:
         check_evaluated_student(cfg, student_info)
+
+
+def _check_metric_files(cfg: RunConfig) -> None:
+    """FID's and image PRDC's Inception weights and reference file (eval.reference or the registered one; PRDC
+    also needs its `features`), clip_score's CLIP folder."""
+    metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
+    dataset = teacher_spec(cfg.teacher.name).dataset
+    image_prdc = "prdc" in metrics and dataset not in ("digits", "gmm")
+    if "fid" in metrics or image_prdc:
+        if dataset not in FID_REFS:
+            raise ConfigError(f"eval.metrics: fid / prdc have no reference statistics for teacher "
+                              f"{cfg.teacher.name!r}")
+        reference = require(FID_REFS[dataset], path=cfg.eval.reference)
+        check_fid_files(require("inception-2015-12-05"), reference)
+        if image_prdc:
+            try:
+                load_reference_features(reference)
+            except ValueError as exc:
+                raise ConfigError(f"eval.metrics: prdc: {exc}") from None
+    if "clip_score" in metrics:
+        folder = Path(cfg.eval.clip_model or default_clip_folder()).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"eval.clip_model: no CLIP model at {folder} (no config.json); get it with "
+                              f"`{CLIP_DOWNLOAD}` (or give eval.clip_model a local CLIP folder)"
+                              " on a machine with network access")
 
 
 _CHECKED_FID_FILES: set[tuple] = set()

@@ -179,8 +179,20 @@ def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, de
     e = cfg.eval
     result = evaluate(sampler, teacher, e.metrics, e.num_samples, batch_size=e.batch_size, device=device,
                       precision=cfg.precision, progress=progress, gap_solver=e.gap_solver, gap_nfe=e.gap_nfe,
-                      reference_cache=reference_cache, ranks=ranks)
+                      fid_ref=e.reference, clip_scorer=clip_scorer(cfg, device), reference_cache=reference_cache,
+                      ranks=ranks)
     return result, sampler.nfe
+
+
+def clip_scorer(cfg: RunConfig, device):
+    """The CLIP model clip_score scores with: eval.clip_model or the default folder; a smoke run's random tiny
+    CLIP. None when the run does not compute clip_score."""
+    if "clip_score" not in cfg.eval.metrics:
+        return None
+    from sfd.metrics import clip_score
+    if cfg.smoke:
+        return clip_score.tiny_clip_scorer(seed=0, device=device)
+    return clip_score.CLIPScorer.from_folder(cfg.eval.clip_model or clip_score.default_clip_folder(), device=device)
 
 
 def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, progress: bool,
