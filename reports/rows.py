@@ -20,12 +20,17 @@ from reports.formatting import LOSS_NAMES, METHOD_NAMES, solver_name, to_bool, t
 from reports.paper import paper_row
 from sfd.metrics.names import QUALITY_KEYS, training_cost
 from sfd.study import shown_trial
+from sfd.teachers.reference import is_reference_snapshot
 from sfd.tracking import TAG_ERROR, TAG_ROW, TAG_SMOKE_NOTE
 
 # The table group of each algorithm, as the paper groups its comparison tables.
 ALGORITHM_GROUP = {"sfd": "sfd", "sfd-v": "sfd-v", "sfdv": "sfd-v", "second-stage": "second-stage",
                    "second_stage": "second-stage", "vanilla": "distillation", "baseline": "solver",
                    "solver": "solver", "none": "solver"}
+# The group of a row that evaluates a student the SFD reference implementation trained (its .pkl snapshot);
+# placed last in the comparison table (reports.tables).
+REFERENCE_GROUP = "reference"
+REFERENCE_GROUP_LABEL = "Reference-trained students (the SFD reference implementation's checkpoints)"
 # A run's status read as a trial state, for runs whose trial is not on record.
 RUN_STATES = {"FINISHED": TrialState.COMPLETE, "RUNNING": TrialState.RUNNING, "SCHEDULED": TrialState.RUNNING}
 
@@ -217,15 +222,20 @@ def row_labels(row: dict, params: dict) -> dict:
         value = pick(field_, *keys)
         return names(value) if value is not None and row.get(field_) is None else value
 
+    algo = str(rp.get("algorithm", "")).lower()
+    evaluates = algo == "evaluate"  # samples a saved student: the run's solver and loss were never used
     group = row.get("group")
-    if group is None:
-        algo = str(rp.get("algorithm", "")).lower()
+    if group is None and evaluates:  # whose student: the reference's snapshot, or one of ours (an SFD student)
+        group = REFERENCE_GROUP if is_reference_snapshot(rp.get("evaluate.student")) else "sfd"
+    elif group is None:
         group = ALGORITHM_GROUP.get(algo) if algo else None
     return {"method": named("method", lambda v: METHOD_NAMES.get(str(v).lower(), v), "algorithm"),
-            "teacher": named("teacher", solver_name, "solver.name", "teacher.solver"),
+            "teacher": row.get("teacher") if evaluates else named("teacher", solver_name, "solver.name",
+                                                                  "teacher.solver"),
             "t_min": to_float(pick("t_min", "student.t_min")),
             "afs": to_bool(row["afs"] if "afs" in row else pick("afs", "student.afs")),
-            "loss": named("loss", lambda v: LOSS_NAMES.get(str(v).lower(), v), "loss.name"),
+            "loss": row.get("loss") if evaluates else named("loss", lambda v: LOSS_NAMES.get(str(v).lower(), v),
+                                                            "loss.name"),
             "nfe": to_int(pick("nfe", "student.nfe", "nfe")), "group": group,
             "guidance": to_float(pick("guidance", "student.guidance"))}
 

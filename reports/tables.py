@@ -14,11 +14,12 @@ import pandas as pd
 from reports.formatting import (canon, fmt_afs, fmt_delta, fmt_hours, fmt_paper, fmt_run_id, fmt_tmin, fmt_value,
                                 is_num, to_float)
 from reports.loading import StudyData
+from reports.rows import REFERENCE_GROUP, REFERENCE_GROUP_LABEL
 from sfd.metrics.names import QUALITY_KEYS
 
 # The ablation table's label columns (the factors the paper varies).
 FACTORS = ("method", "teacher", "t_min", "afs", "loss", "nfe", "guidance")
-GROUP_ORDER = ("solver", "distillation", "sfd", "sfd-v", "second-stage")
+GROUP_ORDER = ("solver", "distillation", "sfd", "sfd-v", "second-stage", REFERENCE_GROUP)
 # A reason longer than this is given in full under its table, not cut off inside the value column.
 REASON_IN_CELL = 90
 UNDER_THE_TABLE = "see under the table"
@@ -174,7 +175,7 @@ def comparison_table(data: StudyData) -> pd.DataFrame:
     (methods we did not run) are labelled 'paper', and the paper's SFD-v NFE that our SFD-v model was not
     evaluated at 'not evaluated'."""
     ours = data.rows.to_dict("records")
-    labels = data.paper.get("groups", {})
+    labels = {**data.paper.get("groups", {}), REFERENCE_GROUP: REFERENCE_GROUP_LABEL}
     hours_col = "ours device-h" + seed_mean_label(data)
     out = []
     for e in _comparison_entries(data):

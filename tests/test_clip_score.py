@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sfd.metrics.clip_score import CLIPScorer, clip_score
-from sfd.teachers.stable_diffusion import _tiny_tokenizer
+from sfd.hf import tiny_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")  # a declared dependency: skipped only in a broken environment
 
@@ -19,7 +19,7 @@ PROMPTS = ["a red bicycle", "two dogs on a beach", "a bowl of oranges", "a snowy
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    tok = _tiny_tokenizer()
+    tok = tiny_clip_tokenizer()
     text = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)

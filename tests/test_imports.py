@@ -17,6 +17,10 @@ LAZY_IMPORTS = {
         "the speed tools import sfd.distill -> sfd.losses on GPU machines that hold PyTorch but not lpips",
     ("sfd/metrics/inception.py", "_build_network", "torch_fidelity.feature_extractor_inceptionv3"):
         "`sfd.bench sample` imports sfd.metrics.evaluate on GPU machines that hold PyTorch but not torch-fidelity",
+    ("sfd/runner/run.py", "clip_scorer", "sfd.metrics"):
+        "transformers takes ~2 s to import: only a run that computes clip_score pays for it",
+    ("sfd/teachers/registry.py", "_stable_diffusion_module", "sfd.teachers"):
+        "diffusers and transformers take ~2 s to import: only a run with a Stable Diffusion teacher pays for them",
 }
 
 

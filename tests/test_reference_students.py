@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from reports.build import comparison_table, load_study_data
+from reports.rows import row_labels
 
 from checkpoint_writers import (
     REFERENCE_TRAINING_KWARGS, adm_kwargs, outputs, pickle_globals, randomize, reference_network,
@@ -251,8 +252,6 @@ def test_a_reference_student_is_a_row_of_a_comparison_study(tmp_path, fakes, sto
     assert run.data.metrics["nfe"] == 2 and run.data.params["student.afs"] == "True"
 
 
-@pytest.mark.xfail(strict=True, reason="reports port pending: the 'reference' group, its label and its place in "
-                                       "the comparison table are ported to reports/ after its split")
 def test_a_reference_student_has_its_own_group_in_the_comparison_table(tmp_path, fakes, stores):
     _, spec = reference_study(tmp_path, fakes)
     out = run_study(str(spec), quiet=True)
@@ -263,3 +262,15 @@ def test_a_reference_student_has_its_own_group_in_the_comparison_table(tmp_path,
     assert len(row) == 1 and row["Group"].iloc[0].startswith("Reference-trained students")
     assert row["Source"].iloc[0] == "ours" and run.info.run_id in row["run id"].iloc[0]
     assert list(table["Group"])[-1].startswith("Reference-trained")  # its own group, after the paper's
+
+
+def test_an_evaluate_row_takes_its_group_from_whose_student_it_samples_and_shows_no_solver_or_loss():
+    """Without a `group:` in the YAML, the logged evaluate.student says it: a .pkl snapshot is the reference's,
+    anything else one of our SFD students; the run's solver.* / loss.* were never used, so they are not shown."""
+    params = {"algorithm": "evaluate", "solver.name": "dpmpp3m", "loss.name": "l1", "student.nfe": "2"}
+    reference = row_labels({}, {**params, "evaluate.student": "/x/network-snapshot-000200.pkl"})
+    ours = row_labels({}, {**params, "evaluate.student": "0123abcd"})
+    trained = row_labels({}, {**params, "algorithm": "sfd"})
+    assert (reference["group"], ours["group"], trained["group"]) == ("reference", "sfd", "sfd")
+    assert reference["teacher"] is None and reference["loss"] is None and ours["teacher"] is None
+    assert trained["teacher"] == "DPM++(3M)" and trained["loss"] == "L1"

@@ -6,6 +6,7 @@ Everything runs on the analytic GMM teacher at a few iterations, except the last
 import os
 import re
 import signal
+import math
 import subprocess
 import sys
 import time
@@ -456,6 +457,35 @@ def test_ablation_cifar_smoke_cli_end_to_end(tmp_path):
     lpips = next(t for t in study.trials if t.user_attrs["row"] == "sfd-dpmpp3m-0.006-afs-lpips")
     assert client.get_run(lpips.user_attrs["mlflow_run_id"]).data.params["loss.name"] == "l2"
     assert report.count("LPIPS (smoke run trained L2: weights not installed)") >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_guidance_sd15_smoke_cli_end_to_end(tmp_path):
+    """`python studies/run.py guidance_sd15 --smoke` on the tiny random SD built from config (~20 s): one student
+    distilled at w = 1 with text conditioning, then sampled at w = 4 and 7.5 by evaluate rows reading it; CLIP
+    score from a random tiny CLIP; the report. Not a result."""
+    runs = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(RUN_PY), "guidance_sd15", "--smoke", "--out", str(tmp_path / "report")],
+                          env=_env(runs), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tracking, storage = _uris(runs)
+    study = optuna.load_study(study_name="guidance_sd15-smoke", storage=storage)
+    assert [t.user_attrs["row"] for t in study.trials] == ["guidance-1", "guidance-4", "guidance-7.5"]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    client = MlflowClient(tracking)
+    runs_ = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in study.trials]
+    distilled = runs_[0]
+    assert distilled.data.params["algorithm"] == "sfd" and distilled.data.params["teacher.name"] == "sd-v1-5"
+    for run, guidance, nfe in zip(runs_, (1.0, 4.0, 7.5), (4, 8, 8)):
+        assert float(run.data.params["student.guidance"]) == guidance and run.data.metrics["nfe"] == nfe
+        assert math.isfinite(run.data.metrics["clip_score"]) and "teacher_gap" in run.data.tags["sfd.smoke.metric.fid"]
+    for run in runs_[1:]:  # sampled from the distilled row's student, not trained again
+        assert run.data.params["algorithm"] == "evaluate" and run.data.metrics["train/wall_s"] == 0
+        assert run.data.tags["sfd.evaluated_student"] == distilled.info.run_id
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| 7.5 | 8 |" in report and "clip_score" in report
+    assert (tmp_path / "report" / "figures" / "sample_grids.png").is_file()
 
 
 @pytest.mark.parametrize("name,lr", [("comparison_cifar", 5e-5), ("comparison_imagenet64", 1e-5)])

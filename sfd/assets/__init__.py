@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "Asset", "AssetError", "UnknownAssetError", "MissingAssetError", "AssetDownloadError", "AssetChecksumError",
     "ASSETS", "FID_REFS", "register", "unregister", "get", "sfd_home", "torch_hub_checkpoints", "asset_path", "require",
-    "fetch", "verify", "shipped_weights",
+    "fetch", "verify", "shipped_weights", "CLIP_SCORE_HF_REPO", "CLIP_DOWNLOAD", "default_clip_folder",
 ]
 
 EDM_PRETRAINED = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -180,13 +180,30 @@ for _asset in (
           url="https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/"
               "MS-COCO_val2014_30k_captions.csv", subdir="prompts",
           description="the MS-COCO val2014 30k captions SD's FID-30k and CLIP score use (columns image_id, text)"),
+    Asset(name="fid-ref-coco2014-30k", filename="coco2014-30k-512.npz", url="", subdir="fid-refs",
+          description="Inception statistics (+ PRDC features) of 30k MS-COCO val2014 images at 512x512, Stable "
+                      "Diffusion's FID-30k reference; built locally, not downloaded",
+          how_to_get="build it from the local MS-COCO val2014 images with `python -m sfd.metrics.reference build "
+                     "IMAGES_DIR OUT.npz` and give OUT.npz as eval.reference or put it here"),
 ):
     register(_asset)
 del _asset
 
+# CLIP score's model (the reference's open_clip ViT-g-14 LAION-2B, as its transformers port): a folder, not one
+# file, so not an Asset; a run looks for it in default_clip_folder() unless eval.clip_model names one.
+CLIP_SCORE_HF_REPO = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
+CLIP_DOWNLOAD = f"huggingface-cli download {CLIP_SCORE_HF_REPO} --local-dir $SFD_HOME/clip/{CLIP_SCORE_HF_REPO.split('/')[1]}"
+
+
+def default_clip_folder() -> Path:
+    """Where a run looks for the CLIP-score model when eval.clip_model is null: $SFD_HOME/clip/<the model>."""
+    return sfd_home() / "clip" / CLIP_SCORE_HF_REPO.split("/")[1]
+
+
 # FID reference statistics by the dataset a teacher models (sfd.teachers.TeacherSpec.dataset).
 FID_REFS = {"cifar10": "fid-ref-cifar10-32x32", "imagenet64": "fid-ref-imagenet-64x64",
-            "ffhq64": "fid-ref-ffhq-64x64", "afhqv2-64": "fid-ref-afhqv2-64x64"}
+            "ffhq64": "fid-ref-ffhq-64x64", "afhqv2-64": "fid-ref-afhqv2-64x64",
+            "coco2014-30k": "fid-ref-coco2014-30k"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,6 +218,8 @@ def asset_path(name: str) -> Path | None:
 
 
 def _how_to_get(asset: Asset) -> str:
+    if not asset.url:  # built locally
+        return f"{asset.how_to_get} ({asset.fetch_dir()}); set SFD_HOME to use another asset folder"
     extra = f" ({asset.how_to_get})" if asset.how_to_get else ""
     return (f"get it with `python -m sfd.assets fetch {asset.name}`, or download {asset.url} by hand into "
             f"{asset.fetch_dir()}{extra}; set SFD_HOME to use another asset folder")
@@ -350,6 +369,8 @@ def fetch(name: str, dest_dir: str | os.PathLike | None = None, url: str | None 
     """
     asset = get(name)
     url = url or asset.url
+    if not url:
+        raise AssetDownloadError(f"asset '{name}' is not a download: {asset.how_to_get}")
     dest = Path(dest_dir).expanduser() if dest_dir is not None else asset.fetch_dir()
     final = dest / asset.filename
     if final.is_file() and not force:

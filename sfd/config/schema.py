@@ -39,7 +39,15 @@ class ConfigError(ValueError):
 @dataclass
 class TeacherConfig:
     name: str = "digits"  # see sfd.teachers.TEACHERS
-    path: str | None = None  # checkpoint file overriding the named asset's location
+    # An EDM teacher's checkpoint file, or a Stable Diffusion teacher's diffusers folder or single checkpoint
+    # file, overriding the named asset's location.
+    path: str | None = None
+    # Stable Diffusion: the diffusers folder whose configs and tokenizer go with a single checkpoint file (null:
+    # sfd.teachers.registry.SD15_CONFIG_DIR).
+    config: str | None = None
+    # Text-conditioned teachers: the prompts file, a captions CSV (`text` column) or one prompt per line (null:
+    # the MS-COCO 30k captions asset; a smoke run: the shipped smoke prompts).
+    prompts: str | None = None
 
 
 @dataclass
@@ -81,6 +89,9 @@ class OptimConfig:
     lr_decay_factor: float = 10.0
     total_kimg: float = 200.0
     batch_size: int = 128
+    # Trajectories per forward/backward (gradient accumulation within each student step); null: the whole batch
+    # (of this process, under DDP). It changes memory, not the result (up to float rounding).
+    micro_batch_size: int | None = None
     nan_check_every: int = 50
 
 
@@ -116,6 +127,11 @@ class EvalConfig:
     batch_size: int = 256
     gap_solver: str = "dpmpp3m"
     gap_nfe: int = 50
+    # FID reference statistics (.npz: mu, sigma; PRDC also reads its `features`) overriding the dataset's
+    # registered file (sfd.assets.FID_REFS); build one with `python -m sfd.metrics.reference build`.
+    reference: str | None = None
+    # clip_score: a local transformers CLIP folder (null: sfd.metrics.clip_score.default_clip_folder()).
+    clip_model: str | None = None
     # torch.compile the sampled network (with the run's compile_mode). Off by default: at NFE 2 compiling the
     # eval-mode graph costs more than it saves over 50k samples (measure with `sfd.bench sample --compile`).
     compile: bool = False

@@ -39,6 +39,7 @@ def to_settings(cfg: RunConfig, *, num_classes: int = 0, teacher_afs: bool | Non
         lr_decay_at=o.lr_decay_at,
         lr_decay_factor=o.lr_decay_factor,
         batch_size=o.batch_size,
+        micro_batch_size=o.micro_batch_size,
         total_kimg=o.total_kimg,
         num_classes=num_classes,
         precision=cfg.precision,

@@ -183,11 +183,22 @@ def _check_teacher(cfg: RunConfig) -> None:
     except TeacherError:
         raise ConfigError(f"teacher.name: got {t.name!r}; allowed: {', '.join(TEACHERS)}"
                           + _suggest(t.name, TEACHERS)) from None
-    if t.path is not None and spec.source != "checkpoint":  # it would be logged as if it had been used
+    if t.path is not None and spec.source not in ("checkpoint", "diffusers"):  # it would be logged as if used
         raise ConfigError(f"teacher.path: got {t.path!r}; teacher {t.name!r} is {spec.source}, so teacher.path "
-                          "does not apply (it names the checkpoint of an EDM teacher); use teacher.path=null")
-    if t.path is not None and not cfg.smoke and not Path(t.path).expanduser().exists():
-        raise ConfigError(f"teacher.path: got {t.path!r}; the file does not exist")
+                          "does not apply (it names the checkpoint of an EDM teacher or Stable Diffusion's diffusers "
+                          "folder or file); use teacher.path=null")
+    if t.config is not None and spec.source != "diffusers":
+        raise ConfigError(f"teacher.config: got {t.config!r}; it names the diffusers folder of a Stable Diffusion "
+                          f"single-file checkpoint, and teacher {t.name!r} is {spec.source}; use teacher.config=null")
+    if t.prompts is not None and not spec.text:
+        raise ConfigError(f"teacher.prompts: got {t.prompts!r}; teacher {t.name!r} is not text-conditioned; use "
+                          "teacher.prompts=null")
+    for key, value, what in (("teacher.path", t.path, "the file or folder"), ("teacher.config", t.config, "the folder"),
+                             ("teacher.prompts", t.prompts, "the file")):
+        if value is not None and not cfg.smoke and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: got {value!r}; {what} does not exist")
+    if t.prompts is not None and cfg.smoke and not Path(t.prompts).expanduser().is_file():
+        raise ConfigError(f"teacher.prompts: got {t.prompts!r}; the file does not exist")
 
 
 def _check_student(cfg: RunConfig) -> None:
@@ -202,9 +213,19 @@ def _check_student(cfg: RunConfig) -> None:
                           "need 0 < t_min < t_max")
     _positive("student.rho", s.rho)
     _positive("student.guidance", s.guidance, strict=False)
-    if s.guidance != 1.0 and not teacher_spec(cfg.teacher.name).num_classes:
+    spec = teacher_spec(cfg.teacher.name)
+    if s.guidance != 1.0 and not (spec.num_classes or spec.text):
         raise ConfigError(f"student.guidance: got {s.guidance}; teacher {cfg.teacher.name!r} is unconditional, so "
                           "classifier-free guidance does not apply (use 1.0)")
+    if spec.t_max is not None and not spec.t_min * (1 - 1e-6) <= s.t_min < s.t_max <= spec.t_max * (1 + 1e-6):
+        raise ConfigError(f"student.t_min / student.t_max: got t_min={s.t_min!r}, t_max={s.t_max!r}; teacher "
+                          f"{cfg.teacher.name!r} is defined on its discrete noise levels from {spec.t_min} to "
+                          f"{spec.t_max} only (spec §11: student.schedule=discrete student.t_min={spec.t_min} "
+                          f"student.t_max={spec.t_max})")
+    if s.schedule == "discrete" and spec.t_max is None:
+        raise ConfigError(f"student.schedule: got 'discrete'; it is spaced in the model time of a discrete-time "
+                          f"teacher (Stable Diffusion), and {cfg.teacher.name!r} is a continuous-time one; use "
+                          "polynomial, logsnr or time_uniform")
 
 
 def _check_solver(cfg: RunConfig) -> None:
@@ -245,6 +266,10 @@ def _check_optim(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr_decay_at: got {o.lr_decay_at!r}; a fraction of the budget in [0, 1]")
     _positive("optim.lr_decay_factor", o.lr_decay_factor)
     _at_least_one("optim.nan_check_every", o.nan_check_every)
+    per_process = o.batch_size // cfg.ddp
+    if o.micro_batch_size is not None and not 1 <= o.micro_batch_size <= per_process:
+        raise ConfigError(f"optim.micro_batch_size: got {o.micro_batch_size!r}; trajectories per forward/backward "
+                          f"must be between 1 and the batch of one process ({per_process}), or null for all of it")
     _at_least_one("log.every", cfg.log.every)
 
 
@@ -260,6 +285,9 @@ def _check_eval(cfg: RunConfig) -> None:
                           "50,000), or null for the default")
     _at_least_one("eval.batch_size", e.batch_size)
     _at_most("eval.batch_size", e.batch_size, MAX_BATCH, "samples per batch")
+    for key, value in (("eval.reference", e.reference), ("eval.clip_model", e.clip_model)):
+        if value is not None and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: got {value!r}; it does not exist")
     _choice("eval.gap_solver", e.gap_solver, sorted(SOLVERS))
     _at_most("eval.gap_nfe", e.gap_nfe, MAX_NFE, "evaluations of the teacher's reference solution; default 50")
     try:
@@ -271,7 +299,7 @@ def _check_eval(cfg: RunConfig) -> None:
 def _check_metric_fits_teacher(key: str, metric: str, teacher: str) -> None:
     """A digits metric on other data, or class accuracy without classes, would fail only after training."""
     spec = teacher_spec(teacher)
-    reason = unfit_reason(metric, teacher, spec.dataset, spec.num_classes)
+    reason = unfit_reason(metric, teacher, spec.dataset, spec.num_classes, spec.text)
     if reason:
         raise ConfigError(f"{key}: {reason}; name a metric that teacher {teacher!r} supports, e.g. "
                           f"{spec.default_metric}")

@@ -18,13 +18,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sfd.hf import CLIPModel, CLIPTokenizer
+from sfd.assets import CLIP_DOWNLOAD, CLIP_SCORE_HF_REPO, default_clip_folder
+from sfd.hf import CLIPConfig, CLIPModel, CLIPTokenizer, tiny_clip_tokenizer
 
-CLIP_SCORE_HF_REPO = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-__all__ = ["CLIPScorer", "clip_score", "CLIP_SCORE_HF_REPO"]
+__all__ = ["CLIPScorer", "clip_score", "tiny_clip_scorer", "default_clip_folder", "CLIP_SCORE_HF_REPO",
+           "CLIP_DOWNLOAD"]
 
 
 class CLIPScorer:
@@ -104,3 +105,19 @@ def clip_score(scorer: CLIPScorer, images: torch.Tensor, prompts: Sequence[str],
         batch = images[start:start + batch_size]
         total += scorer.scores(batch, prompts[start:start + batch_size]).double().sum().cpu()
     return float(total / len(images))
+
+
+def tiny_clip_scorer(seed: int = 0, device: str | torch.device = "cpu") -> CLIPScorer:
+    """A randomly initialised CLIP of transformers' classes, shrunk for a CPU (2-layer text and vision towers of
+    width 16, 32x32 crops, 8-d projections), built from config: what a smoke run scores with in place of local
+    CLIP weights, so the CLIP-score wiring runs; its numbers mean nothing."""
+    tokenizer = tiny_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    return CLIPScorer(model.to(device), tokenizer)

@@ -20,12 +20,14 @@ from sfd.assets import FID_REFS, require
 from sfd.compiling import runs_compiled
 from sfd.distributed import SINGLE, Ranks
 from sfd.metrics import digits
-from sfd.metrics.fd import FeatureStats, frechet_distance, load_stats
+from sfd.metrics.fd import FeatureStats, frechet_distance, load_reference_features, load_stats
 from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, reference_grid, teacher_reference
 from sfd.metrics.inception import FEATURE_DIM, InceptionFeatures, to_uint8
 from sfd.metrics.names import unfit_reason
 from sfd.progress import Bars
+from sfd.metrics.prdc import PRDC_MAX_SAMPLES, digits_prdc, prdc
 from sfd.sampling import GridSpec, generate
+from sfd.teachers.prompts import PromptConditioning
 
 FID_NUM_SAMPLES = 50_000
 SMALL_NUM_SAMPLES = 1_000
@@ -46,34 +48,46 @@ class Sampler:
     guidance: float = 1.0
     num_classes: int = 0
     solver_opts: dict = field(default_factory=dict)
+    # A text teacher's conditioning (sfd.teachers.prompts.PromptConditioning): seed i samples prompt i mod N,
+    # guided against the empty prompt's embedding.
+    prompts: PromptConditioning | None = None
 
     @property
     def nfe(self) -> int:
         """Network evaluations per sample; guidance != 1 evaluates the model twice per call."""
         n = solvers.nfe(self.solver, self.grid.num_steps, self.grid.afs)
-        return 2 * n if (self.num_classes and self.guidance != 1.0) else n
+        conditional = self.num_classes or self.prompts is not None
+        return 2 * n if (conditional and self.guidance != 1.0) else n
 
     def sample(self, seeds, shape, *, device, batch_size: int, precision: str = "fp32", class_labels=None):
         """Samples stay on `device`: metrics accumulate there without a host copy per batch."""
         return generate(self.net, self.grid, seeds, shape, solver=self.solver, num_classes=self.num_classes,
                         class_labels=class_labels, guidance=self.guidance, step=self.step,
                         batch_size=batch_size, device=device, precision=precision, solver_opts=self.solver_opts,
-                        output_device=device)
+                        output_device=device, **self.text_conditioning())
+
+    def text_conditioning(self) -> dict:
+        """`generate`'s condition / null_condition for a text teacher (nothing otherwise)."""
+        if self.prompts is None:
+            return {}
+        return {"condition": self.prompts.for_seeds, "null_condition": self.prompts.null()}
 
 
 def student_sampler(net, grid: GridSpec, *, step: int | None = None, guidance: float = 1.0,
-                    num_classes: int = 0) -> Sampler:
-    return Sampler(net=net, grid=grid, solver="euler", step=step, guidance=guidance, num_classes=num_classes)
+                    num_classes: int = 0, prompts: PromptConditioning | None = None) -> Sampler:
+    return Sampler(net=net, grid=grid, solver="euler", step=step, guidance=guidance, num_classes=num_classes,
+                   prompts=prompts)
 
 
 def solver_sampler(net, solver: str, nfe: int, *, afs: bool = False, schedule: str = "polynomial",
                    t_min: float = 0.002, t_max: float = 80.0, rho: float = 7.0, guidance: float = 1.0,
-                   num_classes: int = 0, solver_opts: dict | None = None) -> Sampler:
+                   num_classes: int = 0, solver_opts: dict | None = None,
+                   prompts: PromptConditioning | None = None) -> Sampler:
     """A teacher sampled with `solver` on the grid that costs exactly `nfe` evaluations."""
     grid = GridSpec(num_steps=solvers.num_steps_for_nfe(solver, nfe, afs), afs=afs, schedule=schedule,
                     t_min=t_min, t_max=t_max, rho=rho)
     return Sampler(net=net, grid=grid, solver=solver, guidance=guidance, num_classes=num_classes,
-                   solver_opts=dict(solver_opts or {}))
+                   solver_opts=dict(solver_opts or {}), prompts=prompts)
 
 
 @dataclass
@@ -91,24 +105,37 @@ def default_num_samples(teacher, metrics) -> int:
 def check_metrics(metrics, teacher, sampler: Sampler | None = None) -> None:
     """Clear errors before sampling: unknown names, digits metrics on other data, accuracy without classes."""
     for m in metrics:
-        reason = unfit_reason(m, teacher.name, teacher.dataset, teacher.num_classes)
+        reason = unfit_reason(m, teacher.name, teacher.dataset, teacher.num_classes,
+                              getattr(teacher, "condition", None) is not None)
         if reason:
             raise ValueError(reason)
 
 
-class _FID:
-    """Inception pool3 statistics of the samples vs the dataset's reference statistics (EDM's fid-refs)."""
+def reference_file(dataset: str, ref_path=None):
+    """The dataset's reference statistics file (`ref_path` overriding the registered one)."""
+    if dataset not in FID_REFS:
+        raise ValueError(f"no FID reference statistics are registered for dataset {dataset!r}")
+    return require(FID_REFS[dataset], path=ref_path)
 
-    def __init__(self, teacher, device, weights_path=None, ref_path=None):
-        if teacher.dataset not in FID_REFS:
-            raise ValueError(f"no FID reference statistics are registered for dataset {teacher.dataset!r}")
-        self.ref = load_stats(require(FID_REFS[teacher.dataset], path=ref_path))
+
+class _FID:
+    """Inception pool3 statistics of the samples vs the dataset's reference statistics (EDM's fid-refs); the
+    first PRDC_MAX_SAMPLES samples' features are kept too when PRDC is asked (`keep_features`)."""
+
+    def __init__(self, teacher, device, weights_path=None, ref_path=None, *, fid: bool = True,
+                 keep_features: bool = False):
+        self.ref = load_stats(reference_file(teacher.dataset, ref_path)) if fid else None
+        self.real = load_reference_features(reference_file(teacher.dataset, ref_path)) if keep_features else None
         self.features = InceptionFeatures(weights_path, device=device)
         self.stats = FeatureStats()
+        self.kept: list[tuple[int, torch.Tensor]] = []
         self.device = device
 
-    def update(self, samples: torch.Tensor) -> None:
-        self.stats.update(self.features(to_uint8(samples)))
+    def update(self, samples: torch.Tensor, first_seed: int = 0) -> None:
+        features = self.features(to_uint8(samples))
+        self.stats.update(features)
+        if self.real is not None and first_seed < PRDC_MAX_SAMPLES:
+            self.kept.append((first_seed, features[:PRDC_MAX_SAMPLES - first_seed].cpu()))
 
     def all_reduce(self, ranks: Ranks) -> None:
         self.stats.all_reduce(ranks, FEATURE_DIM, self.device)
@@ -140,6 +167,7 @@ def evaluate(
     fid_ref=None,
     class_labels=None,
     reference_cache: dict | None = None,
+    clip_scorer=None,  # a sfd.metrics.clip_score.CLIPScorer (not imported here: it imports transformers)
     ranks: Ranks = SINGLE,
 ) -> EvalResult:
     """Sample seeds 0..num_samples-1 and compute `metrics` (names of sfd.metrics.names.METRICS). Returns the
@@ -153,13 +181,22 @@ def evaluate(
     the digits samples, their classes and the teacher-gap values are gathered to rank 0 in seed order; rank 0
     computes the metrics and sends them to every rank. The grid image (the first batch) is rank 0's; other ranks
     get None.
+
+    A text teacher's samples are decoded to images first; `clip_score` scores them against each seed's prompt
+    with `clip_scorer`. `prdc` compares the first PRDC_MAX_SAMPLES samples' features (the reference's subsample
+    size) with the reference file's `features` (images), all 1,797 digits, or as many of the mixture's samples.
     """
     metrics = list(metrics)
     check_metrics(metrics, teacher, sampler)
+    if "clip_score" in metrics and clip_scorer is None:
+        raise ValueError("clip_score needs a CLIPScorer (sfd.metrics.clip_score)")
     num_samples = num_samples or default_num_samples(teacher, metrics)
-    fid = _FID(teacher, device, inception_weights, fid_ref) if "fid" in metrics else None  # fails early
+    image_prdc = "prdc" in metrics and teacher.dataset not in _OFFLINE_PRDC
+    fid = None
+    if "fid" in metrics or image_prdc:  # fails early
+        fid = _FID(teacher, device, inception_weights, fid_ref, fid="fid" in metrics, keep_features=image_prdc)
     start = time.perf_counter()
-    kept, classes, gaps, first = [], [], [], None  # kept, classes, gaps: (first seed, values) per batch
+    kept, classes, gaps, clips, first = [], [], [], [], None  # (first seed, values) per batch
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no sync per batch
     mine = range(0, num_samples, batch_size)[ranks.rank::ranks.world_size]
     bar = (progress(f"evaluate (NFE {sampler.nfe})", sum(min(batch_size, num_samples - lo) for lo in mine), "sample")
@@ -168,14 +205,17 @@ def evaluate(
         seeds = list(range(lo, min(lo + batch_size, num_samples)))
         labels = None if class_labels is None else class_labels[lo:lo + len(seeds)]
         samples, cls = sample_batch(sampler, seeds, teacher.shape, device, batch_size, precision, labels)
+        samples = _images(teacher, samples)
         nonfinite += (~torch.isfinite(samples)).flatten(1).any(1).sum()
         samples = samples.clamp(-1, 1)  # keeps NaN, which the uint8 conversion would turn into black pixels
         if lo == 0:
             first = samples.cpu()
         if fid is not None:
-            fid.update(samples)
-        if teacher.dataset == "digits":
+            fid.update(samples, lo)
+        if teacher.dataset in _OFFLINE_PRDC:
             kept.append((lo, samples.cpu()))
+        if clip_scorer is not None and "clip_score" in metrics:
+            clips.append((lo, clip_scorer.scores(samples, sampler.prompts.prompts_for_seeds(seeds)).double().cpu()))
         if cls is not None:
             classes.append((lo, cls.cpu()))
         if "teacher_gap" in metrics:
@@ -187,7 +227,8 @@ def evaluate(
                                                nfe=gap_nfe, num_classes=sampler.num_classes,
                                                guidance=sampler.guidance, class_labels=labels,
                                                batch_size=batch_size, device=device, precision=precision,
-                                               output_device=device)
+                                               output_device=device, **sampler.text_conditioning())
+                cache[key] = _images(teacher, cache[key])
             ref = cache[key]
             gaps.append((lo, per_sample_rmse(samples, ref.clamp(-1, 1))))
         if bar is not None:
@@ -199,10 +240,24 @@ def evaluate(
                                     f"diverged at NFE {sampler.nfe}); no metric is computed from them")
     if fid is not None:
         fid.all_reduce(ranks)
-    kept, classes, gaps = _in_seed_order(ranks, kept, classes, [(lo, g.cpu()) for lo, g in gaps])
-    results = _finish(metrics, fid, kept, classes, gaps) if ranks.is_main else None
+    fid_kept = fid.kept if fid is not None else []
+    kept, classes, gaps, clips, fid_kept = _in_seed_order(ranks, kept, classes, [(lo, g.cpu()) for lo, g in gaps],
+                                                          clips, fid_kept)
+    results = None
+    if ranks.is_main:
+        results = _finish(metrics, fid, kept, classes, gaps)
+        if clips:
+            results["clip_score"] = float(torch.cat(clips).mean())
+        if "prdc" in metrics:
+            results.update(_prdc(teacher, kept, fid, fid_kept))
     return EvalResult(metrics=ranks.broadcast(results), grid_image=_sample_grid(first) if ranks.is_main else None,
                       num_samples=num_samples, seconds=time.perf_counter() - start)
+
+
+def _images(teacher, samples: torch.Tensor) -> torch.Tensor:
+    """What the metrics see: a latent teacher's samples decoded to images (NaN stays NaN), others as they are."""
+    decode = getattr(teacher, "decode", None)  # a stand-in teacher object may not have the field
+    return samples if decode is None else decode(samples)
 
 
 def _in_seed_order(ranks: Ranks, *pieces: list) -> list[list[torch.Tensor]]:
@@ -228,9 +283,24 @@ def sample_batch(sampler: Sampler, seeds: list[int], shape, device, batch_size: 
     return samples[:n], (None if cls is None else cls[:n])
 
 
+_OFFLINE_PRDC = ("digits", "gmm")  # datasets whose PRDC needs no feature network download
+
+
+def _prdc(teacher, kept: list[torch.Tensor], fid: _FID | None, fid_kept: list[torch.Tensor]) -> dict[str, float]:
+    """PRDC of the first PRDC_MAX_SAMPLES samples: the digits classifier's features, a mixture's data space, or
+    Inception features against the reference file's."""
+    if teacher.dataset == "digits":
+        return digits_prdc(torch.cat(kept)[:PRDC_MAX_SAMPLES])
+    if teacher.dataset == "gmm":
+        fake = torch.cat(kept)[:PRDC_MAX_SAMPLES].flatten(1)
+        real = teacher.net.sample(len(fake), torch.Generator().manual_seed(0)).flatten(1)
+        return prdc(real.cpu(), fake)
+    return prdc(fid.real, torch.cat(fid_kept))
+
+
 def _finish(metrics, fid, kept, classes, gaps) -> dict[str, float]:
     out: dict[str, float] = {}
-    if fid is not None:
+    if fid is not None and fid.ref is not None:
         out["fid"] = fid.result()
     if kept:
         images = torch.cat(kept)

@@ -15,7 +15,8 @@ import torch
 
 from sfd.distributed import Ranks
 
-__all__ = ["FeatureStats", "frechet_distance", "save_stats", "load_stats", "check_reference_stats"]
+__all__ = ["FeatureStats", "frechet_distance", "save_stats", "load_stats", "load_reference_features",
+           "check_reference_stats"]
 
 
 class FeatureStats:
@@ -115,16 +116,27 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:
-    """Write `mu`/`sigma` as an EDM-style `.npz` (float64)."""
+def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray | None = None) -> Path:
+    """Write `mu`/`sigma` as an EDM-style `.npz` (float64), with `features` [N, D] (float32) for PRDC if given."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_stats(mu, sigma, f"save_stats({path})")
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"statistics file must end in .npz, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
+    extra = {} if features is None else {"features": np.asarray(features, np.float32)}
+    np.savez(path, mu=mu, sigma=sigma, **extra)
     return path
+
+
+def load_reference_features(path: str | os.PathLike) -> np.ndarray:
+    """The real features [N, D] PRDC compares with, from a statistics file built with them
+    (`python -m sfd.metrics.reference build`; EDM's fid-refs hold only mu and sigma)."""
+    with np.load(path, allow_pickle=False) as data:
+        if "features" not in data.files:
+            raise ValueError(f"{path}: no 'features' array, which PRDC needs; build the file from the reference "
+                             "images with `python -m sfd.metrics.reference build` (EDM's fid-refs hold only mu, sigma)")
+        return data["features"]
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

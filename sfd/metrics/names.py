@@ -21,7 +21,10 @@ class Metric:
     digits_only: bool = False  # defined for the embedded digits teachers only (their classifier, their pixels)
     needs_classes: bool = False  # needs a class-conditional teacher
     needs_classifier: bool = False  # scored in the features of the shipped digits classifier
+    needs_text: bool = False  # needs a text-conditioned teacher (its prompts)
     smoke_substitute: str | None = None  # what a smoke run computes instead
+    # data a smoke run computes it on as it is (offline feature spaces); elsewhere it gets the substitute
+    offline_datasets: tuple[str, ...] = ()
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
@@ -31,6 +34,12 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("class_accuracy", ("class_accuracy",), direction=MAXIMIZE, digits_only=True, needs_classes=True,
            needs_classifier=True),
     Metric("teacher_gap", ("teacher_gap_mean", "teacher_gap_std")),
+    # k-NN precision / recall / density / coverage (sfd.metrics.prdc): Inception features against the reference
+    # statistics file's `features` for images, the digits classifier's features, a mixture's own data space.
+    Metric("prdc", ("precision", "recall", "density", "coverage"), direction=MAXIMIZE, smoke_substitute="teacher_gap",
+           offline_datasets=("digits", "gmm")),
+    # 100 · cos(CLIP image, CLIP prompt); a smoke run scores with a random tiny CLIP (sfd.metrics.clip_score).
+    Metric("clip_score", ("clip_score",), direction=MAXIMIZE, needs_text=True),
 )}
 
 # What each logged quality key means, for the reports' legends (only FID is the paper's metric).
@@ -41,6 +50,11 @@ DESCRIPTIONS = {
     "class_accuracy": "class_accuracy: fraction of samples the digits classifier assigns the intended class — NOT FID",
     "teacher_gap_mean": "teacher_gap_mean: per-sample RMSE to the teacher's own samples from the same noise — NOT FID",
     "teacher_gap_std": "teacher_gap_std: spread of the per-sample RMSE to the teacher — NOT FID",
+    "precision": "precision: share of samples inside the real data's k-NN balls (k = 5, Naeem et al. 2020) — NOT FID",
+    "recall": "recall: share of real data inside the samples' k-NN balls — NOT FID",
+    "density": "density: real k-NN balls holding a sample, per sample, over k — NOT FID",
+    "coverage": "coverage: share of real k-NN balls holding at least one sample — NOT FID",
+    "clip_score": "clip_score: 100 · cosine of CLIP image and prompt embeddings — NOT FID",
 }
 # Every quality key a run can log, in the order of METRICS.
 QUALITY_KEYS = tuple(key for m in METRICS.values() for key in m.logged)
@@ -74,9 +88,10 @@ def logged_keys(metrics) -> set[str]:
     return set(COST_KEYS).union(*(METRICS[m].logged for m in metrics))
 
 
-def smoke_metric(name: str) -> str:
-    """The metric a smoke run computes for metric `name`."""
-    return METRICS[name].smoke_substitute or name
+def smoke_metric(name: str, dataset: str | None = None) -> str:
+    """The metric a smoke run computes for metric `name` on a teacher of `dataset`."""
+    metric = METRICS[name]
+    return name if dataset in metric.offline_datasets else metric.smoke_substitute or name
 
 
 def smoke_key(key: str) -> str:
@@ -87,9 +102,9 @@ def smoke_key(key: str) -> str:
     return key
 
 
-def unfit_reason(name: str, teacher: str, dataset: str, num_classes: int) -> str | None:
-    """Why metric `name` cannot score samples of this teacher (its name, the data it models, its classes), or
-    None when it can."""
+def unfit_reason(name: str, teacher: str, dataset: str, num_classes: int, text: bool = False) -> str | None:
+    """Why metric `name` cannot score samples of this teacher (its name, the data it models, its classes,
+    whether it is text-conditioned), or None when it can."""
     if name not in METRICS:
         return f"unknown metric {name!r}; choose from {list(METRICS)}"
     metric = METRICS[name]
@@ -97,4 +112,6 @@ def unfit_reason(name: str, teacher: str, dataset: str, num_classes: int) -> str
         return f"metric {name!r} is defined for the embedded digits teachers only, not {teacher!r}"
     if metric.needs_classes and not num_classes:
         return f"{name} needs a class-conditional teacher; {teacher!r} is unconditional"
+    if metric.needs_text and not text:
+        return f"{name} needs a text-conditioned teacher (its prompts); {teacher!r} is not one"
     return None

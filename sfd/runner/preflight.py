@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from sfd.assets import FID_REFS, asset_path, file_version, require
+from sfd.assets import CLIP_DOWNLOAD, FID_REFS, asset_path, default_clip_folder, file_version, require
 from sfd.config import ConfigError, RunConfig, replace, validate
 from sfd.distributed import launched_world_size, local_world_size
 from sfd.losses import LPIPS_NETS
 from sfd.metrics.evaluate import default_num_samples
-from sfd.metrics.fd import check_reference_stats
+from sfd.metrics.fd import check_reference_stats, load_reference_features
 from sfd.metrics.inception import FEATURE_DIM, check_inception_weights
 from sfd.metrics.digits import check_digits_classifier
 from sfd.metrics.names import METRICS, logged_keys, smoke_key, smoke_metric
@@ -89,11 +89,11 @@ def _smoke_metrics(cfg: RunConfig, notes: dict[str, str]) -> list[str]:
     """The run's metrics with the smoke substitutes, each substitution noted."""
     metrics = []
     for m in cfg.eval.metrics or default_metrics(cfg.teacher.name):
-        sub = smoke_metric(m)
+        sub = smoke_metric(m, teacher_spec(cfg.teacher.name).dataset)
         if sub != m:
             notes[f"{TAG_SMOKE_NOTE}metric.{m}"] = (f"{sub} on {SMOKE_SAMPLES} samples against a {SMOKE_GAP_NFE}-NFE "
-                                                    "reference (FID needs Inception weights and 50k samples, and "
-                                                    "means nothing on a random teacher)")
+                                                    f"reference ({m} needs Inception weights and reference "
+                                                    "statistics, and means nothing on a random teacher)")
         if sub not in metrics:
             metrics.append(sub)
     return metrics
@@ -119,6 +119,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         "eval.gap_nfe": SMOKE_GAP_NFE,
         "log.every": SMOKE_ITERATIONS,
     }
+    if cfg.optim.micro_batch_size is not None:  # still accumulated: one trajectory per forward/backward
+        updates["optim.micro_batch_size"] = 1
     if cfg.compile or cfg.eval.compile:  # compiling would take longer than the one iteration it speeds up
         updates.update({"compile": False, "compile_mode": None, "eval.compile": False})
         notes[f"{TAG_SMOKE_NOTE}compile"] = "off (a one-iteration wiring check would spend its time compiling)"
@@ -156,7 +158,7 @@ INCEPTION = "inception-2015-12-05"  # the Inception-v3 FID weights asset
 def needed_assets(cfg: RunConfig) -> list[str]:
     """The named assets a (validated) run reads, in the order `check_assets` checks them: the teacher's checkpoint
     (unless teacher.path names the file) and training images (Algorithm 1 on real data), the Inception weights and
-    the FID statistics (fid), LPIPS weights. A smoke run reads none."""
+    the FID statistics (fid; unless eval.reference names the file), LPIPS weights. A smoke run reads none."""
     if cfg.smoke:
         return []
     spec = teacher_spec(cfg.teacher.name)
@@ -166,7 +168,7 @@ def needed_assets(cfg: RunConfig) -> list[str]:
     if cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset" and spec.data_asset:
         names.append(spec.data_asset)
     if "fid" in (cfg.eval.metrics or default_metrics(cfg.teacher.name)) and spec.dataset in FID_REFS:
-        names += [INCEPTION, FID_REFS[spec.dataset]]
+        names += [INCEPTION] + ([FID_REFS[spec.dataset]] if cfg.eval.reference is None else [])
     return names + list(lpips_assets(cfg).values())
 
 
@@ -175,9 +177,10 @@ def missing_assets(cfg: RunConfig) -> list[str]:
     return [name for name in needed_assets(cfg) if asset_path(name) is None]
 
 
-def _check_teacher_files(name: str, path: str | None, needs_data: bool = False) -> None:
+def _check_teacher_files(name: str, path: str | None, needs_data: bool = False, *, config: str | None = None,
+                         prompts: str | None = None, smoke: bool = False) -> None:
     try:
-        check_teacher_assets(name, path, needs_data=needs_data)
+        check_teacher_assets(name, path, needs_data=needs_data, config=config, prompts=prompts, smoke=smoke)
     except TeacherError as exc:  # a file that is there but is not this teacher's checkpoint
         raise ConfigError(str(exc)) from None
 
@@ -188,18 +191,14 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
     samples) is located (downloaded once from its run, or read from its snapshot) and its grid checked against
     the run's; `student_info` (a sampling.json-like dict with the `grid`) stands in for one that does not exist
     yet (a study row run earlier in the study)."""
+    t = cfg.teacher
+    _check_teacher_files(t.name, t.path, needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset",
+                         config=t.config, prompts=t.prompts, smoke=cfg.smoke)
     metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
-    if not cfg.smoke or teacher_spec(cfg.teacher.name).source == "embedded":  # a smoke run samples those as they are
-        _check_teacher_files(cfg.teacher.name, cfg.teacher.path,
-                             needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset")
     if any(METRICS[m].needs_classifier for m in metrics):  # a smoke run scores digits metrics too
         check_digits_classifier()
     if not cfg.smoke:
-        if "fid" in metrics:
-            dataset = teacher_spec(cfg.teacher.name).dataset
-            if dataset not in FID_REFS:
-                raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
-            check_fid_files(require(INCEPTION), require(FID_REFS[dataset]))
+        _check_metric_files(cfg)
         for asset in lpips_assets(cfg).values():
             require(asset)
     if cfg.saved_student is None:
@@ -208,11 +207,37 @@ def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: 
         student_info = saved_student_info(cfg, tracking_uri)
         # ours is rebuilt from its own teacher's checkpoint (a reference snapshot holds its whole network)
         if student_info["algorithm"] != REFERENCE_ALGORITHM and not student_info.get("smoke"):
-            _check_teacher_files(student_info["teacher"], student_info.get("teacher_path"))
+            _check_teacher_files(student_info["teacher"], student_info.get("teacher_path"),
+                                 config=student_info.get("teacher_config"), prompts=cfg.teacher.prompts)
     if cfg.algorithm == "second-stage":
         check_first_stage(cfg, student_info)
     else:
         check_evaluated_student(cfg, student_info)
+
+
+def _check_metric_files(cfg: RunConfig) -> None:
+    """FID's and image PRDC's Inception weights and reference file (eval.reference or the registered one; PRDC
+    also needs its `features`), clip_score's CLIP folder."""
+    metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
+    dataset = teacher_spec(cfg.teacher.name).dataset
+    image_prdc = "prdc" in metrics and dataset not in ("digits", "gmm")
+    if "fid" in metrics or image_prdc:
+        if dataset not in FID_REFS:
+            raise ConfigError(f"eval.metrics: fid / prdc have no reference statistics for teacher "
+                              f"{cfg.teacher.name!r}")
+        reference = require(FID_REFS[dataset], path=cfg.eval.reference)
+        check_fid_files(require(INCEPTION), reference)
+        if image_prdc:
+            try:
+                load_reference_features(reference)
+            except ValueError as exc:
+                raise ConfigError(f"eval.metrics: prdc: {exc}") from None
+    if "clip_score" in metrics:
+        folder = Path(cfg.eval.clip_model or default_clip_folder()).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"eval.clip_model: no CLIP model at {folder} (no config.json); get it with "
+                              f"`{CLIP_DOWNLOAD}` (or give eval.clip_model a local CLIP folder)"
+                              " on a machine with network access")
 
 
 _CHECKED_FID_FILES: set[tuple] = set()
@@ -239,11 +264,12 @@ _TEACHER_CACHE: dict[tuple, Teacher] = {}
 def load_teacher(cfg: RunConfig, device) -> Teacher:
     """`sfd.teachers.get_teacher`, keeping the last teacher: a study's trials share it (it is frozen and never
     trained), so a checkpoint is read once per study, not once per trial."""
-    key = (cfg.teacher.name, cfg.teacher.path, str(device), cfg.smoke)
+    t = cfg.teacher
+    key = (t.name, t.path, t.config, t.prompts, str(device), cfg.smoke)
     if key not in _TEACHER_CACHE:
         _TEACHER_CACHE.clear()
         try:
-            _TEACHER_CACHE[key] = get_teacher(cfg.teacher.name, path=cfg.teacher.path, device=device,
+            _TEACHER_CACHE[key] = get_teacher(t.name, path=t.path, config=t.config, prompts=t.prompts, device=device,
                                               smoke=cfg.smoke)
         except EDMPickleError as exc:  # a checkpoint that is not this teacher's: bad input, not a failed run
             where = "teacher.path" if cfg.teacher.path else f"teacher {cfg.teacher.name}"

@@ -142,10 +142,12 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
     if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
         data = teacher.data(settings.batch_size, cfg.seed)  # the global batch: each rank keeps its rows
     callback = run.iteration_callback(afs=cfg.student.afs)
+    # a text teacher distils at guidance 1 (its conditional branch only): one random prompt per trajectory
+    conditioning = teacher.condition.draw if teacher.condition is not None else None
     clock = Clock(device)
     with counting(progress, "train", settings.total_iterations, "it", callback) as callback:
         net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
-                      ranks=ranks)
+                      conditioning=conditioning, ranks=ranks)
     metrics = training_cost(clock.read(), device, ranks)
     run.flush()
     if ranks.distributed:
@@ -209,16 +211,29 @@ def _evaluate_at(cfg: RunConfig, teacher: Teacher, net, step_condition: bool, de
     if cfg.algorithm == "baseline":
         sampler = solver_sampler(net, cfg.solver.name, s.nfe, afs=s.afs, schedule=s.schedule,
                                  t_min=s.t_min, t_max=s.t_max, rho=s.rho, guidance=s.guidance,
-                                 num_classes=teacher.num_classes, solver_opts=cfg.solver.opts)
+                                 num_classes=teacher.num_classes, solver_opts=cfg.solver.opts,
+                                 prompts=teacher.condition)
     else:
         n = num_steps or cfg.num_steps
         sampler = student_sampler(net, grid_spec(cfg, n), step=n if step_condition else None,
-                                  guidance=s.guidance, num_classes=teacher.num_classes)
+                                  guidance=s.guidance, num_classes=teacher.num_classes, prompts=teacher.condition)
     e = cfg.eval
     result = evaluate(sampler, teacher, e.metrics, e.num_samples, batch_size=e.batch_size, device=device,
                       precision=cfg.precision, progress=progress, gap_solver=e.gap_solver, gap_nfe=e.gap_nfe,
-                      reference_cache=reference_cache, ranks=ranks)
+                      fid_ref=e.reference, clip_scorer=clip_scorer(cfg, device), reference_cache=reference_cache,
+                      ranks=ranks)
     return result, sampler.nfe
+
+
+def clip_scorer(cfg: RunConfig, device):
+    """The CLIP model clip_score scores with: eval.clip_model or the default folder; a smoke run's random tiny
+    CLIP. None when the run does not compute clip_score."""
+    if "clip_score" not in cfg.eval.metrics:
+        return None
+    from sfd.metrics import clip_score
+    if cfg.smoke:
+        return clip_score.tiny_clip_scorer(seed=0, device=device)
+    return clip_score.CLIPScorer.from_folder(cfg.eval.clip_model or clip_score.default_clip_folder(), device=device)
 
 
 def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, progress: Bars | None,

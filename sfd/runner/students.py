@@ -43,6 +43,7 @@ def sampling_info(cfg: RunConfig, num_classes: int, step_condition: bool) -> dic
     grid = dataclasses.asdict(grid_spec(cfg))
     return {
         "algorithm": cfg.algorithm, "teacher": cfg.teacher.name, "teacher_path": cfg.teacher.path,
+        "teacher_config": cfg.teacher.config,
         "smoke": cfg.smoke, "solver": "euler", "nfe": cfg.student.nfe, "grid": grid,
         "step_condition": step_condition, "step": cfg.num_steps if step_condition else None,
         "num_steps_choices": cfg.sfdv.num_steps_choices if cfg.algorithm == "sfd-v" else None,
@@ -166,8 +167,9 @@ def load_saved_student(cfg: RunConfig, device, tracking_uri: str | None = None) 
     else:
         folder = locate_student(key, ref, tracking_uri)
         info = read_sampling_info(folder)
-        base = get_teacher(info["teacher"], path=info.get("teacher_path"), device=device,
-                           smoke=info.get("smoke", False))
+        # the student's network is a copy of its teacher's (a real SD teacher is read again here, ~4 GB)
+        base = get_teacher(info["teacher"], path=info.get("teacher_path"), config=info.get("teacher_config"),
+                           prompts=cfg.teacher.prompts, device=device, smoke=info.get("smoke", False))
         net = base.make_student(step_condition=info.get("step_condition", False))
         net.load_state_dict(load_file(str(folder / STUDENT_FILE), device=str(device)))
     return net.to(device).eval().requires_grad_(False), info

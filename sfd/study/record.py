@@ -22,7 +22,7 @@ NOT_STARTED = "interrupted: not started"
 # Run-config keys that say how a run is carried out, not what it measures (results agree to rounding, or to
 # dropout masks drawn in another memory order): a study may change them between trials.
 EXECUTION_KEYS = ("name", "device", "threads", "precision", "compile", "compile_mode", "channels_last",
-                  "group_norm", "eval.compile", "eval.batch_size", "log.every")
+                  "group_norm", "optim.micro_batch_size", "eval.compile", "eval.batch_size", "log.every")
 
 
 def row_key(trial) -> tuple:

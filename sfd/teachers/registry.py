@@ -3,7 +3,11 @@
 `teacher_spec(name)` says what a teacher is without loading it (a frozen `TeacherSpec`: source, dataset, classes,
 default metric, checkpoint and data assets), so configs are checked before anything is read. `get_teacher(name)`
 returns a `Teacher`: the denoiser network plus what a run needs to know about it (sample shape, classes, time range,
-default metric, where real training images come from for Algorithm 1).
+default metric, where real training images come from for Algorithm 1; for a text-conditioned latent teacher, its
+prompts and the decoder from latents to images).
+
+Stable Diffusion (`sd-v1-5`) goes through diffusers, which take ~2 s to import: `sfd.teachers.stable_diffusion` is
+imported only when such a teacher is checked or loaded.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from sfd.networks.mlp import MLPDenoiser
 from sfd.teachers.edm_pickle import EDMPickleError, check_edm_pickle_header, load_edm_pickle
 from sfd.teachers.embedded import embedded_teacher_info, load_embedded_teacher
 from sfd.teachers.gmm import GaussianMixture
+from sfd.teachers.prompts import SMOKE_PROMPTS, PromptConditioning, load_prompts
 
 
 class TeacherError(ValueError):
@@ -38,17 +43,24 @@ class TeacherSpec:
 
     name: str
     description: str
-    source: str  # checkpoint (an EDM pickle; teacher.path applies) | embedded (shipped) | analytic (exact mixture)
+    # checkpoint (an EDM pickle; teacher.path applies) | embedded (shipped) | analytic (exact mixture) |
+    # diffusers (a Stable Diffusion folder or single file; teacher.path, teacher.config and teacher.prompts apply)
+    source: str
     dataset: str  # the data it models: digits, gmm, cifar10, ...
     default_metric: str  # what a run reports when eval.metrics is null
     num_classes: int = 0
     checkpoint: str | None = None  # a checkpoint teacher's asset, also its EDM architecture key
     data_asset: str | None = None  # a checkpoint teacher's training images for Algorithm 1, if registered
+    text: bool = False  # conditioned on prompts (their text embeddings), guided against the empty prompt
+    prompts_asset: str | None = None  # a text teacher's default prompts file
+    shape: tuple[int, ...] | None = None  # a latent teacher's sample (latent) shape
+    t_min: float | None = None  # the time range of the teacher's own grid (spec §11), where not EDM's
+    t_max: float | None = None
 
     @property
     def has_training_images(self) -> bool:
         """Whether Algorithm 1 can draw real images (digits, mixture samples, a data asset)."""
-        return self.source != "checkpoint" or self.data_asset is not None
+        return self.source in ("embedded", "analytic") or self.data_asset is not None
 
 
 def _edm_spec(name: str, description: str, arch: str, dataset: str, data_asset: str | None = None) -> TeacherSpec:
@@ -68,6 +80,9 @@ _FIXED_TEACHERS = {spec.name: spec for spec in (
               "afhqv2-64"),
     _edm_spec("imagenet64-cond", "EDM ImageNet 64x64 class-conditional (ADM, 1000 classes)",
               "edm-imagenet-64x64-cond-adm", "imagenet64"),
+    TeacherSpec("sd-v1-5", "Stable Diffusion v1.5 through diffusers: text-to-image on 4x64x64 latents (prompts: "
+                "MS-COCO val2014 30k captions)", "diffusers", "coco2014-30k", "fid", checkpoint="sd-v1-5",
+                text=True, prompts_asset="coco-30k-captions", shape=(4, 64, 64), t_min=0.1, t_max=14.6146),
 )}
 _GMM_DESCRIPTIONS = {
     "gmm-<k>": "analytic: 2-D Gaussian mixture with k components (exact denoiser)",
@@ -77,7 +92,7 @@ _GMM_DESCRIPTIONS = {
 TEACHERS: dict[str, str] = {
     **{name: spec.description for name, spec in _FIXED_TEACHERS.items() if spec.source == "embedded"},
     **_GMM_DESCRIPTIONS,
-    **{name: spec.description for name, spec in _FIXED_TEACHERS.items() if spec.source == "checkpoint"},
+    **{name: spec.description for name, spec in _FIXED_TEACHERS.items() if spec.source in ("checkpoint", "diffusers")},
 }
 _GMM = re.compile(r"gmm-(img-)?(\d+)$")
 
@@ -108,6 +123,11 @@ class Teacher:
     data_fn: Callable[[int, int], Iterator] | None = field(default=None, repr=False)
     student_fn: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)  # non-copy students
     description: str = ""
+    # A text teacher's prompts + text encoder: its `labels` are prompt embeddings, drawn per trajectory in
+    # distillation (`draw`), picked per seed at sampling (`for_seeds`), guided against `null()`.
+    condition: PromptConditioning | None = field(default=None, repr=False)
+    # A latent teacher's decoder: latents -> images in [-1, 1] (metrics and sample grids see images).
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     def make_student(self, step_condition: bool = False, step_init: str = "random") -> torch.nn.Module:
         """A trainable copy of the teacher (train mode). With `step_condition`, an SFD-v student: the same
@@ -228,6 +248,56 @@ def _edm_teacher(spec: TeacherSpec, path, device, smoke: bool) -> Teacher:
                    description=spec.description)
 
 
+def _stable_diffusion_module():
+    """sfd.teachers.stable_diffusion, imported on first use (diffusers and transformers take ~2 s to import)."""
+    from sfd.teachers import stable_diffusion
+    return stable_diffusion
+
+
+def _prompts_file(spec: TeacherSpec, prompts, smoke: bool) -> Path:
+    if prompts is not None:
+        return Path(prompts).expanduser()
+    return SMOKE_PROMPTS if smoke else require(spec.prompts_asset)
+
+
+def _sd_location(spec: TeacherSpec, path) -> Path:
+    """teacher.path (a diffusers folder or a single checkpoint file), else the registered single file."""
+    return Path(path).expanduser() if path is not None else require(spec.checkpoint)
+
+
+def sd_config_folder(location: Path) -> Path:
+    """Where a single SD checkpoint file's configs and tokenizer are looked for when teacher.config is null:
+    the diffusers folder `stable-diffusion-v1-5/` beside the file (the README's download puts it there)."""
+    return location.parent / "stable-diffusion-v1-5"
+
+
+def _sd_teacher(spec: TeacherSpec, path, config, prompts, device, smoke: bool) -> Teacher:
+    """Stable Diffusion as a Teacher: the latent denoiser, a copy of it as the student, the prompts encoded by its
+    text encoder and its VAE decoder. A smoke run gets the tiny random model built from config (4x8x8 latents)."""
+    sd_module = _stable_diffusion_module()
+    if smoke:
+        sd = sd_module.tiny_stable_diffusion(seed=0, device=device)
+    else:
+        location = _sd_location(spec, path)
+        sd = sd_module.load_stable_diffusion(location, config=config or sd_config_folder(location), device=device)
+    return Teacher(name=spec.name, net=sd.denoiser, shape=sd.latent_shape, t_min=spec.t_min, t_max=spec.t_max,
+                   dataset=spec.dataset, default_metric=spec.default_metric, smoke=smoke,
+                   description=spec.description, student_fn=sd.make_student,
+                   condition=sd.prompts(load_prompts(_prompts_file(spec, prompts, smoke))), decode=sd.decode)
+
+
+def _check_sd_files(spec: TeacherSpec, path, config, prompts, smoke: bool) -> None:
+    """The model's folders and scheduler config (no weights read) and the prompts file."""
+    try:
+        if not smoke:
+            location = _sd_location(spec, path)
+            _stable_diffusion_module().check_stable_diffusion(location, config or sd_config_folder(location))
+        load_prompts(_prompts_file(spec, prompts, smoke))
+    except (FileNotFoundError, ValueError) as exc:
+        where = "teacher.prompts" if "prompt" in str(exc) else "teacher.path"
+        raise TeacherError(f"{where}: {exc}") from None
+
+
 def _check_architecture(name: str, arch: str, kwargs: dict, file) -> None:
     """A pickle of another network (say ImageNet's ADM given as the CIFAR-10 teacher) would be sampled and
     scored against the wrong dataset's FID reference: refuse it by name."""
@@ -248,9 +318,11 @@ def teacher_architecture(name: str) -> dict | None:
     return None
 
 
-def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None:
+def check_teacher_assets(name: str, path=None, needs_data: bool = False, *, config=None, prompts=None,
+                         smoke: bool = False) -> None:
     """Raise MissingAssetError (asset, paths searched, fetch command) or TeacherError (a file that is not this
-    teacher's checkpoint, or embedded weights that are not the ones shipped) before any run is created."""
+    teacher's checkpoint, embedded weights that are not the ones shipped, a missing Stable Diffusion part or prompts
+    file) before any run is created."""
     spec = teacher_spec(name)
     if spec.source == "embedded":
         try:
@@ -258,7 +330,9 @@ def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None
         except AssetError as exc:
             raise TeacherError(f"teacher {name}: {exc}") from None
         return
-    if spec.source != "checkpoint":
+    if spec.source == "diffusers":
+        _check_sd_files(spec, path, config, prompts, smoke)
+    if spec.source != "checkpoint" or smoke:
         return
     try:  # a few header bytes: a wrong file fails here, not with an UnpicklingError once the run exists
         check_edm_pickle_header(require(spec.checkpoint, path=path))
@@ -270,10 +344,14 @@ def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None
         require(spec.data_asset)
 
 
-def get_teacher(name: str, *, path=None, device: str | torch.device = "cpu", smoke: bool = False) -> Teacher:
-    """A teacher by name (see TEACHERS). `path` overrides where an EDM checkpoint is looked for; `smoke`
-    gives a randomly initialised network of the teacher's architecture (no asset needed)."""
+def get_teacher(name: str, *, path=None, device: str | torch.device = "cpu", smoke: bool = False, config=None,
+                prompts=None) -> Teacher:
+    """A teacher by name (see TEACHERS). `path` overrides where an EDM checkpoint or Stable Diffusion is looked
+    for (`config`: a single SD file's diffusers folder; `prompts`: a text teacher's prompts file); `smoke` gives a
+    randomly initialised network of the teacher's architecture (no asset needed)."""
     spec = teacher_spec(name)
+    if spec.source == "diffusers":
+        return _sd_teacher(spec, path, config, prompts, device, smoke)
     if spec.source == "analytic":
         return _gmm_teacher(spec, device)
     if spec.source == "embedded":

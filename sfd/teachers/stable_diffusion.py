@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 
 from sfd.hf import (
     AutoencoderKL, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PNDMScheduler, StableDiffusionPipeline,
-    UNet2DConditionModel,
+    UNet2DConditionModel, tiny_clip_tokenizer,
 )
 from sfd.schedules import DiscreteVP
 from sfd.teachers.prompts import PromptConditioning
@@ -36,10 +35,11 @@ SD15_T_MAX = 14.6146
 SD15_HF_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_SINGLE_FILE = "v1-5-pruned-emaonly.safetensors"
 _FOLDER_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DECODE_BATCH = 8  # latents the VAE decodes at once
 
 __all__ = ["SD15_T_MIN", "SD15_T_MAX", "LatentTextDenoiser", "TextEncoder", "StableDiffusion",
-           "noise_levels_from_scheduler_config", "load_stable_diffusion", "tiny_stable_diffusion",
-           "save_diffusers_folder", "StableDiffusionNotFound"]
+           "noise_levels_from_scheduler_config", "check_stable_diffusion", "load_stable_diffusion",
+           "tiny_stable_diffusion", "save_diffusers_folder", "StableDiffusionNotFound"]
 
 
 class StableDiffusionNotFound(FileNotFoundError):
@@ -119,10 +119,12 @@ class StableDiffusion:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] [B, 3, H, W] (float32): the VAE decodes latents / scaling_factor."""
+        """Latents -> images in [-1, 1] [B, 3, H, W] (float32): the VAE decodes latents / scaling_factor,
+        DECODE_BATCH latents at a time (SD's decoder holds ~1 GB of activations per 512x512 image)."""
         vae = self.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return images.float().clamp(-1, 1)
+        images = [vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+                  for chunk in latents.split(DECODE_BATCH)]
+        return torch.cat(images).clamp(-1, 1)
 
     def to(self, device) -> "StableDiffusion":
         self.denoiser.to(device)
@@ -175,27 +177,38 @@ def _scheduler_config(folder: Path) -> dict:
     return json.loads(file.read_text())
 
 
+def check_stable_diffusion(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Path:
+    """The folder that holds the model's configs and tokenizer (`path` itself, or `config` for a single file),
+    or a StableDiffusionNotFound saying what is missing and how to get it; reads no weights (a run checks this
+    before it starts)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise StableDiffusionNotFound(f"Stable Diffusion not found at {path}; {_how_to_get(path)}")
+    if path.is_dir():
+        _check_folder(path)
+        folder = path
+    else:
+        if config is None or not Path(config).expanduser().is_dir():
+            raise StableDiffusionNotFound(f"{path} is a single checkpoint file: its configs and tokenizer come from a "
+                                          f"diffusers folder given as `config` (got {config!r}); {_how_to_get(path)}")
+        folder = Path(config).expanduser()
+        _check_folder(folder)
+    _scheduler_config(folder)
+    return folder
+
+
 def load_stable_diffusion(path: str | os.PathLike, *, config: str | os.PathLike | None = None,
                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Stable Diffusion from `path`: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/), or a single checkpoint file (.safetensors / .ckpt, e.g. v1-5-pruned-emaonly.safetensors) whose
     configs and tokenizer come from `config`, a diffusers folder (weights not needed there). Never downloads."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise StableDiffusionNotFound(f"Stable Diffusion not found at {path}; {_how_to_get(path)}")
+    folder = check_stable_diffusion(path, config)
     if path.is_dir():
-        _check_folder(path)
         unet, vae, text_encoder, tokenizer = _load_folder(path, dtype)
-        scheduler_config = _scheduler_config(path)
     else:
-        if config is None or not Path(config).expanduser().is_dir():
-            raise StableDiffusionNotFound(f"{path} is a single checkpoint file: its configs and tokenizer come from a "
-                                          f"diffusers folder given as `config` (got {config!r}); {_how_to_get(path)}")
-        config = Path(config).expanduser()
-        _check_folder(config)
-        unet, vae, text_encoder, tokenizer = _load_single_file(path, config, dtype)
-        scheduler_config = _scheduler_config(config)
-    levels = noise_levels_from_scheduler_config(scheduler_config)
+        unet, vae, text_encoder, tokenizer = _load_single_file(path, folder, dtype)
+    levels = noise_levels_from_scheduler_config(_scheduler_config(folder))
     denoiser = LatentTextDenoiser(unet.to(device), levels).eval().requires_grad_(False)
     return StableDiffusion(denoiser=denoiser, vae=vae.to(device).eval().requires_grad_(False),
                            text_encoder=TextEncoder(tokenizer, text_encoder.to(device)), noise_levels=levels,
@@ -219,30 +232,11 @@ def _load_single_file(file: Path, config: Path, dtype: torch.dtype):
 
 # ----- a tiny randomly initialised stand-in (tests and --smoke): the same classes, built from config -------------
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 characters CLIP's byte-level BPE writes bytes as (GPT-2's bytes_to_unicode table)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def _tiny_tokenizer():
-    """A CLIP tokenizer with no merges: every character is a token (vocabulary of 514), written to a temporary
-    folder because the tokenizer reads its vocabulary from files."""
-    chars = _byte_level_alphabet()
-    vocab = {tok: i for i, tok in enumerate([*chars, *(c + "</w>" for c in chars),
-                                             "<|startoftext|>", "<|endoftext|>"])}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-
-
 def tiny_stable_diffusion(seed: int = 0, device: str | torch.device = "cpu") -> StableDiffusion:
     """SD v1.5's layout shrunk for a CPU: a 2-level UNet2DConditionModel on 4x8x8 latents (cross-attention to
     16-dim text states), a 2-level AutoencoderKL (16x16 RGB images), a 2-layer CLIP text encoder over 77
     positions, SD v1.5's noise levels; random weights from `seed`. It proves wiring, not image quality."""
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
