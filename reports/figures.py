@@ -329,8 +329,11 @@ def fig_sample_grids(data: StudyData):
         img = mpimg.imread(str(data.samples[r["run_id"]]))
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(f"{_shown_run_label(data, r)}\n{data.metric} = {fmt_value(_shown_run_value(data, r))}", fontsize=7)
+        guidance = f" · ω = {fmt_value(r['guidance'])}" if is_num(r.get("guidance")) and r["guidance"] != 1.0 else ""
+        ax.set_title(f"{_shown_run_label(data, r)}{guidance}\n{data.metric} = "
+                     f"{fmt_value(_shown_run_value(data, r))}", fontsize=7)
 
+    # a guidance study's rows sample one student at several ω: the panels, side by side, compare them
     return _per_row_figure(data, data.samples, 3, 3.5, draw, "samples per row")  # 3.5: room for 2-line captions
 
 

@@ -92,6 +92,9 @@ def _metric_line(metric: str) -> str:
 
 
 def _paper_line(data: StudyData, runs: list[dict], samples: list[str]) -> str:
+    rows = data.rows.to_dict("records") if len(data.rows) else []
+    if data.kind != "comparison" and not any(is_num(r.get("paper_value")) for r in rows):
+        return "- **Paper column:** none: the paper publishes no number for these rows."
     if data.comparable:
         n = to_int(samples[0]) if samples else None
         extra = (f" FID here uses {n} samples, the paper 50k: small-sample FID is biased upward, so Δ is "

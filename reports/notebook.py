@@ -152,7 +152,9 @@ def run_notebook(path: str | Path, *, cwd: str | Path | None = None, timeout: in
     nbclient runs in a thread of its own: in the main thread it takes SIGINT and SIGTERM over while it executes (a
     stop then only shuts the kernel down, the running cell fails, and the build went on to publish the report)
     and leaves Python's default handlers behind. Here the caller's handlers stay: a stop is raised in the caller
-    as anywhere else, once the kernel is shut down."""
+    as anywhere else, once the kernel is shut down. The kernel's stderr goes to a log, not the terminal: shutting
+    a kernel down interrupts it first, and one still starting printed a KeyboardInterrupt traceback under the
+    build's one-line stop message; a failed execution carries the log's last lines."""
     path = Path(path)
     nb = nbformat.read(str(path), as_version=4)
     with tempfile.TemporaryDirectory(prefix="sfd-kernel-") as tmp:
@@ -160,10 +162,12 @@ def run_notebook(path: str | Path, *, cwd: str | Path | None = None, timeout: in
         client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(cwd or path.parent)}})
         failure: list[BaseException] = []
+        kernel_log = Path(tmp) / "kernel-stderr.log"
 
         def execute() -> None:
             try:
-                client.execute(cleanup_kc=True)  # we pass the manager, so ask nbclient to shut the kernel down now
+                with kernel_log.open("wb") as log:  # nbclient passes stderr on to the kernel's Popen
+                    client.execute(cleanup_kc=True, stderr=log)  # we pass the manager: nbclient shuts the kernel down
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
                 failure.append(exc)
 
@@ -180,6 +184,9 @@ def run_notebook(path: str | Path, *, cwd: str | Path | None = None, timeout: in
         finally:
             nbformat.write(nb, str(path))
         if failure:
+            tail = kernel_log.read_text(errors="replace").strip().splitlines()[-20:] if kernel_log.exists() else []
+            if tail:
+                failure[0].add_note("kernel stderr (last lines):\n" + "\n".join(tail))
             raise failure[0]
     return path
 

@@ -111,8 +111,10 @@ def _shows_guidance(data: StudyData) -> bool:
 
 
 def _without_empty_delta(df: pd.DataFrame) -> pd.DataFrame:
-    """A Δ column with no difference on any line is left out (Δ is computed only for FID on the paper's data)."""
-    return df.drop(columns="Δ") if "Δ" in df and (df["Δ"] == "—").all() else df
+    """A Δ column with no difference on any line is left out (Δ is computed only for FID on the paper's data), and
+    so is a paper column with no number on any line (a study of a teacher the paper publishes nothing for)."""
+    empty = [c for c in ("Δ", "paper (FID)") if c in df and (df[c] == "—").all()]
+    return df.drop(columns=empty) if empty else df
 
 
 # ----- the study's table -------------------------------------------------------------------------------------
