@@ -584,7 +584,7 @@ SEARCH = dict(kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_tr
     ({"space": {"student.t_min": {"type": "float", "low": 0.002, "high": 0.05, "log": "yes"}}},
      "space.student.t_min.log: got 'yes'; true or false"),
     ({"n_trials": True, "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
-     "n_trials: got True; a positive integer"),
+     "n_trials: got True; an integer in 1..10,000"),
     ({"kind": "ablation", "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
      "kind: 'ablation' is a table study with rows:; a space: is searched by kind 'search'"),
     # every NFE of a short range is checked, not only its ends: Heun without AFS spends an even number
@@ -702,7 +702,7 @@ def test_an_empty_or_broken_study_yaml_says_so(tmp_path):
         studies.load_spec(str(numbered))
     with pytest.raises(studies.StudyError, match="empty.yaml is empty; a study YAML needs name, kind, base"):
         studies.load_spec(str(empty))
-    with pytest.raises(studies.StudyError, match="broken.yaml is not valid YAML"):
+    with pytest.raises(studies.StudyError, match="broken.yaml: not valid YAML"):
         studies.load_spec(str(broken))
     with pytest.raises(studies.StudyError, match="is a folder; name a study"):
         studies.load_spec(str(tmp_path))
