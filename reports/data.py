@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from sfd import tracking as sfd_tracking
+from sfd.storelock import store_identity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAPER_NUMBERS_PATH = Path(__file__).resolve().with_name("paper_numbers.yaml")
@@ -478,6 +479,9 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     if not parents:
         raise ReportError(f"experiment {exp_name!r} at {tracking_uri} has no parent run tagged "
                           f"sfd.role=study, sfd.study={study_name}")
+    if len(parents) > 1 and storage:  # one study name in two Optuna storages: each has its own parent run
+        mine = [p for p in parents if p["tags"].get("optuna.storage") == store_identity(storage)]
+        parents = mine or parents
     if len(parents) > 1:
         notes.append(f"{len(parents)} parent runs found for this study; using the latest ({parents[-1]['run_id']}).")
     parent = parents[-1]

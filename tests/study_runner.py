@@ -50,27 +50,29 @@ def runs_by_row(client, out) -> dict:
 
 def stop_after_ask(monkeypatch, run, at: int = 1) -> None:
     """Call `run()` with SIGTERM (the stop handlers installed, as `run_script` does) arriving right after the
-    `at`-th trial Optuna hands out, before the study loop records it; `run` must end Terminated."""
+    `at`-th trial is claimed from the study's queue (`sfd.study.peers.claim`, which the trial loop calls), before
+    the loop records it; `run` must end Terminated."""
     import os
     import signal
 
-    import optuna
     import pytest
 
+    import sfd.study.loop
     from sfd.signals import Terminated, handle_stop_signals
 
-    real_ask, asked = optuna.study.Study.ask, []
+    real_claim, claimed = sfd.study.loop.claim, []
 
-    def ask_then_stop(self, *args, **kwargs):
-        trial = real_ask(self, *args, **kwargs)
-        asked.append(trial.number)
-        if len(asked) == at:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def claim_then_stop(*args, **kwargs):
+        trial = real_claim(*args, **kwargs)
+        if trial is not None:
+            claimed.append(trial.number)
+            if len(claimed) == at:
+                os.kill(os.getpid(), signal.SIGTERM)
         return trial
 
     before = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as patch:
-        patch.setattr(optuna.study.Study, "ask", ask_then_stop)
+        patch.setattr(sfd.study.loop, "claim", claim_then_stop)
         handle_stop_signals(ctrl_c=False)
         try:
             with pytest.raises(Terminated):

@@ -20,11 +20,12 @@ The public front is this module's `__all__`; the modules below it are the engine
 """
 from .configs import objective_labels
 from .dry_run import StudyPlan, plan_study
+from .peers import HEARTBEAT_S
 from .record import row_key, shown_trial, shown_trials
 from .run import StudyOutcome, run_study
 from .spec import StudyError, StudySpec, available_studies, load_spec
 
 __all__ = [
-    "StudyError", "StudyOutcome", "StudyPlan", "StudySpec", "available_studies", "load_spec", "objective_labels",
+    "HEARTBEAT_S", "StudyError", "StudyOutcome", "StudyPlan", "StudySpec", "available_studies", "load_spec", "objective_labels",
     "plan_study", "row_key", "run_study", "shown_trial", "shown_trials",
 ]
