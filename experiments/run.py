@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         from sfd.tracking import default_tracking_uri, tracking_uri_problem
 
         uri = args.tracking_uri or default_tracking_uri()
-        problem = tracking_uri_problem(uri)
+        problem = tracking_uri_problem(uri, connect=True)
         if problem:  # before the config and its teacher are read, not when the run starts
             raise ConfigError(f"MLflow tracking URI {uri!r} (--tracking-uri): {problem}")
         cfg = load_config(args.config, args.overrides)
@@ -54,10 +54,12 @@ def main(argv=None) -> int:
             for key, note in notes.items():
                 print(f"# {key}: {note}")
             return 0
-        from sfd.tracking import Tracker
+        from sfd.tracking import Tracker, fail_orphaned_runs
 
         experiment = args.experiment or ("experiments-smoke" if args.smoke or cfg.smoke else "experiments")
         tracker = Tracker(experiment, tracking_uri=args.tracking_uri)
+        for run_id in fail_orphaned_runs(tracker.client):  # e.g. an earlier run of this script ended by kill -9
+            print(f"note: run {run_id} was left RUNNING by a process of this host that is gone; marked FAILED")
         result = run_experiment(cfg, tracker=tracker, smoke=args.smoke, progress=args.progress)
     except (ConfigError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 # MLflow reads MLFLOW_DISABLE_TELEMETRY when it is imported: set the defaults before importing it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs / CI output
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" lines per run on a server
 
 import psutil  # noqa: E402
 import sqlalchemy  # noqa: E402
@@ -144,7 +145,8 @@ def server_problem(uri: str) -> str | None:
                 return None
             return f"no MLflow server answers at {uri} (GET /health: HTTP {reply.status})"
     except (OSError, ValueError) as exc:  # URLError, refused, timed out, a malformed address
-        return f"no MLflow server answers at {uri} ({getattr(exc, 'reason', exc)}); start it first (README: Many machines)"
+        return (f"no MLflow server answers at {uri} ({getattr(exc, 'reason', exc)}); start it first (README: Many "
+                "machines)")
 
 
 def tracking_uri_problem(uri: str, connect: bool = False) -> str | None:
@@ -474,7 +476,7 @@ class RunLogger:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED", error=reason)
         except Exception as end_exc:  # noqa: BLE001 - the original error is the one to propagate
             print(f"note: could not end MLflow run {self.run_id} ({type(end_exc).__name__}: {end_exc}); it stays "
-                  "RUNNING until a study's next start marks it failed", file=sys.stderr)
+                  "RUNNING until the next start on this host marks it failed", file=sys.stderr)
         return False
 
 

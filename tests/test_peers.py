@@ -7,67 +7,23 @@ the tiny digits rows of tests/study_runner.py (seconds each).
 """
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from study_runner import SECOND_STAGE, write_digits_study
+from study_runner import SECOND_STAGE, start_processes, wait_all, write_digits_study
 
 from sfd import study as studies
 from sfd.storelock import advisory_key, advisory_lock
 from sfd.study.loop import STALE
 from sfd.study.peers import Heartbeats, claim, open_storage, stale_numbers
 
-ROOT = Path(__file__).resolve().parents[1]
-PROCESS = ROOT / "tests" / "study_process.py"
 ROWS = [{"id": f"r{i}", "params": params} for i, params in enumerate([
     {}, {"loss.name": "l2"}, {"student.nfe": 3}, {"student.afs": False}, {"solver.name": "euler"},
     {"loss.name": "l2", "student.nfe": 3}])]
-
-
-def _env(machine: Path, **extra) -> dict:
-    env = {**os.environ, "SFD_RUNS_DIR": str(machine / "runs"), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "OMP_NUM_THREADS": "1", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _peers(tmp_path: Path, count: int, args: list[str], barrier: bool = True, **env) -> list[subprocess.Popen]:
-    """`count` peers, each a "machine" of its own (runs folder, working directory), started at the same moment
-    (after their imports) unless `barrier` is False."""
-    gate = tmp_path / "go"
-    procs = []
-    for i in range(count):
-        machine = tmp_path / f"machine{i}"
-        machine.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(PROCESS), *(["--barrier", str(gate)] if barrier else []), "--", *args]
-        procs.append(subprocess.Popen(cmd, cwd=machine, env=_env(machine, **env), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    if barrier:
-        deadline = time.time() + 300
-        while len(list(tmp_path.glob("go.*.ready"))) < count:
-            assert time.time() < deadline and all(p.poll() is None for p in procs), "a peer did not get ready"
-            time.sleep(0.1)
-        gate.touch()
-    return procs
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return outputs
 
 
 def _trials(name: str, storage: str) -> list:
@@ -104,9 +60,9 @@ def test_four_peers_started_at_once_on_a_fresh_study_run_each_row_once(tmp_path,
     storage, tracking = postgres.new_database("four_optuna"), postgres.new_database("four_mlflow")
     shared = tmp_path / "shared-artifacts"
     path = write_digits_study(tmp_path, "four", ROWS)
-    procs = _peers(tmp_path, 4, [str(path), "--storage", storage, "--tracking-uri", tracking, "--no-report"],
-                   SFD_ARTIFACT_ROOT=str(shared))
-    outputs = _wait(procs)
+    args = [str(path), "--storage", storage, "--tracking-uri", tracking, "--no-report"]
+    procs = start_processes(tmp_path, [args] * 4, SFD_ARTIFACT_ROOT=str(shared))
+    outputs = wait_all(procs)
     assert [p.returncode for p in procs] == [0] * 4, "\n\n".join(outputs)
     trials = _trials("four", storage)
     assert sorted(t.user_attrs["row"] for t in trials) == sorted(r["id"] for r in ROWS)
@@ -132,15 +88,15 @@ def test_a_peer_started_while_another_runs_a_trial_leaves_it_alone(tmp_path, pos
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"  # both peers on this machine
     rows = [{"id": "long", "params": {"optim.total_kimg": 12.8}}, {"id": "short", "params": {}}]
     path = write_digits_study(tmp_path, "alone", rows)
-    (first,) = _peers(tmp_path, 1, [str(path), "--storage", storage, "--tracking-uri", tracking, "--no-report",
-                                    "--n-trials", "1"], barrier=False)
+    args = [str(path), "--storage", storage, "--tracking-uri", tracking, "--no-report", "--n-trials", "1"]
+    (first,) = start_processes(tmp_path, [args], barrier=False)
     try:
         long = _running_with_run("alone", storage, "long")
         plan = studies.plan_study(str(path), storage=storage, tracking_uri=tracking)
         assert ("long", "running now, in another process") in [(label, what) for label, what, _ in plan.lines]
         out = studies.run_study(str(path), storage=storage, tracking_uri=tracking, quiet=True, heartbeat_s=2)
     finally:
-        output = _wait([first])[0]
+        output = wait_all([first])[0]
     assert first.returncode == 0, output
     assert out.ran == 1 and not out.failed and out.others_running == 0
     trials = {t.user_attrs["row"]: t for t in _trials("alone", storage)}
@@ -158,8 +114,8 @@ def test_a_peer_killed_mid_trial_is_found_by_its_heartbeat_and_its_row_runs_agai
     rows = [{"id": "victim", "params": {"optim.total_kimg": 12.8}}, {"id": "r2", "params": {}},
             {"id": "r3", "params": {"loss.name": "l2"}}]
     path = write_digits_study(tmp_path, "killed", rows)
-    procs = _peers(tmp_path, 2, [str(path), "--storage", storage, "--tracking-uri", mlflow_server.url, "--no-report",
-                                 "--heartbeat", "1"])
+    args = [str(path), "--storage", storage, "--tracking-uri", mlflow_server.url, "--no-report", "--heartbeat", "1"]
+    procs = start_processes(tmp_path, [args] * 2)
     client = MlflowClient(mlflow_server.url)
     try:
         victim = _running_with_run("killed", storage, "victim")
@@ -168,7 +124,7 @@ def test_a_peer_killed_mid_trial_is_found_by_its_heartbeat_and_its_row_runs_agai
         os.kill(pid, signal.SIGKILL)
         killed_at = time.time()
     finally:
-        outputs = _wait(procs)
+        outputs = wait_all(procs)
     (survivor,) = [p for p in procs if p is not doomed]
     assert doomed.returncode == -signal.SIGKILL and survivor.returncode == 0, "\n\n".join(outputs)
     trials = _trials("killed", storage)
@@ -194,10 +150,10 @@ def test_a_second_stage_on_one_peer_trains_from_the_student_another_peer_logged(
     rows = [{"id": "sfd-nfe5", "params": {"student.nfe": 5}}, {"id": "second-stage", "params": SECOND_STAGE}]
     path = write_digits_study(tmp_path, "chain", rows)
     args = [str(path), "--storage", storage, "--tracking-uri", mlflow_server.url, "--no-report"]
-    first = _peers(tmp_path / "a", 1, [*args, "--n-trials", "1"], barrier=False)  # trains the first stage only
-    outputs = _wait(first)
-    second = _peers(tmp_path / "b", 1, args, barrier=False)
-    outputs += _wait(second)
+    first = start_processes(tmp_path / "a", [[*args, "--n-trials", "1"]], barrier=False)  # the first stage only
+    outputs = wait_all(first)
+    second = start_processes(tmp_path / "b", [args], barrier=False)
+    outputs += wait_all(second)
     assert first[0].returncode == 0 and second[0].returncode == 0, outputs
     trials = {t.user_attrs["row"]: t for t in _trials("chain", storage)}
     assert {t.state for t in trials.values()} == {TrialState.COMPLETE}
