@@ -133,6 +133,7 @@ def test_a_peer_killed_mid_trial_is_found_by_its_heartbeat_and_its_row_runs_agai
     assert stale.number == victim.number and stale.state == TrialState.FAIL and stale.user_attrs["interrupted"]
     assert stale.user_attrs["fail_reason"] == STALE.format(grace=3)
     found_after = stale.datetime_complete.timestamp() - killed_at
+    print(f"the killed peer's trial was failed as stale {found_after:.1f}s after the kill")  # shown with -s
     assert 2 <= found_after <= 3 + 15, found_after  # not before the grace period, and soon after it
     dead_run = client.get_run(victim.user_attrs["mlflow_run_id"])
     assert dead_run.info.status == "FAILED" and dead_run.data.tags["sfd.error"] == STALE.format(grace=3)
@@ -165,6 +166,24 @@ def test_a_second_stage_on_one_peer_trains_from_the_student_another_peer_logged(
     assert list(mlflow_server.artifacts.rglob("student/student.safetensors"))
     for machine in (tmp_path / "a" / "machine0", tmp_path / "b" / "machine0"):
         assert not (machine / "mlruns").exists() and not (machine / "runs" / "artifacts").exists()
+
+
+@pytest.mark.slow
+def test_peers_on_a_search_start_no_more_trials_than_it_asks_for(tmp_path, postgres):
+    """A search's new points are queued under the set-up lock after counting, so two peers started at once run
+    exactly `n_trials` trials between them (each asking would make one each whenever the queue is empty)."""
+    storage = postgres.new_database("search_optuna")
+    space = {"loss.name": {"type": "categorical", "choices": ["l1", "l2"]},
+             "student.nfe": {"type": "int", "low": 2, "high": 4}}
+    path = write_digits_study(tmp_path, "search", None, kind="search", space=space, n_trials=3,
+                              sampler={"type": "random", "seed": 0})
+    args = [str(path), "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-report"]
+    procs = start_processes(tmp_path, [args] * 2)
+    outputs = wait_all(procs)
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(outputs)
+    trials = _trials("search", storage)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert all(set(t.params) == set(space) for t in trials)
 
 
 # ----- the pieces, on the real PostgreSQL ---------------------------------------------------------------------

@@ -285,8 +285,8 @@ class TrialLoop:
             if first and not shared(self.stores.storage_url):
                 dead = {t.number: INTERRUPTED for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
             else:
-                grace = GRACE_FACTOR * self.heartbeats.interval_s
-                dead = {n: STALE.format(grace=grace) for n in stale_numbers(study, self.storage)}
+                grace = GRACE_FACTOR * self.heartbeats.interval_s  # (this process's own trials are alive)
+                dead = {n: STALE.format(grace=grace) for n in stale_numbers(study, self.storage) - set(self.mine)}
             outcomes = [self.settle(number, reason) for number, reason in dead.items()]
             if first:
                 for trial, reason in unlisted_queue(spec, study.get_trials(deepcopy=False), self.skipped):
