@@ -15,16 +15,20 @@ writes into ``reports/out/<study>/`` (git-ignored):
 
 and logs all of it under ``report/`` on the study's parent MLflow run.
 
-The code reads straight down through four modules, each importing only the ones before it:
+The code reads straight down through these modules, each importing only ones above it:
 
-* ``reports/data.py``      constants, small helpers and formatters, the paper's numbers, the study spec, the stores,
-                           `StudyData`, `ReportError`, and loading (`load_study_data`);
-* ``reports/tables.py``    the tables, their markdown, the header and the auto-written reading (the text);
-* ``reports/figures.py``   the figures (`make_figures`, `save_figures`, `figure_png`);
-* ``reports/notebook.py``  ``report.md`` (`report_markdown`), the notebook, its execution and its HTML export;
+* ``reports/formatting.py``  how values are written (numbers, flags, run ids, display names), conversions;
+* ``reports/paper.py``       the paper's numbers and which of them a row stands for;
+* ``reports/rows.py``        which run each table line shows (the study's own `shown_trial` rule) and the line;
+* ``reports/loading.py``     the study file, the stores, `StudyData`, `ReportError`, `load_study_data`;
+* ``reports/tables.py``      the tables, the notes under them and their markdown;
+* ``reports/header.py``      the report's header;
+* ``reports/reading.py``     the auto-written reading of the results;
+* ``reports/figures.py``     the figures (`make_figures`, `save_figures`, `figure_png`);
+* ``reports/notebook.py``    ``report.md`` (`report_markdown`), the notebook, its execution and its HTML export;
 
 and this file builds, publishes and logs a report (`build_report`) and is the CLI (`main`). It re-exports the names
-the tests and the notebook use as ``rb.X`` (``__all__``) and calls them through its own namespace.
+the notebook's cells (and the tests) use as ``rb.X`` (``__all__``) and calls them through its own namespace.
 
 Numbers come only from tracked runs; the "paper" columns come only from ``reports/paper_numbers.yaml``.
 Rows that were not run, failed, or are still running are shown as such and never filled in. Smoke runs
@@ -33,34 +37,46 @@ Rows that were not run, failed, or are still running are shown as such and never
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # no POSIX file locks (Windows): a killed build's stage folder stays until removed by hand
+    fcntl = None
 
 if not __package__:
     # run as a script (python reports/build.py): import `reports.*` from the repo root, and keep reports/ itself
-    # off the path so its modules (data, tables, figures, notebook) cannot shadow installed packages
+    # off the path so its modules (paper, rows, tables, ...) cannot shadow installed packages
     if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
         del sys.path[0]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import matplotlib
 import yaml
+from mlflow.tracking import MlflowClient
 
-from reports.data import (DEFAULT_OUT_ROOT, PAPER_NUMBERS_PATH, ReportError, StudyData, _paper_row, _per_nfe_lines,
-                          _replicate_fields, fmt_afs, fmt_delta, fmt_paper, fmt_tmin, fmt_value, load_paper_numbers,
-                          load_study_data, load_study_spec, run_hint)
 from reports.figures import FIGURE_TITLES, figure_png, make_figures, save_figures
+from reports.formatting import fmt_afs, fmt_delta, fmt_paper, fmt_tmin, fmt_value
+from reports.header import header_markdown
+from reports.loading import REPO_ROOT, ReportError, StudyData, load_study_data, run_hint, spec_name
 from reports.notebook import export_html, report_markdown, run_notebook, write_notebook
-from reports.tables import (_extra_cells, _seed_noise_reading, ablation_table, comparison_table, frame_to_markdown,
-                            header_markdown, reading_markdown, report_tables, table_notes)
+from reports.paper import PAPER_NUMBERS_PATH, load_paper_numbers
+from reports.reading import reading_markdown
+from reports.tables import ablation_table, comparison_table, frame_to_markdown, report_tables, table_notes
+from sfd.signals import run_script
+from sfd.tracking import TAG_REPORT, name_problem
 
-# What the tests, studies/run.py and the report notebook's cells use as `reports.build.X` (`rb.X`): the code lives
-# in the modules above; build.py looks these names up in its own namespace, so patching `rb.X` takes effect here.
+# What the notebook's cells, studies/run.py and the tests use as `reports.build.X` (`rb.X`): the code lives in the
+# modules above; build.py looks these names up in its own namespace, so patching `rb.X` takes effect here.
 __all__ = [
     "DEFAULT_OUT_ROOT", "FIGURE_TITLES", "PAPER_NUMBERS_PATH", "REPORT_ENTRIES", "ReportError", "StudyData",
-    "_build_in", "_extra_cells", "_paper_row", "_per_nfe_lines", "_replicate_fields", "_seed_noise_reading",
     "ablation_table", "build_report", "check_out_dir", "check_spec_name", "comparison_table", "export_html",
     "figure_png", "fmt_afs", "fmt_delta", "fmt_paper", "fmt_tmin", "fmt_value", "frame_to_markdown",
     "header_markdown", "load_paper_numbers", "load_study_data", "log_report", "main", "make_figures",
@@ -68,15 +84,13 @@ __all__ = [
     "save_figures", "table_notes", "write_notebook",
 ]
 
-
+DEFAULT_OUT_ROOT = REPO_ROOT / "reports" / "out"
 # What a build writes into its folder; anything else there (a user's own files) is left alone.
 REPORT_ENTRIES = ("report.md", "report.ipynb", "report.html", "study.yaml", "figures")
 
 
 def log_report(data: StudyData, out_dir: str | Path) -> None:
     """Log the report's entries under ``report/`` on the study's parent run."""
-    from mlflow.tracking import MlflowClient
-
     out_dir = Path(out_dir)
     client = MlflowClient(tracking_uri=data.tracking_uri)
     run_id = data.parent["run_id"]
@@ -86,7 +100,7 @@ def log_report(data: StudyData, out_dir: str | Path) -> None:
             client.log_artifacts(run_id, str(path), artifact_path=f"report/{name}")
         elif path.is_file():
             client.log_artifact(run_id, str(path), artifact_path="report")
-    client.set_tag(run_id, "sfd.report", "report/report.md")
+    client.set_tag(run_id, TAG_REPORT, "report/report.md")
 
 
 def publish_report(stage: Path, out: Path) -> None:
@@ -105,21 +119,69 @@ def publish_report(stage: Path, out: Path) -> None:
             os.replace(src, dst)
 
 
-def _build_in(stage: Path, data: StudyData, execute_notebook: bool) -> Exception | None:
-    """Write every report entry into `stage`; returns the notebook's execution error, if any."""
+def _locked(folder: Path, *, wait: bool) -> int | None:
+    """A file descriptor holding an exclusive OS lock on `folder`, or None when another process holds it (and not
+    `wait`). The OS drops the lock when the process ends, however it ends (SIGKILL too)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_stages(parent: Path, prefix: str) -> None:
+    """Remove the stage folders that killed builds left in `parent`: those whose lock no live build holds."""
+    for old in parent.glob(glob.escape(prefix) + "*"):
+        if not old.is_dir() or old.is_symlink():
+            continue
+        fd = _locked(old, wait=False)
+        if fd is not None:  # no build owns it
+            shutil.rmtree(old, ignore_errors=True)
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def building_stage(out: Path) -> Iterator[Path]:
+    """A hidden folder beside `out` to build the report in, removed when the build ends (a stop included). The
+    build holds an OS lock on it, so a build that was killed (SIGKILL, a power cut) leaves a folder that the next
+    build beside it removes, while the folder of a build still running stays. Stages are made and cleared under a
+    lock on `out`'s parent folder, so no build can clear another's stage between its creation and its lock."""
+    parent, prefix = out.parent, f".{out.name}-building-"
+    parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as stage:
+            yield Path(stage)
+        return
+    guard = _locked(parent, wait=True)
+    try:
+        _remove_stale_stages(parent, prefix)
+        stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        held = _locked(stage, wait=True)
+    finally:
+        os.close(guard)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        os.close(held)
+
+
+def _build_in(stage: Path, out: Path, data: StudyData, execute_notebook: bool) -> Exception | None:
+    """Write every report entry into `stage` (to be moved to `out`); returns the notebook's execution error."""
     # the study definition the report was built against travels with it; the notebook finds it beside itself
-    spec_ref = str(Path(data.spec_path).resolve()) if data.spec_path and Path(data.spec_path).is_file() else None
     if data.spec:
         (stage / "study.yaml").write_text(yaml.safe_dump(data.spec, sort_keys=False))
-        spec_ref = spec_ref or "study.yaml"
     figures = save_figures(data, stage / "figures")
     (stage / "report.md").write_text(report_markdown(data, figures), encoding="utf-8")
-    nb_path = write_notebook(data, stage / "report.ipynb", spec_ref=spec_ref)
+    nb_path = write_notebook(data, stage / "report.ipynb", spec_ref="study.yaml" if data.spec else None,
+                             report_dir=out)
     if not execute_notebook:
         return None
     try:
-        run_notebook(nb_path, cwd=stage)
-    except Exception as exc:  # the executed notebook shows the failing cell: keep it, then fail loudly
+        run_notebook(nb_path, cwd=stage)  # a sibling of `out`: the notebook's relative paths hold in both
+    except Exception as exc:  # noqa: BLE001 - the executed notebook shows the failing cell: keep it, then fail loudly
         error = exc
     else:
         error = None
@@ -145,13 +207,7 @@ def check_spec_name(study_name: str, spec: str | Path | dict | None) -> None:
     and rows into this study's report. (A `--seeds` study's YAML carries its `<study>-seeds-...` name.)"""
     if spec is None:
         return
-    if not isinstance(spec, dict) and Path(spec).is_dir():
-        raise ReportError(f"study YAML {spec} is a folder; pass a study YAML file as --spec")
-    data, path = load_study_spec(study_name, spec)
-    if not isinstance(data, dict):
-        raise ReportError(f"study YAML {path} is not a mapping of study fields")
-    # a YAML without `name:` names its study after the file, as studies/run.py reads it
-    name = str(data.get("name", Path(path).stem if path else study_name))
+    name, path = spec_name(study_name, spec)
     if name != study_name:
         raise ReportError(f"study YAML {path or '(given as a dict)'} defines study {name!r}, not {study_name!r}; "
                           f"pass {study_name}'s own YAML as --spec, or leave --spec out")
@@ -164,18 +220,20 @@ def build_report(study_name: str, *, storage: str | None = None, tracking_uri: s
 
     The report is built in a hidden folder beside `out_dir` and moved in only when complete, so a build
     that fails (a study that cannot be loaded, a figure that cannot be drawn) leaves an earlier report whole
-    and creates no folder. A notebook that fails to execute is the exception: the report is published and
+    and creates no folder; a stop removes that folder, and one a killed build left goes with the next build
+    (`building_stage`). A notebook that fails to execute is the exception: the report is published and
     logged with the failing cell's output, then the build fails loudly."""
+    if name_problem(study_name):  # it names the report's folder
+        raise ReportError(f"study: {name_problem(study_name)}")
     out = Path(out_dir) if out_dir else DEFAULT_OUT_ROOT / (f"{study_name}-smoke" if smoke else study_name)
     check_out_dir(out)
     check_spec_name(study_name, spec)
     with tempfile.TemporaryDirectory(prefix="sfd-report-art-") as art:
         data = load_study_data(study_name, storage=storage, tracking_uri=tracking_uri, smoke=smoke, spec=spec,
                                artifact_dir=art)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}-building-", dir=out.parent) as stage:
-            error = _build_in(Path(stage), data, execute_notebook)
-            publish_report(Path(stage), out)
+        with building_stage(out) as stage:
+            error = _build_in(stage, out, data, execute_notebook)
+            publish_report(stage, out)
     if log_to_mlflow:
         log_report(data, out)
     if error is not None:
@@ -206,7 +264,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import matplotlib
-
     matplotlib.use("Agg")
-    sys.exit(main())
+    sys.exit(run_script(main))  # Ctrl-C / SIGTERM: the half-built report's folder goes, one line says why

@@ -1,7 +1,9 @@
 """The report's figures (matplotlib `Figure` objects, no pyplot): metric vs NFE, metric vs device-hours, loss
-curves, ours-vs-paper bars, importances, optimization history, sample grids; PNG/SVG export.
+curves, ours-vs-paper bars, importances, optimization history, sample grids; PNG/SVG export. A figure with
+nothing to show (one NFE on an NFE axis, no measured row) is left out.
 
-Part of the report builder (``reports/build.py``); imports ``reports.data`` and ``reports.tables``."""
+Part of the report builder (``reports/build.py``); imports ``reports.formatting``, ``reports.paper``,
+``reports.loading`` and ``reports.tables``."""
 from __future__ import annotations
 
 import io
@@ -10,22 +12,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import matplotlib.image as mpimg
 import pandas as pd
+from matplotlib.figure import Figure  # Figure objects without pyplot: no GUI backend, savefig renders with Agg
+from matplotlib.transforms import Bbox
 
-from reports.data import (StudyData, _canon, _is_num, _lower_is_better, _slug, _to_float, fmt_tmin, fmt_value,
-                          paper_comparison_frame)
-from reports.tables import _objective_names, param_importances
-
-# ----------------------------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------------------------
-
-def _plt():
-    # Figure objects without pyplot: no GUI backend is ever touched, savefig renders with Agg.
-    from matplotlib.figure import Figure
-
-    return Figure
-
+from reports.formatting import canon, fmt_tmin, fmt_value, is_num, lower_is_better, slug, to_float
+from reports.loading import StudyData
+from reports.paper import paper_comparison_frame
+from reports.tables import objective_names, param_importances
+from sfd.metrics.names import COST_LABEL
 
 def _series_name(data: StudyData, r: dict) -> str:
     """Comparison rows: one line per method. Ablation/search rows: one series per configuration without NFE."""
@@ -54,9 +50,8 @@ def _paper_points(data: StudyData, rows: list[dict]) -> pd.DataFrame:
 
 def fig_metric_vs_nfe(data: StudyData):
     """Ours (solid) vs NFE per method; the paper's FID (dashed) at the rows' own paper points, when ours is FID."""
-    Figure = _plt()
     ok = [r for r in data.rows.to_dict("records") if r["status"] == "ok" and r["nfe"] is not None]
-    if not ok:
+    if len({r["nfe"] for r in ok}) < 2:  # one NFE (or none): no axis to draw a change along
         return None
     fig = Figure(figsize=(10, 4.5))
     ax = fig.add_subplot()
@@ -68,7 +63,7 @@ def fig_metric_vs_nfe(data: StudyData):
         rs = sorted(rs, key=lambda r: r["nfe"])
         (line,) = ax.plot([r["nfe"] for r in rs], [r["value"] for r in rs], "-o" if len(rs) > 1 else "o",
                           label=f"ours: {name}")
-        colors[_canon(rs[0]["method"])] = line.get_color()
+        colors[canon(rs[0]["method"])] = line.get_color()
     ax.set_xlabel("NFE")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(f"ours: {data.metric}")
@@ -80,7 +75,7 @@ def fig_metric_vs_nfe(data: StudyData):
     pax = ax if data.comparable or paper.empty else ax.twinx()
     for meth, grp in paper.groupby("method", sort=False):
         grp = grp.sort_values("nfe")
-        pax.plot(grp["nfe"], grp["fid"], "--", marker="x", color=colors.get(_canon(meth)), alpha=0.8,
+        pax.plot(grp["nfe"], grp["fid"], "--", marker="x", color=colors.get(canon(meth)), alpha=0.8,
                  label=f"paper: {meth}")
     if pax is not ax:
         pax.set_ylabel(f"paper FID ({data.paper_dataset}, orientation only)")
@@ -104,8 +99,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def fig_metric_vs_hours(data: StudyData):
     """The 'fast' claim: metric vs training device-hours, with our Pareto front and, when ours is FID, the
     paper's points for our rows."""
-    Figure = _plt()
-    ok = [r for r in data.rows.to_dict("records") if r["status"] == "ok" and _is_num(r.get("device_hours"))]
+    ok = [r for r in data.rows.to_dict("records") if r["status"] == "ok" and is_num(r.get("device_hours"))]
     if not ok:
         return None
     fig = Figure(figsize=(7, 4.5))
@@ -113,15 +107,13 @@ def fig_metric_vs_hours(data: StudyData):
     pos = [r["device_hours"] for r in ok if r["device_hours"] > 0]
     floor = (min(pos) / 3) if pos else 1e-4
     xs = [max(r["device_hours"], floor) for r in ok]
-    sign = 1 if _lower_is_better(data.metric) else -1
+    sign = 1 if lower_is_better(data.metric) else -1
     ax.scatter(xs, [r["value"] for r in ok], label="ours", zorder=3)
-    for x, r in zip(xs, ok):
-        ax.annotate(str(r["row_id"]), (x, r["value"]), fontsize=6, alpha=0.8, xytext=(3, 3),
-                    textcoords="offset points")
+    labels = [(ax, str(r["row_id"]), (x, r["value"]), {"alpha": 0.8}) for x, r in zip(xs, ok)]
     front = _pareto([(x, sign * r["value"]) for x, r in zip(xs, ok)])
     ax.plot([p[0] for p in front], [sign * p[1] for p in front], "-", drawstyle="steps-post", label="ours: Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel("training device-hours (log; untrained rows drawn at the left edge)")
+    ax.set_xlabel(f"{COST_LABEL}\n(log; untrained rows drawn at the left edge)", fontsize=8)
     ax.set_ylabel(f"ours: {data.metric}")
     paper = _paper_points(data, ok)
     paper = paper[paper["hours"].notna()]
@@ -131,8 +123,7 @@ def fig_metric_vs_hours(data: StudyData):
         for _, p in paper.iterrows():
             # a bound such as "<0.01" is drawn at its value: the label says it is a bound
             bound = f" ({p['hours_text']} h)" if str(p["hours_text"] or "").startswith(("<", ">")) else ""
-            pax.annotate(f"{p['method']} {p['nfe']}{bound}", (float(p["hours"]), p["fid"]), fontsize=6,
-                         color="gray", xytext=(3, -8), textcoords="offset points")
+            labels.append((pax, f"{p['method']} {p['nfe']}{bound}", (float(p["hours"]), p["fid"]), {"color": "gray"}))
         if pax is not ax:
             pax.set_ylabel(f"paper FID ({data.paper_dataset}, orientation only)")
         h1, l1 = ax.get_legend_handles_labels()
@@ -142,7 +133,53 @@ def fig_metric_vs_hours(data: StudyData):
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     ax.set_title(f"{data.study}: {data.metric} vs training cost")
     fig.tight_layout()
+    _label_points(fig, labels)
     return fig
+
+
+# A point label starts this far (points) up and right of its point, clear of the point's marker (radius).
+LABEL_OFFSET = (4, 4)
+MARKER_RADIUS = 3.5
+
+
+def _label_points(fig, labels: list[tuple]) -> None:
+    """Write each (axes, text, point, style) label beside its point so that no two labels overlap, nor a label
+    and a point: a label that would moves down or up by whole label heights, or to the point's left, inside its
+    axes where there is room, with a thin line back to its point when it moved. Call after the layout."""
+    fig.draw_without_rendering()
+    to_points = 72 / fig.dpi
+    marker = MARKER_RADIUS / to_points  # pixels
+    written = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker)
+               for x, y in (ax.transData.transform(xy) for ax, _, xy, _ in labels)]
+    for ax, text, xy, style in sorted(labels, key=lambda label: -label[0].transData.transform(label[2])[1]):
+        trial = ax.annotate(text, xy, xytext=LABEL_OFFSET, textcoords="offset points", fontsize=6, **style)
+        (offset, align), box = _free_offset(trial, written, ax.get_window_extent(), to_points)
+        trial.remove()
+        moved = (offset, align) != (LABEL_OFFSET, "left")
+        ax.annotate(text, xy, xytext=offset, textcoords="offset points", fontsize=6, ha=align,
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "alpha": 0.5, "color": style.get("color", "k")}
+                    if moved else None, **style)
+        written.append(box)
+
+
+def _free_offset(ann, written: list, inside, to_points: float) -> tuple[tuple, object]:
+    """((offset in points, alignment), the label's box there): the first place, nearest first, where the label
+    overlaps no written label; one where it also lies inside `inside` (the axes) wins when there is one."""
+    height = ann.get_window_extent().height + 1  # pixels: a one-pixel gap between stacked labels
+    fallback = None
+    for step in range(4 * len(written) + 1):
+        dx, dy = LABEL_OFFSET
+        dy += height * to_points * ((step + 1) // 2) * (-1 if step % 2 else 1)  # 0, down, up, 2 down, ...
+        for place in (((dx, dy), "left"), ((-dx, dy), "right")):
+            ann.xyann = place[0]
+            ann.set_horizontalalignment(place[1])
+            box = ann.get_window_extent()  # no arrow on this one: the text's box
+            if any(box.overlaps(w) for w in written):
+                continue
+            if inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1):
+                return place, box
+            fallback = fallback or (place, box)
+    return fallback or (place, box)
 
 
 def _shown_run_label(data: StudyData, r: dict) -> str:
@@ -153,13 +190,12 @@ def _shown_run_label(data: StudyData, r: dict) -> str:
 def _shown_run_value(data: StudyData, r: dict) -> float | None:
     """The metric of the run a panel shows (a replicated row's own value is the mean over seeds)."""
     run = data.runs[data.runs["run_id"] == r["run_id"]]
-    return _to_float(run.iloc[0]["metrics"].get(data.metric)) if len(run) else None
+    return to_float(run.iloc[0]["metrics"].get(data.metric)) if len(run) else None
 
 
 def _per_row_figure(data: StudyData, available: dict, width: float, height: float, draw, title: str):
     """A figure with one panel per row whose run has an entry in `available` (loss histories, sample grids),
     four panels to a line, each drawn by `draw(axes, row)`; None when no row has one."""
-    Figure = _plt()
     rows = [r for r in data.rows.to_dict("records") if r.get("run_id") in available and not r.get("derived_from")]
     if not rows:
         return None
@@ -195,14 +231,13 @@ def fig_loss_curves(data: StudyData):
 
 def fig_ablation_bars(data: StudyData):
     """Ablation rows: ours, beside the paper's FID when ours is FID too (two axes unless Δ is meaningful)."""
-    Figure = _plt()
     rows = data.rows.to_dict("records")
-    if not rows:
+    if not any(r["status"] == "ok" for r in rows):  # no measured row: nothing to draw
         return None
     fig = Figure(figsize=(max(6, 0.7 * len(rows) + 2), 4.5))
     ax = fig.add_subplot()
     x = list(range(len(rows)))
-    has_paper = any(_is_num(r.get("paper_value")) for r in rows)
+    has_paper = any(is_num(r.get("paper_value")) for r in rows)
     draw_paper = has_paper and _paper_is_drawn(data)
     shift = 0.2 if draw_paper else 0.0  # ours left of the paper's bar, or centred alone
     ours = [r["value"] if r["status"] == "ok" else 0 for r in rows]
@@ -213,7 +248,7 @@ def fig_ablation_bars(data: StudyData):
     pax = ax
     if draw_paper:  # no paper bars (nor axis) for rows without one
         pax = ax if data.comparable else ax.twinx()
-        pv = [r["paper_value"] if _is_num(r.get("paper_value")) else 0 for r in rows]
+        pv = [r["paper_value"] if is_num(r.get("paper_value")) else 0 for r in rows]
         pax.bar([i + 0.2 for i in x], pv, width=0.4, color="gray", alpha=0.6, label="paper (FID)")
         if pax is not ax:
             pax.set_ylabel("paper FID (orientation only)")
@@ -231,7 +266,6 @@ def fig_ablation_bars(data: StudyData):
 
 
 def fig_param_importances(data: StudyData):
-    Figure = _plt()
     imp, _ = param_importances(data) if data.kind == "search" else (pd.DataFrame(), None)
     if imp.empty:
         return None
@@ -255,14 +289,13 @@ def fig_param_importances(data: StudyData):
 
 
 def fig_optimization_history(data: StudyData):
-    Figure = _plt()
     if data.kind != "search" or data.trials.empty:
         return None
     done = data.trials[data.trials["state"] == "COMPLETE"]
     done = done[done["values"].map(lambda v: bool(v))]
     if done.empty:
         return None
-    names = _objective_names(data)
+    names = objective_names(data)
     nobj = len(done.iloc[0]["values"])
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
@@ -292,8 +325,6 @@ def fig_optimization_history(data: StudyData):
 
 def fig_sample_grids(data: StudyData):
     """Each row's samples.png artifact, one panel per row."""
-    import matplotlib.image as mpimg
-
     def draw(ax, r):
         img = mpimg.imread(str(data.samples[r["run_id"]]))
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
@@ -356,7 +387,7 @@ def save_figures(data: StudyData, fig_dir: str | Path) -> dict[str, Path]:
     # the raw sample grids, one file per row, next to the composed figure
     rows = {r["run_id"]: r for r in data.rows.to_dict("records") if r.get("run_id")}
     for run_id, path in data.samples.items():
-        dst = fig_dir / "samples" / f"{_slug(rows[run_id]['row_id'])}.png"
+        dst = fig_dir / "samples" / f"{slug(rows[run_id]['row_id'])}.png"
         dst.parent.mkdir(exist_ok=True)
         shutil.copyfile(path, dst)
     return saved

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from sfd.assets import main as assets_main
+from sfd.assets.cli import main as assets_main
 from sfd.bench import main as bench_main
 
 USAGE = "usage: sfd {assets,bench} ...   (e.g. `sfd assets list`, `sfd bench distill --arch tiny`)"

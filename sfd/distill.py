@@ -6,7 +6,9 @@ callback with the per-step losses as a device tensor (no host sync), and the cal
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import math
 import random
 import time
@@ -14,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from sfd.compiling import maybe_compile
+from sfd.distributed import SINGLE, Ranks
 from sfd.losses import get_loss
 from sfd.networks.edm import GROUP_NORMS, set_group_norm
 from sfd.sampling import GridSpec, autocast_context, bind, cudnn_autotune, use_precision
@@ -23,6 +27,11 @@ from sfd.schedules import get_schedule, refine_grid
 from sfd.solvers import afs_derivative, check_solver, solve
 
 ALGORITHMS = ("sfd", "vanilla")
+# DDP without a buffer broadcast before every forward (our networks' buffers are constants, synced once at
+# construction); torch 2.14 renamed the switch and warns on the old name.
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
 
 
 class DivergedError(RuntimeError):
@@ -48,7 +57,7 @@ class DistillSettings:
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    lr_decay_at: float = 0.5  # fraction of the budget after which lr is divided by lr_decay_factor
+    lr_decay_at: float = 0.5  # fraction of the budget after which lr is divided by lr_decay_factor (lr_at)
     lr_decay_factor: float = 10.0
     batch_size: int = 128
     # Trajectories per forward/backward pass (None: the whole batch). Smaller values accumulate each student
@@ -159,13 +168,22 @@ class Distiller:
 
     `conditioning(n, rng)`, where given, draws the conditioning of n trajectories (e.g. the text embeddings of
     n random prompts) in place of `settings.num_classes` one-hot labels; `rng` is the loop's random.Random.
+
+    `ranks` (see `sfd.distributed`): with several, the student is wrapped in DistributedDataParallel and the
+    global batch `settings.batch_size` is split over the ranks. Every rank draws the whole batch's noise, labels,
+    data and N from the run's seed and keeps its own rows, so teacher targets and the averaged gradient are the
+    one-process ones up to floating-point reduction order. The per-step losses are averaged over the ranks each
+    iteration, so the logged loss is the global batch's and the divergence check stops every rank together.
     """
 
     def __init__(self, teacher, student: torch.nn.Module, settings: DistillSettings, *,
                  device: str | torch.device = "cpu", data: Iterable | None = None,
                  callback: Callable[[IterationStats], None] | None = None,
-                 conditioning: Callable[[int, random.Random], torch.Tensor] | None = None):
+                 conditioning: Callable[[int, random.Random], torch.Tensor] | None = None,
+                 ranks: Ranks = SINGLE):
         settings.validate()
+        if settings.batch_size % ranks.world_size:
+            raise ValueError(f"batch_size {settings.batch_size} does not split evenly over {ranks.world_size} ranks")
         if settings.algorithm == "vanilla" and data is None and not settings.vanilla_data_free:
             raise ValueError("Algorithm 1 (vanilla) needs a data source, or vanilla_data_free=True")
         self.s = settings
@@ -181,6 +199,9 @@ class Distiller:
         compile_args = (settings.compile, settings.compile_mode, settings.compile_backend)
         self.teacher_fwd = maybe_compile(teacher, *compile_args)
         self.student_fwd = maybe_compile(self.student, *compile_args)
+        self.ranks = ranks
+        self.ddp: DistributedDataParallel | None = None  # wrapped at the start of run(), once shapes are known
+        self.frozen: list[str] = []  # parameters no student step uses, frozen before wrapping
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         fused = self.device.type == "cuda"
         self.opt = torch.optim.Adam(self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
@@ -198,6 +219,46 @@ class Distiller:
     def _to_device(self, fn):
         return fn.to(self.device) if isinstance(fn, torch.nn.Module) else fn
 
+    # ----- several ranks ---------------------------------------------------------------------------------
+    def _wrap_ddp(self) -> None:
+        """DistributedDataParallel around the student (its construction gives every rank rank 0's weights).
+        Parameters that no student step uses (EDM's augmentation-label layer: distillation passes no augment
+        labels) are frozen first, as DDP expects every trained parameter to get a gradient in each backward;
+        a single process leaves them untouched too, since they never get a gradient (Adam skips them)."""
+        unused = self._unused_parameters()
+        for p in unused.values():
+            p.requires_grad_(False)
+        self.frozen = sorted(unused)
+        self.params = [p for p in self.params if p.requires_grad]
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.student, device_ids=device_ids, **_NO_FORWARD_BUFFER_SYNC)
+        compile_args = (self.s.compile, self.s.compile_mode, self.s.compile_backend)
+        self.student_fwd = maybe_compile(self.ddp, *compile_args)
+
+    def _unused_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters that one student call, conditioned as the loop conditions it, leaves without a
+        gradient. The probe keeps the random streams untouched (dropout draws from the global generator)."""
+        named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+        x = torch.zeros(1, *self.shape, device=self.device)
+        if self.conditioning is not None:
+            labels = self.conditioning(1, random.Random(0)).to(self.device)
+        else:
+            labels = _one_hot_labels(1, self.s.num_classes, torch.Generator(device=self.device), self.device)
+        step = self.s.num_steps_choices[0] if self.s.num_steps_choices else None
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            out = bind(self.student, labels, step)(x, float(self.s.grid.t_max))
+            grads = torch.autograd.grad(out.float().sum(), list(named.values()), allow_unused=True)
+        return {n: p for (n, p), g in zip(named.items(), grads) if g is None}
+
+    def _grad_sync(self, last: bool):
+        """Micro-batches accumulate locally; only the last one's backward all-reduces the gradient."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
+    def _mine(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's rows of a tensor drawn for the whole global batch."""
+        return None if x is None else x[self.ranks.rows(x.shape[0])]
+
     # ----- grids -------------------------------------------------------------------------------------
     def grids(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher grid, student grid); the student grid is every (m+1)-th teacher timestamp, exactly."""
@@ -210,18 +271,24 @@ class Distiller:
 
     # ----- pieces ------------------------------------------------------------------------------------
     def lr_at(self, iteration: int) -> float:
-        decayed = iteration >= self.s.lr_decay_at * self.s.total_iterations
+        """The reference's schedule (spec §14): after each iteration it compares the trajectories seen *before*
+        that iteration with the decay point, then lowers lr for the iterations that follow. So iteration k (from
+        0) runs at lr / factor iff k >= 1 and (k - 1)·batch >= lr_decay_at · budget in trajectories (200 kimg at
+        batch 128: from iteration 783)."""
+        seen_before_previous = (iteration - 1) * self.s.batch_size
+        decayed = iteration >= 1 and seen_before_previous >= self.s.lr_decay_at * self.s.total_kimg * 1000
         return self.s.lr / self.s.lr_decay_factor if decayed else self.s.lr
 
     def draw_labels(self, n: int) -> torch.Tensor | None:
-        """The conditioning of n new trajectories: drawn by `conditioning`, else random one-hot classes."""
+        """The conditioning of n new trajectories (the global batch; this rank keeps its rows): drawn by
+        `conditioning`, else random one-hot classes."""
         if self.conditioning is not None:
-            return self.conditioning(n, self.rng).to(self.device)
-        return _one_hot_labels(n, self.s.num_classes, self.gen, self.device)
+            return self._mine(self.conditioning(n, self.rng).to(self.device))
+        return self._mine(_one_hot_labels(n, self.s.num_classes, self.gen, self.device))
 
     @property
     def micro_batch(self) -> int:
-        return self.s.micro_batch_size or self.s.batch_size
+        return self.s.micro_batch_size or self.s.batch_size // self.ranks.world_size
 
     def teacher_denoiser(self, labels):
         return bind(self.teacher_fwd, labels, self.s.teacher_step)
@@ -248,13 +315,14 @@ class Distiller:
         self.opt.zero_grad(set_to_none=True)
         total = sum(len(x) for x in xs)
         outputs, batch_loss = [], None
-        for x, target, lab in zip(xs, targets, labels):
-            x_next = self.student_step(x, t, t_next, lab, step)
-            loss = self.loss_fn(x_next, target)
-            if final and self.final_loss_fn is not None:
-                loss = loss + self.final_loss_fn(x_next, target)
-            loss = loss * (len(x) / total)
-            loss.backward()
+        for i, (x, target, lab) in enumerate(zip(xs, targets, labels)):
+            with self._grad_sync(last=i == len(xs) - 1):
+                x_next = self.student_step(x, t, t_next, lab, step)
+                loss = self.loss_fn(x_next, target)
+                if final and self.final_loss_fn is not None:
+                    loss = loss + self.final_loss_fn(x_next, target)
+                loss = loss * (len(x) / total)
+                loss.backward()
             outputs.append(x_next.detach())
             batch_loss = loss.detach() if batch_loss is None else batch_loss + loss.detach()
         sanitize_gradients(self.params)
@@ -262,7 +330,9 @@ class Distiller:
         return outputs, batch_loss
 
     def noise(self) -> torch.Tensor:
+        """This rank's rows of the global batch's initial noise z ~ N(0, t_max² I)."""
         z = torch.randn(self.s.batch_size, *self.shape, generator=self.gen, device=self.device) * self.s.grid.t_max
+        z = self._mine(z)
         return z.contiguous(memory_format=torch.channels_last) if self.s.channels_last and z.ndim == 4 else z
 
     # ----- the two algorithms ----------------------------------------------------------------------
@@ -319,10 +389,9 @@ class Distiller:
             labels = self.draw_labels(self.s.batch_size)
             x_n = self.teacher_states(self.noise(), teacher_grid[: k * n + 1], labels)[-1] if n else self.noise()
         else:
-            x0, labels = self.next_data()
-            if labels is None:
-                labels = self.draw_labels(x0.shape[0])
-            x_n = x0 + t * torch.randn(x0.shape, generator=self.gen, device=self.device)
+            x0, labels = self.next_data()  # the global batch: every rank reads the same stream
+            labels = self.draw_labels(x0.shape[0]) if labels is None else self._mine(labels)
+            x_n = self._mine(x0 + t * torch.randn(x0.shape, generator=self.gen, device=self.device))
         xs = list(x_n.split(self.micro_batch))
         labels = _chunks(labels, self.micro_batch, len(xs))
         targets = [self.teacher_states(x, teacher_grid[k * n: k * (n + 1) + 1], lab)[-1] for x, lab in zip(xs, labels)]
@@ -336,14 +405,17 @@ class Distiller:
     def run(self, shape: tuple[int, ...]) -> torch.nn.Module:
         """Train for the whole budget; `shape` is one sample's shape (e.g. (3, 32, 32))."""
         self.shape = tuple(shape)
+        if self.ranks.distributed and self.ddp is None:
+            self._wrap_ddp()
         iteration_fn = self.sfd_iteration if self.s.algorithm == "sfd" else self.vanilla_iteration
         recent = []
         for it in range(self.s.total_iterations):
             lr = self.lr_at(it)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            num_steps = self.draw_num_steps()
+            num_steps = self.draw_num_steps()  # the same N on every rank: the same seed, the same draws
             losses, steps, t_teacher, t_student = iteration_fn(num_steps)
+            losses = self.ranks.mean(losses)  # the global batch's loss, the same on every rank
             recent.append(losses)
             if (it + 1) % self.s.nan_check_every == 0 or it + 1 == self.s.total_iterations:
                 self._check_finite(recent, it)
@@ -362,7 +434,8 @@ class Distiller:
 def distill(teacher, student: torch.nn.Module, settings: DistillSettings, shape: tuple[int, ...], *,
             device: str | torch.device = "cpu", data: Iterable | None = None,
             callback: Callable[[IterationStats], None] | None = None,
-            conditioning: Callable[[int, random.Random], torch.Tensor] | None = None) -> torch.nn.Module:
+            conditioning: Callable[[int, random.Random], torch.Tensor] | None = None,
+            ranks: Ranks = SINGLE) -> torch.nn.Module:
     """Distil `teacher` into `student` (trained in place and returned). See `Distiller`."""
     return Distiller(teacher, student, settings, device=device, data=data, callback=callback,
-                     conditioning=conditioning).run(shape)
+                     conditioning=conditioning, ranks=ranks).run(shape)

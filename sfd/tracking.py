@@ -53,10 +53,17 @@ TAG_ROW = "sfd.row"
 TAG_SMOKE = "sfd.smoke"
 TAG_ERROR = "sfd.error"
 TAG_DEVICE = "sfd.device"
+TAG_THREADS = "sfd.threads"  # the CPU threads the run computed with (its `threads` setting resolved, sfd.threads)
 TAG_SEED = "sfd.seed"
+TAG_OVERRIDES = "sfd.overrides"  # a lone run's command-line overrides of its YAML (experiments/run.py)
 TAG_ALGORITHM = "sfd.algorithm"
 TAG_FIRST_STAGE = "sfd.first_stage"  # a second stage's first-stage reference (run id, folder, file)
 TAG_FIRST_STAGE_ROW = "sfd.first_stage_row"  # ... and, in a study, the row it came from
+TAG_EVALUATED_STUDENT = "sfd.evaluated_student"  # algorithm evaluate: the saved student it samples (run id, path)
+TAG_EVALUATED_ROW = "sfd.evaluated_row"  # ... and, in a study, the row that trained it
+# By the config key naming a saved student (sfd.config.SAVED_STUDENT_KEYS): its tag and its study-row tag.
+SAVED_STUDENT_TAGS = {"second_stage.first_stage": (TAG_FIRST_STAGE, TAG_FIRST_STAGE_ROW),
+                      "evaluate.student": (TAG_EVALUATED_STUDENT, TAG_EVALUATED_ROW)}
 TAG_WORKER_DEVICE = "sfd.worker_device"
 TAG_REPORT = "sfd.report"  # on a study's parent run: where its report artifact is
 # Which process runs a run (not on a study's parent run, which peers share): a run still RUNNING whose process is
@@ -77,6 +84,16 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"  # the description MLflow's UI shows
 TAG_OPTUNA_STUDY = "optuna.study_name"
 TAG_OPTUNA_STORAGE = "optuna.storage"
+# Provenance on every run: the checkout's commit, whether it had local edits, and `version.<package>`.
+TAG_GIT_COMMIT = "git.commit"
+TAG_GIT_DIRTY = "git.dirty"
+TAG_VERSION = "version."
+
+# Names that become folder and file names: MLflow experiments (artifacts/<experiment>/), studies (their lock, the
+# YAML `--seeds` writes, reports/out/<study>/). One path component that is not hidden, short enough for every file
+# name built from it (`.<study>-smoke-building-xxxxxxxx`, `<study>-smoke-<key>.lock`) to stay under 255 bytes.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_NAME_LENGTH = 128
 
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 MAX_BATCH_PARAMS = 100
@@ -117,14 +134,46 @@ def is_server(uri: str) -> bool:
     return uri.startswith(SERVER_SCHEMES)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def _first_existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+
+
+def local_store_problem(path: Path, kind: str) -> str | None:
+    """Why a local store cannot be at `path` (kind "sqlite": a database file; "folder": an MLflow file store),
+    else None. Reads at most 16 bytes and creates nothing: a folder, a device or a file of another kind there
+    (`/etc/passwd`) would otherwise fail inside SQLAlchemy or MLflow, after a lock file or a folder was made."""
+    path = path.expanduser()
+    if not path.exists():
+        parent = _first_existing(path.absolute().parent)
+        return None if parent.is_dir() else f"{path} cannot be created: {parent} is not a folder"
+    if kind == "folder":
+        return None if path.is_dir() else f"{path} is not a folder (an MLflow file store is a folder)"
+    if path.is_dir():
+        return f"{path} is a folder; name a database file (in it, or a new one)"
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if head and head != SQLITE_HEADER:  # an empty file is an empty database to SQLite
+        return f"{path} is not an SQLite database (it starts with {head[:8]!r}); name a new file or a store"
+    return None
+
+
 def database_url_problem(url: str, connect: bool = False) -> str | None:
-    """Why SQLAlchemy cannot use a database URL (unparsable, unknown dialect, driver not installed; with `connect`
-    a database server that does not answer), else None. Creates no file: a sqlite file is never opened here."""
+    """Why SQLAlchemy cannot use a database URL (unparsable, unknown dialect, driver not installed, a sqlite file
+    that is not a database; with `connect` a database server that does not answer), else None. Creates no file:
+    a sqlite file is never opened here beyond its first 16 bytes."""
     try:
         connect_args = {"connect_timeout": int(SERVER_WAIT_S)} if backend(url) == "postgresql" else {}
         engine = sqlalchemy.create_engine(url, connect_args=connect_args)
     except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError: all mean unusable
-        return f"{type(exc).__name__}: {exc}"
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
     try:
         if connect and backend(url) != "sqlite":
             with engine.connect():
@@ -134,6 +183,9 @@ def database_url_problem(url: str, connect: bool = False) -> str | None:
         return f"cannot connect to {without_password(url)}: {first}"
     finally:
         engine.dispose()
+    path = sqlite_path(url)
+    if path is not None and str(path).split("?", 1)[0] not in ("", ":memory:"):
+        return local_store_problem(Path(str(path).split("?", 1)[0]), "sqlite")
     return None
 
 
@@ -150,9 +202,9 @@ def server_problem(uri: str) -> str | None:
 
 
 def tracking_uri_problem(uri: str, connect: bool = False) -> str | None:
-    """Why MLflow cannot use a tracking URI (an unknown scheme, a database driver not installed, a database store
-    without a server and no shared artifact root; with `connect` a server or database that does not answer),
-    else None. Creates nothing."""
+    """Why MLflow cannot use a tracking URI (an unknown scheme, a database driver not installed, a local store
+    that cannot be one, a database store without a server and no shared artifact root; with `connect` a server or
+    database that does not answer), else None. Creates nothing."""
     try:
         _tracking_store_registry.get_store_builder(uri)
     except Exception as exc:  # noqa: BLE001 - MLflow's error names the schemes it supports
@@ -167,7 +219,27 @@ def tracking_uri_problem(uri: str, connect: bool = False) -> str | None:
                 "--artifacts-destination DIR` and pass its http:// address")
     if backend(uri) is not None:
         return database_url_problem(uri, connect)
+    if uri.startswith("file:") or "://" not in uri:  # MLflow's file store: a folder
+        return local_store_problem(Path(uri.removeprefix("file://").removeprefix("file:")), "folder")
     return None
+
+
+def name_problem(name: Any) -> str | None:
+    """Why `name` cannot name an experiment or a study (it becomes a folder or file name), else None."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        return (f"got {name!r}; letters, digits, '_', '.' and '-' only, starting with a letter or digit (it names "
+                "folders and files, so no '/' and no '..')")
+    if len(name) > MAX_NAME_LENGTH:
+        return f"got a name of {len(name)} characters; at most {MAX_NAME_LENGTH} (it names folders and files)"
+    return None
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """A run's page in the MLflow UI when the tracking URI is a server (http or https), else None. The page is
+    where MLflow's own client points when a run ends (`{server}/#/experiments/{id}/runs/{run id}`)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def ensure_sqlite_parent(uri: str) -> None:
@@ -181,21 +253,28 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Where a new experiment's artifacts go. An MLflow server chooses (None: with --artifacts-destination they go
     through it, as mlflow-artifacts:/ URIs any machine can read); else ``$SFD_ARTIFACT_ROOT/<experiment>`` when
     set; else beside a local store: ``<store folder>/artifacts/<experiment>``. The experiment keeps the location
-    its first run gave it."""
+    its first run gave it. An experiment name that would lead anywhere else (`../x`) is a ValueError: whatever
+    the name, nothing is written outside that folder."""
     if is_server(tracking_uri):
         return None
     root = os.environ.get(ARTIFACT_ROOT_ENV)
-    if root:
-        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root):  # a URI (s3://, gs://, file://)
-            return f"{root.rstrip('/')}/{experiment}"
-        return (Path(root).expanduser() / experiment).resolve().as_uri()
     path = sqlite_path(tracking_uri)
-    if path is not None:
-        return (path.expanduser().parent / "artifacts" / experiment).resolve().as_uri()
-    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        base = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
-        return (base / "artifacts" / experiment).resolve().as_uri()
-    return None
+    if root and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root):  # a URI (s3://, gs://, file://)
+        if experiment in (".", "..") or "/" in experiment:
+            raise ValueError(f"experiment name {experiment!r} would put its artifacts outside {root}")
+        return f"{root.rstrip('/')}/{experiment}"
+    if root:
+        home = Path(root).expanduser().resolve()
+    elif path is not None:
+        home = (path.expanduser().parent / "artifacts").resolve()
+    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        home = (Path(tracking_uri.removeprefix("file://").removeprefix("file:")).expanduser() / "artifacts").resolve()
+    else:
+        return None
+    location = (home / experiment).resolve()
+    if location.parent != home:
+        raise ValueError(f"experiment name {experiment!r} would put its artifacts at {location}, outside {home}")
+    return location.as_uri()
 
 
 @functools.lru_cache(maxsize=None)
@@ -267,18 +346,18 @@ def git_info(root: Path | None = None) -> dict[str, str]:
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
-        return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
+        return {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(bool(status.strip())).lower()}
     except (OSError, subprocess.SubprocessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
+        return {TAG_GIT_COMMIT: "unknown", TAG_GIT_DIRTY: "unknown"}
 
 
 def package_versions() -> dict[str, str]:
-    out = {"version.python": platform.python_version()}
+    out = {f"{TAG_VERSION}python": platform.python_version()}
     for dist in ("sfd", "torch", "numpy", "mlflow", "optuna"):
         try:
-            out[f"version.{dist}"] = metadata.version(dist)
+            out[f"{TAG_VERSION}{dist}"] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            out[f"version.{dist}"] = "not installed"
+            out[f"{TAG_VERSION}{dist}"] = "not installed"
     return out
 
 
@@ -367,6 +446,8 @@ class RunLogger:
     Used as a context manager: a clean exit ends the run FINISHED; an exception ends it FAILED with the
     error in tag `sfd.error` and the traceback as artifact `error.txt`, and propagates.
     """
+
+    active = True  # writes to MLflow (a `SilentRunLogger` does not)
 
     def __init__(self, client, run_id: str, *, every: int = 50):
         self.client = client
@@ -522,6 +603,43 @@ class Tracker:
         return logger
 
 
+class SilentRunLogger:
+    """A `RunLogger` that writes nothing: what the ranks other than 0 of a DDP run log through (rank 0 alone
+    talks to MLflow). Its iteration callback is None, so the training loop skips it."""
+
+    active = False
+    run_id = None
+
+    def __init__(self):
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    log_params = set_tags = log_metrics = iteration_callback = flush = _nothing
+    log_artifact = log_text = log_image = log_figure = end = _nothing
+
+    def __enter__(self) -> "SilentRunLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False
+
+
+class SilentTracker:
+    """A `Tracker` for a rank other than 0: the same settings (objective, tracking URI for reading a first
+    stage), but its runs are `SilentRunLogger`s."""
+
+    def __init__(self, tracker: Tracker):
+        self.experiment = tracker.experiment
+        self.tracking_uri = tracker.tracking_uri
+        self.parent_run_id = tracker.parent_run_id
+        self.objective = list(tracker.objective)
+
+    def start_run(self, run_name: str, *, tags: Mapping[str, Any] | None = None, every: int = 50) -> SilentRunLogger:
+        return SilentRunLogger()
+
+
 # ----- study (parent) runs -------------------------------------------------------------------------------
 
 def study_parent_run(client, experiment: str, study: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
@@ -570,8 +688,9 @@ def fail_orphaned_runs(client) -> list[str]:
 
 
 __all__ = [
-    "RunLogger", "Tracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
+    "RunLogger", "Tracker", "SilentRunLogger", "SilentTracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
     "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
     "find_runs", "mark_failed", "study_parent_run", "trial_runs", "fail_orphaned_runs", "tracking_uri_problem",
-    "database_url_problem", "is_server", "artifact_location", "process_tags",
+    "database_url_problem", "is_server", "artifact_location", "process_tags", "local_store_problem", "run_url",
+    "name_problem",
 ]

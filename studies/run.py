@@ -2,7 +2,8 @@
 """Run a study: an Optuna study whose every trial is one tracked SFD run (MLflow child of the study's run).
 
     python studies/run.py <study> [--smoke] [--seeds 0 1 2] [--storage URL] [--tracking-uri URI] [--n-trials N]
-                          [--no-report] [--retry-failed] [--devices cuda:0 cuda:1 ...] [--heartbeat S] [--dry-run]
+                          [--no-report] [--retry-failed] [--devices auto|serial|all|cuda:0 cuda:1 ...]
+                          [--heartbeat S] [--dry-run] [--quiet]
     python studies/run.py --list
 
 `<study>` is a name in studies/ (e.g. ablation_digits) or a path to a study YAML. Table studies (`rows:`)
@@ -15,7 +16,10 @@ KILLED), its row / parameters tried again; failed trials stay failed unless `--r
 can be wrong in the study or its rows (a typo, a bad value, a missing checkpoint or data set, a store that does
 not answer) is reported before any MLflow experiment or Optuna study is created.
 `--devices` runs up to one trial per listed device at once, each in a worker process of its own (a
-second-stage row waits for its first stage); this process alone writes the Optuna study.
+second-stage row waits for its first stage); this process alone writes the Optuna study. By default (`auto`) a
+table study whose rows run on the CPU runs one row per core side by side, each run on one thread (the run setting
+`threads: auto`); `serial` runs one trial at a time in this process. On a terminal the study says which trial
+starts and draws bars over its training iterations and evaluation samples (`--quiet`: none).
 Many machines: give every one the same command with a PostgreSQL `--storage` and an `mlflow server`
 `--tracking-uri`; the peers share the study's queue, and a peer's trial whose heartbeat stops (every
 `--heartbeat` seconds, as the study was created with; dead after three times that) is run again by another.
@@ -39,6 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 from reports.build import ReportError, build_report, check_out_dir
 from sfd.assets import AssetError
 from sfd.config import ConfigError
+from sfd.progress import wanted
 from sfd.signals import run_script
 from sfd.study import (HEARTBEAT_S, StudyError, StudyOutcome, StudyPlan, StudySpec, available_studies, load_spec,
                        objective_labels, plan_study, row_key, run_study, shown_trial)
@@ -60,6 +65,8 @@ def print_plan(plan: StudyPlan) -> None:
     print(f"  Optuna {plan.storage}, study {plan.optuna_study!r}: "
           + (f"{plan.on_record} trial(s) on record" if plan.on_record else "new"))
     print(f"  MLflow {plan.tracking_uri}, experiment {plan.optuna_study!r}")
+    print("  trials run " + (f"side by side on {' '.join(plan.devices)}, one worker process each" if plan.devices
+                             else "one at a time, in this process"))
     if plan.running_elsewhere:
         print(f"  being run now by {plan.running_elsewhere}: a run of this command would be refused until it ends")
     if plan.assumption:
@@ -138,16 +145,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-trials", type=positive_int, default=None,
                    help="run at most N >= 1 trials now (rows: the next N rows)")
     p.add_argument("--retry-failed", action="store_true", help="also retry rows / trials that failed")
-    p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+    p.add_argument("--devices", nargs="+", default=["auto"], metavar="DEVICE",
                    help="run trials side by side, one worker process per entry (cpu or cuda:<index>; repeat an "
-                   "entry to share it), e.g. --devices cuda:0 cuda:1, or all (every CUDA device); default: one "
-                   "trial at a time in this process, on each config's device")
+                   "entry to share it), e.g. --devices cuda:0 cuda:1, or all (every CUDA device); serial: one "
+                   "trial at a time in this process, on each config's device; auto (default): one CPU worker per "
+                   "core for a table study whose rows run on the CPU, else serial")
     p.add_argument("--heartbeat", type=positive_int, default=None, metavar="S",
                    help=f"a new study: record each running trial's heartbeat every S seconds (default {HEARTBEAT_S}); "
                    "a trial whose heartbeat is older than 3*S is taken for dead and run again. A study keeps the S it "
                    "was created with, for every peer")
     p.add_argument("--dry-run", action="store_true", help="check the study and print what a run would do now "
                    "(each row's settings and whether it runs, is done or stays failed); create nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress (which trial starts, bars); they are shown "
+                   "only on a terminal anyway. Each finished trial's line and the summary are still printed")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--out", default=None, help="report folder (default: the report builder's)")
     return p.parse_args(argv)
@@ -167,9 +177,13 @@ def main(argv=None) -> int:
         if not args.no_report and args.out is not None:
             check_out_dir(args.out)  # before the trials run rather than after
         if args.dry_run:
-            print_plan(plan_study(args.study, **options))
+            plan = plan_study(args.study, **options)
+            print_plan(plan)
+            if plan.missing is not None:  # the plan stands; a run of it would stop before anything
+                print(f"error: a run would stop before creating anything: {plan.missing}", file=sys.stderr)
+                return 2
             return 0
-        outcome = run_study(args.study, **options)
+        outcome = run_study(args.study, progress=wanted(args.quiet), **options)
     except ReportError as exc:
         print(f"error: --out: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Test-wide settings: one torch thread and one BLAS thread (tiny networks run faster and deterministically
 that way on the 2-core CI machine, and OpenBLAS's spinning threads made a 2048-d Fréchet distance ~10x slower
 under load), offline MLflow; shared fixtures (a throwaway PostgreSQL and `mlflow server` for the many-process tests)."""
+import importlib.util
 import os
 
 import pytest
@@ -13,6 +14,16 @@ torch.set_num_threads(1)
 threadpool_limits(limits=1, user_api="blas")
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"  # the asset's file name
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    """EDM's `torch_utils.persistence` and `dnnlib.util` stand-ins (tests/checkpoint_writers.py), importable
+    while the test runs."""
+    from checkpoint_writers import install_fake_modules, remove_fake_modules
+
+    yield install_fake_modules(tmp_path / "fakepkgs", monkeypatch)
+    remove_fake_modules()
 
 
 @pytest.fixture
@@ -55,9 +66,7 @@ def unavailable(reason: str):
 @pytest.fixture(scope="session")
 def postgres():
     """A throwaway PostgreSQL cluster on 127.0.0.1 for the session (tests/servers.py)."""
-    try:
-        import psycopg  # noqa: F401 - SQLAlchemy's driver for postgresql:// URLs
-    except ImportError:
+    if importlib.util.find_spec("psycopg") is None:  # SQLAlchemy's driver for postgresql:// URLs
         unavailable("psycopg (PostgreSQL's Python driver) is not installed: pip install -e '.[dev]'")
     bin_dir = postgres_bin()
     if bin_dir is None:

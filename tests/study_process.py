@@ -31,17 +31,17 @@ def die() -> None:
 def kill_at(moment: str) -> None:
     real_run_job, real_take = sfd.study.serial.run_job, sfd.study.devices._take
 
-    def run_job_killed_at_start(job, on_start=None):
-        return real_run_job(job, on_start=lambda run_id: die())
+    def run_job_killed_at_start(job, on_start=None, **kwargs):
+        return real_run_job(job, on_start=lambda run_id: die(), **kwargs)
 
-    def run_job_killed_at_end(job, on_start=None):
-        real_run_job(job, on_start=on_start)
+    def run_job_killed_at_end(job, on_start=None, **kwargs):
+        real_run_job(job, on_start=on_start, **kwargs)
         die()
 
-    def take_killed_when_done(loop, worker, message, running):
+    def take_killed_when_done(loop, worker, message, running, *board):
         if message[0] == "done":
             die()
-        return real_take(loop, worker, message, running)
+        return real_take(loop, worker, message, running, *board)
 
     if moment == "run-created":
         sfd.study.serial.run_job = run_job_killed_at_start

@@ -114,10 +114,14 @@ def start_processes(tmp_path: Path, commands: list[list[str]], barrier: bool = T
                     same_machine: bool = False, **env) -> list[subprocess.Popen]:
     """One study process per entry of `commands` (tests/study_process.py `hooks` -- studies/run.py arguments), each a
     "machine" of its own (runs folder, working directory) unless `same_machine`, all started at the same moment
-    (after their imports) unless `barrier` is False. Their output is piped (stdout and stderr together)."""
+    (after their imports) unless `barrier` is False. Their output is piped (stdout and stderr together). Without
+    --devices among the arguments a process runs its trials itself (--devices serial; the default, auto, would
+    start a worker per core for CPU rows)."""
     gate = tmp_path / "go"
     procs = []
     for i, args in enumerate(commands):
+        if "--devices" not in args:
+            args = [*args, "--devices", "serial"]
         machine = tmp_path / ("machine" if same_machine else f"machine{i}")
         machine.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(STUDY_PROCESS), *hooks, *(["--barrier", str(gate)] if barrier else []), "--",

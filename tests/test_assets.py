@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from sfd import assets
+from sfd.assets.cli import main
 from sfd.assets import (
-    Asset, AssetChecksumError, AssetDownloadError, MissingAssetError, UnknownAssetError, fetch, main, require,
+    Asset, AssetChecksumError, AssetDownloadError, MissingAssetError, UnknownAssetError, fetch, require,
 )
 
 PAYLOAD = bytes(range(256)) * 1000  # 256 kB

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from sfd.cli import main
-from sfd.signals import SIGTERM_EXIT, Terminated, run_script, stops_deferred
+from sfd.signals import SIGINT_EXIT, SIGPIPE_EXIT, SIGTERM_EXIT, Terminated, run_script, stops_deferred
 from sfd.tracking import RunLogger, get_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +39,14 @@ def test_sigterm_is_a_keyboard_interrupt_and_exits_143(capsys):
     assert "stopped by SIGTERM" in capsys.readouterr().err
 
 
-def test_sigterm_ends_a_lone_run_killed(tmp_path):
+@pytest.mark.parametrize("signum,status,why", [
+    (signal.SIGTERM, SIGTERM_EXIT, "Terminated: stopped by SIGTERM"),
+    (signal.SIGINT, SIGINT_EXIT, "KeyboardInterrupt: stopped by SIGINT (Ctrl-C)"),
+], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_and_ctrl_c_end_a_lone_run_killed_alike(tmp_path, signum, status, why):
     """`timeout` / `kill` send SIGTERM: the run must end KILLED with an end time, as Ctrl-C ends it, not stay
-    RUNNING forever (a study rerun repairs its own trials; nothing repairs a lone run)."""
+    RUNNING forever (a study rerun repairs its own trials; nothing repairs a lone run). Either stop ends the
+    script with one line on stderr, no traceback (Ctrl-C printed a 40-line one), and the shell's status."""
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking)
     client.search_experiments()  # create the store's schema here: polling a store being created races
@@ -60,15 +65,17 @@ def test_sigterm_ends_a_lone_run_killed(tmp_path):
             run_id = next((r.info.run_id for r in runs if r.info.status == "RUNNING"), None)
         assert run_id is not None, "the run did not start"
         time.sleep(1.0)  # into the training loop
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == SIGTERM_EXIT and "stopped by SIGTERM" in err
+    assert proc.returncode == status, err
+    stopped = why.split(": ", 1)[1]
+    assert err.splitlines() == [f"error: {stopped} (any MLflow run it had open is ended KILLED)"], err
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.info.end_time is not None
-    assert run.data.tags["sfd.error"] == "Terminated: stopped by SIGTERM"
+    assert run.data.tags["sfd.error"] == why
 
 
 def _signal_inside(signum: int, done: list):
@@ -102,8 +109,7 @@ def test_a_stop_waits_for_the_tracking_call_it_lands_in(tmp_path):
                 _signal_inside(signal.SIGINT, done)("second")
             return 0  # not reached: the held Ctrl-C is raised as the block ends
 
-        with pytest.raises(KeyboardInterrupt):
-            run_script(ctrl_c_in_a_write)
+        assert run_script(ctrl_c_in_a_write) == SIGINT_EXIT  # the held Ctrl-C ended it: one line, no traceback
         assert done[-1] == ("second",)
     finally:
         signal.signal(signal.SIGTERM, previous[0])
@@ -150,3 +156,16 @@ def test_a_tracking_call_in_another_thread_does_not_hold_the_main_threads_stop()
         release.set()
         thread.join(10)
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_output_piped_to_a_reader_that_stops_early_ends_quietly():
+    """`studies/run.py --list | head -1`: the reader closes the pipe after one line; the next write fails with
+    BrokenPipeError, which ended the script with a traceback and "Exception ignored ... BrokenPipeError" at exit."""
+    proc = subprocess.run(f"{sys.executable} {ROOT / 'studies' / 'run.py'} --list | head -1; "
+                          "echo \"status ${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] in {p.stem for p in (ROOT / "studies").glob("*.yaml")}, proc
+    assert lines[1] == f"status {SIGPIPE_EXIT}", proc  # as a command SIGPIPE ended
+    assert proc.stderr == "", proc.stderr
+

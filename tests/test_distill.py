@@ -198,9 +198,11 @@ def test_budget_in_kimg_gives_the_iterations_it_names():
 
 
 def test_lr_halves_budget_decay_and_gradient_guard():
+    """10 iterations of 32: half the budget is 160 trajectories; the reference checks the trajectories seen
+    before the iteration that just finished, (k - 1)·32 >= 160, so iteration 6 is the first at lr / 10."""
     s = _settings(total_kimg=0.032 * 10)
     d = Distiller(MIX, MLPDenoiser((2,)), s)
-    assert [d.lr_at(i) for i in (0, 4, 5, 9)] == [1e-3, 1e-3, 1e-4, 1e-4]
+    assert [d.lr_at(i) for i in (0, 4, 5, 6, 9)] == [1e-3, 1e-3, 1e-3, 1e-4, 1e-4]
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([float("nan"), float("inf"), -float("inf")])
     from sfd.distill import sanitize_gradients
@@ -325,11 +327,24 @@ def test_grids_use_the_student_grid_family_endpoints_and_rho(schedule, rho):
 
 
 def test_lr_decays_once_half_the_budget_is_spent_for_an_odd_budget():
-    """5 iterations: after iterations 0, 1, 2 (index 2 runs with 2 of 5 done) less than half is spent; index 3
-    starts with 3 of 5 = 60% spent, so it is the first at lr / 10."""
+    """5 iterations of 32 (half: 80 trajectories): iteration k is at lr / 10 iff (k - 1)·32 >= 80, i.e. from
+    k = 4 (the reference lowers lr after iteration 3, which started with 96 seen)."""
     d = Distiller(MIX, MLPDenoiser((2,)), _settings(total_kimg=0.032 * 5))
     assert d.s.total_iterations == 5
-    assert [d.lr_at(i) for i in range(5)] == [1e-3, 1e-3, 1e-3, 1e-4, 1e-4]
+    assert [d.lr_at(i) for i in range(5)] == [1e-3, 1e-3, 1e-3, 1e-3, 1e-4]
+
+
+def test_lr_decays_from_iteration_783_at_the_papers_budget():
+    """Spec §14: 200 kimg at batch 128 (1563 iterations). The reference's loop sets lr / 10 at the end of an
+    iteration when the images seen before it, cur_nimg, reach 100,000: after iteration 782 (cur_nimg =
+    782·128 = 100,096), so iteration 783 is the first at lr / 10 and 782 (781·128 = 99,968 seen) is not."""
+    d = Distiller(MIX, MLPDenoiser((2,)), _settings(total_kimg=200, batch_size=128))
+    assert d.s.total_iterations == 1563
+    assert [d.lr_at(i) for i in (0, 1, 781, 782)] == [1e-3] * 4
+    assert [d.lr_at(i) for i in (783, 784, 1562)] == [1e-4] * 3
+    # a run decays exactly once: the lr sequence steps down at one index
+    lrs = [d.lr_at(i) for i in range(d.s.total_iterations)]
+    assert sum(a != b for a, b in zip(lrs, lrs[1:])) == 1 and lrs.index(1e-4) == 783
 
 
 def test_a_tiny_positive_budget_is_still_one_iteration():

@@ -139,7 +139,7 @@ def test_studies_started_at_once_on_a_new_runs_folder_share_its_stores(tmp_path)
 def test_one_study_name_in_two_optuna_storages_has_two_parent_runs(tmp_path, stores):
     """Two Optuna storages, one MLflow store: each study gets its own parent run (kept in its user attributes,
     never found by name), its own children, and its report reads its own runs."""
-    from reports.data import load_study_data
+    from reports.loading import load_study_data
 
     path = write_digits_study(tmp_path, "twin", ROWS[:1])
     tracking = f"sqlite:///{stores / 'mlflow.db'}"

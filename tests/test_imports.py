@@ -168,7 +168,8 @@ sys.path.insert(0, {str(ROOT)!r})
 for name in {modules!r}:
     importlib.import_module(name)
 library_only = sorted({{m.split(".")[0] for m in sys.modules}} & {{"reports", "studies", "experiments"}})
-for name in ["reports.data", "reports.tables", "reports.figures", "reports.notebook", "reports.build"]:
+for name in ["reports.formatting", "reports.paper", "reports.rows", "reports.loading", "reports.tables",
+             "reports.header", "reports.reading", "reports.figures", "reports.notebook", "reports.build"]:
     importlib.import_module(name)
 for script in ["studies/run.py", "experiments/run.py"]:
     spec = importlib.util.spec_from_file_location("script_" + script.split("/")[0], {str(ROOT)!r} + "/" + script)

@@ -192,3 +192,45 @@ def test_features_run_in_true_float32_whatever_the_runs_precision(extractor, mon
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         use_precision("fp32")
+
+
+class _RunsCode:
+    """A pickle payload that would create a file if unpickled with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_the_weights_file_is_read_once_and_only_safely(tmp_path, random_weights, monkeypatch):
+    """torch-fidelity unpickles its weights with weights_only=False. The file used to be checked with
+    weights_only=True, then loaded again by torch-fidelity from the same path (a file swapped in between would
+    run its code). Now the pre-flight check and the network share one weights_only read of the file, and
+    torch-fidelity gets those tensors in memory, never the path."""
+    import shutil
+
+    from sfd.metrics import inception
+
+    weights = tmp_path / WEIGHTS_NAME
+    shutil.copyfile(random_weights, weights)
+    loads = []
+    real_load = torch.load
+
+    def recording_load(f, *args, **kwargs):
+        loads.append((f if isinstance(f, str) else type(f).__name__, kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    inception._read_weights.cache_clear()
+    inception.check_inception_weights(weights)
+    InceptionFeatures(weights_path=weights)
+    assert loads[0] == (str(weights.resolve()), True)  # the file: once, tensors only
+    assert [f for f, _ in loads[1:]] == ["BytesIO", "BytesIO"]  # each network: the tensors read above
+
+    marker = tmp_path / "code-ran"
+    torch.save({"fc.weight": _RunsCode(marker)}, weights)
+    with pytest.raises(ValueError, match=f"{weights}: cannot load as Inception-v3"):
+        InceptionFeatures(weights_path=weights)
+    assert not marker.exists()

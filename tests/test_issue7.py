@@ -80,7 +80,7 @@ def test_row_reference_errors_clearly(tmp_path, stores):
     assert [n for n, _ in out.failed] == [0, 1]
     assert "DivergedError" in out.failed[0][1]
     reason = out.failed[1][1]
-    assert reason.startswith("StudyError") and "its first stage is row 'sfd-nfe5', which has not finished" in reason
+    assert reason.startswith("StudyError") and "it reads the student of row 'sfd-nfe5', which has not finished" in reason
     assert "is FAIL" in reason
     trials = optuna.load_study(study_name="i7_unfinished", storage=out.storage).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]

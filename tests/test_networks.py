@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sfd.networks.edm import (
-    EDM_CONFIGS, STEP_KEY_PREFIX, Conv2d, DhariwalUNet, EDMPrecond, PositionalEmbedding, SongUNet, build_edm,
+    EDM_CONFIGS, Conv2d, DhariwalUNet, EDMPrecond, PositionalEmbedding, SongUNet, UNetBlock, build_edm, is_step_key,
     group_norm_from_channel_stats, multihead_attention, nearest_upsample2x, qkv_channel_order, set_group_norm,
 )
 
@@ -362,31 +362,137 @@ def test_positional_embedding_formula():
     torch.testing.assert_close(emb[0], torch.cat([(2 * freqs).cos(), (2 * freqs).sin()]))
 
 
+# ----- SFD-v's step condition as the SFD reference lays it out (github.com/zju-pi/diff-sampler, sfd-main at
+# commit 97407a4, models/networks_edm.py): map_step (SongUNet: positional with endpoint=True and the sin/cos halves
+# swapped, as for its noise; ADM: as its noise), map_step_layer0 + SiLU, map_step_layer1 + SiLU; in every
+# UNetBlock an affine_step Linear (emb_channels -> out_channels, x2 with adaptive scale) registered after conv1.
+
+def reference_step_keys(teacher_keys: list[str], adaptive: bool) -> list[str]:
+    """The reference's state-dict key order: a teacher's keys with the step layers inserted where the reference
+    registers them (after map_layer1 / map_label; after each block's conv1)."""
+    out = []
+    mapping_end = "model.map_label.weight" if adaptive else "model.map_layer1.bias"
+    for key in teacher_keys:
+        out.append(key)
+        if key == mapping_end:
+            out += [f"model.map_step_layer{i}.{p}" for i in (0, 1) for p in ("weight", "bias")]
+        if key.endswith(".conv1.bias"):
+            out += [key.replace(".conv1.bias", f".affine_step.{p}") for p in ("weight", "bias")]
+    return out
+
+
+@pytest.mark.parametrize("path", KEY_FILES, ids=lambda p: p.stem)
+def test_step_conditioned_layout_is_the_references(path):
+    kwargs, teacher = read_keys(path)
+    with torch.device("meta"):
+        net = EDMPrecond(**kwargs, step_condition=True)
+    adaptive = kwargs["model_type"] == "DhariwalUNet"
+    assert [k for k, _ in shapes(net)] == reference_step_keys([k for k, _ in teacher], adaptive)
+    emb = dict(shapes(net))["model.map_layer1.weight"][0]
+    for key, shape in shapes(net):
+        if key.endswith("affine_step.weight"):
+            out = dict(shapes(net))[key.replace("affine_step", "conv1")][0]
+            assert shape == ((2 if adaptive else 1) * out, emb), key
+    assert {k for k, _ in shapes(net)} - {k for k, _ in teacher} == {k for k, _ in shapes(net) if is_step_key(k)}
+
+
+def step_embedding_formula(net: EDMPrecond, n: float) -> torch.Tensor:
+    """silu(W1 silu(W0 pe(n) + b0) + b1), pe as the reference's map_step, written out."""
+    model = net.model
+    half = model.map_step.num_channels // 2
+    song = isinstance(model, SongUNet)
+    i = torch.arange(half, dtype=torch.float64)
+    freqs = (1 / 10000) ** (i / (half - 1 if song else half))  # SongUNet: endpoint=True
+    angle = n * freqs
+    pe = torch.cat([angle.sin(), angle.cos()] if song else [angle.cos(), angle.sin()])  # SongUNet swaps halves
+    w0, b0 = model.map_step_layer0.weight.double(), model.map_step_layer0.bias.double()
+    w1, b1 = model.map_step_layer1.weight.double(), model.map_step_layer1.bias.double()
+    return F.silu(w1 @ F.silu(w0 @ pe + b0) + b1)
+
+
+def modulated_formula(block, x, emb, emb_step) -> torch.Tensor:
+    """The activation a UNetBlock feeds to its dropout and conv1, written out (issue 17, item 4)."""
+    y = block.conv0(F.silu(block.norm0(x))).double()
+    a = (emb.double() @ block.affine.weight.double().T + block.affine.bias.double())[:, :, None, None]
+    s = (emb_step.double() @ block.affine_step.weight.double().T + block.affine_step.bias.double())[:, :, None, None]
+
+    def norm1(t):
+        return F.group_norm(t, block.norm1.num_groups, block.norm1.weight.double(), block.norm1.bias.double(),
+                            block.norm1.eps)
+
+    if not block.adaptive_scale:
+        return F.silu(norm1(y + a + s))
+    scale, shift = a.chunk(2, dim=1)
+    scale_step, shift_step = s.chunk(2, dim=1)
+    return F.silu(shift_step + (shift + norm1(y) * (scale + 1)) * (scale_step + 1))
+
+
+@pytest.mark.parametrize("make", [tiny_song, tiny_adm], ids=["song", "adm"])
+def test_sfdv_forward_is_the_references_formula(make):
+    """Every block of a tiny step-conditioned network receives the step embedding of the formula, and feeds
+    conv1 the formula's modulation of its own inputs."""
+    net = randomize(make(step_condition=True), seed=3).eval()
+    seen: dict[str, dict] = {}
+
+    def capture(name):
+        def block_hook(module, args, kwargs):
+            x, emb, emb_step = (list(args) + [kwargs.get("emb"), kwargs.get("emb_step")])[:3]
+            seen[name] = {"x": x, "emb": emb, "emb_step": emb_step}
+
+        def conv1_hook(module, args):
+            seen[name]["h"] = args[0]
+        return block_hook, conv1_hook
+
+    blocks = {n: m for n, m in net.named_modules() if isinstance(m, UNetBlock)}
+    handles = []
+    for name, block in blocks.items():
+        block_hook, conv1_hook = capture(name)
+        handles += [block.register_forward_pre_hook(block_hook, with_kwargs=True),
+                    block.conv1.register_forward_pre_hook(conv1_hook)]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        net(x, torch.tensor([0.5, 20.0]), torch.tensor([1, 3]), step=6)
+        expected_step = step_embedding_formula(net, 6.0)
+        assert len(seen) == len(blocks) > 4
+        for name, got in seen.items():
+            torch.testing.assert_close(got["emb_step"].double(), expected_step.expand(2, -1), rtol=1e-5, atol=1e-6)
+            want = modulated_formula(blocks[name], got["x"], got["emb"], got["emb_step"])
+            torch.testing.assert_close(got["h"].double(), want, rtol=1e-5, atol=1e-5, msg=name)
+    for handle in handles:
+        handle.remove()
+
+
 @pytest.mark.parametrize("make", [tiny_song, tiny_adm], ids=["song", "adm"])
 def test_step_condition_adds_only_new_layers(make):
     torch.manual_seed(0)
     teacher = randomize(make()).eval()
     student = make(step_condition=True)
     result = student.load_state_dict(teacher.state_dict(), strict=False)
-    assert result.unexpected_keys == []
-    assert sorted(result.missing_keys) == sorted(
-        f"{STEP_KEY_PREFIX}{i}.{p}" for i in (0, 1) for p in ("weight", "bias"))
-    assert all(k.startswith(STEP_KEY_PREFIX) for k in set(student.state_dict()) - set(teacher.state_dict()))
+    assert result.unexpected_keys == [] and result.missing_keys and all(map(is_step_key, result.missing_keys))
+    assert {k for k in student.state_dict() if is_step_key(k)} == set(result.missing_keys)
 
 
 @pytest.mark.parametrize("make", [tiny_song, tiny_adm], ids=["song", "adm"])
-def test_fresh_step_student_equals_teacher(make):
+def test_a_fresh_step_student_is_its_teacher_only_with_zero_init(make):
+    """step_init="random" (the default, as the reference) perturbs every block from the start; "zero" makes each
+    affine_step zero, so a fresh SFD-v student computes its teacher until the first update."""
     torch.manual_seed(0)
     teacher = randomize(make()).eval()
-    student = make(step_condition=True).eval()
-    student.load_state_dict(teacher.state_dict(), strict=False)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         ref = teacher(x, 3.0, step=5)  # a teacher ignores the step
-        for step in (4, torch.tensor([4, 7]), torch.tensor(6)):
-            torch.testing.assert_close(student(x, 3.0, step=step), ref)
-        with pytest.raises(ValueError, match="step-conditioned"):
-            student(x, 3.0)
-        # Once the zero-initialised layer has learnt something, the step matters.
-        student.model.map_step1.weight.normal_()
+        for step_init in ("zero", "random"):
+            student = make(step_condition=True, step_init=step_init).eval()
+            student.load_state_dict(teacher.state_dict(), strict=False)
+            for step in (4, torch.tensor([4, 7]), torch.tensor(6)):
+                same = torch.allclose(student(x, 3.0, step=step), ref, rtol=0, atol=1e-6)
+                assert same == (step_init == "zero"), (step_init, step)
+            with pytest.raises(ValueError, match="step-conditioned"):
+                student(x, 3.0)
+        # once affine_step has learnt something, the step matters
+        student = make(step_condition=True, step_init="zero").eval()
+        student.load_state_dict(teacher.state_dict(), strict=False)
+        student.model.enc["8x8_block0"].affine_step.weight.normal_()
         assert not torch.allclose(student(x, 3.0, step=4), student(x, 3.0, step=7))
+    with pytest.raises(ValueError, match="step_init"):
+        make(step_condition=True, step_init="ones")

@@ -226,16 +226,14 @@ def test_all_devices_are_every_cuda_device_this_process_sees(monkeypatch):
     assert resolve_devices(["cuda:2", "cpu", "cuda:2"]) == ["cuda:2", "cpu", "cuda:2"]
 
 
-def test_worker_environment_pins_one_card_or_shares_the_cores(monkeypatch):
+def test_worker_environment_pins_one_card_and_leaves_cpu_threads_to_the_run(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert worker_environment("cuda:3", 0) == ("cuda", {"CUDA_VISIBLE_DEVICES": "3"})
+    assert worker_environment("cuda:3") == ("cuda", {"CUDA_VISIBLE_DEVICES": "3"})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # cuda:1 of this process is physical card 6
-    assert worker_environment("cuda:1", 0) == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert worker_environment("cpu", 2) == ("cpu", {"OMP_NUM_THREADS": "4"})
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
-    assert worker_environment("cpu", 2) == ("cpu", {})
+    assert worker_environment("cuda:1") == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})
+    # a CPU worker's runs set their own threads (`threads: auto` is one each): no OMP_NUM_THREADS that would
+    # stand in for the user's choice
+    assert worker_environment("cpu") == ("cpu", {})
 
 
 def _exit_with_torch_threads() -> None:
@@ -405,8 +403,8 @@ def test_a_row_whose_worker_is_killed_three_times_in_a_row_stays_failed(tmp_path
     path = write_digits_study(tmp_path, "oom", [{"id": "big", "params": {}}])
     killed, real_take = [], sfd.study.devices._take
 
-    def take_then_kill(loop, worker, message, running):
-        real_take(loop, worker, message, running)
+    def take_then_kill(loop, worker, message, running, *board):
+        real_take(loop, worker, message, running, *board)
         if message[0] == "started":  # its run exists: kill the worker now, as the OOM killer would (SIGKILL)
             killed.append(worker.process.pid)
             os.kill(worker.process.pid, signal.SIGKILL)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sfd.assets import FID_REFS
-from sfd.networks.edm import EDM_CONFIGS
+from sfd.networks.edm import EDM_CONFIGS, is_step_key
 from sfd.teachers import TEACHERS, TeacherError, get_teacher, teacher_spec
 from sfd.teachers.registry import load_cifar10_train
 
@@ -51,9 +51,15 @@ def test_step_conditioned_student_loads_every_teacher_weight():
     teacher = get_teacher("digits")
     student = teacher.make_student(step_condition=True)
     assert student.training and student.step_condition
+    for key, value in teacher.net.state_dict().items():
+        assert torch.equal(student.state_dict()[key], value), key
+    assert all(map(is_step_key, set(student.state_dict()) - set(teacher.net.state_dict())))
     x = torch.randn(2, 1, 8, 8)
-    # The new step layers start at zero, so the SFD-v student equals its teacher at any step.
-    torch.testing.assert_close(student.eval()(x, 2.0, step=5), teacher.net(x, 2.0))
+    with torch.no_grad():
+        # the reference's random step layers change the output from the start; zero ones do not
+        assert not torch.allclose(student.eval()(x, 2.0, step=5), teacher.net(x, 2.0), atol=1e-4)
+        zero = teacher.make_student(step_condition=True, step_init="zero").eval()
+        torch.testing.assert_close(zero(x, 2.0, step=5), teacher.net(x, 2.0))
 
 
 @pytest.mark.parametrize("name", ["digits", "digits-cond", "gmm-8", "gmm-img-4", "cifar10-uncond"])

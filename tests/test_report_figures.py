@@ -1,8 +1,10 @@
 """The report's figures against tiny studies laid out as tests/test_reports.py does (no study runner): a panel
-shows the value of the run it shows, and the paper's FID is drawn only beside our FID, at our rows' points."""
+shows the value of the run it shows, the paper's FID is drawn only beside our FID, at our rows' points, a
+figure with nothing to show is left out, and the Pareto figure's labels never overlap."""
 from __future__ import annotations
 
 import pytest
+from matplotlib.text import Text
 
 from test_reports import Layout, _final, _params, store  # noqa: F401  (store: the module's MLflow/Optuna fixture)
 
@@ -122,9 +124,9 @@ def test_rows_without_a_paper_counterpart_get_no_paper_overlay(store, tmp_path):
             "rows": [{"id": f"guidance-{w}", "method": "SFD", "guidance": float(w), "paper_key": None,
                       "params": {"student.guidance": float(w)}} for w in (1, 2)]}
     L = Layout(store, "guidance_fig", "ablation", spec, directions=("maximize",))
-    for w, acc in ((1, 0.91), (2, 0.97)):
+    for w, acc in ((1, 0.91), (2, 0.97)):  # a guided student is sampled at twice its NFE (the runner logs 4)
         L.run(row=f"guidance-{w}", params=_params("dpmpp3m", 0.006, True, "l1"),
-              metrics=_final(acc, metric="class_accuracy"))
+              metrics={**_final(acc, metric="class_accuracy"), "nfe": 2 if w == 1 else 4})
     data = _load(L, spec, tmp_path)
     for name in ("metric_vs_nfe", "metric_vs_hours", "ablation_bars"):
         fig = rf.FIGURES[name](data)
@@ -143,3 +145,35 @@ def test_ablation_bars_draw_the_papers_fid_only_beside_ours(store, tmp_path, met
     fig = rf.fig_ablation_bars(_load(L, spec, tmp_path))
     assert ("paper (FID)" in _texts(fig)) == drawn
     assert ("ours vs paper" in fig.axes[0].get_title()) == drawn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures with nothing to show are left out; the Pareto figure's labels never overlap
+# ---------------------------------------------------------------------------------------------------------
+
+def test_one_nfe_gets_no_nfe_figure_and_pareto_labels_stay_apart(store, tmp_path):
+    """An ablation at one NFE whose SFD rows trained equally long: points at the same cost, two of them at the
+    same value too (the labels would all be written on top of each other)."""
+    values = [10.0, 10.0, 10.02, 10.05, 10.1, 10.3, 11.0, 12.5]
+    spec = {"name": "crowded_fig", "kind": "ablation", "objective": {"metric": "fd_digits", "direction": "minimize"},
+            "rows": [{"id": f"sfd-dpmpp3m-0.006-afs-row-with-a-long-id-{i}", "method": "SFD", "t_min": 0.006,
+                      "afs": True, "loss": "L1", "nfe": 2, "paper_key": None} for i in range(len(values))]}
+    L = Layout(store, "crowded_fig", "ablation", spec)
+    for row, value in zip(spec["rows"], values):
+        L.run(row=row["id"], params=_params("dpmpp3m", 0.006, True, "l1"), metrics=_final(value, hours=0.002),
+              history_steps=(), samples=False)
+    data = _load(L, spec, tmp_path)
+    assert rf.fig_metric_vs_nfe(data) is None and "metric_vs_nfe" not in rf.make_figures(data)
+
+    fig = rf.fig_metric_vs_hours(data)
+    fig.draw_without_rendering()
+    labels = [t for ax in fig.axes for t in ax.texts]
+    assert sorted(t.get_text() for t in labels) == sorted(r["id"] for r in spec["rows"])
+    boxes = [Text.get_window_extent(t) for t in labels]  # the text alone, not its line back to the point
+    overlapping = [(a.get_text(), b.get_text()) for i, (a, box) in enumerate(zip(labels, boxes))
+                   for b, other in zip(labels[i + 1:], boxes[i + 1:]) if box.overlaps(other)]
+    assert not overlapping
+    ax = fig.axes[0]
+    points = [ax.transData.transform(p) for p in ax.collections[0].get_offsets()]
+    assert not [t.get_text() for t, box in zip(labels, boxes) if any(box.contains(x, y) for x, y in points)]
+    assert all(fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1) for box in boxes)

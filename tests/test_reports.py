@@ -10,7 +10,9 @@ import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import dataclasses
 import math
+import re
 import struct
 import sys
 import zlib
@@ -24,7 +26,8 @@ optuna = pytest.importorskip("optuna")
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `reports` lives at the repo root, not in sfd
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `reports` lives at the repo root, not in sfd
 from reports import build as rb  # noqa: E402
 
 PAPER = yaml.safe_load(open(rb.PAPER_NUMBERS_PATH))
@@ -250,8 +253,9 @@ def test_paper_column_is_paper_numbers_yaml(ablation):
         assert PAPER_BY_KEY[key]["fid"] == PAPER_FOR_ROW[rid]
         assert r["paper (FID)"] == rb.fmt_paper(PAPER_BY_KEY[key]["fid"])
         assert float(r["paper (FID)"]) == PAPER_BY_KEY[key]["fid"]
-        # fd_digits is not FID: no difference is computed across metrics
-        assert r["Δ"] == "—"
+        # fd_digits is not FID: no difference is computed across metrics, so no line has one and the Δ column,
+        # a "—" on every row, is left out
+        assert "Δ" not in r
     md = ablation["md"]
     assert "for orientation only" in md and "NOT FID" in md
 
@@ -282,14 +286,95 @@ def test_notebook_executes_and_html_exists(ablation):
     assert f"kernel interpreter: {sys.executable}" in streams  # the venv's ipykernel, not whatever is on PATH
 
 
+def test_notebook_opens_with_the_narrative_and_tables_and_shows_no_warning(ablation):
+    import nbformat
+
+    nb = nbformat.read(str(ablation["out"] / "report.ipynb"), as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# Study report")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code[:4]:  # set-up, tables, reading, figures: their code collapsed, their output shown
+        assert "hide-input" in cell.metadata["tags"] and cell.metadata["jupyter"]["source_hidden"]
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    shown = [o["data"].get("text/markdown", "image" if "image/png" in o["data"] else "") for o in outputs
+             if o.get("output_type") == "display_data"]
+    first_image = shown.index("image")
+    before = "\n".join(shown[:first_image])
+    for heading in ("# Report: `ablation_tiny`", "## Ablation (paper's layout and order)", "## Reading of the results"):
+        assert heading in before, heading
+    assert not [o["text"] for o in outputs if o.get("output_type") == "stream" and o["name"] == "stderr"]
+    html = (ablation["out"] / "report.html").read_text()
+    assert "Ablation (paper" in html and "rb.load_study_data(" not in html  # the collapsed code stays out
+
+
+@pytest.mark.slow
+def test_notebook_names_no_path_of_the_building_machine_and_runs_from_another_folder(ablation, tmp_path,
+                                                                                      monkeypatch):
+    """The notebook finds the checkout and the stores relative to its own folder (the build ran it so), or,
+    moved elsewhere, from the environment."""
+    import shutil
+
+    import nbformat
+
+    L, out = ablation["L"], ablation["out"]
+    source = "\n".join(c.source for c in nbformat.read(str(out / "report.ipynb"), as_version=4).cells)
+    assert not re.findall(r"""['"]/[^'"]*""", source)  # no absolute path in a string: all are relative
+    assert str(L.tmp) not in source
+    moved = tmp_path / "elsewhere" / "a" / "deeper" / "folder"
+    shutil.copytree(out, moved)
+    monkeypatch.setenv("SFD_REPO", str(ROOT))
+    monkeypatch.setenv("SFD_REPORT_TRACKING_URI", L.tracking_uri)
+    monkeypatch.setenv("SFD_REPORT_STORAGE", L.storage)
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # the kernel finds `reports` through SFD_REPO alone
+    rb.run_notebook(moved / "report.ipynb", cwd=moved)
+    code = [c for c in nbformat.read(str(moved / "report.ipynb"), as_version=4).cells if c.cell_type == "code"]
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "\n".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert rb.fmt_value(0.4321) in text and ablation["ids"]["noafs"] in text
+
+
+def test_run_ids_link_to_their_page_in_the_mlflow_ui_on_a_tracking_server(ablation):
+    """MLflow's own client points at a run as {server}/#/experiments/{experiment id}/runs/{run id} (`_log_url` in
+    mlflow/tracking/_tracking_service/client.py, MLflow 3); a sqlite store has no UI address: ids stay plain."""
+    L, ids = ablation["L"], ablation["ids"]
+    data = rb.load_study_data("ablation_tiny", storage=L.storage, tracking_uri=L.tracking_uri, spec=ABLATION_SPEC)
+    assert f"`{ids['noafs']}`" in list(rb.ablation_table(data)["run id"])
+    served = dataclasses.replace(data, tracking_uri="http://mlflow.example:5000/")
+    page = f"http://mlflow.example:5000/#/experiments/{data.experiment_id}/runs/{{}}"
+    assert f"[`{ids['noafs']}`]({page.format(ids['noafs'])})" in list(rb.ablation_table(served)["run id"])
+    every_run = rb.report_markdown(served).split("## All tracked runs")[1]
+    for key in ("vanilla", "noafs-crashed", "noafs", "failed", "lpips"):
+        assert f"[`{ids[key]}`]({page.format(ids[key])})" in every_run, key
+
+
+def test_a_long_reason_is_given_in_full_under_the_table_not_cut_off_in_its_cell(store):
+    reason = ("LPIPS (VGG16 at 224x224 per 8x8 sample) takes hours on a CPU at this budget and needs the "
+              "lpips-vgg16 weights; delete this entry to run it on a GPU")  # ablation_digits' own
+    spec = {"name": "skip_long", "kind": "ablation", "objective": {"metric": "fd_digits", "direction": "minimize"},
+            "skip_rows": {"sfd-lpips": reason},
+            "rows": [{"id": f"sfd-{loss}", "method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.006, "afs": True,
+                      "loss": label, "nfe": 2, "paper_key": None} for loss, label in (("l1", "L1"), ("lpips", "LPIPS"))]}
+    L = Layout(store, "skip_long", "ablation", spec)
+    L.run(row="sfd-l1", params=_params("dpmpp3m", 0.006, True, "l1"), metrics=_final(15.9), history_steps=(),
+          samples=False)
+    md = rb.report_markdown(rb.load_study_data("skip_long", storage=L.storage, tracking_uri=L.tracking_uri,
+                                               spec=spec))
+    lpips = next(r for r in _main_table(md) if r["Loss"] == "LPIPS")
+    assert lpips["ours (fd_digits)"] == "not run (skipped: see under the table)"
+    under = md[md.index("## Ablation"):md.index("## Reading")]
+    assert f"- `sfd-lpips` (not run): skipped: {reason}\n" in under and "…" not in md
+
+
 def test_figures_exist_png_and_svg(ablation):
     fig_dir = ablation["out"] / "figures"
-    for name in ("metric_vs_nfe", "metric_vs_hours", "ablation_bars", "loss_curves", "sample_grids"):
+    for name in ("metric_vs_hours", "ablation_bars", "loss_curves", "sample_grids"):
         for ext in ("png", "svg"):
             f = fig_dir / f"{name}.{ext}"
             assert f.exists() and f.stat().st_size > 1000, f
     assert (fig_dir / "samples" / "vanilla-heun-0.002-l2.png").exists()
     assert "![loss_curves](figures/loss_curves.png)" in ablation["md"]
+    # every row is at NFE 2: a metric-vs-NFE figure would have nothing to show, so there is none
+    assert not (fig_dir / "metric_vs_nfe.png").exists() and "metric_vs_nfe" not in ablation["md"]
 
 
 def test_report_logged_on_parent_run(ablation):
@@ -301,8 +386,8 @@ def test_report_logged_on_parent_run(ablation):
             out.extend(walk(a.path) if a.is_dir else [a.path])
         return out
     logged = set(walk("report"))
-    for p in ("report/report.md", "report/report.ipynb", "report/report.html", "report/figures/metric_vs_nfe.png",
-              "report/figures/metric_vs_nfe.svg", "report/figures/loss_curves.svg", "report/figures/sample_grids.png"):
+    for p in ("report/report.md", "report/report.ipynb", "report/report.html", "report/figures/metric_vs_hours.png",
+              "report/figures/metric_vs_hours.svg", "report/figures/loss_curves.svg", "report/figures/sample_grids.png"):
         assert p in logged, (p, sorted(logged))
     assert L.client.get_run(L.parent).data.tags.get("sfd.report") == "report/report.md"
 
@@ -359,8 +444,9 @@ def test_comparison_layout(store, tmp_path):
     for rid, nfe, algo in (("dpmpp3m-5", 5, "baseline"), ("sfd-2", 2, "sfd"), ("sfd-3", 3, "sfd")):
         p = _params("dpmpp3m", 0.006, True, "l1", nfe=nfe, algorithm=algo, teacher="cifar10-uncond",
                     num_samples=50000)
-        ids[rid] = L.run(row=rid, params=p, metrics=_final(fid[rid], metric="fid", hours=0.0 if algo == "baseline" else 0.5),
-                         history_steps=() if algo == "baseline" else (1, 2), samples=False)
+        metrics = {**_final(fid[rid], metric="fid", hours=0.0 if algo == "baseline" else 0.5), "nfe": nfe}  # as sampled
+        ids[rid] = L.run(row=rid, params=p, metrics=metrics, history_steps=() if algo == "baseline" else (1, 2),
+                         samples=False)
     # no spec argument and no studies/comparison_tiny.yaml: the builder finds the YAML the runner recorded on
     # the parent run, and the rows the runner skipped for a missing asset
     spec_file = tmp_path / "comparison_tiny.yaml"
@@ -445,7 +531,7 @@ def test_missing_study_is_a_clear_error(store, ablation):
 
 
 def test_seed_noise_reading_leaves_out_rows_the_seed_cannot_move():
-    from reports.build import _seed_noise_reading
+    from reports.reading import _seed_noise_reading
 
     rows = [{"value_sd": 0.0, "n_seeds": 3}, {"value_sd": 0.0, "n_seeds": 3},  # solver baselines
             {"value_sd": 1.0, "n_seeds": 3}, {"value_sd": 3.0, "n_seeds": 3}, {"value_sd": 2.0, "n_seeds": 3},
@@ -459,7 +545,7 @@ def test_seed_noise_reading_leaves_out_rows_the_seed_cannot_move():
 
 
 def test_sfdv_lines_carry_the_seed_spread_of_their_own_nfe():
-    from reports.build import _per_nfe_lines
+    from reports.rows import _per_nfe_lines
 
     per_seed = [{"fd_digits": 10.0, "fd_digits/nfe_3": 12.0}, {"fd_digits": 14.0, "fd_digits/nfe_3": 20.0}]
     run = {"metrics": {"fd_digits": 12.0, "fd_digits/nfe_3": 16.0},
@@ -478,7 +564,8 @@ def test_extra_metric_columns_of_seed_means_carry_the_seed_spread():
     import types
 
     import pandas as pd
-    from reports.build import _extra_cells, _replicate_fields
+    from reports.rows import _replicate_fields
+    from reports.tables import _extra_cells
 
     per_seed = [{"fd_digits": 10.0, "pixel_fd": 2.0, "teacher_gap_mean": 0.10, "teacher_gap_std": 0.03},
                 {"fd_digits": 14.0, "pixel_fd": 4.0, "teacher_gap_mean": 0.12, "teacher_gap_std": 0.05}]
@@ -574,10 +661,118 @@ def test_run_hint_suggests_the_command_that_makes_the_study():
 def test_ablation_rows_of_another_dataset_get_no_paper_number_by_label():
     """The paper's ablation is CIFAR-10's. An ImageNet-64 ablation row without a paper_key used to be matched by
     its labels to the CIFAR-10 row and shown (with a Δ) as the paper's ImageNet number."""
-    from reports.build import _paper_row, load_paper_numbers
+    from reports.paper import load_paper_numbers
+    from reports.paper import paper_row as _paper_row
 
     paper = load_paper_numbers()
     labels = {"method": "SFD", "teacher": "DPM++(3M)", "t_min": 0.006, "afs": True, "loss": "L1", "nfe": 2}
     cifar = _paper_row({"id": "sfd-dpmpp3m-0.006-afs-l1"}, labels, paper, "cifar10", "ablation")
     assert cifar is not None and cifar["fid"] == 4.57 and cifar["dataset"] == "cifar10"
     assert _paper_row({"id": "sfd-dpmpp3m-0.006-afs-l1"}, labels, paper, "imagenet64", "ablation") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Builds that are stopped or killed (issue 18)
+# ---------------------------------------------------------------------------------------------------------
+
+def _stages(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _build_command(L, out: Path, spec: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "reports" / "build.py"), "ablation_tiny", "--out", str(out), "--storage",
+            L.storage, "--tracking-uri", L.tracking_uri, "--spec", str(spec), "--no-log", *extra]
+
+
+def _start_and_wait_for_stage(command: list[str], folder: Path, ready: str):
+    """Start a build; return the process once its stage folder holds `ready` (it is then mid-build)."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the build ended before it could be stopped: {proc.communicate()}")
+        if any((folder / name / ready).exists() for name in _stages(folder)):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the build never reached its stage folder")
+
+
+def test_a_killed_build_leaves_a_stage_that_the_next_build_removes_but_not_a_live_builds(ablation, tmp_path,
+                                                                                          monkeypatch):
+    """SIGKILL mid-build (the notebook executing) leaves its hidden stage folder: the next build beside it
+    removes it, leaves alone the stage of a build that is still running (it holds its lock), and leaves no
+    temporary folder anywhere (the notebook's kernel downloaded its sample grids into one)."""
+    import fcntl
+    import signal
+
+    L = ablation["L"]
+    spec = tmp_path / "ablation_tiny.yaml"
+    spec.write_text(yaml.safe_dump(ABLATION_SPEC))
+    site = tmp_path / "site"
+    out = site / "ablation_tiny"
+    proc = _start_and_wait_for_stage(_build_command(L, out, spec), site, "report.ipynb")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed = _stages(site)
+    assert len(killed) == 1 and killed[0].startswith(".ablation_tiny-building-")
+
+    live = site / ".ablation_tiny-building-live"  # a build still running beside it holds its stage's lock
+    live.mkdir()
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the notebook's kernel reads it
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    try:
+        rb.build_report("ablation_tiny", storage=L.storage, tracking_uri=L.tracking_uri, out_dir=out,
+                        spec=ABLATION_SPEC, log_to_mlflow=False)
+        assert _stages(site) == [live.name]
+    finally:
+        os.close(held)
+    assert (out / "report.html").is_file()
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_stopped_build_removes_its_stage_and_says_so_in_one_line(ablation, tmp_path):
+    import signal
+
+    L = ablation["L"]
+    spec = tmp_path / "ablation_tiny.yaml"
+    spec.write_text(yaml.safe_dump(ABLATION_SPEC))
+    out = tmp_path / "site" / "ablation_tiny"
+    proc = _start_and_wait_for_stage(_build_command(L, out, spec), out.parent, "report.ipynb")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.splitlines() == [
+        "error: stopped by SIGTERM (any MLflow run it had open is ended KILLED)"], err
+    assert _stages(out.parent) == [] and not out.exists()
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"\x00\x01garbage" * 100, "is not an SQLite database"),
+    (b"root:x:0:0:root:/root:/bin/bash\n", "is not an SQLite database (it starts with b'root:x:0')"),
+])
+def test_a_storage_that_is_not_a_database_is_an_error_not_a_report_without_trials(ablation, tmp_path, capsys,
+                                                                                  content, why):
+    """`--storage` naming a garbage file exited 0 with a report whose trials were missing (the load failure became
+    a note); it is a one-line error before anything is built or logged, and so is a journal file that holds
+    no Optuna journal."""
+    L = ablation["L"]
+    garbage = tmp_path / "optuna.db"
+    garbage.write_bytes(content)
+    out = tmp_path / "out"
+    argv = ["ablation_tiny", "--out", str(out), "--no-notebook", "--no-log", "--tracking-uri", L.tracking_uri]
+    assert rb.main([*argv, "--storage", f"sqlite:///{garbage}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and why in err and "--storage" in err, err
+    journal = tmp_path / "journal.log"
+    journal.write_bytes(content)
+    assert rb.main([*argv, "--storage", str(journal)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not be loaded from" in err and "(--storage)" in err, err
+    assert not out.exists() and garbage.read_bytes() == content and journal.read_bytes() == content

@@ -47,7 +47,8 @@ def _write_study(tmp_path, name="mini", **fields) -> Path:
             "sampler": {"type": "rows", "seed": 0}, "rows": ROWS}
     spec.update(fields)
     spec = {k: v for k, v in spec.items() if v is not None}
-    path = tmp_path / f"{name}.yaml"
+    stem = name if isinstance(name, str) and name.isidentifier() and len(name) < 100 else "study"  # a bad name too
+    path = tmp_path / f"{stem}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
@@ -178,10 +179,17 @@ def test_grid_search_runs_each_point_once_and_stops_when_the_grid_is_done(tmp_pa
      "skip_rows: 'sfd-l3' is not a row id of this study; did you mean sfd-l1? rows: sfd-l1, sfd-l2-noafs, diverges"),
     ({"skip_rows": ["sfd-l1"]}, "skip_rows: expected a mapping of row ids to reasons, got ['sfd-l1']"),
     ({"rows": [{"id": "a", "params": {"student.guidance": 2.0}}]}, "row a: student.guidance: got 2.0"),
-    ({"seeds": [0, 0]}, "seeds: got [0, 0]; a non-empty list of distinct integers"),
-    ({"seeds": []}, "seeds: got []; a non-empty list"),
+    ({"seeds": [0, 0]}, "seeds: got [0, 0]; 1 to 100 distinct integers"),
+    ({"seeds": []}, "seeds: got []; 1 to 100 distinct"),
     ({"seeds": [0, True]}, "seeds: got [0, True]"),
-    ({"seeds": [0, -1]}, "seeds: got [0, -1]; a non-empty list of distinct integers >= 0"),
+    ({"seeds": [0, -1]}, "seeds: got [0, -1]; 1 to 100 distinct integers in [0, 2**63)"),
+    ({"seeds": [[0]]}, "seeds: got [[0]]; 1 to 100 distinct integers"),  # was a TypeError traceback
+    ({"seeds": [2**64]}, "seeds: got [18446744073709551616]; 1 to 100 distinct integers in [0, 2**63)"),
+    ({"seeds": list(range(101))}, "seeds: got [0, 1, 2,"),
+    ({"name": "x" * 300}, "name: got a name of 300 characters; at most 128"),
+    ({"sampler": {"type": "rows", "seed": 2**40}}, "sampler.seed: got 1099511627776; an integer in 0..2**32-1"),
+    ({"rows": [{"id": "r" * 65, "params": {}}]}, "has 65 characters; at most 64"),
+    ({"base": ["experiments/digits_sfd.yaml"]}, "base: got ['experiments/digits_sfd.yaml']; the path of an"),
     ({"objective": "teacher_gap_mean"}, "objective: expected a mapping with keys metric, metrics, direction, "
                                         "directions, got 'teacher_gap_mean'"),
     ({"objective": {"metric": "teacher_gap_mean", "directon": "maximize"}},
@@ -191,6 +199,7 @@ def test_grid_search_runs_each_point_once_and_stops_when_the_grid_is_done(tmp_pa
     ({"rows": [{"id": 1, "params": {}}]}, "rows[0]: id must be a non-empty string, got 1 (quote it: id: '1')"),
     ({"rows": [{"id": ["a"], "params": {}}]}, "rows[0]: id must be a non-empty string, got ['a']"),
     ({"name": "../elsewhere"}, "name: got '../elsewhere'; letters, digits, '_', '.' and '-' only"),
+    ({"name": "."}, "name: got '.'; letters, digits"),
     ({"name": 5}, "name: got 5; letters"),
     ({"kind": "search"}, "kind: 'search' searches a space:; a study with rows: is an ablation or a comparison"),
     ({"n_trials": 1}, "n_trials: a table study runs each of its rows once; to run fewer now, pass --n-trials N"),
@@ -368,7 +377,8 @@ def test_sigkill_mid_trial_then_rerun_completes_without_duplicates(tmp_path):
     # Create the Optuna schema before the study process starts: polling a fresh sqlite file while the child
     # creates the same tables races on Optuna's alembic_version row (UNIQUE constraint failed).
     optuna.storages.RDBStorage(storage)
-    cmd = [sys.executable, str(RUN_PY), str(path), "--no-report"]
+    # in the study process (its runs die with it): workers, which end their runs themselves, are test_parallel_study's
+    cmd = [sys.executable, str(RUN_PY), str(path), "--no-report", "--devices", "serial"]
     proc = subprocess.Popen(cmd, env=_env(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     killed_run = None
@@ -544,7 +554,7 @@ SEARCH = dict(kind="search", rows=None, sampler={"type": "tpe", "seed": 0}, n_tr
     ({"space": {"student.t_min": {"type": "float", "low": 0.002, "high": 0.05, "log": "yes"}}},
      "space.student.t_min.log: got 'yes'; true or false"),
     ({"n_trials": True, "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
-     "n_trials: got True; a positive integer"),
+     "n_trials: got True; an integer in 1..10,000"),
     ({"kind": "ablation", "space": {"loss.name": {"type": "categorical", "choices": ["l1"]}}},
      "kind: 'ablation' is a table study with rows:; a space: is searched by kind 'search'"),
     # every NFE of a short range is checked, not only its ends: Heun without AFS spends an even number
@@ -662,7 +672,7 @@ def test_an_empty_or_broken_study_yaml_says_so(tmp_path):
         studies.load_spec(str(numbered))
     with pytest.raises(studies.StudyError, match="empty.yaml is empty; a study YAML needs name, kind, base"):
         studies.load_spec(str(empty))
-    with pytest.raises(studies.StudyError, match="broken.yaml is not valid YAML"):
+    with pytest.raises(studies.StudyError, match="broken.yaml: not valid YAML"):
         studies.load_spec(str(broken))
     with pytest.raises(studies.StudyError, match="is a folder; name a study"):
         studies.load_spec(str(tmp_path))

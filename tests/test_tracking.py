@@ -9,15 +9,18 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import numpy as np
 import torch
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from sfd import tracking as T
 from sfd.assets import MissingAssetError
 from sfd.config import flatten, load_config, to_dict
 from sfd.distill import DivergedError, IterationStats
 from sfd.runner import run_experiment
+from sfd.runner.run import readable
 
 ROOT = Path(__file__).resolve().parents[1]
 GMM = ROOT / "experiments" / "gmm_sfd.yaml"
@@ -190,15 +193,16 @@ def test_run_experiment_logs_the_contract_layout(store):
     assert set(flatten(to_dict(result.config))) <= set(params)
     assert params["student.nfe"] == "2" and params["solver.name"] == "dpmpp3m" and params["eval.num_samples"] == "16"
     m = run.data.metrics
-    for key in ("teacher_gap_mean", "teacher_gap_std", "nfe", "train/wall_s", "train/device_hours", "eval/wall_s",
-                "total/wall_s", "objective", "loss/step_1", "loss/step_2", "lr", "time/teacher_s", "time/student_s"):
+    for key in ("teacher_gap_mean", "teacher_gap_std", "nfe", "train/wall_s", "train/cpu_s", "train/device_hours",
+                "eval/wall_s", "total/wall_s", "objective", "loss/step_1", "loss/step_2", "lr", "time/teacher_s",
+                "time/student_s"):
         assert key in m, key
     assert m["objective"] == m["teacher_gap_mean"] == result.metrics["teacher_gap_mean"]
-    assert m["nfe"] == 2 and m["train/device_hours"] == pytest.approx(m["train/wall_s"] / 3600)
+    assert m["nfe"] == 2 and m["train/device_hours"] == pytest.approx(m["train/cpu_s"] / 3600)  # processor time
     assert len(client.get_metric_history(result.run_id, "loss/step_1")) == 5  # 80 trajectories / batch 16
     tags = run.data.tags
     assert tags["sfd.smoke"] == "false" and tags["sfd.study"] == "unit" and tags["sfd.seed"] == "0"
-    assert tags["sfd.device"] == "cpu" and tags["sfd.role"] == "run"
+    assert tags["sfd.device"] == "cpu" and tags["sfd.role"] == "run" and tags["sfd.threads"] == "1"
     assert {"git.commit", "git.dirty", "version.torch", "version.sfd"} <= set(tags)
     assert tags["sfd.pid"] == str(os.getpid()) and tags["sfd.host"] and float(tags["sfd.pid_start"]) > 0
     files = _artifacts(client, result.run_id)
@@ -209,6 +213,21 @@ def test_run_experiment_logs_the_contract_layout(store):
     sampling = yaml.safe_load(Path(client.download_artifacts(result.run_id, "student/sampling.json",
                                                              str(store.parent / "dl"))).read_text())
     assert sampling["grid"]["num_steps"] == 4 and sampling["grid"]["afs"] is True and sampling["nfe"] == 2
+    # the grid of 16 8x8 samples (4 x 9 + 1 = 37 pixels a side) is logged enlarged 14x, each pixel a 14x14 block
+    png = np.asarray(Image.open(client.download_artifacts(result.run_id, "samples.png", str(store.parent / "dl"))))
+    assert png.shape[:2] == (37 * 14, 37 * 14)
+    assert (png == np.repeat(np.repeat(png[::14, ::14], 14, axis=0), 14, axis=1)).all()
+
+
+def test_small_sample_grids_are_enlarged_by_a_whole_factor_and_large_ones_kept():
+    digits = Image.fromarray(np.arange(73 * 73, dtype=np.uint8).reshape(73, 73))  # 8x8 digits, 8 to a row
+    big = readable(digits)
+    assert big.size == (584, 584)  # 8x: the smallest whole factor reaching 512
+    assert (np.asarray(big)[::8, ::8] == np.asarray(digits)).all()
+    cifar = Image.new("RGB", (265, 265))  # 8 x 33 + 1
+    assert readable(cifar).size == (530, 530)
+    imagenet = Image.new("RGB", (521, 521))
+    assert readable(imagenet) is imagenet
 
 
 def test_baseline_run_samples_the_teacher_without_training(store):
@@ -287,7 +306,7 @@ def test_second_stage_starts_from_an_sfdv_run_at_a_trained_step_condition(store)
                            tracker=T.Tracker("stages"))
     # a first stage of another teacher: its network, classes and metrics do not fit (it used to run, score
     # against the wrong teacher and save a student that could not be loaded again)
-    with pytest.raises(ConfigError, match="first stage was distilled with teacher='digits', this run has "
+    with pytest.raises(ConfigError, match="saved student was distilled with teacher='digits', this run has "
                                           "teacher='digits-cond'"):
         run_experiment(load_config(digits, stage2 + ["second_stage.first_stage_step=7", "teacher.name=digits-cond",
                                                      "eval.metrics=[fd_digits]"]), tracker=T.Tracker("stages"))

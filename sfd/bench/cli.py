@@ -10,13 +10,13 @@ from typing import NoReturn
 
 import torch
 
-from sfd.bench import distill, layout, profile, results, sample, suite, track
+from sfd.bench import distill, layout, profile, results, sample, suite, threads, track
 from sfd.bench.common import ARCHS
 from sfd.solvers import SOLVERS
 
 DESCRIPTION = "Benchmark SFD distillation: `python -m sfd.bench distill --arch cifar10 --batch 128 --nfe 2`."
 TOOLS = {"distill": distill, "track": track, "suite": suite, "profile": profile, "sample": sample, "layout": layout,
-         "show": results}
+         "threads": threads, "show": results}
 
 
 def _refuse(message: str) -> NoReturn:
@@ -34,8 +34,9 @@ def _check_counts(args: argparse.Namespace) -> None:
     for name in ("warmup", "m"):
         if getattr(args, name, 0) < 0:
             _refuse(f"--{name} must be at least 0, got {getattr(args, name)}")
-    if any(n < 1 for n in getattr(args, "nfe", None) or []):
-        _refuse(f"--nfe must be at least 1, got {args.nfe}")
+    for name, least in (("nfe", 1), ("threads", 1), ("competitors", 0)):
+        if any(n < least for n in getattr(args, name, None) or []):
+            _refuse(f"--{name} must be at least {least}, got {getattr(args, name)}")
 
 
 def _check_device(name: str | None) -> None:

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import statistics
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -53,9 +54,12 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         torch.cuda.reset_peak_memory_stats(device)
     records = []
     for i in range(warmup + iters):
+        if i == warmup:  # this process's CPU time (every thread) over the timed iterations
+            cpu0 = time.process_time()
         _, _, t_teacher, t_student = d.sfd_iteration(nfe + 2)
         if i >= warmup:
             records.append((t_teacher + t_student, t_teacher, t_student))
+    cpu_s = (time.process_time() - cpu0) / iters
     total = statistics.median(r[0] for r in records)
     tflop = iteration_tflop(teacher, batch, nfe, solver, m)
     return {
@@ -66,7 +70,8 @@ def bench_distill(arch: str, batch: int, nfe: int, *, solver: str = "dpmpp3m", m
         "compile_fell_back": compile and not (runs_compiled(d.teacher_fwd) and runs_compiled(d.student_fwd)),
         **(graph_counts() if compile else {}),
         "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
-        "s_per_iter": total, "teacher_s": statistics.median(r[1] for r in records),
+        "s_per_iter": total, "cpu_s_per_iter": cpu_s, "threads": torch.get_num_threads(),
+        "teacher_s": statistics.median(r[1] for r in records),
         "student_s": statistics.median(r[2] for r in records), "trajectories_per_s": batch / total,
         "peak_memory_gb": peak_memory_gb(device), "timed_iters": iters,
         "s_per_iter_min": min(r[0] for r in records), "s_per_iter_max": max(r[0] for r in records),
@@ -78,7 +83,8 @@ def format_distill(r: dict) -> str:
     return (f"{r['arch']} on {r['device']}: batch {r['batch']}, NFE {r['nfe']} (N={r['num_steps']}, AFS, "
             f"M={r['m']}, {r['teacher_solver']} teacher), {describe_speed(r)}\n"
             f"  {r['s_per_iter']:.4f} s/iter (median of {r['timed_iters']}) = teacher {r['teacher_s']:.4f} s"
-            f" + student {r['student_s']:.4f} s; {r['trajectories_per_s']:.1f} trajectories/s; "
+            f" + student {r['student_s']:.4f} s; CPU {r['cpu_s_per_iter']:.4f} s/iter on {r['threads']} thread(s); "
+            f"{r['trajectories_per_s']:.1f} trajectories/s; "
             f"{memory_label(r)} {r['peak_memory_gb']:.2f} GiB; {r['params_m']:.1f}M params; "
             f"{r['tflop_per_iter']:.3g} model TFLOP/iter = {r['achieved_tflops']:.3g} TFLOP/s")
 

@@ -12,21 +12,21 @@ The package by job: `schema` (the dataclasses and the algorithms, see there), `c
 schema's type), `loading` (YAML, merge, dotted overrides), `validation` (one check per section, then the
 algorithm's rules) and `settings` (the adapter to the distillation core).
 """
-from sfd.config.coercion import coerce, type_name
+from sfd.config.coercion import coerce, shown, type_name
 from sfd.config.loading import (dump_yaml, flatten, flatten_updates, from_dict, load_config, merge, parse_override,
                                 read_yaml, replace, save_yaml, set_value, to_dict)
-from sfd.config.schema import (ALGORITHMS, COMPILE_MODES, ROW_REF_PREFIX, TRAINING_ALGORITHMS, VANILLA_DATA,
-                               ConfigError, EvalConfig, LogConfig, LossConfig, OptimConfig, RunConfig,
-                               SecondStageConfig, SFDVConfig, SolverConfig, StudentConfig, TeacherConfig,
-                               VanillaConfig, all_keys, field_types, is_section)
+from sfd.config.schema import (ALGORITHMS, COMPILE_MODES, ROW_REF_PREFIX, SAVED_STUDENT_KEYS, TRAINING_ALGORITHMS,
+                               VANILLA_DATA, ConfigError, EvalConfig, EvaluateConfig, LogConfig, LossConfig,
+                               OptimConfig, RunConfig, SecondStageConfig, SFDVConfig, SolverConfig, StudentConfig,
+                               TeacherConfig, VanillaConfig, all_keys, field_types, is_section)
 from sfd.config.settings import grid_spec, to_settings
 from sfd.config.validation import validate
 
 __all__ = [
-    "ALGORITHMS", "COMPILE_MODES", "ROW_REF_PREFIX", "TRAINING_ALGORITHMS", "VANILLA_DATA",
-    "ConfigError", "EvalConfig", "LogConfig", "LossConfig", "OptimConfig", "RunConfig", "SecondStageConfig",
+    "ALGORITHMS", "COMPILE_MODES", "ROW_REF_PREFIX", "SAVED_STUDENT_KEYS", "TRAINING_ALGORITHMS", "VANILLA_DATA",
+    "ConfigError", "EvalConfig", "EvaluateConfig", "LogConfig", "LossConfig", "OptimConfig", "RunConfig", "SecondStageConfig",
     "SFDVConfig", "SolverConfig", "StudentConfig", "TeacherConfig", "VanillaConfig",
     "all_keys", "coerce", "dump_yaml", "field_types", "flatten", "flatten_updates", "from_dict", "grid_spec",
     "is_section", "load_config", "merge", "parse_override", "read_yaml", "replace", "save_yaml", "set_value",
-    "to_dict", "to_settings", "type_name", "validate",
+    "shown", "to_dict", "to_settings", "type_name", "validate",
 ]

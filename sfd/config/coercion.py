@@ -13,6 +13,15 @@ from typing import Any
 from sfd.config.schema import ConfigError
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+MAX_STRING = 4096  # characters in a string value (the longest are paths: Linux's PATH_MAX)
+MAX_LIST = 1000  # items in a list value (the longest, sfdv.num_steps_choices, holds 4)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages: an error line quotes what it refuses, and a
+    megabyte string or a list of a million items would make that line a megabyte too."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def type_name(tp) -> str:
@@ -40,7 +49,7 @@ def _coerce_union(value: Any, tp, key: str) -> Any:
             return coerce(value, arg, key)
         except ConfigError:
             pass
-    raise ConfigError(f"{key}: got {value!r}; expected {type_name(tp)}")
+    raise ConfigError(f"{key}: got {shown(value)}; expected {type_name(tp)}")
 
 
 def _coerce_list(value: Any, tp, key: str) -> list:
@@ -48,12 +57,16 @@ def _coerce_list(value: Any, tp, key: str) -> list:
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: got {value!r}; expected {type_name(tp)}")
+        raise ConfigError(f"{key}: got {shown(value)}; expected {type_name(tp)}")
     return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
 def coerce(value: Any, tp, key: str) -> Any:
     """`value` as type `tp`, or a ConfigError naming `key`."""
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise ConfigError(f"{key}: got a string of {len(value):,} characters; at most {MAX_STRING:,}")
+    if isinstance(value, (list, tuple)) and len(value) > MAX_LIST:
+        raise ConfigError(f"{key}: got a list of {len(value):,} items; at most {MAX_LIST:,}")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(value, tp, key)
@@ -71,7 +84,7 @@ def coerce(value: Any, tp, key: str) -> Any:
     if ok is None:
         raise TypeError(f"unsupported config type {tp!r} for {key}")
     if not ok:
-        raise ConfigError(f"{key}: got {value!r}; expected {type_name(tp)}")
+        raise ConfigError(f"{key}: got {shown(value)}; expected {type_name(tp)}")
     if tp is float:
         return float(value)
     if tp is dict:

@@ -14,9 +14,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from sfd.config.coercion import coerce
+from sfd.config.coercion import coerce, shown
 from sfd.config.schema import ConfigError, RunConfig, all_keys, field_types, is_section
 from sfd.config.validation import validate
+from sfd.safe_yaml import YAMLInputError, load_yaml, read_yaml_file
 
 
 def _unknown(key: str, known: Iterable[str]) -> ConfigError:
@@ -27,12 +28,12 @@ def _unknown(key: str, known: Iterable[str]) -> ConfigError:
         close = [k for k in known if k.rsplit(".", 1)[-1] in difflib.get_close_matches(
             last, [k.rsplit(".", 1)[-1] for k in known], n=3, cutoff=0.75)][:3]
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {shown(key)}{hint}")
 
 
 def _build(cls, data: Mapping, prefix: str = ""):
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown(data)}")
     hints = field_types(cls)
     kwargs = {}
     for key, value in data.items():
@@ -109,11 +110,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` with a YAML-typed value."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. student.nfe=3")
+        raise ConfigError(f"override {shown(text)}: expected key=value, e.g. student.nfe=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
+        value = load_yaml(raw) if raw.strip() else None
+    except YAMLInputError as exc:
+        raise ConfigError(f"override {key.strip()}: the value is {exc}") from None
     return key.strip(), value
 
 
@@ -150,12 +151,12 @@ def read_yaml(path: str | Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file; name a config "
                           "file, e.g. experiments/digits_sfd.yaml")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml_file(path)
+    except YAMLInputError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
     if data is None:  # an empty or comment-only file: taken as all defaults, it would start a full-length run
         raise ConfigError(f"config file {str(path)!r} is empty (no settings); write the config's sections into it, "
                           "e.g. start from a copy of experiments/digits_sfd.yaml")

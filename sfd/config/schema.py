@@ -5,10 +5,15 @@ Algorithms:
 - `vanilla` — Algorithm 1; `vanilla.data: dataset` draws real training images (`teacher.data`), `teacher`
   starts from the teacher's own trajectory instead (data-free).
 - `sfd-v` — one step-conditioned student trained over `sfdv.num_steps_choices` (N, default 4–7: NFE 2–5).
-- `second-stage` — 1-NFE distillation from a first-stage student (`second_stage.first_stage`: an MLflow run id
-  or a folder / .safetensors path), sampled as teacher with Euler on its own grid (spec §10).
+- `second-stage` — 1-NFE distillation from a first-stage student (`second_stage.first_stage`: a saved student,
+  see below), sampled as teacher with Euler on its own grid (spec §10).
 - `baseline` — no training: the teacher sampled with `solver.name` at `student.nfe` on the `student.*` grid
   (the "solver-based methods" rows of the paper's tables).
+- `evaluate` — no training: a saved student (`evaluate.student`) sampled on its own grid, which `student.*` must
+  state (the run checks it against the student's own record); `student.guidance` is free.
+
+A saved student is named by an MLflow run id, a `student/` folder or its .safetensors file (what a training run
+logs), a `network-snapshot-NNNNNN.pkl` the SFD reference implementation saved, or, in a study, `row:<id>`.
 """
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage", "baseline")
+ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage", "baseline", "evaluate")
 TRAINING_ALGORITHMS = ("sfd", "vanilla", "sfd-v", "second-stage")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 VANILLA_DATA = ("dataset", "teacher")
-# `second_stage.first_stage: row:<id>` names another row of the same study; the study engine resolves it to that
-# row's finished run id before the run starts (a lone run cannot).
+# `second_stage.first_stage: row:<id>` (or `evaluate.student: row:<id>`) names another row of the same study; the
+# study engine resolves it to that row's finished run id before the run starts (a lone run cannot).
 ROW_REF_PREFIX = "row:"
+# The key naming the saved student an algorithm reads: a second stage's first stage, the student `evaluate` samples.
+SAVED_STUDENT_KEYS = {"second-stage": "second_stage.first_stage", "evaluate": "evaluate.student"}
 
 
 class ConfigError(ValueError):
@@ -85,12 +92,21 @@ class VanillaConfig:
 @dataclass
 class SFDVConfig:
     num_steps_choices: list[int] = field(default_factory=lambda: [4, 5, 6, 7])
+    step_init: str = "random"  # the new step layers: random as the reference, or zero (student = teacher at start)
 
 
 @dataclass
 class SecondStageConfig:
-    first_stage: str | None = None  # MLflow run id, or a folder / .safetensors written by a first-stage run
+    first_stage: str | None = None  # a saved student (see the module docstring)
     first_stage_step: int | None = None  # step condition of an SFD-v first stage (e.g. 7); None: plain SFD
+
+
+@dataclass
+class EvaluateConfig:
+    """A student trained elsewhere, sampled as it is (algorithm `evaluate`)."""
+
+    student: str | None = None  # a saved student (see the module docstring)
+    num_steps_choices: list[int] | None = None  # a step-conditioned student: also evaluated at each of these N
 
 
 @dataclass
@@ -116,8 +132,14 @@ class RunConfig:
     algorithm: str = "sfd"
     seed: int = 0
     device: str = "auto"
+    # CPU threads of PyTorch and BLAS (sfd.threads): auto = one per process on a CPU ($OMP_NUM_THREADS if set),
+    # which holds up when other processes compete for the cores; PyTorch's default on a GPU. Or a count >= 1.
+    threads: int | str = "auto"
+    # Processes (one device each) that train and evaluate this one run with DistributedDataParallel; 1 = no DDP.
+    # experiments/run.py relaunches itself under torchrun for ddp > 1 (see the README's "One run on several GPUs").
+    ddp: int = 1
     precision: str = "fp32"  # fp32 (TF32 off) | tf32 | bf16 (autocast, fp32 master weights); sfd.sampling
-    # Speed options for image networks (see the README's "Speed (GPU)"): results change only by rounding, but a
+    # Speed options for image networks (see experiments/gpu_notes.md): results change only by rounding, but a
     # channels-last student draws other dropout masks (they follow memory order), as another seed would.
     compile: bool = False  # torch.compile teacher and student (falls back to eager if compiling fails)
     compile_mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs); null: torch's default
@@ -132,6 +154,7 @@ class RunConfig:
     vanilla: VanillaConfig = field(default_factory=VanillaConfig)
     sfdv: SFDVConfig = field(default_factory=SFDVConfig)
     second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -139,6 +162,15 @@ class RunConfig:
     def num_steps(self) -> int:
         """Student timestamps N: the student is an Euler sampler, so N = NFE + 2 with AFS, NFE + 1 without."""
         return self.student.nfe + (2 if self.student.afs else 1)
+
+    @property
+    def saved_student(self) -> tuple[str, str | None] | None:
+        """(dotted key, value) of the saved student this run reads (SAVED_STUDENT_KEYS), else None."""
+        key = SAVED_STUDENT_KEYS.get(self.algorithm)
+        if key is None:
+            return None
+        section, name = key.split(".")
+        return key, getattr(getattr(self, section), name)
 
 
 def field_types(cls) -> dict[str, typing.Any]:

@@ -15,7 +15,6 @@ Retrain with `python -m sfd.metrics.digits train`; print the sanity figures with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -33,7 +32,9 @@ from sklearn.datasets import load_digits  # bundled with sklearn: no download
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from sfd.assets import shipped_weights
 from sfd.metrics.fd import FeatureStats, frechet_distance
+from sfd.threads import cpu_threads
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_NAME = "digits_classifier"
@@ -43,6 +44,7 @@ __all__ = [
     "digits_split",
     "DigitsClassifier",
     "load_digits_classifier",
+    "check_digits_classifier",
     "digits_features",
     "fd_digits",
     "pixel_fd",
@@ -119,17 +121,19 @@ def load_digits_classifier(
     device: str | torch.device = "cpu", weights_dir: str | Path | None = None
 ) -> DigitsClassifier:
     """The shipped classifier (or one from `weights_dir`), in eval mode with gradients off."""
-    wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    st, js = wdir / f"{WEIGHTS_NAME}.safetensors", wdir / f"{WEIGHTS_NAME}.json"
-    for p in (st, js):
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"digits classifier file missing: {p}; create it with `python -m sfd.metrics.digits train`"
-            )
-    arch = json.loads(js.read_text())["arch"]
+    st = (Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR) / f"{WEIGHTS_NAME}.safetensors"
+    arch = check_digits_classifier(weights_dir)["arch"]
     model = DigitsClassifier(tuple(arch["channels"]), arch["feature_dim"], arch["num_classes"])
     model.load_state_dict(load_file(str(st)))
     return model.to(device).eval().requires_grad_(False)
+
+
+def check_digits_classifier(weights_dir: str | Path | None = None) -> dict:
+    """The classifier's recorded JSON, once its weights are checked against the SHA-256 it records (an AssetError
+    naming the file otherwise): fd_digits and class_accuracy runs check it before they train."""
+    st = (Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR) / f"{WEIGHTS_NAME}.safetensors"
+    return shipped_weights(st, st.with_suffix(".json"), "restore it (git checkout, or reinstall sfd) or retrain "
+                           "with `python -m sfd.metrics.digits train`")
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,21 +253,11 @@ def _lr_at(step: int, total: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))  # cosine decay to 0
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny convs gain nothing from threads, and one thread makes the result independent of the core count
-    (and of other processes contending for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_classifier(cfg: TrainConfig) -> tuple[DigitsClassifier, dict]:
-    """Train on the stratified train split; return the model (eval mode) and its measured metrics."""
-    with _one_thread():
+    """Train on the stratified train split; return the model (eval mode) and its measured metrics. On one thread:
+    tiny convs gain nothing from threads, and the result does not depend on the core count (or on other processes
+    contending for the cores)."""
+    with cpu_threads(1):
         return _train(cfg)
 
 

@@ -14,16 +14,17 @@ from typing import Callable
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
-from tqdm.auto import tqdm
 
 from sfd import solvers
 from sfd.assets import FID_REFS, require
 from sfd.compiling import runs_compiled
+from sfd.distributed import SINGLE, Ranks
 from sfd.metrics import digits
 from sfd.metrics.fd import FeatureStats, frechet_distance, load_stats
 from sfd.metrics.gap import GAP_NFE, GAP_SOLVER, per_sample_rmse, reference_grid, teacher_reference
-from sfd.metrics.inception import InceptionFeatures, to_uint8
+from sfd.metrics.inception import FEATURE_DIM, InceptionFeatures, to_uint8
 from sfd.metrics.names import unfit_reason
+from sfd.progress import Bars
 from sfd.sampling import GridSpec, generate
 
 FID_NUM_SAMPLES = 50_000
@@ -104,9 +105,13 @@ class _FID:
         self.ref = load_stats(require(FID_REFS[teacher.dataset], path=ref_path))
         self.features = InceptionFeatures(weights_path, device=device)
         self.stats = FeatureStats()
+        self.device = device
 
     def update(self, samples: torch.Tensor) -> None:
         self.stats.update(self.features(to_uint8(samples)))
+
+    def all_reduce(self, ranks: Ranks) -> None:
+        self.stats.all_reduce(ranks, FEATURE_DIM, self.device)
 
     def result(self) -> float:
         return frechet_distance(self.stats.mu, self.stats.sigma, *self.ref)
@@ -128,41 +133,51 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    progress: bool = True,
+    progress: Bars | None = None,
     gap_solver: str = GAP_SOLVER,
     gap_nfe: int = GAP_NFE,
     inception_weights=None,
     fid_ref=None,
     class_labels=None,
     reference_cache: dict | None = None,
+    ranks: Ranks = SINGLE,
 ) -> EvalResult:
     """Sample seeds 0..num_samples-1 and compute `metrics` (names of sfd.metrics.names.METRICS). Returns the
-    metrics and a grid image.
+    metrics and a grid image. `progress` (sfd.progress): a bar over the samples (rank 0's); None: silent.
 
     `reference_cache`: a dict shared by evaluations of one teacher (e.g. an SFD-v student at each NFE); the
     teacher-gap reference of a batch of seeds is solved once and reused wherever its inputs are the same.
+
+    `ranks` (a DDP run, see `sfd.distributed`): batch k of seeds is sampled by rank k mod world_size, so every
+    batch, and so every sample, is the one a single process draws. FID statistics are float64 sums all-reduced;
+    the digits samples, their classes and the teacher-gap values are gathered to rank 0 in seed order; rank 0
+    computes the metrics and sends them to every rank. The grid image (the first batch) is rank 0's; other ranks
+    get None.
     """
     metrics = list(metrics)
     check_metrics(metrics, teacher, sampler)
     num_samples = num_samples or default_num_samples(teacher, metrics)
     fid = _FID(teacher, device, inception_weights, fid_ref) if "fid" in metrics else None  # fails early
     start = time.perf_counter()
-    kept, classes, gaps, first = [], [], [], None
+    kept, classes, gaps, first = [], [], [], None  # kept, classes, gaps: (first seed, values) per batch
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no sync per batch
-    bar = tqdm(total=num_samples, desc=f"evaluate (NFE {sampler.nfe})", disable=not progress, leave=False)
-    for lo in range(0, num_samples, batch_size):
+    mine = range(0, num_samples, batch_size)[ranks.rank::ranks.world_size]
+    bar = (progress(f"evaluate (NFE {sampler.nfe})", sum(min(batch_size, num_samples - lo) for lo in mine), "sample")
+           if progress and ranks.is_main else None)
+    for lo in mine:
         seeds = list(range(lo, min(lo + batch_size, num_samples)))
         labels = None if class_labels is None else class_labels[lo:lo + len(seeds)]
         samples, cls = sample_batch(sampler, seeds, teacher.shape, device, batch_size, precision, labels)
         nonfinite += (~torch.isfinite(samples)).flatten(1).any(1).sum()
         samples = samples.clamp(-1, 1)  # keeps NaN, which the uint8 conversion would turn into black pixels
-        first = samples.cpu() if first is None else first
+        if lo == 0:
+            first = samples.cpu()
         if fid is not None:
             fid.update(samples)
         if teacher.dataset == "digits":
-            kept.append(samples.cpu())
+            kept.append((lo, samples.cpu()))
         if cls is not None:
-            classes.append(cls)
+            classes.append((lo, cls.cpu()))
         if "teacher_gap" in metrics:
             key = (reference_grid(sampler.grid, gap_solver, gap_nfe), gap_solver, tuple(seeds), sampler.num_classes,
                    sampler.guidance, None if labels is None else tuple(int(c) for c in labels), precision)
@@ -174,15 +189,30 @@ def evaluate(
                                                batch_size=batch_size, device=device, precision=precision,
                                                output_device=device)
             ref = cache[key]
-            gaps.append(per_sample_rmse(samples, ref.clamp(-1, 1)))
-        bar.update(len(seeds))
-    bar.close()
-    if int(nonfinite):
+            gaps.append((lo, per_sample_rmse(samples, ref.clamp(-1, 1))))
+        if bar is not None:
+            bar.update(len(seeds))
+    if bar is not None:
+        bar.close()
+    if int(ranks.sum_(nonfinite)):  # every rank raises alike
         raise NonFiniteSamplesError(f"{int(nonfinite)} of {num_samples} samples contain NaN or inf (the sampler "
                                     f"diverged at NFE {sampler.nfe}); no metric is computed from them")
-    results = _finish(metrics, fid, kept, classes, gaps)
-    return EvalResult(metrics=results, grid_image=_sample_grid(first), num_samples=num_samples,
-                      seconds=time.perf_counter() - start)
+    if fid is not None:
+        fid.all_reduce(ranks)
+    kept, classes, gaps = _in_seed_order(ranks, kept, classes, [(lo, g.cpu()) for lo, g in gaps])
+    results = _finish(metrics, fid, kept, classes, gaps) if ranks.is_main else None
+    return EvalResult(metrics=ranks.broadcast(results), grid_image=_sample_grid(first) if ranks.is_main else None,
+                      num_samples=num_samples, seconds=time.perf_counter() - start)
+
+
+def _in_seed_order(ranks: Ranks, *pieces: list) -> list[list[torch.Tensor]]:
+    """Each list of (first seed, tensor) pieces, gathered from every rank to rank 0 and put in seed order; other
+    ranks get empty lists."""
+    gathered = ranks.gather(pieces)
+    if gathered is None:
+        return [[] for _ in pieces]
+    return [[t for _, t in sorted((p for rank_pieces in gathered for p in rank_pieces[i]), key=lambda p: p[0])]
+            for i in range(len(pieces))]
 
 
 def sample_batch(sampler: Sampler, seeds: list[int], shape, device, batch_size: int, precision: str, labels):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfd.distributed import Ranks
+
 __all__ = ["FeatureStats", "frechet_distance", "save_stats", "load_stats", "check_reference_stats"]
 
 
@@ -34,15 +36,28 @@ class FeatureStats:
             raise ValueError(f"FeatureStats.update expects features of shape [B, D], got {tuple(x.shape)}")
         if self._sum is not None and x.shape[1] != self._sum.shape[0]:
             raise ValueError(f"feature dim changed: had {self._sum.shape[0]}, got {x.shape[1]}")
-        device = x.device if self._sum is None else self._sum.device
-        x = x.to(device=device, dtype=torch.float64)
         if self._sum is None:
-            dim = x.shape[1]
-            self._sum = torch.zeros(dim, dtype=torch.float64, device=device)
-            self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+            self._allocate(x.shape[1], x.device)
+        x = x.to(device=self._sum.device, dtype=torch.float64)
         self._sum += x.sum(dim=0)
         self._sum_outer += x.T @ x
         self.num += x.shape[0]
+
+    def _allocate(self, dim: int, device) -> None:
+        self._sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def all_reduce(self, ranks: Ranks, dim: int, device) -> None:
+        """Sum every rank's count, Σx and Σxxᵀ (float64) into each rank's, so `mu` and `sigma` are those of all
+        ranks' features together, up to summation order. `dim` and `device` serve a rank that saw no features."""
+        if not ranks.distributed:
+            return
+        if self._sum is None:
+            self._allocate(dim, device)
+        count = torch.tensor(float(self.num), dtype=torch.float64, device=self._sum.device)
+        for total in (count, self._sum, self._sum_outer):
+            ranks.sum_(total)
+        self.num = int(count.item())
 
     def _require(self, least: int) -> None:
         if self.num < least:

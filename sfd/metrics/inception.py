@@ -10,6 +10,8 @@ located through `sfd.assets.require("inception-2015-12-05")` and never downloade
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,8 +82,25 @@ def _format_error(path: Path, e: Exception) -> ValueError:
 
 
 def check_inception_weights(path: str | os.PathLike) -> None:
-    """Raise ValueError naming `path` unless the network loads from it (checked before a run trains)."""
+    """Raise ValueError naming `path` unless the network loads from it (checked before a run trains; the run then
+    builds its network from the same read of the file)."""
     _build_network(Path(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_weights(path: str, size: int, mtime_ns: int) -> bytes:
+    """The weights file read once, safely (`torch.load(weights_only=True)`: tensors only, no code runs), and
+    written back as bytes of plain tensors. Keyed by the file's version, so the pre-flight check and the run share
+    one read, and a replaced file is read again."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _format_error(Path(path), e) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _format_error(Path(path), TypeError(f"file holds a {type(state).__name__}, not a dict of tensors"))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def _build_network(path: Path) -> torch.nn.Module:
@@ -89,19 +108,15 @@ def _build_network(path: Path) -> torch.nn.Module:
     # hold PyTorch but not torch-fidelity; only Inception features (FID, `sample --inception`) need the package.
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    # torch-fidelity unpickles with weights_only=False; a restricted load first means a file that would
-    # run code on unpickling is refused here instead (checkpoints are data, not code).
+    stat = path.stat()
+    weights = _read_weights(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    # torch-fidelity's constructor unpickles what it is given with weights_only=False: it gets the tensors read
+    # safely above, never the file itself (checkpoints are data, not code)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise _format_error(path, e) from e
-    if not isinstance(state, dict):
-        raise _format_error(path, TypeError(f"file holds a {type(state).__name__}, not a dict"))
-    del state
-    try:
-        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                           feature_extractor_weights_path=io.BytesIO(weights))
     except Exception as e:  # wrong keys or shapes
-        raise _format_error(path, e) from e
+        raise _format_error(path, e) from None
 
 
 # ------------------------------------------------------------------------------------ reference stats

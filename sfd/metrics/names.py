@@ -8,6 +8,7 @@ samples, and means nothing on a random teacher).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 MINIMIZE, MAXIMIZE = "minimize", "maximize"
 
@@ -19,14 +20,16 @@ class Metric:
     direction: str = MINIMIZE  # which way is better
     digits_only: bool = False  # defined for the embedded digits teachers only (their classifier, their pixels)
     needs_classes: bool = False  # needs a class-conditional teacher
+    needs_classifier: bool = False  # scored in the features of the shipped digits classifier
     smoke_substitute: str | None = None  # what a smoke run computes instead
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("fid", ("fid",), smoke_substitute="teacher_gap"),
-    Metric("fd_digits", ("fd_digits",), digits_only=True),
+    Metric("fd_digits", ("fd_digits",), digits_only=True, needs_classifier=True),
     Metric("pixel_fd", ("pixel_fd",), digits_only=True),
-    Metric("class_accuracy", ("class_accuracy",), direction=MAXIMIZE, digits_only=True, needs_classes=True),
+    Metric("class_accuracy", ("class_accuracy",), direction=MAXIMIZE, digits_only=True, needs_classes=True,
+           needs_classifier=True),
     Metric("teacher_gap", ("teacher_gap_mean", "teacher_gap_std")),
 )}
 
@@ -42,10 +45,28 @@ DESCRIPTIONS = {
 # Every quality key a run can log, in the order of METRICS.
 QUALITY_KEYS = tuple(key for m in METRICS.values() for key in m.logged)
 HIGHER_IS_BETTER = frozenset(key for m in METRICS.values() if m.direction == MAXIMIZE for key in m.logged)
-# What every run logs besides its quality metrics: the cost and the NFE it was sampled at.
-COST_KEYS = ("nfe", "train/wall_s", "train/device_hours", "eval/wall_s", "total/wall_s")
-# What a study may optimise: the quality keys and the cost (eval/wall_s is not a property of the method).
-OBJECTIVE_KEYS = (*QUALITY_KEYS, "train/device_hours", "train/wall_s", "total/wall_s", "nfe")
+# The training cost studies and reports compare (search_digits' second objective, the cost column, the Pareto
+# figure): processor time, which does not grow when other processes compete for the machine as wall time does.
+# On a CPU the CPU time of the run's processes (`train/cpu_s`), on CUDA the GPU time (`train/gpu_s`), in hours.
+COST_KEY = "train/device_hours"
+COST_LABEL = "training device-hours (processor time: CPU core-hours on a CPU, GPU-hours on a GPU)"
+# Logged by every run since the cost is processor time: a trained run without it logged wall time as its cost.
+CPU_TIME_KEY = "train/cpu_s"
+# What every run logs besides its quality metrics: the cost and the NFE it was sampled at (CUDA runs also log
+# train/gpu_s).
+COST_KEYS = ("nfe", "train/wall_s", CPU_TIME_KEY, COST_KEY, "eval/wall_s", "total/wall_s")
+# What a study may optimise: the quality keys and the cost (eval/wall_s is not a property of the method; wall times
+# depend on what else the machine runs).
+OBJECTIVE_KEYS = (*QUALITY_KEYS, COST_KEY, "train/wall_s", "total/wall_s", "nfe")
+
+
+def training_cost(metrics: Mapping[str, float]) -> float | None:
+    """A run's training cost in COST_KEY's sense; None for a trained run logged before the cost was processor time
+    (its device-hours were wall time, which grows with the machine's load: not comparable)."""
+    hours = metrics.get(COST_KEY)
+    if hours is None or (hours and metrics.get(CPU_TIME_KEY) is None):
+        return None
+    return hours
 
 
 def logged_keys(metrics) -> set[str]:

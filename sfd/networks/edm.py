@@ -2,8 +2,11 @@
 
 Parameter names and shapes match NVlabs EDM's ``training/networks.py`` so that an EDM teacher's state
 dict loads with ``strict=True``: ``EDMPrecond`` wraps a ``SongUNet`` (DDPM++ / NCSN++) or a
-``DhariwalUNet`` (ADM). The one addition is SFD-v's optional step condition (spec §9): new layers only,
-so a teacher state dict still loads into a step-conditioned student (``strict=False``).
+``DhariwalUNet`` (ADM). The one addition is SFD-v's optional step condition (spec §9, §14), laid out and
+named as the SFD reference's ``models/networks_edm.py`` so its students' state dicts load strictly: new layers
+only, so a teacher state dict still loads into a step-conditioned student (``strict=False``). Every
+submodule is constructed with EDM's keyword arguments and values (numpy scalars included), so a network
+pickled with EDM's persistence records the init kwargs EDM's own do.
 
 Everything is autocast-friendly: no dtype asserts, parameters are cast to the activation dtype where
 EDM does so, and ``EDMPrecond`` returns float32 like EDM.
@@ -22,11 +25,8 @@ from torch import nn
 __all__ = [
     "weight_init", "Linear", "Conv2d", "GroupNorm", "GROUP_NORMS", "group_norm_from_channel_stats", "set_group_norm",
     "nearest_upsample2x", "UNetBlock", "PositionalEmbedding", "FourierEmbedding",
-    "SongUNet", "DhariwalUNet", "EDMPrecond", "EDM_CONFIGS", "build_edm", "STEP_KEY_PREFIX",
+    "SongUNet", "DhariwalUNet", "MODELS", "EDMPrecond", "EDM_CONFIGS", "build_edm", "STEP_INITS", "is_step_key",
 ]
-
-# State-dict prefix of the SFD-v step-condition layers inside an EDMPrecond (``model.map_step*``).
-STEP_KEY_PREFIX = "model.map_step"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,14 +228,20 @@ def qkv_channel_order(channels: int, num_heads: int) -> torch.Tensor:
 
 
 class UNetBlock(nn.Module):
-    """EDM's residual block: GN-SiLU-conv, noise-embedding modulation, GN-SiLU-dropout-conv, skip, attention."""
+    """EDM's residual block: GN-SiLU-conv, noise-embedding modulation, GN-SiLU-dropout-conv, skip, attention.
+
+    With ``step_condition`` (SFD-v, as the SFD reference's ``models/networks_edm.py`` lays it out) the block also
+    has ``affine_step``, a Linear from the step embedding to the same modulation as ``affine``:
+    without adaptive scale x = SiLU(GN(x + affine(emb) + affine_step(emb_step))); with it (ADM) the noise
+    embedding's scale/shift is applied after GN, then the step's, then SiLU.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, num_heads: int | None = None,
                  channels_per_head: int = 64, dropout: float = 0, skip_scale: float = 1, eps: float = 1e-5,
                  resample_filter: Sequence[int] = (1, 1), resample_proj: bool = False,
                  adaptive_scale: bool = True, init: dict | None = None, init_zero: dict | None = None,
-                 init_attn: dict | None = None):
+                 init_attn: dict | None = None, step_condition: bool = False):
         super().__init__()
         init = init or {}
         init_zero = init_zero if init_zero is not None else dict(init_weight=0)
@@ -245,36 +251,46 @@ class UNetBlock(nn.Module):
         self.num_heads = 0 if not attention else num_heads if num_heads is not None else (
             out_channels // channels_per_head)
         self.dropout = dropout
-        self.skip_scale = skip_scale
+        self.skip_scale = float(skip_scale)  # EDM passes numpy scalars; a float keeps compiled graphs plain
         self.adaptive_scale = adaptive_scale
+        modulation = out_channels * (2 if adaptive_scale else 1)
 
-        self.norm0 = GroupNorm(in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down,
+        # Every constructor is called with EDM's keyword arguments, so a network pickled with EDM's persistence
+        # records the init kwargs EDM's own networks record.
+        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down,
                             resample_filter=resample_filter, **init)
-        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
-        self.norm1 = GroupNorm(out_channels, eps=eps)
-        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
+        self.affine = Linear(in_features=emb_channels, out_features=modulation, **init)
+        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
+        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
+        self.affine_step = Linear(in_features=emb_channels, out_features=modulation, **init) if step_condition else None
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down,
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down,
                                resample_filter=resample_filter, **init)
         if self.num_heads:
-            self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1,
+            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1,
                               **(init_attn if init_attn is not None else init))
-            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+            self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
             self.register_buffer("qkv_order", qkv_channel_order(out_channels, self.num_heads), persistent=False)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_step: torch.Tensor | None = None) -> torch.Tensor:
         orig = x
         x = self.conv0(F.silu(self.norm0(x)))
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        step = self.affine_step(emb_step).unsqueeze(2).unsqueeze(3).to(x.dtype) if emb_step is not None else None
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            x = torch.addcmul(shift, self.norm1(x), scale + 1)
+            if step is not None:
+                scale_step, shift_step = step.chunk(chunks=2, dim=1)
+                x = torch.addcmul(shift_step, x, scale_step + 1)
+            x = F.silu(x)
         else:
-            x = F.silu(self.norm1(x + params))
+            x = x + params if step is None else x + params + step
+            x = F.silu(self.norm1(x))
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = x + (self.skip(orig) if self.skip is not None else orig).to(x.dtype)
         x = x * self.skip_scale
@@ -316,34 +332,47 @@ class FourierEmbedding(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SFD-v step condition (spec §9): integer N → sinusoids → 2-layer MLP, added to the block embedding.
+# SFD-v step condition (spec §9, §14), laid out as the SFD reference's ``models/networks_edm.py``: the integer N
+# → positional embedding ``map_step`` → ``map_step_layer0`` + SiLU → ``map_step_layer1`` + SiLU, fed to an
+# ``affine_step`` Linear in every UNetBlock. The reference builds these layers in every network; here they exist
+# only in a step-conditioned network, so EDM teachers and plain students keep EDM's exact layout.
+
+STEP_INITS = ("random", "zero")
+
+
+def is_step_key(key: str) -> bool:
+    """Whether a state-dict key belongs to the SFD-v step-condition layers."""
+    return key.startswith("model.map_step") or ".affine_step." in key
+
 
 class _StepCondition:
-    """Mixin for the UNets: new layers ``map_step0``/``map_step1`` only, the last one zero-initialised so that
-    a freshly built step-conditioned student computes exactly what the teacher computes."""
+    """Mixin for the UNets: the step embedding (None without a step condition)."""
 
-    def _init_step_condition(self, enabled: bool, in_channels: int, emb_channels: int, init: dict,
-                             endpoint: bool) -> None:
+    def _init_step_condition(self, enabled: bool, embedding: nn.Module | None, in_channels: int,
+                             emb_channels: int, init: dict, swap_halves: bool) -> None:
         self.step_condition = bool(enabled)
+        self.swap_step_halves = swap_halves  # DDPM++ orders its sinusoids (sin, cos), as for the noise
         if not self.step_condition:
             return
-        self.map_step = PositionalEmbedding(num_channels=in_channels, endpoint=endpoint)
-        self.map_step0 = Linear(in_channels, emb_channels, **init)
-        self.map_step1 = Linear(emb_channels, emb_channels, init_weight=0, init_bias=0)
+        self.map_step = embedding
+        self.map_step_layer0 = Linear(in_features=in_channels, out_features=emb_channels, **init)
+        self.map_step_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
 
-    def _add_step(self, emb: torch.Tensor, step: Any) -> torch.Tensor:
+    def _step_embedding(self, step: Any, batch: int, device: torch.device) -> torch.Tensor | None:
         if not self.step_condition:
-            return emb  # a teacher ignores the step: every denoiser takes the same arguments
+            return None  # a teacher ignores the step: every denoiser takes the same arguments
         if step is None:
             raise ValueError("this network is step-conditioned (SFD-v): pass step=N (the number of timestamps)")
-        batch = emb.shape[0]
         if isinstance(step, torch.Tensor):
-            s = step.to(device=emb.device, dtype=torch.float32).reshape(-1)
+            s = step.to(device=device, dtype=torch.float32).reshape(-1)
             s = s.expand(batch) if s.numel() == 1 else s
         else:
-            s = torch.full((batch,), float(step), dtype=torch.float32, device=emb.device)
-        h = self.map_step1(F.silu(self.map_step0(self.map_step(s))))
-        return emb + h.to(emb.dtype)
+            s = torch.full((batch,), float(step), dtype=torch.float32, device=device)
+        h = self.map_step(s)
+        if self.swap_step_halves:
+            h = h.reshape(h.shape[0], 2, -1).flip(1).reshape(*h.shape)
+        h = F.silu(self.map_step_layer0(h))
+        return F.silu(self.map_step_layer1(h))
 
 
 def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -372,21 +401,29 @@ class SongUNet(_StepCondition, nn.Module):
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
+        # EDM's values and calls, numpy scalars included (they are what EDM's pickles record).
         init = dict(init_mode="xavier_uniform")
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+        init_attn = dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2))
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5),
                             eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
                             init=init, init_zero=init_zero, init_attn=init_attn)
+        if step_condition:
+            block_kwargs.update(step_condition=True)
+
+        def embedding() -> nn.Module:
+            return (PositionalEmbedding(num_channels=noise_channels, endpoint=True) if embedding_type == "positional"
+                    else FourierEmbedding(num_channels=noise_channels))
 
         # Mapping network.
-        self.map_noise = (PositionalEmbedding(num_channels=noise_channels, endpoint=True)
-                          if embedding_type == "positional" else FourierEmbedding(num_channels=noise_channels))
-        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
-        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self._init_step_condition(step_condition, noise_channels, emb_channels, init, endpoint=True)
+        self.map_noise = embedding()
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
+        self.map_augment = (Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init)
+                            if augment_dim else None)
+        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self._init_step_condition(step_condition, embedding() if step_condition else None, noise_channels,
+                                  emb_channels, init, swap_halves=True)
 
         # Encoder.
         self.enc = nn.ModuleDict()
@@ -395,22 +432,23 @@ class SongUNet(_StepCondition, nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
+                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
             else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True,
+                                                          **block_kwargs)
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True,
-                                                               resample_filter=resample_filter)
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(in_channels=caux, out_channels=caux, kernel=0,
+                                                               down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
                 if encoder_type == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True,
-                        **init)
+                        in_channels=caux, out_channels=cout, kernel=3, down=True, resample_filter=resample_filter,
+                        fused_resample=True, **init)
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
-                                                                **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
         skips = [m.out_channels for name, m in self.enc.items() if "aux" not in name]
 
         # Decoder.
@@ -418,20 +456,23 @@ class SongUNet(_StepCondition, nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=cout, out_channels=cout, attention=True,
+                                                         **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
             else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+                self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn,
+                                                                **block_kwargs)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                             resample_filter=resample_filter)
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(in_channels=out_channels, out_channels=out_channels,
+                                                             kernel=0, up=True, resample_filter=resample_filter)
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3,
+                                                           **init_zero)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None, step: Any = None) -> torch.Tensor:
@@ -445,7 +486,7 @@ class SongUNet(_StepCondition, nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer0(emb))
         emb = F.silu(self.map_layer1(emb))
-        emb = self._add_step(emb, step)
+        emb_step = self._step_embedding(step, x.shape[0], x.device)
 
         # Encoder.
         skips = []
@@ -458,7 +499,7 @@ class SongUNet(_StepCondition, nn.Module):
             elif "aux_residual" in name:
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
         # Decoder.
@@ -474,7 +515,7 @@ class SongUNet(_StepCondition, nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop().to(x.dtype)], dim=1)
-                x = block(x, emb)
+                x = block(x, emb, emb_step)
         return aux
 
 
@@ -490,20 +531,24 @@ class DhariwalUNet(_StepCondition, nn.Module):
         self.img_resolution = img_resolution
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        # EDM's values and calls, numpy scalars included (they are what EDM's pickles record).
+        init = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
         block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
                             init_zero=init_zero)
+        if step_condition:
+            block_kwargs.update(step_condition=True)
 
         # Mapping network.
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = (Linear(augment_dim, model_channels, bias=False, **init_zero)
+        self.map_augment = (Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero)
                             if augment_dim else None)
-        self.map_layer0 = Linear(model_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
-                                 init_weight=math.sqrt(label_dim)) if label_dim else None)
-        self._init_step_condition(step_condition, model_channels, emb_channels, init, endpoint=False)
+        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_label = (Linear(in_features=label_dim, out_features=emb_channels, bias=False,
+                                 init_mode="kaiming_normal", init_weight=np.sqrt(label_dim)) if label_dim else None)
+        self._init_step_condition(step_condition, PositionalEmbedding(num_channels=model_channels)
+                                  if step_condition else None, model_channels, emb_channels, init, swap_halves=False)
 
         # Encoder.
         self.enc = nn.ModuleDict()
@@ -512,13 +557,14 @@ class DhariwalUNet(_StepCondition, nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
+                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
             else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True,
+                                                          **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
-                                                                **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
         skips = [m.out_channels for m in self.enc.values()]
 
         # Decoder.
@@ -526,16 +572,17 @@ class DhariwalUNet(_StepCondition, nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=cout, out_channels=cout, attention=True,
+                                                         **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
             else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+                self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
-                                                                **block_kwargs)
-        self.out_norm = GroupNorm(cout)
-        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
+        self.out_norm = GroupNorm(num_channels=cout)
+        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None, step: Any = None) -> torch.Tensor:
@@ -548,23 +595,23 @@ class DhariwalUNet(_StepCondition, nn.Module):
             tmp = _drop_labels(class_labels, self.label_dropout, self.training)
             emb = emb + self.map_label(tmp).to(emb.dtype)
         emb = F.silu(emb)
-        emb = self._add_step(emb, step)
+        emb_step = self._step_embedding(step, x.shape[0], x.device)
 
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop().to(x.dtype)], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, emb_step)
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # EDM preconditioning.
 
-_MODELS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+MODELS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 
 def _per_sample(value: Any, batch: int, device: torch.device) -> torch.Tensor:
@@ -587,14 +634,21 @@ class EDMPrecond(nn.Module):
     (null) label, which is what EDM's label dropout trains. ``step`` is used only if ``step_condition``.
     ``use_fp16`` is accepted because EDM pickles record it; mixed precision here comes from torch.autocast.
     ``init_kwargs`` holds the constructor's arguments, so ``EDMPrecond(**net.init_kwargs)`` rebuilds it.
+
+    ``step_condition`` builds and uses SFD-v's step layers (see ``UNetBlock``); ``step_init`` says how they
+    start: "random" (EDM's initialisations, as the SFD reference builds them) or "zero" (every ``affine_step``
+    zero, so a fresh SFD-v student computes exactly its teacher).
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-                 model_type: str = "DhariwalUNet", step_condition: bool = False, **model_kwargs: Any):
+                 model_type: str = "DhariwalUNet", step_condition: bool = False, step_init: str = "random",
+                 **model_kwargs: Any):
         super().__init__()
-        if model_type not in _MODELS:
-            raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(_MODELS)}")
+        if model_type not in MODELS:
+            raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(MODELS)}")
+        if step_init not in STEP_INITS:
+            raise ValueError(f"step_init must be one of {STEP_INITS}, got {step_init!r}")
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -608,10 +662,17 @@ class EDMPrecond(nn.Module):
         self.init_kwargs = copy.deepcopy(dict(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16,
             sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, model_type=model_type,
-            step_condition=self.step_condition, **model_kwargs))
-        self.model = _MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                         out_channels=img_channels, label_dim=label_dim,
-                                         step_condition=step_condition, **model_kwargs)
+            step_condition=self.step_condition, step_init=step_init, **model_kwargs))
+        # The model gets EDM's arguments; the step condition only where there is one.
+        step_kwargs = dict(step_condition=True) if self.step_condition else {}
+        self.model = MODELS[model_type](img_resolution=img_resolution, in_channels=img_channels,
+                                         out_channels=img_channels, label_dim=label_dim, **step_kwargs,
+                                         **model_kwargs)
+        if self.step_condition and step_init == "zero":
+            with torch.no_grad():
+                for name, param in self.named_parameters():
+                    if ".affine_step." in name:
+                        param.zero_()
 
     def _labels(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
         if self.label_dim == 0:
@@ -670,9 +731,10 @@ EDM_CONFIGS: dict[str, dict[str, Any]] = {
 ARCHITECTURE_KEYS = ("img_resolution", "img_channels", "label_dim", "model_type", "model_channels", "channel_mult")
 
 
-def architecture_mismatch(arch: str, kwargs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{key: (expected, found)} for each architecture kwarg in which `kwargs` differ from EDM_CONFIGS[arch]."""
-    expected = EDM_CONFIGS[arch]
+def architecture_mismatch(arch: str | dict[str, Any], kwargs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (expected, found)} for each architecture kwarg in which `kwargs` differ from `arch` (init kwargs,
+    or a key of EDM_CONFIGS)."""
+    expected = EDM_CONFIGS[arch] if isinstance(arch, str) else arch
     return {k: (expected[k], kwargs.get(k)) for k in ARCHITECTURE_KEYS
             if k in expected and list(_as_seq(expected[k])) != list(_as_seq(kwargs.get(k)))}
 

@@ -4,6 +4,7 @@ stage's first stage). Nothing here creates a run or a file; a failure is a Confi
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,15 @@ import torch
 
 from sfd.assets import FID_REFS, asset_path, file_version, require
 from sfd.config import ConfigError, RunConfig, replace, validate
+from sfd.distributed import launched_world_size, local_world_size
 from sfd.losses import LPIPS_NETS
 from sfd.metrics.evaluate import default_num_samples
 from sfd.metrics.fd import check_reference_stats
 from sfd.metrics.inception import FEATURE_DIM, check_inception_weights
-from sfd.metrics.names import logged_keys, smoke_key, smoke_metric
-from sfd.runner.first_stage import check_first_stage, locate_first_stage, read_sampling_info
+from sfd.metrics.digits import check_digits_classifier
+from sfd.metrics.names import METRICS, logged_keys, smoke_key, smoke_metric
+from sfd.runner.first_stage import check_first_stage
+from sfd.runner.students import REFERENCE_ALGORITHM, check_evaluated_student, saved_student_info
 from sfd.teachers import Teacher, TeacherError, check_teacher_assets, get_teacher, teacher_spec
 from sfd.teachers.edm_pickle import EDMPickleError
 from sfd.tracking import TAG_SMOKE_NOTE
@@ -40,6 +44,34 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device: got {name!r}, but MPS is not available here; use device=cpu or auto")
     return device
+
+
+def ddp_for_launch(cfg: RunConfig) -> RunConfig:
+    """Under torchrun the number of processes is the run's `ddp`: a config that leaves ddp at 1 takes torchrun's
+    world size, so the logged config replays the run as it ran."""
+    world = launched_world_size()
+    return replace(cfg, {"ddp": world}) if world > 1 and cfg.ddp == 1 else cfg
+
+
+def check_ddp(cfg: RunConfig, device: torch.device, *, launched: bool = True) -> None:
+    """`ddp` processes must be the ones torchrun started (when `launched`; before a relaunch, not yet) and, on
+    CUDA, no more per machine than the devices this process sees."""
+    world = launched_world_size()
+    if launched and cfg.ddp != world:
+        if world == 1:
+            raise ConfigError(f"ddp: got {cfg.ddp}, but this process was not started by torchrun; run it with "
+                              f"experiments/run.py (which relaunches itself under torchrun) or with torchrun "
+                              f"--nproc-per-node {cfg.ddp} experiments/run.py ...")
+        raise ConfigError(f"ddp: got {cfg.ddp}, but torchrun started {world} processes; give torchrun "
+                          f"--nproc-per-node {cfg.ddp}, or leave ddp at 1 (it then follows torchrun)")
+    if cfg.ddp > 1 and device.type == "cuda":
+        here = local_world_size() if launched else cfg.ddp
+        count = torch.cuda.device_count()
+        if here > count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(f"ddp: got {here} processes on this machine, but it sees {count} CUDA device(s)"
+                              f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; lower ddp or "
+                              "use device=cpu")
 
 
 def is_small_teacher(name: str) -> bool:
@@ -72,7 +104,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
     batch 2 with M = 0, two evaluation samples, FID replaced by the teacher gap against a 1-NFE reference.
     Returns the config and notes (tagged on the run) saying what was substituted."""
     notes: dict[str, str] = {}
-    batch = min(cfg.optim.batch_size, SMOKE_BATCH)
+    # a multiple of ddp (the batch splits evenly over the processes), so at least one trajectory per process
+    batch = max(cfg.ddp, min(cfg.optim.batch_size, SMOKE_BATCH) // cfg.ddp * cfg.ddp)
     updates: dict[str, Any] = {
         "smoke": True,
         "optim.batch_size": batch,
@@ -91,6 +124,8 @@ def smoke_config(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         notes[f"{TAG_SMOKE_NOTE}compile"] = "off (a one-iteration wiring check would spend its time compiling)"
     if cfg.algorithm == "sfd-v":  # evaluate at every trained N: keep it to two (the main one and another)
         updates["sfdv.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.sfdv.num_steps_choices)})
+    if cfg.algorithm == "evaluate" and cfg.evaluate.num_steps_choices:  # the same two N a smoke SFD-v row trains
+        updates["evaluate.num_steps_choices"] = sorted({cfg.num_steps, max(cfg.evaluate.num_steps_choices)})
     for key, asset in lpips_assets(cfg).items():
         if asset_path(asset) is None:
             updates[f"loss.{key}"] = "l2"
@@ -115,6 +150,31 @@ def lpips_assets(cfg: RunConfig) -> dict[str, str]:
     return assets
 
 
+INCEPTION = "inception-2015-12-05"  # the Inception-v3 FID weights asset
+
+
+def needed_assets(cfg: RunConfig) -> list[str]:
+    """The named assets a (validated) run reads, in the order `check_assets` checks them: the teacher's checkpoint
+    (unless teacher.path names the file) and training images (Algorithm 1 on real data), the Inception weights and
+    the FID statistics (fid), LPIPS weights. A smoke run reads none."""
+    if cfg.smoke:
+        return []
+    spec = teacher_spec(cfg.teacher.name)
+    names = []
+    if spec.source == "checkpoint" and cfg.teacher.path is None:
+        names.append(spec.checkpoint)
+    if cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset" and spec.data_asset:
+        names.append(spec.data_asset)
+    if "fid" in (cfg.eval.metrics or default_metrics(cfg.teacher.name)) and spec.dataset in FID_REFS:
+        names += [INCEPTION, FID_REFS[spec.dataset]]
+    return names + list(lpips_assets(cfg).values())
+
+
+def missing_assets(cfg: RunConfig) -> list[str]:
+    """The assets of `needed_assets` that are nowhere in their search paths."""
+    return [name for name in needed_assets(cfg) if asset_path(name) is None]
+
+
 def _check_teacher_files(name: str, path: str | None, needs_data: bool = False) -> None:
     try:
         check_teacher_assets(name, path, needs_data=needs_data)
@@ -122,27 +182,37 @@ def _check_teacher_files(name: str, path: str | None, needs_data: bool = False) 
         raise ConfigError(str(exc)) from None
 
 
-def check_assets(cfg: RunConfig, tracking_uri: str | None = None, first_stage_info: dict | None = None) -> None:
+def check_assets(cfg: RunConfig, tracking_uri: str | None = None, student_info: dict | None = None) -> None:
     """Raise MissingAssetError / ConfigError for anything the run will need but cannot find — before any
-    run or file is created. A second stage's first-stage model is located (downloaded once from its run)
-    and its grid checked against the Euler teacher grid; `first_stage_info` (a sampling.json-like dict with
-    the `grid`) stands in for a first stage that does not exist yet (a study row run earlier in the study)."""
-    if not cfg.smoke:
+    run or file is created. A saved student the run reads (a second stage's first stage, the student `evaluate`
+    samples) is located (downloaded once from its run, or read from its snapshot) and its grid checked against
+    the run's; `student_info` (a sampling.json-like dict with the `grid`) stands in for one that does not exist
+    yet (a study row run earlier in the study)."""
+    metrics = cfg.eval.metrics or default_metrics(cfg.teacher.name)
+    if not cfg.smoke or teacher_spec(cfg.teacher.name).source == "embedded":  # a smoke run samples those as they are
         _check_teacher_files(cfg.teacher.name, cfg.teacher.path,
                              needs_data=cfg.algorithm == "vanilla" and cfg.vanilla.data == "dataset")
-        if "fid" in (cfg.eval.metrics or default_metrics(cfg.teacher.name)):
+    if any(METRICS[m].needs_classifier for m in metrics):  # a smoke run scores digits metrics too
+        check_digits_classifier()
+    if not cfg.smoke:
+        if "fid" in metrics:
             dataset = teacher_spec(cfg.teacher.name).dataset
             if dataset not in FID_REFS:
                 raise ConfigError(f"eval.metrics: fid has no reference statistics for teacher {cfg.teacher.name!r}")
-            check_fid_files(require("inception-2015-12-05"), require(FID_REFS[dataset]))
+            check_fid_files(require(INCEPTION), require(FID_REFS[dataset]))
         for asset in lpips_assets(cfg).values():
             require(asset)
+    if cfg.saved_student is None:
+        return
+    if student_info is None:
+        student_info = saved_student_info(cfg, tracking_uri)
+        # ours is rebuilt from its own teacher's checkpoint (a reference snapshot holds its whole network)
+        if student_info["algorithm"] != REFERENCE_ALGORITHM and not student_info.get("smoke"):
+            _check_teacher_files(student_info["teacher"], student_info.get("teacher_path"))
     if cfg.algorithm == "second-stage":
-        if first_stage_info is None:
-            first_stage_info = read_sampling_info(locate_first_stage(cfg.second_stage.first_stage, tracking_uri))
-            if not first_stage_info.get("smoke"):  # its network is rebuilt from its own teacher's checkpoint
-                _check_teacher_files(first_stage_info["teacher"], first_stage_info.get("teacher_path"))
-        check_first_stage(cfg, first_stage_info)
+        check_first_stage(cfg, student_info)
+    else:
+        check_evaluated_student(cfg, student_info)
 
 
 _CHECKED_FID_FILES: set[tuple] = set()
@@ -224,13 +294,13 @@ def check_objective(cfg: RunConfig, objective: list[str]) -> None:
 
 
 def prepare(cfg: RunConfig, *, smoke: bool = False, tracking_uri: str | None = None,
-            first_stage_info: dict | None = None) -> tuple[RunConfig, dict[str, str]]:
+            student_info: dict | None = None) -> tuple[RunConfig, dict[str, str]]:
     """Validate, apply the smoke budget when asked, resolve evaluation defaults, check assets (see
-    `check_assets` for `first_stage_info`). Creates nothing."""
+    `check_assets` for `student_info`). Creates nothing."""
     validate(cfg)
     notes: dict[str, str] = {}
     if smoke and not cfg.smoke:
         cfg, notes = smoke_config(cfg)
     cfg = resolve_eval(cfg)
-    check_assets(cfg, tracking_uri, first_stage_info)
+    check_assets(cfg, tracking_uri, student_info)
     return cfg, notes

@@ -25,9 +25,9 @@ from .dry_run import StudyPlan, plan_study
 from .peers import HEARTBEAT_S
 from .record import row_key, shown_trial, shown_trials
 from .run import StudyOutcome, run_study
-from .spec import StudyError, StudySpec, available_studies, load_spec
+from .spec import StudyError, StudySpec, available_studies, load_spec, read_study_file
 
 __all__ = [
     "HEARTBEAT_S", "StudyError", "StudyOutcome", "StudyPlan", "StudySpec", "available_studies", "load_spec",
-    "objective_labels", "plan_study", "row_key", "run_study", "shown_trial", "shown_trials",
+    "objective_labels", "plan_study", "read_study_file", "row_key", "run_study", "shown_trial", "shown_trials",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from multiprocessing.connection import wait
 
+from sfd.progress import BarBoard
 from sfd.signals import stops_deferred
 from sfd.tracking import get_client, mark_failed
 
@@ -18,9 +19,9 @@ def run_on(loop: TrialLoop, devices: list[str]) -> None:
     """Run up to one trial per worker at once until none is left to claim (waiting while other processes run
     some) or `loop.limit` have started. Ctrl-C, SIGTERM or an error here stops every busy worker (its run ends
     KILLED) and marks the running trials interrupted."""
-    cpu_workers = sum(d == "cpu" for d in devices)
-    workers = [DeviceWorker(d, cpu_workers) for d in devices]
+    workers = [DeviceWorker(d) for d in devices]
     running: dict = {}  # worker -> (trial, start time)
+    board = BarBoard()  # the workers' progress, one line each (drawn only when the loop shows progress)
     try:
         while True:
             for worker in [w for w in workers if w not in running]:
@@ -38,11 +39,13 @@ def run_on(loop: TrialLoop, devices: list[str]) -> None:
             ready = wait([w.conn for w in running], timeout=loop.poll_s if idle else None)
             for worker in [w for w in running if w.conn in ready]:
                 with stops_deferred():
-                    _take(loop, worker, worker.receive(), running)
+                    _take(loop, worker, worker.receive(), running, board)
     except BaseException as exc:  # Ctrl-C, SIGTERM, or this process failed: stop the workers' runs cleanly
+        board.close()
         _stop(loop, running, f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        board.close()
         for worker in workers:
             worker.close()
 
@@ -56,16 +59,22 @@ def _start(loop: TrialLoop, worker: DeviceWorker, trial, running: dict) -> None:
         return
     worker.submit(job)
     running[worker] = (trial, t0)
-    loop.say(f"[{trial.number}] {loop.label(trial)}: started on {worker.device}")
+    loop.announce(trial, worker.device)
 
 
-def _take(loop: TrialLoop, worker: DeviceWorker, message: tuple, running: dict) -> None:
-    """Act on a worker's message: its run exists, or the trial is over."""
+def _take(loop: TrialLoop, worker: DeviceWorker, message: tuple, running: dict, board: BarBoard | None = None) -> None:
+    """Act on a worker's message: its run exists, its progress (drawn on `board`), or the trial is over."""
     trial, t0 = running[worker]
     kind = message[0]
     if kind == "started":
         trial.set_user_attr("mlflow_run_id", message[1])
         return
+    if kind == "progress":
+        if board is not None:
+            board.show(worker, loop.label(trial), *message[1:])
+        return
+    if board is not None:  # before the trial's line is printed
+        board.clear(worker)
     if kind == "done":
         loop.finish(trial, message[1], message[2], t0)
     elif kind == "interrupted":  # the worker alone was stopped (SIGTERM from outside): queued again
@@ -97,6 +106,8 @@ def _stop(loop: TrialLoop, running: dict, how: str) -> None:
         ready = wait([w.conn for w in running], timeout=max(0.0, deadline - time.monotonic()))
         for worker in [w for w in running if w.conn in ready]:
             message = worker.receive()
+            if message[0] == "progress":  # nothing is drawn while stopping
+                continue
             if message[0] in ("started", "done", "failed"):  # the run began, or ended before the stop
                 quietly(_take, loop, worker, message, running)
                 if message[0] != "started" and worker in running:  # its outcome could not be recorded

@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sfd.storelock import without_password
 
-from .configs import first_stage_row, objective_labels
+from .configs import objective_labels, student_row
 from .lock import lock_holder, shared
 from .peers import read_storage, stale_numbers
 from .plan import may_start, rows_left, search_left, trial_limit, waits_for
@@ -31,6 +31,8 @@ class StudyPlan:
     lines: list[tuple[str, str, str]]  # (row / trial, what a run would do, its settings)
     running_elsewhere: str | None  # the lock's note, when another process is running a sqlite study now
     assumption: str | None = None  # what the prediction takes for granted, if anything
+    devices: list[str] | None = None  # the worker devices trials would run on (None: one at a time, in the process)
+    missing: Exception | None = None  # every asset the study needs that is not here: a run would stop on it
 
 
 def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
@@ -38,7 +40,8 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
                seeds: list[int] | None = None, devices: list[str] | None = None,
                heartbeat_s: int | None = None) -> StudyPlan:
     """What `run_study` with these options would do now, after the same checks; creates nothing (no store, no
-    study, no lock, no run)."""
+    study, no lock, no run). Missing assets do not stop it: the plan says which (`missing`), and that a run would
+    stop on them."""
     checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed,
                                heartbeat_s)
     spec = checked.spec
@@ -50,12 +53,13 @@ def plan_study(name_or_path: str, *, smoke: bool = False, storage: str | None = 
     where = "in that process" if holder else "in another process"
     make = plan_rows if spec.rows else plan_search
     lines, to_run = make(checked, trials, smoke, retry_failed, limit, live, where)
-    waiting_rows = any(first_stage_row(spec, r) for r in spec.rows)
+    waiting_rows = any(student_row(spec, r) for r in spec.rows)
     assumption = ("trials end in the order they start (with several workers, which second stage can start "
                   "before --n-trials is reached depends on that)" if waiting_rows and limit is not None
                   and len(checked.devices or []) > 1 else None)
     return StudyPlan(spec.name, study_name, without_password(checked.storage_url),
-                     without_password(checked.tracking_uri), len(trials), to_run, lines, holder, assumption)
+                     without_password(checked.tracking_uri), len(trials), to_run, lines, holder, assumption,
+                     checked.devices, checked.missing)
 
 
 def live_trials(storage_url: str, study_name: str, trials: list[FrozenTrial], holder: str | None,
@@ -75,6 +79,10 @@ def settings(cfg) -> str:
     sampled = f"{cfg.algorithm} {cfg.solver.name} NFE {s.nfe} t_min {s.t_min:g} AFS {'yes' if s.afs else 'no'}"
     if cfg.algorithm == "baseline":  # the teacher sampled directly: nothing is trained
         return sampled
+    if cfg.algorithm == "evaluate":  # a saved student sampled as it is (a row:<id> is resolved when it runs)
+        guided = f" guidance {s.guidance:g}" if s.guidance != 1.0 else ""
+        return (f"evaluate {cfg.evaluate.student} NFE {s.nfe} t_min {s.t_min:g} AFS {'yes' if s.afs else 'no'}"
+                + guided)
     if cfg.algorithm == "sfd-v":  # one model trained over several student grids
         sampled += f" (trains N in {list(cfg.sfdv.num_steps_choices)})"
     return f"{sampled} {cfg.loss.name} {cfg.optim.total_kimg:g} kimg"

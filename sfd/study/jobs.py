@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from sfd.progress import Bars
 from sfd.runner import RunResult, run_experiment
 from sfd.tracking import Tracker
 
@@ -19,10 +20,12 @@ class Job:
     objective: list = field(default_factory=list)
     smoke: bool = False
     save_student: bool | None = None
+    progress: bool = False  # a worker sends its run's progress to the study process (sfd.progress.SentBars)
 
 
-def run_job(job: Job, on_start: Callable[[str], None] | None = None) -> RunResult:
-    """Run `job` in this process. `on_start(run_id)` as in `sfd.tracking.Tracker`."""
+def run_job(job: Job, on_start: Callable[[str], None] | None = None, progress: Bars | None = None) -> RunResult:
+    """Run `job` in this process. `on_start(run_id)` as in `sfd.tracking.Tracker`; `progress` as in
+    `sfd.runner.run_experiment`."""
     tracker = Tracker(job.experiment, tracking_uri=job.tracking_uri, parent_run_id=job.parent_run_id,
                       tags=job.tags, objective=job.objective, on_start=on_start)
-    return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, save_student=job.save_student)
+    return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, progress=progress, save_student=job.save_student)

@@ -1,8 +1,8 @@
 """The study's Optuna bookkeeping, kept apart from where trials run (`serial`, `devices`): which trial next (claimed
-from the queue every process running the study shares), the run each trial is (its config, tags and first stage),
-how its outcome is told (finish, fail, interrupt), and what becomes of a trial whose process will never tell it
-(its finished run adopted; else its run failed and its row queued again). Only study processes write the Optuna
-study; workers write only their runs."""
+from the queue every process running the study shares), the run each trial is (its config, tags and the saved
+student it reads), how its outcome is told (finish, fail, interrupt), and what becomes of a trial whose process
+will never tell it (its finished run adopted; else its run failed and its row queued again). Only study processes
+write the Optuna study; workers write only their runs."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import optuna
@@ -18,20 +19,21 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sfd import tracking as T
 from sfd.config import replace
+from sfd.metrics.names import COST_KEY, CPU_TIME_KEY
 
-from .configs import first_stage_row, objective_labels, row_config, trial_config
+from .configs import objective_labels, row_config, student_row, trial_config
 from .jobs import Job
 from .lock import setup_lock, shared
 from .peers import GRACE_FACTOR, Heartbeats, claim, queue_blank, stale_numbers, trial_id
-from .plan import enqueue_left, may_start, room_for_new, unlisted_queue, waits_for
-from .record import INTERRUPTED, first_stage_run_id, recorded_config, row_key, row_trials
+from .plan import enqueue_left, may_start, room_for_new, unfinished, unlisted_queue, waits_for
+from .record import INTERRUPTED, recorded_config, row_key, row_trials, student_row_run_id
 from .spec import StudyError, StudySpec
 
 STALE = ("interrupted: its process stopped recording heartbeats (none for {grace:g}s): it was killed, or its "
          "machine stopped")
 KILLED = "killed"  # user attribute of a trial whose worker was killed from outside (counted for the retry limit)
 MAX_KILLED_ATTEMPTS = 3  # a row whose worker is killed from outside runs at most this many times in a row
-RESULT_KEYS = ("train/wall_s", "train/device_hours", "total/wall_s", "nfe")  # run metrics kept on the trial
+RESULT_KEYS = ("train/wall_s", CPU_TIME_KEY, COST_KEY, "total/wall_s", "nfe")  # run metrics kept on the trial
 
 
 def make_sampler(spec: StudySpec, parallel: bool = False) -> optuna.samplers.BaseSampler:
@@ -84,7 +86,6 @@ def objective_of(run, spec: StudySpec) -> list[float] | None:
     values = [run.data.metrics.get(key) for key in keys]
     return None if any(v is None for v in values) else values
 
-
 def killed_in_a_row(trials: list[FrozenTrial]) -> int:
     """How many of the last `trials` (one row's or point's, in order) were killed from outside, in a row."""
     count = 0
@@ -115,16 +116,19 @@ class TrialLoop:
 
     def __init__(self, spec: StudySpec, stores: Stores, smoke: bool, say: Callable[[str], None], *,
                  heartbeats: Heartbeats, limit: int | None = None, retry_failed: bool = False,
-                 skipped: dict | None = None, poll_s: float = 5.0):
+                 skipped: dict | None = None, poll_s: float = 5.0, progress: bool = False):
         self.spec, self.stores, self.smoke, self.say = spec, stores, smoke, say
         self.study, self.storage = stores.study, stores.storage
         self.experiment, self.tracking_uri, self.parent_id = stores.experiment, stores.tracking_uri, stores.parent_id
         self.heartbeats, self.limit, self.retry_failed = heartbeats, limit, retry_failed
         self.skipped, self.poll_s = dict(skipped or {}), poll_s
-        self.first_stages = {first_stage_row(spec, r) for r in spec.rows} - {None}  # rows a second stage starts from
+        self.progress = progress  # say which trial starts, and draw bars over its training and evaluation
+        # rows whose student another row reads (a second stage's first stage, a student `evaluate` samples)
+        self.student_rows = {ref[1] for ref in map(partial(student_row, spec), spec.rows) if ref is not None}
         self.failed: list[tuple[int, str]] = []
         self.mine: dict[int, int] = {}  # trial number -> storage id of the trials this process claimed, not yet told
         self.started = 0  # trials started in this invocation (at most `limit`)
+        self.todo = 0  # trials this invocation expected to start when it began (others may come back to the queue)
         self.ran = 0  # trials that ended (complete or failed) in this invocation
         self._waiting_said = False
 
@@ -151,11 +155,13 @@ class TrialLoop:
             cfg = replace(cfg, {"device": worker.config_device})
             tags[T.TAG_WORKER_DEVICE] = worker.device
         return Job(cfg, self.experiment, self.tracking_uri, self.parent_id, tags, list(spec.metrics), self.smoke,
-                   save_student=True if row_id in self.first_stages else None)
+                   save_student=True if row_id in self.student_rows else None,
+                   progress=self.progress and worker is not None)
 
     def row_run(self, trial: optuna.Trial, tags: dict):
-        """A table study's trial: its row's config (recorded on the trial), its replicate seed, and a second
-        stage's `row:<id>` first stage replaced by that row's finished run id; its tags added to `tags`."""
+        """A table study's trial: its row's config (recorded on the trial), its replicate seed, and a `row:<id>`
+        saved student (a second stage's first stage, a student `evaluate` samples) replaced by that row's finished
+        run id; its tags added to `tags`."""
         spec = self.spec
         row_id, seed = row_key(trial)
         row = spec.row(row_id)
@@ -167,12 +173,19 @@ class TrialLoop:
         trial.set_user_attr("config", recorded_config(cfg))
         if seed is not None:
             cfg = replace(cfg, {"seed": seed})
-        target = first_stage_row(spec, row)
-        if target is not None:
-            run_id = first_stage_run_id(spec, self.study.get_trials(deepcopy=False), row_id, target, seed)
-            cfg = replace(cfg, {"second_stage.first_stage": run_id})
-            tags[T.TAG_FIRST_STAGE_ROW] = target
+        ref = student_row(spec, row)
+        if ref is not None:
+            key, target = ref
+            run_id = student_row_run_id(spec, self.study.get_trials(deepcopy=False), row_id, target, seed)
+            cfg = replace(cfg, {key: run_id})
+            tags[T.SAVED_STUDENT_TAGS[key][1]] = target
         return cfg
+
+    def announce(self, trial, where: str | None = None) -> None:
+        """With progress on: which trial has started, as the how-many-th of the `todo` this invocation expected."""
+        if self.progress:
+            self.say(f"[{trial.number}] {self.label(trial)}: started ({self.started} of "
+                     f"{max(self.todo, self.started)})" + (f" on {where}" if where else ""))
 
     def finish(self, trial, objective: list[float], metrics: dict, t0: float) -> None:
         """The trial's run finished: tell Optuna its objective (a NaN objective fails it, with the reason)."""
@@ -274,26 +287,30 @@ class TrialLoop:
     # which trial next
 
     def refresh(self, first: bool = False) -> tuple[int, int]:
-        """Under the study's set-up lock: settle the trials whose process died, then queue what is left (rows and
-        seeds, or interrupted search points; a search's next new point too, when nothing waits and the study has
-        room). `first`, at this process's start: on sqlite every RUNNING trial is then dead (the study lock this
-        process holds proves that no other process runs the study), queued rows the YAML no longer runs are taken
-        off the queue, and failed rows are queued again if `retry_failed`. On PostgreSQL a trial is dead once its
-        heartbeat is stale, however many peers run. Returns how many dead trials were (interrupted, adopted)."""
+        """Under the study's set-up lock, `_refresh`. Returns how many dead trials were (interrupted, adopted)."""
+        with setup_lock(self.study.study_name, self.stores.storage_url):
+            return self._refresh(first)
+
+    def _refresh(self, first: bool) -> tuple[int, int]:
+        """Settle the trials whose process died, then queue what is left (rows and seeds, or interrupted search
+        points; a search's next new point too, when nothing waits and the study has room). `first`, at this
+        process's start: on sqlite every RUNNING trial is then dead (the study lock this process holds proves that
+        no other process runs the study), queued rows the YAML no longer runs are taken off the queue, and failed
+        rows are queued again if `retry_failed`. On PostgreSQL a trial is dead once its heartbeat is stale, however
+        many peers run. Call it holding the study's set-up lock."""
         spec, study = self.spec, self.study
-        with setup_lock(study.study_name, self.stores.storage_url):
-            if first and not shared(self.stores.storage_url):
-                dead = {t.number: INTERRUPTED for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            else:
-                grace = GRACE_FACTOR * self.heartbeats.interval_s  # (this process's own trials are alive)
-                dead = {n: STALE.format(grace=grace) for n in stale_numbers(study, self.storage) - set(self.mine)}
-            outcomes = [self.settle(number, reason) for number, reason in dead.items()]
-            if first:
-                for trial, reason in unlisted_queue(spec, study.get_trials(deepcopy=False), self.skipped):
-                    interrupt_stored(self.storage, study.study_name, trial, reason)
-            enqueue_left(spec, study, self.retry_failed and first, self.skipped)
-            if not first and not spec.rows and self._search_has_room():
-                queue_blank(study)
+        if first and not shared(self.stores.storage_url):
+            dead = {t.number: INTERRUPTED for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        else:
+            grace = GRACE_FACTOR * self.heartbeats.interval_s  # (this process's own trials are alive)
+            dead = {n: STALE.format(grace=grace) for n in stale_numbers(study, self.storage) - set(self.mine)}
+        outcomes = [self.settle(number, reason) for number, reason in dead.items()]
+        if first:
+            for trial, reason in unlisted_queue(spec, study.get_trials(deepcopy=False), self.skipped):
+                interrupt_stored(self.storage, study.study_name, trial, reason)
+        enqueue_left(spec, study, self.retry_failed and first, self.skipped)
+        if not first and not spec.rows and self._search_has_room():
+            queue_blank(study)
         return outcomes.count("interrupted"), outcomes.count("adopted")
 
     def _search_has_room(self) -> bool:
@@ -312,21 +329,24 @@ class TrialLoop:
         return len(started) >= size and not any(t.state == TrialState.WAITING for t in trials)
 
     def claim(self) -> optuna.Trial | None:
-        """The next trial this process runs, or None when none may start now: the first queued trial whose first
-        stage (if any) is neither running nor queued, claimed through Optuna's atomic pop (`peers.claim`); a
-        search trial gets its point at once, so that a trial stopped before its run still has its point to
-        retry."""
+        """The next trial this process runs, or None when none may start now: the first queued trial that does not
+        read the student of a row that is unfinished (running, queued, or interrupted and about to be queued
+        again: `plan.unfinished`), claimed through Optuna's atomic pop (`peers.claim`). Settling, queueing and the
+        claim happen under the study's set-up lock, so no peer queues a row again between this process's look at
+        the study and its claim: a trial it claims never waits. A search trial gets its point at once, so that a
+        trial stopped before its run still has its point to retry."""
         if self.at_limit():
             return None
-        self.refresh()
-        trials = self.study.get_trials(deepcopy=False)
-        running = {row_key(t) for t in trials if t.state == TrialState.RUNNING}
-        queued = [row_key(t) for t in trials if t.state == TrialState.WAITING]
+        with setup_lock(self.study.study_name, self.stores.storage_url):
+            self._refresh(first=False)
+            trials = self.study.get_trials(deepcopy=False)
+            busy = unfinished(trials)
+            queued = [row_key(t) for t in trials if t.state == TrialState.WAITING]
 
-        def ready(frozen: FrozenTrial) -> bool:
-            return not self.spec.rows or may_start(waits_for(self.spec, row_key(frozen)), running, queued)
+            def ready(frozen: FrozenTrial) -> bool:
+                return not self.spec.rows or may_start(waits_for(self.spec, row_key(frozen)), busy, queued)
 
-        trial = claim(self.study, self.storage, self.heartbeats, ready)
+            trial = claim(self.study, self.storage, self.heartbeats, ready)
         if trial is None:
             return None
         self.mine[trial.number] = trial_id(self.storage, self.study, trial.number)

@@ -1,6 +1,7 @@
 """What is left to run, and in which order trials may start: the rows (and seeds) or search points still to do,
 queued rows the YAML no longer runs, and the one rule the trial loop and the dry run both follow to pick the
-next trial (a second stage waits for its first stage: the first queued trial that may start is the next)."""
+next trial (a row that reads another row's student, a second stage or an `evaluate` row, waits for that row: the
+first queued trial that may start is the next)."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -8,7 +9,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .configs import first_stage_row
+from .configs import student_row
 from .record import NOT_STARTED, interrupted, row_key
 from .spec import StudySpec
 
@@ -21,17 +22,29 @@ def trial_limit(spec: StudySpec, smoke: bool, n_trials: int | None) -> int | Non
 
 
 def waits_for(spec: StudySpec, key: tuple) -> tuple | None:
-    """(row, seed) of the first stage that the trial of (row, seed) `key` trains from, else None."""
+    """(row, seed) of the row whose student the trial of (row, seed) `key` reads (a second stage's first stage,
+    a student `evaluate` samples), else None."""
     row = spec.row(key[0])
-    target = first_stage_row(spec, row) if row is not None else None
-    return None if target is None else (target, key[1])
+    ref = student_row(spec, row) if row is not None else None
+    return None if ref is None else (ref[1], key[1])
 
 
 def may_start(first_stage: tuple | None, running: Iterable[tuple], queued: Iterable[tuple]) -> bool:
-    """Whether a trial that trains from `first_stage` ((row, seed), or None) may start now: not while that first
-    stage is running (in any process) or still queued (a resumed study queues a retried first stage after the rows
+    """Whether a trial that reads the student of `first_stage` ((row, seed), or None) may start now: not while
+    that row is running (in any process) or still queued (a resumed study queues a retried first stage after the rows
     already waiting). The arguments are (row, seed) keys."""
     return first_stage is None or first_stage not in {*running, *queued}
+
+
+def unfinished(trials: list[FrozenTrial]) -> set[tuple]:
+    """The (row, seed) keys that a trial reading their student may not start after yet: those running now, and
+    those whose latest trial was interrupted (stopped, or its process died) and which never completed: the next
+    refresh queues them again. A key that completed, or whose latest trial failed for a reason of its own, is
+    settled (the reader then fails with that reason, `record.student_row_run_id`)."""
+    completed = {row_key(t) for t in trials if t.state == TrialState.COMPLETE}
+    latest = {row_key(t): t for t in trials if t.state != TrialState.WAITING}  # in trial order: the last wins
+    return ({row_key(t) for t in trials if t.state == TrialState.RUNNING}
+            | {key for key, t in latest.items() if interrupted(t) and key not in completed})
 
 
 def rows_left(spec: StudySpec, trials: list[FrozenTrial], retry_failed: bool, skipped: dict,

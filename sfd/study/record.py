@@ -1,6 +1,6 @@
 """What a study has recorded, read against its YAML now: the Optuna study as stored, each trial's recorded run
-config, which trial a row shows (the rule the reports use too), a first stage's finished run, and the checks
-that refuse to resume a study whose YAML no longer describes what it ran."""
+config, which trial a row shows (the rule the reports use too), the finished run of a row whose student another
+row reads, and the checks that refuse to resume a study whose YAML no longer describes what it ran."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from sfd.config import flatten, to_dict
+from sfd.metrics.names import COST_KEY, CPU_TIME_KEY
 from sfd.storelock import sqlite_path
 
 from .configs import row_config, trial_config
@@ -21,8 +22,8 @@ INTERRUPTED = "interrupted: the study process stopped during this trial"
 NOT_STARTED = "interrupted: not started"
 # Run-config keys that say how a run is carried out, not what it measures (results agree to rounding, or to
 # dropout masks drawn in another memory order): a study may change them between trials.
-EXECUTION_KEYS = ("name", "device", "precision", "compile", "compile_mode", "channels_last", "group_norm",
-                  "eval.compile", "eval.batch_size", "log.every")
+EXECUTION_KEYS = ("name", "device", "threads", "precision", "compile", "compile_mode", "channels_last",
+                  "group_norm", "eval.compile", "eval.batch_size", "log.every")
 
 
 def interrupted(trial: FrozenTrial) -> bool:
@@ -64,10 +65,11 @@ def shown_trials(spec: StudySpec, trials: Sequence[FrozenTrial], retry_failed: b
     return [t for t in shown if kept(t)]
 
 
-def first_stage_run_id(spec: StudySpec, trials: Sequence[FrozenTrial], row_id: str, target: str,
+def student_row_run_id(spec: StudySpec, trials: Sequence[FrozenTrial], row_id: str, target: str,
                        seed: int | None = None) -> str:
-    """The MLflow run id of row `target`'s latest finished trial in this study (row `row_id` names it as its
-    first stage; with replicates, the trial of the same seed), or a StudyError saying why there is none."""
+    """The MLflow run id of row `target`'s latest finished trial in this study (row `row_id` reads its student:
+    as its first stage, or to evaluate it; with replicates, the trial of the same seed), or a StudyError saying
+    why there is none."""
     mine = row_trials(trials, (target, seed))
     done = [t for t in mine if t.state == TrialState.COMPLETE and t.user_attrs.get("mlflow_run_id")]
     if done:
@@ -79,7 +81,7 @@ def first_stage_run_id(spec: StudySpec, trials: Sequence[FrozenTrial], row_id: s
             why += f": {last.user_attrs['fail_reason'][:300]}"
     else:
         why = "it has not been run"
-    raise StudyError(f"study {spec.name}, row {row_id}: its first stage is row {target!r}, which has not finished "
+    raise StudyError(f"study {spec.name}, row {row_id}: it reads the student of row {target!r}, which has not finished "
                      f"({why}); rows run in YAML order, so fix that row (or --retry-failed) and run the study again")
 
 
@@ -116,6 +118,7 @@ def check_record(spec: StudySpec, study: optuna.Study, retry_failed: bool) -> No
     a study's), or a finished row whose config the YAML (or its base) now gives differently (the report would
     label the old result with the new settings)."""
     _check_objective(spec, study)
+    _check_cost(spec, study)
     changed = _changed_trials(spec, study.get_trials(deepcopy=False), retry_failed)
     if changed:
         way_out = ("give each changed row a new id (the old result stays under the old id)" if spec.rows else
@@ -137,6 +140,20 @@ def _check_objective(spec: StudySpec, study: optuna.Study) -> None:
         raise StudyError(f"study {spec.name}: its Optuna study optimises {objective(metrics, directions)}, but the "
                          f"YAML now asks for {objective(spec.metrics, spec.directions)}; a study keeps its "
                          "objective, so give the YAML a new name: (the runs so far stay under the old one)")
+
+
+def _check_cost(spec: StudySpec, study: optuna.Study) -> None:
+    """A study that optimises the training cost cannot go on from trials whose cost was wall time (recorded before
+    it became processor time, without CPU_TIME_KEY): the sampler would compare the two."""
+    if COST_KEY not in spec.metrics:
+        return
+    old = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+           if t.user_attrs.get(CPU_TIME_KEY) is None]
+    if old:
+        raise StudyError(f"study {spec.name}: its trial(s) {old[:5]}{' ...' if len(old) > 5 else ''} recorded "
+                         f"{COST_KEY} as wall time, before it became processor time; the sampler cannot compare "
+                         "the two, so give the YAML a new name: for a new search (the runs so far stay under the "
+                         "old one)")
 
 
 def _changed_trials(spec: StudySpec, trials: Sequence[FrozenTrial], retry_failed: bool) -> list[str]:

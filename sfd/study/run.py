@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import optuna
 
 from sfd import tracking as T
+from sfd.progress import say as say_line
 from sfd.storelock import store_identity, without_password
 
 from .devices import run_on
@@ -44,7 +45,7 @@ class StudyOutcome:
 def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
               tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
               quiet: bool = False, seeds: list[int] | None = None, devices: list[str] | None = None,
-              heartbeat_s: int | None = None) -> StudyOutcome:
+              heartbeat_s: int | None = None, progress: bool = False) -> StudyOutcome:
     """Check everything (nothing is created before), then create or resume the study and run what is left.
 
     Finished trials are kept; a trial whose process died (on sqlite: any trial left RUNNING, since the study lock
@@ -52,14 +53,18 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
     finished run adopted, or else its run marked FAILED and its row run again, as are trials stopped by Ctrl-C or
     SIGTERM; failed trials stay failed unless `retry_failed`. `n_trials` caps the trials this process starts;
     `seeds` runs a table study's rows once per seed, as a study of its own; `devices` runs up to one trial per
-    entry at once, each in a worker process. `heartbeat_s` (default HEARTBEAT_S) is the interval at which each
-    running trial records a heartbeat; a study keeps the one it was created with, so that every peer judges the
-    others' heartbeats alike. Progress lines go to stdout unless `quiet`."""
+    entry at once, each in a worker process (`["auto"]`: see `sfd.study.workers.auto_devices`; None: one at a time
+    in this process). `heartbeat_s` (default HEARTBEAT_S) is the interval at which each running trial records a
+    heartbeat; a study keeps the one it was created with, so that every peer judges the others' heartbeats alike.
+    What happens goes to stdout, one line each, unless `quiet`; `progress` adds which trial starts and bars over
+    its training and evaluation."""
     start = time.perf_counter()
     checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed,
                                heartbeat_s)
+    if checked.missing is not None:
+        raise checked.missing
     spec = checked.spec
-    say = (lambda *a: None) if quiet else print
+    say = (lambda *a: None) if quiet else say_line
     heartbeat_s = checked.heartbeat_s
     if checked.heartbeat_ignored:
         say(f"heartbeat: every {heartbeat_s}s, the study's own since it was created (every peer uses it)")
@@ -71,7 +76,7 @@ def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = N
         with Heartbeats(stores.storage, heartbeat_s) as heartbeats:
             loop = TrialLoop(spec, stores, smoke, say, heartbeats=heartbeats, retry_failed=retry_failed,
                              limit=trial_limit(spec, smoke, n_trials), skipped=checked.skipped,
-                             poll_s=min(MAX_POLL_S, heartbeat_s))
+                             poll_s=min(MAX_POLL_S, heartbeat_s), progress=progress and not quiet)
             _resume(checked, loop, smoke, say)
             seconds, others = _run_trials(loop, checked.devices, stores, start)
     return StudyOutcome(name=spec.name, experiment=spec.experiment(smoke), parent_run_id=stores.parent_id,
@@ -140,7 +145,7 @@ def _resume(checked: CheckedStudy, loop: TrialLoop, smoke: bool, say) -> None:
         say(f"resumed: {adopted} trial(s) whose run had finished adopted (not run again)")
     for row_id, reason in checked.skipped.items():
         say(f"skipped row {row_id}: {reason}")
-    todo = trials_left(spec, loop.study.get_trials(deepcopy=False), loop.limit)
+    loop.todo = todo = trials_left(spec, loop.study.get_trials(deepcopy=False), loop.limit)
     say(f"study {spec.name}{' (smoke)' if smoke else ''}: {todo} trial(s) to run; MLflow "
         f"{without_password(checked.tracking_uri)} experiment {spec.experiment(smoke)!r}, Optuna "
         f"{without_password(checked.storage_url)} study {loop.study.study_name!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from sfd.progress import terminal_bars
 from sfd.signals import stops_deferred
 
 from .jobs import run_job
@@ -23,8 +24,10 @@ def run_here(loop: TrialLoop) -> None:
                     return
                 continue
             t0 = time.perf_counter()
+            loop.announce(trial)
             try:
-                result = run_job(loop.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+                result = run_job(loop.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                                 progress=terminal_bars if loop.progress else None)
             except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
                 with stops_deferred():
                     loop.fail(trial, f"{type(exc).__name__}: {exc}", t0)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from sfd.config import ConfigError, set_value
+from sfd.config import ConfigError, set_value, shown
 from sfd.metrics import names
-from sfd.tracking import project_root
+from sfd.safe_yaml import YAMLInputError, read_yaml_file
+from sfd.tracking import MAX_NAME_LENGTH, name_problem, project_root
 
 STUDIES_DIR = project_root() / "studies"
 KINDS = ("ablation", "comparison", "search")
@@ -25,7 +25,10 @@ ROW_KEYS_REQUIRED = ("id", "params")
 OBJECTIVE_KEYS = ("metric", "metrics", "direction", "directions")
 SAMPLER_KEYS = ("type", "seed")
 DISTRIBUTION_KEYS = {"categorical": ("choices",), "float": ("low", "high", "log"), "int": ("low", "high", "log")}
-STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_SEEDS = 100  # replicates per row (`seeds:` / --seeds); each seed is a whole run of every row
+MAX_ROW_ID_LENGTH = 64  # a row id is a tag and part of its runs' names (<study>/<row id>)
+MAX_SAMPLER_SEED = 2**32 - 1  # Optuna's samplers seed numpy's RandomState, which takes 32 bits
+MAX_TRIALS = 10_000  # a search's n_trials (TPE's every ask reads every earlier trial)
 
 
 class StudyError(ValueError):
@@ -81,13 +84,13 @@ def _fail(where: str, message: str) -> StudyError:
 def load_spec(name_or_path: str) -> StudySpec:
     """Read and check a study YAML: a name in studies/ or a path (structure only; `configs.check_study` checks
     every run config)."""
-    path, data = _read(name_or_path)
+    path, data = read_study_file(name_or_path)
     where = path.stem
     _check_fields(where, data)
     name = data.get("name", path.stem)
-    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
-        raise _fail(where, f"name: got {name!r}; letters, digits, '_', '.' and '-' only (it names the MLflow "
-                    "experiment, the Optuna study and folders), starting with a letter or digit")
+    problem = name_problem(name)
+    if problem:
+        raise _fail(where, f"name: {problem}; it names the MLflow experiment and the Optuna study too")
     kind = data.get("kind")
     if kind not in KINDS:
         raise _fail(where, f"kind: got {kind!r}; allowed: {', '.join(KINDS)}")
@@ -110,21 +113,24 @@ def load_spec(name_or_path: str) -> StudySpec:
                      skip_rows=skip_rows, path=path, seeds=seeds)
 
 
-def _read(name_or_path: str) -> tuple[Path, dict]:
-    """The study file and its mapping, or a StudyError naming what is wrong with it."""
+def read_study_file(name_or_path: str) -> tuple[Path, dict]:
+    """The study file and its mapping as written, or a StudyError naming what is wrong with it (no study there, a
+    folder, not YAML, not a mapping). `load_spec` checks the fields; a report of recorded runs reads them as
+    written, since a study's file may no longer pass today's checks (a `--seeds` copy names its base by an
+    absolute path of the machine that ran it)."""
     path = study_path(name_or_path)
     if path.is_dir():
         raise StudyError(f"{name_or_path!r} is a folder; name a study (see --list) or a study YAML file")
-    if not path.is_file():
+    if not path.exists():
         names = [p.stem for p in available_studies()]
         close = difflib.get_close_matches(str(name_or_path), names, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known studies: {', '.join(names)}"
         raise StudyError(f"no study {name_or_path!r} ({path} does not exist); {hint}")
     where = path.stem
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise _fail(where, f"{path} is not valid YAML: {exc}") from None
+        data = read_yaml_file(path)
+    except YAMLInputError as exc:
+        raise _fail(where, f"{path}: {exc}") from None
     if data is None:
         raise _fail(where, f"{path} is empty; a study YAML needs name, kind, base, objective and rows or space")
     if not isinstance(data, dict):
@@ -146,6 +152,8 @@ def _base(where: str, data: dict) -> Path:
     """The run config the rows start from; a relative path is relative to the project root."""
     if "base" not in data:
         raise _fail(where, "base: missing; name an experiments/*.yaml file to start from")
+    if not isinstance(data["base"], str) or not data["base"].strip():
+        raise _fail(where, f"base: got {shown(data['base'])}; the path of an experiments/*.yaml file")
     base = Path(data["base"])
     base = base if base.is_absolute() else project_root() / base
     if not base.is_file():
@@ -176,8 +184,9 @@ def _sampler(where: str, data: dict) -> tuple[str, int]:
     if stype not in SAMPLERS:
         raise _fail(where, f"sampler.type: got {stype!r}; allowed: {', '.join(SAMPLERS)}")
     seed = sampler.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise _fail(where, f"sampler.seed: got {seed!r}; an integer (samplers are always seeded)")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SAMPLER_SEED:
+        raise _fail(where, f"sampler.seed: got {shown(seed)}; an integer in 0..2**32-1 (samplers are always seeded, "
+                    "through numpy)")
     return stype, seed
 
 
@@ -205,8 +214,8 @@ def _trials(where: str, data: dict, kind: str, stype: str) -> int:
     _check_space(where, space, stype)
     n_trials = data.get("n_trials") or (math.prod(len(s["choices"]) for s in space.values())
                                         if stype == "grid" else None)
-    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
-        raise _fail(where, f"n_trials: got {data.get('n_trials')!r}; a positive integer")
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or not 1 <= n_trials <= MAX_TRIALS:
+        raise _fail(where, f"n_trials: got {shown(data.get('n_trials'))}; an integer in 1..{MAX_TRIALS:,}")
     return n_trials
 
 
@@ -240,9 +249,11 @@ def _check_skip_rows(where: str, skip_rows, rows) -> None:
 def _check_seeds(where: str, seeds, table: bool) -> None:
     if not table:
         raise _fail(where, "seeds: replicates are for table studies (rows:); a search varies its own trials")
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
-        raise _fail(where, f"seeds: got {seeds!r}; a non-empty list of distinct integers >= 0, e.g. [0, 1, 2]")
+    ok = (isinstance(seeds, list) and 0 < len(seeds) <= MAX_SEEDS  # each seed a run's `seed`: [0, 2**63)
+          and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in seeds))
+    if not ok or len(set(seeds)) != len(seeds):
+        raise _fail(where, f"seeds: got {shown(seeds)}; 1 to {MAX_SEEDS} distinct integers in [0, 2**63), e.g. "
+                    "[0, 1, 2]")
 
 
 def with_seeds(spec: StudySpec, seeds: list[int]) -> tuple[StudySpec, str]:
@@ -251,7 +262,10 @@ def with_seeds(spec: StudySpec, seeds: list[int]) -> tuple[StudySpec, str]:
     plus `name` and `seeds`), which `run_study` saves beside the stores once every check has passed."""
     _check_seeds(spec.name, list(seeds), bool(spec.rows))
     name = f"{spec.name}-seeds-{'-'.join(str(x) for x in seeds)}"
-    data = yaml.safe_load(spec.path.read_text()) if spec.path else {}
+    if len(name) > MAX_NAME_LENGTH:
+        raise _fail(spec.name, f"--seeds: the replicated study's name would be {len(name)} characters "
+                    f"({shown(name, 40)}); at most {MAX_NAME_LENGTH}: give fewer or smaller seeds")
+    data = read_yaml_file(spec.path) if spec.path else {}  # read and checked by load_spec a moment ago
     data.update(name=name, seeds=list(seeds), base=str(spec.base))  # base made absolute: the copy lives elsewhere
     replicated = dataclasses.replace(spec, name=name, seeds=list(seeds),
                                      n_trials=len(spec.rows) * len(seeds), path=None)
@@ -266,8 +280,11 @@ def _check_rows(where: str, rows) -> None:
         if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS_REQUIRED):
             raise _fail(where, f"rows[{i}]: each row needs {' and '.join(ROW_KEYS_REQUIRED)}, got {row!r}")
         if not isinstance(row["id"], str) or not row["id"].strip():
-            raise _fail(where, f"rows[{i}]: id must be a non-empty string, got {row['id']!r} (quote it: "
+            raise _fail(where, f"rows[{i}]: id must be a non-empty string, got {shown(row['id'])} (quote it: "
                         f"id: '{row['id']}')")
+        if len(row["id"]) > MAX_ROW_ID_LENGTH:
+            raise _fail(where, f"rows[{i}]: id {shown(row['id'], 40)} has {len(row['id'])} characters; at most "
+                        f"{MAX_ROW_ID_LENGTH}")
         if row["id"] in seen:
             raise _fail(where, f"rows[{i}]: duplicate id {row['id']!r}")
         if not isinstance(row["params"], dict):
@@ -293,7 +310,11 @@ def _check_space(where: str, space, sampler: str) -> None:
         if kind == "categorical":
             if not isinstance(dist.get("choices"), list) or not dist["choices"]:
                 raise _fail(where, f"space.{key}: categorical needs a non-empty choices list, got "
-                            f"{dist.get('choices')!r}")
+                            f"{shown(dist.get('choices'))}")
+            odd = [c for c in dist["choices"] if c is not None and not isinstance(c, (bool, int, float, str))]
+            if odd:  # Optuna refuses them only when the first trial asks, after the study exists
+                raise _fail(where, f"space.{key}.choices: got {shown(odd[0])}; Optuna's choices are null, true/false, "
+                            "numbers or strings")
             continue
         _check_range(where, key, dist, kind, sampler)
 

@@ -2,8 +2,8 @@
 
 The study process (`sfd.study.devices`) keeps the Optuna study; each `DeviceWorker` is a spawned process that
 runs one `Job` at a time (`run_job`, logged to MLflow as the trial's child run) and reports back over a pipe: the
-run id as soon as the run exists, then the outcome. All Optuna writes stay in the study process; the workers
-write only their own MLflow runs.
+run id as soon as the run exists, its progress while it runs (when the study shows progress), then the outcome.
+All Optuna writes stay in the study process; the workers write only their own MLflow runs.
 
 Stopping: a worker ignores SIGINT (Ctrl-C reaches the whole process group) and is stopped by the study
 process with one SIGTERM, which unwinds its run the way `sfd.signals.run_script` does (the run ends KILLED). A
@@ -18,14 +18,21 @@ import re
 import signal
 import threading
 import time
+from functools import partial
+from typing import Iterable
 
 import torch
 
+from sfd.config import RunConfig
+from sfd.progress import SentBars
+from sfd.runner import resolve_device
 from sfd.signals import handle_stop_signals
+from sfd.threads import thread_count
 
 from .jobs import Job, run_job
 
 _DEVICE = re.compile(r"^(cpu|cuda:(\d+))$")
+AUTO, SERIAL = "auto", "serial"  # --devices words given alone: decide here (auto_devices); this process, in turn
 STOP_WAIT_S = 120.0  # how long a stopped worker may take to end its run before it is killed
 # Signals that end a process from outside (an operator, a scheduler's preemption, the kernel's OOM killer: SIGKILL);
 # any other signal (SIGSEGV, SIGABRT, SIGBUS, ...) is the process's own crash.
@@ -61,7 +68,8 @@ def resolve_devices(devices: list[str]) -> list[str]:
     bad = [d for d in devices if not _DEVICE.match(d)]
     if bad:
         raise DeviceError(f"--devices: got {', '.join(map(repr, bad))}; each entry is cpu or cuda:<index> "
-                          "(repeat an entry to run several trials on it at once), or give all alone")
+                          f"(repeat an entry to run several trials on it at once), or give all, {AUTO} or {SERIAL} "
+                          "alone")
     indices = [int(m.group(2)) for m in map(_DEVICE.match, devices) if m.group(2) is not None]
     if indices:
         count = _cuda_count()
@@ -72,26 +80,37 @@ def resolve_devices(devices: list[str]) -> list[str]:
     return list(devices)
 
 
+def auto_devices(table: bool, configs: Iterable[RunConfig], runs: int) -> list[str] | None:
+    """`--devices auto`: a table study whose rows all run on the CPU runs them side by side, one worker per core this
+    process may use (over the threads a run takes: one with `threads: auto`, sfd.threads), at most one per run
+    (`runs`); anything else runs one trial at a time in this process (None): a search, whose sampler learns from
+    each finished trial before it picks the next, and rows on a GPU, which keep the device their configs name."""
+    configs = list(configs)
+    if not table or not configs or any(resolve_device(c.device).type != "cpu" for c in configs):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    count = min(cores // max(thread_count(c.threads, torch.device("cpu")) for c in configs), runs)
+    return ["cpu"] * count if count > 1 else None
+
+
 def _visible_note() -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
 
 
-def worker_environment(device: str, cpu_workers: int) -> tuple[str, dict[str, str]]:
+def worker_environment(device: str) -> tuple[str, dict[str, str]]:
     """(the config's `device` in the worker, environment it starts with).
 
     A GPU worker sees only its card (CUDA_VISIBLE_DEVICES, mapped through the study process's own), so every
-    library in it uses that card as `cuda`. CPU workers share the cores (OMP_NUM_THREADS) unless the user set it."""
+    library in it uses that card as `cuda`. A CPU worker's threads are its runs' `threads` setting (one each with
+    `auto`, sfd.threads), so workers side by side share the cores without waiting on each other."""
     match = _DEVICE.match(device)
-    if match.group(2) is not None:
-        index = int(match.group(2))
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        physical = visible.split(",")[index].strip() if visible else str(index)
-        return "cuda", {"CUDA_VISIBLE_DEVICES": physical}
-    env = {}
-    if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
-    return "cpu", env
+    if match.group(2) is None:
+        return "cpu", {}
+    index = int(match.group(2))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",")[index].strip() if visible else str(index)
+    return "cuda", {"CUDA_VISIBLE_DEVICES": physical}
 
 
 def _stop_when_orphaned(parent: int, every_s: float = 1.0) -> None:
@@ -125,7 +144,8 @@ def _serve(conn) -> None:
             if job is None:
                 return
             try:
-                result = run_job(job, on_start=lambda run_id: _send(conn, ("started", run_id)))
+                result = run_job(job, on_start=lambda run_id: _send(conn, ("started", run_id)),
+                                 progress=SentBars(partial(_send, conn)) if job.progress else None)
             except Exception as exc:  # noqa: BLE001 - reported to the study process, which fails the trial
                 _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
             else:
@@ -144,7 +164,7 @@ def _serve(conn) -> None:
 @contextlib.contextmanager
 def _environment(env: dict[str, str]):
     """`env` in this process's environment for the block, then as it was. A process spawned inside the block
-    starts with it, so its CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS are in place before it imports anything
+    starts with it, so its CUDA_VISIBLE_DEVICES is in place before it imports anything
     (spawn re-imports the study script, and with it torch, before the worker's own code runs)."""
     before = {key: os.environ[key] for key in env if key in os.environ}
     os.environ.update(env)
@@ -159,9 +179,9 @@ def _environment(env: dict[str, str]):
 class DeviceWorker:
     """One spawned process serving one device; started on first use and again after it dies."""
 
-    def __init__(self, device: str, cpu_workers: int = 1):
+    def __init__(self, device: str):
         self.device = device
-        self.config_device, self.env = worker_environment(device, cpu_workers)
+        self.config_device, self.env = worker_environment(device)
         self.process = None
         self.conn = None
 

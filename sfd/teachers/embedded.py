@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from sfd.assets import shipped_weights
 from sfd.metrics.digits import class_accuracy, digits_split, fd_digits, load_digits_data, pixel_fd
 from sfd.networks.edm import EDMPrecond
 from sfd.sampling import GridSpec, generate
@@ -252,30 +253,26 @@ def save_teacher(net: EDMPrecond, cfg: DigitsTeacherConfig, info: dict, out: str
     return js
 
 
-def _paths(name: str, weights_dir: str | Path | None) -> tuple[Path, Path]:
+def _weights(name: str, weights_dir: str | Path | None) -> Path:
     if name not in VARIANTS:
         raise ValueError(f"unknown embedded teacher {name!r}; choose one of {sorted(VARIANTS)}")
-    wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    st, js = wdir / f"{name}.safetensors", wdir / f"{name}.json"
-    for p in (st, js):
-        if not p.is_file():
-            raise FileNotFoundError(f"embedded teacher file missing: {p}; create it with "
-                                    f"`python -m sfd.teachers.train digits --variant both`")
-    return st, js
+    return (Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR) / f"{name}.safetensors"
 
 
 def embedded_teacher_info(name: str = "digits", weights_dir: str | Path | None = None) -> dict:
-    """The json recorded next to a teacher's weights (kwargs, training config, quality)."""
-    return json.loads(_paths(name, weights_dir)[1].read_text())
+    """The json recorded next to a teacher's weights (kwargs, training config, quality), once the weights are
+    checked against the SHA-256 it records (an AssetError naming the file otherwise)."""
+    st = _weights(name, weights_dir)
+    return shipped_weights(st, st.with_suffix(".json"), "restore it (git checkout, or reinstall sfd) or retrain "
+                           "with `python -m sfd.teachers.train digits --variant both`")
 
 
 def load_embedded_teacher(name: str = "digits", device: str | torch.device = "cpu",
                           weights_dir: str | Path | None = None) -> EDMPrecond:
     """A shipped digits teacher: EDMPrecond in eval mode, gradients off, `.init_kwargs` set. Offline; the
     file is plain tensors, so loading executes nothing."""
-    st, js = _paths(name, weights_dir)
-    kwargs = json.loads(js.read_text())["network_kwargs"]
+    kwargs = embedded_teacher_info(name, weights_dir)["network_kwargs"]
     net = EDMPrecond(**kwargs)
-    net.load_state_dict(load_file(str(st)))
+    net.load_state_dict(load_file(str(_weights(name, weights_dir))))
     net.init_kwargs = dict(kwargs)
     return net.to(device).eval().requires_grad_(False)

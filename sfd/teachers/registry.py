@@ -19,12 +19,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from sfd.assets import require
+from sfd.assets import AssetError, require
 from sfd.metrics.digits import load_digits_data
-from sfd.networks.edm import EDM_CONFIGS, STEP_KEY_PREFIX, EDMPrecond, architecture_mismatch
+from sfd.networks.edm import EDM_CONFIGS, EDMPrecond, architecture_mismatch, is_step_key
 from sfd.networks.mlp import MLPDenoiser
 from sfd.teachers.edm_pickle import EDMPickleError, check_edm_pickle_header, load_edm_pickle
-from sfd.teachers.embedded import load_embedded_teacher
+from sfd.teachers.embedded import embedded_teacher_info, load_embedded_teacher
 from sfd.teachers.gmm import GaussianMixture
 
 
@@ -109,11 +109,11 @@ class Teacher:
     student_fn: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)  # non-copy students
     description: str = ""
 
-    def make_student(self, step_condition: bool = False) -> torch.nn.Module:
+    def make_student(self, step_condition: bool = False, step_init: str = "random") -> torch.nn.Module:
         """A trainable copy of the teacher (train mode). With `step_condition`, an SFD-v student: the same
-        network plus new step layers, every other weight loaded from the teacher."""
+        network plus the step layers (initialised as `step_init` says), every other weight from the teacher."""
         if step_condition:
-            return make_step_conditioned(self.net, self.init_kwargs)
+            return make_step_conditioned(self.net, self.init_kwargs, step_init)
         if self.student_fn is not None:
             return self.student_fn().requires_grad_(True).train()
         student = copy.deepcopy(self.net)
@@ -126,12 +126,13 @@ class Teacher:
         return self.data_fn(batch_size, seed)
 
 
-def make_step_conditioned(net: torch.nn.Module, init_kwargs: dict | None) -> torch.nn.Module:
+def make_step_conditioned(net: torch.nn.Module, init_kwargs: dict | None, step_init: str = "random") -> torch.nn.Module:
     if init_kwargs is None:
         raise ValueError("SFD-v needs an EDM network whose init kwargs are known")
-    student = EDMPrecond(**{**init_kwargs, "step_condition": True}).to(next(net.parameters()).device)
+    kwargs = {**init_kwargs, "step_condition": True, "step_init": step_init}
+    student = EDMPrecond(**kwargs).to(next(net.parameters()).device)
     result = student.load_state_dict(net.state_dict(), strict=False)
-    unexpected_new = [k for k in result.missing_keys if not k.startswith(STEP_KEY_PREFIX)]
+    unexpected_new = [k for k in result.missing_keys if not is_step_key(k)]
     if result.unexpected_keys or unexpected_new:
         raise RuntimeError(f"teacher weights do not fit the SFD-v student: missing {unexpected_new}, "
                            f"unexpected {result.unexpected_keys}")
@@ -207,9 +208,9 @@ def _edm_teacher(spec: TeacherSpec, path, device, smoke: bool) -> Teacher:
         net = EDMPrecond(**kwargs)
     else:
         file = require(arch, path=path)
-        net = load_edm_pickle(file)
-        kwargs = getattr(net, "init_kwargs", None) or kwargs
-        _check_architecture(spec.name, arch, kwargs, file)
+        # the architecture is checked on the recorded kwargs, before any network is built
+        net = load_edm_pickle(file, check_kwargs=lambda recorded: _check_architecture(spec.name, arch, recorded, file))
+        kwargs = net.init_kwargs
     net = net.to(device).eval().requires_grad_(False)
     shape = (kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
 
@@ -237,10 +238,26 @@ def _check_architecture(name: str, arch: str, kwargs: dict, file) -> None:
                              f"give teacher.path the {arch}.pkl checkpoint, or the teacher name that matches it")
 
 
+def teacher_architecture(name: str) -> dict | None:
+    """A teacher network's EDMPrecond init kwargs, known without loading its weights (None: analytic)."""
+    spec = teacher_spec(name)
+    if spec.source == "checkpoint":
+        return dict(EDM_CONFIGS[spec.checkpoint])
+    if spec.source == "embedded":
+        return dict(embedded_teacher_info(name)["network_kwargs"])
+    return None
+
+
 def check_teacher_assets(name: str, path=None, needs_data: bool = False) -> None:
     """Raise MissingAssetError (asset, paths searched, fetch command) or TeacherError (a file that is not this
-    teacher's checkpoint) before any run is created."""
+    teacher's checkpoint, or embedded weights that are not the ones shipped) before any run is created."""
     spec = teacher_spec(name)
+    if spec.source == "embedded":
+        try:
+            embedded_teacher_info(name)  # checks the weights against the SHA-256 recorded beside them
+        except AssetError as exc:
+            raise TeacherError(f"teacher {name}: {exc}") from None
+        return
     if spec.source != "checkpoint":
         return
     try:  # a few header bytes: a wrong file fails here, not with an UnpicklingError once the run exists

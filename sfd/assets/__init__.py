@@ -8,20 +8,21 @@ is a ``MissingAssetError`` that says what was searched and how to get the file.
     python -m sfd.assets list
     python -m sfd.assets path edm-cifar10-32x32-uncond-vp
     python -m sfd.assets fetch edm-cifar10-32x32-uncond-vp [--url URL] [--dest DIR]
+
+The command line is `sfd.assets.cli` (it reads the teachers and studies to say what needs each asset).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
+import json
 import os
-import sys
 import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch.hub
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "Asset", "AssetError", "UnknownAssetError", "MissingAssetError", "AssetDownloadError", "AssetChecksumError",
     "ASSETS", "FID_REFS", "register", "unregister", "get", "sfd_home", "torch_hub_checkpoints", "asset_path", "require",
-    "fetch", "verify", "main",
+    "fetch", "verify", "shipped_weights",
 ]
 
 EDM_PRETRAINED = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -249,6 +250,26 @@ def _verified(asset: Asset, path: Path) -> Path:
     return path
 
 
+def shipped_weights(weights: Path, record: Path, remedy: str) -> dict:
+    """The JSON `record` written beside a weights file the package ships (the embedded digits teachers, the digits
+    classifier), once `weights` is there and its SHA-256 is the one the record gives; else a MissingAssetError or
+    AssetChecksumError (one line naming the file, then `remedy`). Checked before a run exists, and again by the
+    loader: a truncated copy failed inside the run, or after training. Hashing the 0.7 MB file takes ~1 ms."""
+    for path in (weights, record):
+        if not path.is_file():
+            raise MissingAssetError(f"{path} is missing; {remedy}")
+    try:
+        info = json.loads(record.read_text())
+        expected = info["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, not a mapping, no checksum
+        raise AssetChecksumError(f"{record} is not the record of {weights.name} ({type(exc).__name__}); "
+                                 f"{remedy}") from None
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != expected:
+        raise AssetChecksumError(f"{weights} is not the file {record.name} records (its SHA-256 differs: a truncated "
+                                 f"or modified copy); {remedy}")
+    return info
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Download.
 
@@ -356,63 +377,3 @@ def fetch(name: str, dest_dir: str | os.PathLike | None = None, url: str | None 
                                  "deleted") from None
     os.replace(part, final)
     return final
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI.
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "?"
-
-
-def _cmd_list() -> None:
-    width = max(len(n) for n in ASSETS)
-    for name in sorted(ASSETS):
-        asset, path = ASSETS[name], asset_path(name)
-        where = str(path) if path else "missing"
-        print(f"{name:<{width}}  {_size(asset.size):>10}  {where}\n{'':<{width}}  {asset.description}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sfd.assets", description="Named SFD assets.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list assets and whether they are present")
-    p_path = sub.add_parser("path", help="print an asset's local path")
-    p_path.add_argument("name")
-    p_fetch = sub.add_parser("fetch", help="download an asset")
-    p_fetch.add_argument("name")
-    p_fetch.add_argument("--url", help="download from this URL instead (a mirror)")
-    p_fetch.add_argument("--dest", help="folder to put the file in")
-    p_fetch.add_argument("--no-progress", action="store_true")
-    p_fetch.add_argument("--force", action="store_true", help="download again even if the file is there")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse has printed its usage message
-        return int(e.code or 0)
-    try:
-        if args.command == "list":
-            _cmd_list()
-        elif args.command == "path":
-            print(require(args.name))
-        else:
-            print(fetch(args.name, dest_dir=args.dest, url=args.url, progress=not args.no_progress,
-                        force=args.force))
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # e.g. `list | head`
-        return 0
-    except KeyboardInterrupt:
-        print("error: interrupted; run the fetch again to resume", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
