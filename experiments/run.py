@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     from sfd.distributed import launched_rank, launched_world_size
     from sfd.runner import OutcomeFile, check_ddp, check_teacher_checkpoint, prepare, resolve_device, run_experiment
     from sfd.progress import terminal_bars, wanted
-    from sfd.tracking import TAG_OVERRIDES, Tracker, default_tracking_uri, name_problem, tracking_uri_problem
+    from sfd.tracking import (TAG_OVERRIDES, Tracker, default_tracking_uri, fail_orphaned_runs, name_problem,
+                              tracking_uri_problem)
 
     outcome = OutcomeFile(args.result_file)
     try:
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
             if args.experiment is not None and name_problem(args.experiment):  # it names the artifacts' folder
                 raise ConfigError(f"--experiment: {name_problem(args.experiment)}")
             uri = args.tracking_uri or default_tracking_uri()
-            problem = tracking_uri_problem(uri)
+            problem = tracking_uri_problem(uri, connect=True)
             if problem:  # before the config and its teacher are read, not when the run starts
                 raise ConfigError(f"MLflow tracking URI {uri!r} (--tracking-uri): {problem}")
             tags = parse_tags(args.tag)
@@ -122,8 +123,14 @@ def main(argv=None) -> int:
                 check_ddp(cfg, resolve_device(cfg.device), launched=False)
                 relaunch_under_torchrun(cfg.ddp, argv)
             experiment = args.experiment or ("experiments-smoke" if args.smoke or cfg.smoke else "experiments")
+
+            def started(run_id: str) -> None:  # the store exists now (the run's checks passed): tidy it up
+                outcome.started(run_id)
+                for orphan in fail_orphaned_runs(tracker.client):  # e.g. an earlier run of this script, kill -9
+                    print(f"note: run {orphan} was left RUNNING by a process of this host that is gone; marked FAILED")
+
             tracker = Tracker(experiment, tracking_uri=args.tracking_uri, parent_run_id=args.parent_run_id, tags=tags,
-                              objective=args.objective, on_start=outcome.started)
+                              objective=args.objective, on_start=started)
             bars = terminal_bars if args.progress or wanted(args.quiet) else None
             result = run_experiment(cfg, tracker=tracker, smoke=args.smoke, progress=bars,
                                     save_student=True if args.save_student else None)

@@ -28,6 +28,7 @@ from reports.paper import load_paper_numbers, teacher_dataset
 from reports.rows import row_lines, skipped_rows, trial_lines
 from sfd import tracking as T
 from sfd.metrics.names import METRICS, QUALITY_KEYS
+from sfd.storelock import store_identity
 from sfd.study import StudyError, available_studies, read_study_file, row_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +199,17 @@ def _flatten_run(run) -> dict:
             "tags": dict(d.tags), "params": dict(d.params), "metrics": dict(d.metrics)}
 
 
-def _parent_run(client, exp, study_name: str, notes: list[str]) -> dict:
+def _parent_run(client, exp, study_name: str, notes: list[str], storage: str | None = None) -> dict:
+    """The study's parent run; with `storage`, the one of the study in that Optuna storage (one study name in two
+    storages has a parent run each, told apart by their `optuna.storage` tag)."""
     parents = [_flatten_run(r) for r in T.find_runs(client, exp.experiment_id,
                                                    {T.TAG_ROLE: "study", T.TAG_STUDY: study_name})]
     if not parents:
         raise ReportError(f"experiment {exp.name!r} at {client.tracking_uri} has no parent run tagged "
                           f"{T.TAG_ROLE}=study, {T.TAG_STUDY}={study_name}")
+    if len(parents) > 1 and storage:
+        mine = [p for p in parents if p["tags"].get(T.TAG_OPTUNA_STORAGE) == store_identity(storage)]
+        parents = mine or parents
     if len(parents) > 1:
         notes.append(f"{len(parents)} parent runs found for this study; using the latest ({parents[-1]['run_id']}).")
     return parents[-1]
@@ -330,7 +336,7 @@ def load_study_data(study_name: str, *, storage: str | None = None, tracking_uri
     tracking_uri = tracking_uri or T.default_tracking_uri()
     client, exp = _client(study_name, tracking_uri, smoke)
     notes: list[str] = []
-    parent = _parent_run(client, exp, study_name, notes)
+    parent = _parent_run(client, exp, study_name, notes, storage)
     scratch = None if artifact_dir else tempfile.TemporaryDirectory(prefix="sfd-report-")
     artifact_dir = artifact_dir or scratch.name
     if not spec_dict and spec is None:

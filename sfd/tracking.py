@@ -7,7 +7,8 @@ The distillation core never imports this module: `RunLogger.iteration_callback` 
 `MlflowClient.log_batch` call every `every` iterations, not one store round trip per value.
 
 Default store: ``sqlite:///<project>/runs/mlflow.db`` with artifacts under ``<project>/runs/artifacts``;
-``MLFLOW_TRACKING_URI`` overrides it (and ``SFD_RUNS_DIR`` moves the default folder).
+``MLFLOW_TRACKING_URI`` overrides it (and ``SFD_RUNS_DIR`` moves the default folder). An MLflow server
+(``http://host:port``) keeps artifacts itself; a database store without one needs ``SFD_ARTIFACT_ROOT``.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import logging
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -28,14 +31,18 @@ from typing import Any, Callable, Iterable, Mapping
 # MLflow reads MLFLOW_DISABLE_TELEMETRY when it is imported: set the defaults before importing it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs / CI output
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" lines per run on a server
 
+import psutil  # noqa: E402
 import sqlalchemy  # noqa: E402
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # noqa: E402
 
 from sfd.signals import stops_deferred  # noqa: E402
+from sfd.storelock import backend, sqlite_path, store_lock, without_password  # noqa: E402
 
 # Tag names (the contract with reports/).
 TAG_ROLE = "sfd.role"  # study | trial | run
@@ -59,6 +66,11 @@ SAVED_STUDENT_TAGS = {"second_stage.first_stage": (TAG_FIRST_STAGE, TAG_FIRST_ST
                       "evaluate.student": (TAG_EVALUATED_STUDENT, TAG_EVALUATED_ROW)}
 TAG_WORKER_DEVICE = "sfd.worker_device"
 TAG_REPORT = "sfd.report"  # on a study's parent run: where its report artifact is
+# Which process runs a run (not on a study's parent run, which peers share): a run still RUNNING whose process is
+# gone is marked FAILED by the next start on that host (`fail_orphaned_runs`).
+TAG_HOST = "sfd.host"
+TAG_PID = "sfd.pid"
+TAG_PID_START = "sfd.pid_start"  # the process's start time (epoch seconds), so a reused pid is not taken for it
 # On a study's parent run: what the study optimises and how it was set up.
 TAG_OBJECTIVE = "sfd.objective"
 TAG_DIRECTIONS = "sfd.directions"
@@ -87,6 +99,9 @@ MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 MAX_BATCH_PARAMS = 100
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 5000
+ARTIFACT_ROOT_ENV = "SFD_ARTIFACT_ROOT"  # where a database store without a server keeps artifacts
+SERVER_SCHEMES = ("http://", "https://")
+SERVER_WAIT_S = 10.0  # how long a pre-flight check waits for an MLflow server or a database server to answer
 
 
 # ----- where things live ----------------------------------------------------------------------------------
@@ -114,10 +129,9 @@ def default_optuna_storage() -> str:
     return _sqlite_uri(runs_dir() / "optuna.db")
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The file behind a ``sqlite:///`` URI, else None."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+def is_server(uri: str) -> bool:
+    """An MLflow tracking server (it keeps the runs' artifacts itself when started with --artifacts-destination)."""
+    return uri.startswith(SERVER_SCHEMES)
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
@@ -151,30 +165,60 @@ def local_store_problem(path: Path, kind: str) -> str | None:
     return None
 
 
-def database_url_problem(url: str) -> str | None:
+def database_url_problem(url: str, connect: bool = False) -> str | None:
     """Why SQLAlchemy cannot use a database URL (unparsable, unknown dialect, driver not installed, a sqlite file
-    that is not a database), else None. Connects to nothing and creates no file."""
+    that is not a database; with `connect` a database server that does not answer), else None. Creates no file:
+    a sqlite file is never opened here beyond its first 16 bytes."""
     try:
-        sqlalchemy.create_engine(url).dispose()
+        connect_args = {"connect_timeout": int(SERVER_WAIT_S)} if backend(url) == "postgresql" else {}
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
     except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError: all mean unusable
         return " ".join(f"{type(exc).__name__}: {exc}".split())
+    try:
+        if connect and backend(url) != "sqlite":
+            with engine.connect():
+                pass
+    except Exception as exc:  # noqa: BLE001 - OperationalError and the like: one line says why
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"cannot connect to {without_password(url)}: {first}"
+    finally:
+        engine.dispose()
     path = sqlite_path(url)
     if path is not None and str(path).split("?", 1)[0] not in ("", ":memory:"):
         return local_store_problem(Path(str(path).split("?", 1)[0]), "sqlite")
     return None
 
 
-def tracking_uri_problem(uri: str) -> str | None:
+def server_problem(uri: str) -> str | None:
+    """Why no MLflow server answers at `uri` (its /health endpoint), else None."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_WAIT_S) as reply:
+            if reply.status == 200:
+                return None
+            return f"no MLflow server answers at {uri} (GET /health: HTTP {reply.status})"
+    except (OSError, ValueError) as exc:  # URLError, refused, timed out, a malformed address
+        return (f"no MLflow server answers at {uri} ({getattr(exc, 'reason', exc)}); start it first (README: Many "
+                "machines)")
+
+
+def tracking_uri_problem(uri: str, connect: bool = False) -> str | None:
     """Why MLflow cannot use a tracking URI (an unknown scheme, a database driver not installed, a local store
-    that cannot be one), else None. Creates nothing."""
+    that cannot be one, a database store without a server and no shared artifact root; with `connect` a server or
+    database that does not answer), else None. Creates nothing."""
     try:
         _tracking_store_registry.get_store_builder(uri)
     except Exception as exc:  # noqa: BLE001 - MLflow's error names the schemes it supports
         supported = re.search(r"Supported URI schemes are: (\[[^]]*\])", str(exc))
         return "MLflow has no store for this scheme" + (f"; it supports {supported.group(1)}" if supported else
                                                         f" ({type(exc).__name__})")
-    if "://" in uri and uri.split("://")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
-        return database_url_problem(uri)
+    if is_server(uri):
+        return server_problem(uri) if connect else None
+    if backend(uri) not in (None, "sqlite") and not os.environ.get(ARTIFACT_ROOT_ENV):
+        return (f"a {backend(uri)} store without an MLflow server keeps artifacts (each run's student) where "
+                f"{ARTIFACT_ROOT_ENV} says: set it to a folder or URI every machine sees, or run `mlflow server "
+                "--artifacts-destination DIR` and pass its http:// address")
+    if backend(uri) is not None:
+        return database_url_problem(uri, connect)
     if uri.startswith("file:") or "://" not in uri:  # MLflow's file store: a folder
         return local_store_problem(Path(uri.removeprefix("file://").removeprefix("file:")), "folder")
     return None
@@ -202,21 +246,31 @@ def ensure_sqlite_parent(uri: str) -> None:
     """Create the folder of a sqlite URI's file (sqlite creates the file, not its folder)."""
     path = sqlite_path(uri)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Artifacts of a local (sqlite / file) store go next to it: ``<store folder>/artifacts/<experiment>``.
-    Remote servers choose their own (None). An experiment name that would lead anywhere else (`../x`) is a
-    ValueError: whatever the name, nothing is written outside the store's folder."""
+    """Where a new experiment's artifacts go. An MLflow server chooses (None: with --artifacts-destination they go
+    through it, as mlflow-artifacts:/ URIs any machine can read); else ``$SFD_ARTIFACT_ROOT/<experiment>`` when
+    set; else beside a local store: ``<store folder>/artifacts/<experiment>``. The experiment keeps the location
+    its first run gave it. An experiment name that would lead anywhere else (`../x`) is a ValueError: whatever
+    the name, nothing is written outside that folder."""
+    if is_server(tracking_uri):
+        return None
+    root = os.environ.get(ARTIFACT_ROOT_ENV)
     path = sqlite_path(tracking_uri)
-    if path is not None:
-        base = path.parent
+    if root and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", root):  # a URI (s3://, gs://, file://)
+        if experiment in (".", "..") or "/" in experiment:
+            raise ValueError(f"experiment name {experiment!r} would put its artifacts outside {root}")
+        return f"{root.rstrip('/')}/{experiment}"
+    if root:
+        home = Path(root).expanduser().resolve()
+    elif path is not None:
+        home = (path.expanduser().parent / "artifacts").resolve()
     elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        base = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+        home = (Path(tracking_uri.removeprefix("file://").removeprefix("file:")).expanduser() / "artifacts").resolve()
     else:
         return None
-    home = (base / "artifacts").resolve()
     location = (home / experiment).resolve()
     if location.parent != home:
         raise ValueError(f"experiment name {experiment!r} would put its artifacts at {location}, outside {home}")
@@ -249,19 +303,34 @@ class _StopSafeClient:
         return call
 
 
+@functools.lru_cache(maxsize=None)
+def _open_store(uri: str) -> None:
+    """Create (or migrate) the store at `uri` once per process, one process at a time (`storelock.store_lock`):
+    MLflow runs its schema migrations when a client first opens a new database, and two processes doing so at
+    once crash ("table ... already exists") or leave it half-migrated."""
+    with store_lock(uri, "mlflow-schema"):
+        MlflowClient(tracking_uri=uri)
+
+
 def get_client(tracking_uri: str | None = None):
     _quiet_migrations()
     uri = tracking_uri or default_tracking_uri()
     ensure_sqlite_parent(uri)
+    _open_store(uri)
     return _StopSafeClient(MlflowClient(tracking_uri=uri))
 
 
 def get_or_create_experiment(client, name: str) -> str:
-    """The experiment's id, creating it (with artifacts next to a local store) when absent; a deleted
-    experiment of that name is restored."""
+    """The experiment's id, creating it (with artifacts where `artifact_location` says) when absent, also when
+    another process creates it at the same moment; a deleted experiment of that name is restored."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+        except MlflowException:  # created meanwhile by another process (the name is unique)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
     return exp.experiment_id
@@ -302,6 +371,25 @@ def device_description(device) -> str:
 
 def provenance_tags() -> dict[str, str]:
     return {**git_info(), **package_versions()}
+
+
+def process_tags() -> dict[str, str]:
+    """This process: host, pid and start time (a run left RUNNING by a process that is gone is found by them)."""
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+            TAG_PID_START: f"{psutil.Process().create_time():.2f}"}
+
+
+def process_gone(pid: int, started: float | None) -> bool:
+    """Whether the process `pid` (started at `started`, epoch seconds, if known) no longer runs on this host."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        return started is not None and abs(process.create_time() - started) > 1.0  # the pid was reused
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # not ours to inspect: it exists
+        return False
 
 
 # ----- runs ----------------------------------------------------------------------------------------------
@@ -469,7 +557,7 @@ class RunLogger:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED", error=reason)
         except Exception as end_exc:  # noqa: BLE001 - the original error is the one to propagate
             print(f"note: could not end MLflow run {self.run_id} ({type(end_exc).__name__}: {end_exc}); it stays "
-                  "RUNNING until a study's next start marks it failed", file=sys.stderr)
+                  "RUNNING until the next start on this host marks it failed", file=sys.stderr)
         return False
 
 
@@ -500,8 +588,8 @@ class Tracker:
     def start_run(self, run_name: str, *, tags: Mapping[str, Any] | None = None, every: int = 50) -> RunLogger:
         client = self.client
         exp_id = get_or_create_experiment(client, self.experiment)
-        all_tags = {TAG_ROLE: "trial" if self.parent_run_id else "run", **provenance_tags(), **self.tags,
-                    **{k: str(v) for k, v in (tags or {}).items()}}
+        all_tags = {TAG_ROLE: "trial" if self.parent_run_id else "run", **provenance_tags(), **process_tags(),
+                    **self.tags, **{k: str(v) for k, v in (tags or {}).items()}}
         if self.parent_run_id:
             all_tags[TAG_PARENT] = self.parent_run_id
         run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -554,37 +642,55 @@ class SilentTracker:
 
 # ----- study (parent) runs -------------------------------------------------------------------------------
 
-def study_parent_run(client, experiment: str, study: str, tags: Mapping[str, str]) -> str:
-    """The study's one parent run (found by tags `sfd.role=study`, `sfd.study`), created on first use and set
-    RUNNING again when a study resumes."""
+def study_parent_run(client, experiment: str, study: str, tags: Mapping[str, str], run_id: str | None = None) -> str:
+    """The study's one parent run: `run_id` (the one its Optuna study recorded) when that is this study's parent
+    run in this experiment, set RUNNING again with `tags`; else a new one. Never found by name: two studies of one
+    name in two Optuna storages share an MLflow store without sharing a parent."""
     exp_id = get_or_create_experiment(client, experiment)
-    found = find_runs(client, exp_id, {TAG_ROLE: "study", TAG_STUDY: study})
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        for key, value in tags.items():
-            client.set_tag(run_id, key, str(value))
-        return run_id
+    if run_id is not None:
+        try:
+            known = client.get_run(run_id)
+        except MlflowException:  # not in this store (the study was run against another tracking URI)
+            known = None
+        if known is not None and known.info.experiment_id == exp_id and known.data.tags.get(TAG_STUDY) == study:
+            client.update_run(run_id, status="RUNNING")
+            for key, value in tags.items():
+                client.set_tag(run_id, key, str(value))
+            return run_id
     run = client.create_run(exp_id, run_name=study,
                             tags={TAG_ROLE: "study", TAG_STUDY: study, **provenance_tags(), **tags})
     return run.info.run_id
 
 
-def fail_stale_children(client, parent_run_id: str, experiment: str, keep: Iterable[str] = ()) -> list[str]:
-    """Child runs of a parent still RUNNING (their process died): end them FAILED. Returns their ids."""
-    exp_id = get_or_create_experiment(client, experiment)
-    keep = set(keep)
-    stale = []
-    for run in find_runs(client, exp_id, {TAG_PARENT: parent_run_id}, status="RUNNING"):
-        if run.info.run_id not in keep:
-            mark_failed(client, run.info.run_id, "interrupted: the study process stopped during this trial")
-            stale.append(run.info.run_id)
-    return stale
+def trial_runs(client, experiment_id: str, parent_run_id: str, trial_number: int) -> list:
+    """A study trial's runs, oldest first, found by the tags every trial's run is created with (its parent and its
+    trial number), so a run is found even when its process died before the trial recorded its id."""
+    return find_runs(client, experiment_id, {TAG_PARENT: parent_run_id, TAG_TRIAL: str(trial_number)})
+
+
+def fail_orphaned_runs(client) -> list[str]:
+    """Runs still RUNNING that a process on this host started and that process is gone (SIGKILL, a crash, a
+    reboot): end them FAILED saying so. A study's parent run (shared by peers) carries no process and is left
+    alone. Returns their ids."""
+    host = socket.gethostname()
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    failed = []
+    for chunk in _chunks(ids, 100):
+        runs = client.search_runs(chunk, filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = "
+                                  f"{_quoted(host)}", max_results=1000)
+        for run in runs:
+            pid, started = run.data.tags.get(TAG_PID), run.data.tags.get(TAG_PID_START)
+            if pid and process_gone(int(pid), float(started) if started else None):
+                mark_failed(client, run.info.run_id, f"interrupted: its process is gone (pid {pid} on {host} "
+                            "ended without ending the run: killed, or the machine stopped)")
+                failed.append(run.info.run_id)
+    return failed
 
 
 __all__ = [
     "RunLogger", "Tracker", "SilentRunLogger", "SilentTracker", "default_tracking_uri", "default_optuna_storage", "runs_dir", "project_root",
     "get_client", "get_or_create_experiment", "git_info", "package_versions", "device_description",
-    "find_runs", "mark_failed", "study_parent_run", "fail_stale_children", "tracking_uri_problem",
-    "database_url_problem", "local_store_problem", "run_url", "name_problem",
+    "find_runs", "mark_failed", "study_parent_run", "trial_runs", "fail_orphaned_runs", "tracking_uri_problem",
+    "database_url_problem", "is_server", "artifact_location", "process_tags", "local_store_problem", "run_url",
+    "name_problem",
 ]

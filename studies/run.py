@@ -1,24 +1,28 @@
 #!/usr/bin/env python
 """Run a study: an Optuna study whose every trial is one tracked SFD run (MLflow child of the study's run).
 
-    python studies/run.py <study> [--smoke] [--seeds 0 1 2] [--storage URL] [--n-trials N] [--no-report]
-                          [--retry-failed] [--devices auto|serial|all|cuda:0 cuda:1 ...] [--dry-run] [--quiet]
+    python studies/run.py <study> [--smoke] [--seeds 0 1 2] [--storage URL] [--tracking-uri URI] [--n-trials N]
+                          [--no-report] [--retry-failed] [--devices auto|serial|all|cuda:0 cuda:1 ...]
+                          [--heartbeat S] [--dry-run] [--quiet]
     python studies/run.py --list
 
 `<study>` is a name in studies/ (e.g. ablation_digits) or a path to a study YAML. Table studies (`rows:`)
 enqueue one trial per row, in the paper's order (one per row and seed when the study lists `seeds:`, so
 the report can say mean ± sd; `--seeds` does that for any table study, as a study of its own named
 `<study>-seeds-0-1-2`); search studies (`space:`) let a seeded sampler pick.
-Re-running the same command resumes: finished trials are kept, trials left RUNNING by a dead process are
-marked FAILED (their MLflow runs too) and, like trials stopped by Ctrl-C or SIGTERM (their runs end KILLED),
-their rows / parameters are tried again; failed trials stay failed unless `--retry-failed`. Everything that
-can be wrong in the study or its rows (a typo, a bad value, a missing checkpoint or data set) is reported
-before any MLflow experiment or Optuna study is created.
+Re-running the same command resumes: finished trials are kept, a trial whose process died has its finished
+run adopted or else its MLflow run marked FAILED and, like trials stopped by Ctrl-C or SIGTERM (their runs end
+KILLED), its row / parameters tried again; failed trials stay failed unless `--retry-failed`. Everything that
+can be wrong in the study or its rows (a typo, a bad value, a missing checkpoint or data set, a store that does
+not answer) is reported before any MLflow experiment or Optuna study is created.
 `--devices` runs up to one trial per listed device at once, each in a worker process of its own (a
 second-stage row waits for its first stage); this process alone writes the Optuna study. By default (`auto`) a
 table study whose rows run on the CPU runs one row per core side by side, each run on one thread (the run setting
 `threads: auto`); `serial` runs one trial at a time in this process. On a terminal the study says which trial
 starts and draws bars over its training iterations and evaluation samples (`--quiet`: none).
+Many machines: give every one the same command with a PostgreSQL `--storage` and an `mlflow server`
+`--tracking-uri`; the peers share the study's queue, and a peer's trial whose heartbeat stops (every
+`--heartbeat` seconds, as the study was created with; dead after three times that) is run again by another.
 
 The study engine is the library package `sfd.study`; this script parses the options, prints, and builds the
 report (`reports.build`) at the end.
@@ -41,7 +45,7 @@ from sfd.assets import AssetError
 from sfd.config import ConfigError
 from sfd.progress import wanted
 from sfd.signals import run_script
-from sfd.study import (StudyError, StudyOutcome, StudyPlan, StudySpec, available_studies, load_spec,
+from sfd.study import (HEARTBEAT_S, StudyError, StudyOutcome, StudyPlan, StudySpec, available_studies, load_spec,
                        objective_labels, plan_study, row_key, run_study, shown_trial)
 
 
@@ -146,6 +150,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "entry to share it), e.g. --devices cuda:0 cuda:1, or all (every CUDA device); serial: one "
                    "trial at a time in this process, on each config's device; auto (default): one CPU worker per "
                    "core for a table study whose rows run on the CPU, else serial")
+    p.add_argument("--heartbeat", type=positive_int, default=None, metavar="S",
+                   help=f"a new study: record each running trial's heartbeat every S seconds (default {HEARTBEAT_S}); "
+                   "a trial whose heartbeat is older than 3*S is taken for dead and run again. A study keeps the S it "
+                   "was created with, for every peer")
     p.add_argument("--dry-run", action="store_true", help="check the study and print what a run would do now "
                    "(each row's settings and whether it runs, is done or stays failed); create nothing")
     p.add_argument("--quiet", action="store_true", help="no progress (which trial starts, bars); they are shown "
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
         print("error: name a study (or --list)", file=sys.stderr)
         return 2
     options = dict(smoke=args.smoke, storage=args.storage, tracking_uri=args.tracking_uri, n_trials=args.n_trials,
-                   retry_failed=args.retry_failed, seeds=args.seeds, devices=args.devices)
+                   retry_failed=args.retry_failed, seeds=args.seeds, devices=args.devices, heartbeat_s=args.heartbeat)
     try:
         if not args.no_report and args.out is not None:
             check_out_dir(args.out)  # before the trials run rather than after
@@ -185,7 +193,10 @@ def main(argv=None) -> int:
     print_summary(outcome.spec, outcome.study.get_trials(deepcopy=False), args.smoke)
     print(f"study wall time {outcome.seconds:.1f}s ({outcome.ran} trial(s) this invocation; parent run "
           f"{outcome.parent_run_id}, metric invocation/wall_s)")
-    reported = args.no_report or report(outcome, args)
+    if outcome.others_running and not args.no_report:
+        print(f"report: not built, {outcome.others_running} trial(s) still run in other processes; the last one to "
+              "end builds it (or run reports/build.py then)")
+    reported = args.no_report or outcome.others_running or report(outcome, args)
     if outcome.failed:
         print(f"{len(outcome.failed)} trial(s) failed: " + "; ".join(f"#{n}: {r}" for n, r in outcome.failed),
               file=sys.stderr)

@@ -1,10 +1,12 @@
 """Test-wide settings: one torch thread and one BLAS thread (tiny networks run faster and deterministically
 that way on the 2-core CI machine, and OpenBLAS's spinning threads made a 2048-d Fréchet distance ~10x slower
-under load), offline MLflow; shared fixtures."""
+under load), offline MLflow; shared fixtures (a throwaway PostgreSQL and `mlflow server` for the many-process tests)."""
+import importlib.util
 import os
 
 import pytest
 import torch
+from servers import IN_CI, MlflowServer, Postgres, postgres_bin
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -52,3 +54,31 @@ def random_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_NAME
     torch.save(net.state_dict(), path)
     return path
+
+
+def unavailable(reason: str):
+    """Skip a test whose server cannot be had here, saying why; in CI (CI=true) fail instead: CI installs it."""
+    if IN_CI:
+        pytest.fail(f"{reason}; CI must run this test (.ci/run installs what it needs)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the session (tests/servers.py)."""
+    if importlib.util.find_spec("psycopg") is None:  # SQLAlchemy's driver for postgresql:// URLs
+        unavailable("psycopg (PostgreSQL's Python driver) is not installed: pip install -e '.[dev]'")
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        unavailable("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    server = Postgres(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A throwaway `mlflow server` on 127.0.0.1 for the session: sqlite backend, proxied artifacts."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()

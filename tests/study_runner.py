@@ -2,13 +2,17 @@
 engine itself is `sfd.study`). Also the tiny digits study that several study tests write (two or three iterations
 of batch 16, 16 evaluation samples: seconds per row)."""
 import importlib.util
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "studies" / "run.py"
+STUDY_PROCESS = ROOT / "tests" / "study_process.py"  # studies/run.py with a start barrier and kill hooks
 
 
 def load_study_script(module_name: str = "sfd_studies_run"):
@@ -50,27 +54,29 @@ def runs_by_row(client, out) -> dict:
 
 def stop_after_ask(monkeypatch, run, at: int = 1) -> None:
     """Call `run()` with SIGTERM (the stop handlers installed, as `run_script` does) arriving right after the
-    `at`-th trial Optuna hands out, before the study loop records it; `run` must end Terminated."""
+    `at`-th trial is claimed from the study's queue (`sfd.study.peers.claim`, which the trial loop calls), before
+    the loop records it; `run` must end Terminated."""
     import os
     import signal
 
-    import optuna
     import pytest
 
+    import sfd.study.loop
     from sfd.signals import Terminated, handle_stop_signals
 
-    real_ask, asked = optuna.study.Study.ask, []
+    real_claim, claimed = sfd.study.loop.claim, []
 
-    def ask_then_stop(self, *args, **kwargs):
-        trial = real_ask(self, *args, **kwargs)
-        asked.append(trial.number)
-        if len(asked) == at:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def claim_then_stop(*args, **kwargs):
+        trial = real_claim(*args, **kwargs)
+        if trial is not None:
+            claimed.append(trial.number)
+            if len(claimed) == at:
+                os.kill(os.getpid(), signal.SIGTERM)
         return trial
 
     before = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as patch:
-        patch.setattr(optuna.study.Study, "ask", ask_then_stop)
+        patch.setattr(sfd.study.loop, "claim", claim_then_stop)
         handle_stop_signals(ctrl_c=False)
         try:
             with pytest.raises(Terminated):
@@ -94,3 +100,51 @@ def stop_next_training(monkeypatch, run) -> None:
         patch.setattr(sfd.runner.run, "distill", stop)
         with pytest.raises(Terminated):
             run()
+
+
+def machine_env(machine: Path, **extra) -> dict:
+    """The environment of a study process on a "machine" of its own: its runs folder, one torch thread."""
+    env = {**os.environ, "SFD_RUNS_DIR": str(machine / "runs"), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "OMP_NUM_THREADS": "1", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def start_processes(tmp_path: Path, commands: list[list[str]], barrier: bool = True, hooks: tuple = (),
+                    same_machine: bool = False, **env) -> list[subprocess.Popen]:
+    """One study process per entry of `commands` (tests/study_process.py `hooks` -- studies/run.py arguments), each a
+    "machine" of its own (runs folder, working directory) unless `same_machine`, all started at the same moment
+    (after their imports) unless `barrier` is False. Their output is piped (stdout and stderr together). Without
+    --devices among the arguments a process runs its trials itself (--devices serial; the default, auto, would
+    start a worker per core for CPU rows)."""
+    gate = tmp_path / "go"
+    procs = []
+    for i, args in enumerate(commands):
+        if "--devices" not in args:
+            args = [*args, "--devices", "serial"]
+        machine = tmp_path / ("machine" if same_machine else f"machine{i}")
+        machine.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(STUDY_PROCESS), *hooks, *(["--barrier", str(gate)] if barrier else []), "--",
+               *args]
+        procs.append(subprocess.Popen(cmd, cwd=machine, env=machine_env(machine, **env), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    if barrier:
+        deadline = time.time() + 300
+        while len(list(tmp_path.glob("go.*.ready"))) < len(procs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "a process did not get ready"
+            time.sleep(0.1)
+        gate.touch()
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    """Each process's output once it ended (those still running at the timeout are killed)."""
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs

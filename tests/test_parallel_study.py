@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from study_runner import SECOND_STAGE as SECOND
 from study_runner import load_study_script, runs_by_row, stop_after_ask, stop_next_training, write_digits_study
 
+import sfd.study.devices
 import sfd.study.workers
 from sfd import study as studies
 from sfd.study.loop import TrialLoop, make_sampler
@@ -86,32 +87,32 @@ def test_a_resumed_second_stage_waits_for_its_retried_first_stage(tmp_path, stor
     assert second.data.params["second_stage.first_stage"] == done["sfd-nfe5"].user_attrs["mlflow_run_id"]
 
 
-def test_a_second_stage_beyond_n_trials_is_not_started_and_runs_next_time(tmp_path, stores, monkeypatch):
+def test_a_second_stage_beyond_n_trials_stays_queued_and_runs_next_time(tmp_path, stores, monkeypatch):
+    """A second stage is claimed only once its first stage has finished, so one left over at the --n-trials limit
+    just stays queued (nothing is claimed and put back)."""
     path = write_digits_study(tmp_path, "limited", _rows(0.032)[:2])
     _interrupt_first_row(monkeypatch, path)  # queue: second-stage, then the retry of sfd-nfe5
     out = studies.run_study(str(path), quiet=True, n_trials=1)
     assert out.ran == 1 and not out.failed
     trials = optuna.load_study(study_name="limited", storage=out.storage).get_trials()
     second = next(t for t in trials if t.user_attrs["row"] == "second-stage")
-    assert second.state == TrialState.FAIL and second.user_attrs["interrupted"] is True
-    assert second.user_attrs["fail_reason"] == ("interrupted: not started (--n-trials 1 was reached while it "
-                                                "waited for its first stage row 'sfd-nfe5')")
+    assert second.state == TrialState.WAITING and "fail_reason" not in second.user_attrs
     assert [t.user_attrs["row"] for t in trials if t.state == TrialState.COMPLETE] == ["sfd-nfe5"]
     again = studies.run_study(str(path), quiet=True)
     assert again.ran == 1 and not again.failed
-    assert optuna.load_study(study_name="limited", storage=out.storage).get_trials()[-1].state == TrialState.COMPLETE
+    assert optuna.load_study(study_name="limited", storage=out.storage).trials[1].state == TrialState.COMPLETE
 
 
-def test_ctrl_c_during_a_first_stage_marks_its_waiting_second_stage_interrupted_too(tmp_path, stores, monkeypatch):
+def test_ctrl_c_during_a_first_stage_leaves_its_second_stage_queued(tmp_path, stores, monkeypatch):
     path = write_digits_study(tmp_path, "twice", _rows(0.032)[:2])
     _interrupt_first_row(monkeypatch, path)  # queue: second-stage, then the retry of sfd-nfe5
-    _interrupt_first_row(monkeypatch, path)  # second-stage held while the retry runs, and the retry stopped
+    _interrupt_first_row(monkeypatch, path)  # the retry stopped; second-stage never claimed
     trials = optuna.load_study(study_name="twice", storage=f"sqlite:///{stores / 'optuna.db'}").get_trials()
     assert [(t.user_attrs["row"], t.state) for t in trials] == [("sfd-nfe5", TrialState.FAIL),
-                                                                ("second-stage", TrialState.FAIL),
+                                                                ("second-stage", TrialState.WAITING),
                                                                 ("sfd-nfe5", TrialState.FAIL)]
-    assert all(t.user_attrs["fail_reason"] == "interrupted: the study process stopped during this trial "
-               "(Terminated: stopped by SIGTERM)" for t in trials[1:])
+    assert trials[2].user_attrs["fail_reason"] == ("interrupted: the study process stopped during this trial "
+                                                   "(Terminated: stopped by SIGTERM)")
     out = studies.run_study(str(path), quiet=True)
     assert out.ran == 2 and not out.failed  # both rows again, the first stage first
 
@@ -166,25 +167,42 @@ def test_a_grid_search_on_two_workers_runs_each_point_once(tmp_path, stores):
 
 def test_an_error_in_the_study_process_stops_the_workers_cleanly(tmp_path, stores, monkeypatch):
     """Not only Ctrl-C: any error in the study process (here: recording a result fails) stops the busy
-    workers, whose runs end KILLED, and leaves every trial interrupted for the next run, none RUNNING."""
+    workers, whose runs end KILLED and whose trials are interrupted. The trial whose run had finished is not
+    thrown away: its result could not be told, so it stays RUNNING and the next start adopts its run."""
     rows = [{"id": "quick", "params": {"student.nfe": 3}}, {"id": "long", "params": {"optim.total_kimg": 3.2}}]
     path = write_digits_study(tmp_path, "broken", rows)
 
-    def broken(self, *args):
+    def broken(self, *args):  # once long's worker has created its run (its worker may still be starting)
+        client, deadline = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}"), time.time() + 120
+        while not client.search_runs([client.get_experiment_by_name("broken").experiment_id],
+                                     "tags.`sfd.row` = 'long'") and time.time() < deadline:
+            time.sleep(0.2)
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(TrialLoop, "finish", broken)
-    with pytest.raises(RuntimeError, match="database is locked"):
-        studies.run_study(str(path), quiet=True, devices=["cpu", "cpu"])
+    with monkeypatch.context() as patch:
+        patch.setattr(TrialLoop, "finish", broken)
+        with pytest.raises(RuntimeError, match="database is locked"):
+            studies.run_study(str(path), quiet=True, devices=["cpu", "cpu"])
     storage = f"sqlite:///{stores / 'optuna.db'}"
     trials = {t.user_attrs["row"]: t for t in optuna.load_study(study_name="broken", storage=storage).get_trials()}
-    for t in trials.values():
-        assert t.state == TrialState.FAIL and t.user_attrs["interrupted"] is True
-        assert t.user_attrs["fail_reason"].endswith("(RuntimeError: database is locked)")
+    long, quick = trials["long"], trials["quick"]
+    assert long.state == TrialState.FAIL and long.user_attrs["interrupted"] is True
+    assert long.user_attrs["fail_reason"].endswith("(RuntimeError: database is locked)")
     client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
-    long_run = client.get_run(trials["long"].user_attrs["mlflow_run_id"])
+    long_run = client.get_run(long.user_attrs["mlflow_run_id"])
     assert long_run.info.status == "KILLED"  # stopped mid-training by the study process
     assert client.get_run(long_run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    assert quick.state == TrialState.RUNNING
+    assert client.get_run(quick.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+    again = studies.run_study(str(path), quiet=True, devices=["cpu", "cpu"])
+    assert again.ran == 2 and not again.failed  # the adopted trial and long's retry
+    trials = optuna.load_study(study_name="broken", storage=storage).get_trials()
+    assert trials[quick.number].state == TrialState.COMPLETE  # adopted: the same trial, its run not redone
+    assert trials[quick.number].user_attrs["mlflow_run_id"] == quick.user_attrs["mlflow_run_id"]
+    finished = runs_by_row(client, again)
+    assert len(client.search_runs([long_run.info.experiment_id], "attributes.status = 'FINISHED' and "
+                                  "tags.`sfd.row` = 'quick'")) == 1 and finished["quick"].info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("devices, message", [
@@ -326,48 +344,82 @@ def test_sigterm_stops_every_worker_and_ends_their_runs_killed(tmp_path):
                                                "(Terminated: stopped by SIGTERM)")
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["sfd.error"].startswith("Terminated")
-    held = trials["second-stage"]  # asked, waiting for its first stage: interrupted too, so a rerun tries it
-    assert held.state == TrialState.FAIL and held.user_attrs["interrupted"] is True
+    assert trials["second-stage"].state == TrialState.WAITING  # never claimed: its first stage did not finish
     assert trials["nfe3"].state == TrialState.WAITING
     parent = client.get_run(client.get_run(trials["l2"].user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc (Linux)")
-def test_a_worker_that_dies_or_is_stopped_alone_ends_its_trial_and_a_fresh_worker_goes_on(tmp_path):
+def test_a_worker_killed_from_outside_is_retried_one_that_crashes_fails(tmp_path):
+    """SIGKILL (preemption, an operator, the OOM killer) or SIGTERM to a worker alone interrupts its trial: the row
+    is queued again at once and completes, and a second stage waiting for it runs after the retry. A worker that
+    dies of a crash signal (SIGSEGV) fails its trial with the reason, which stays failed. A fresh worker takes the
+    next trial either way."""
     rows = [{"id": "doomed", "params": {"optim.total_kimg": 3.2}},
             {"id": "stopped", "params": {"student.nfe": 5, "optim.total_kimg": 3.2}},
             {"id": "its-second-stage", "params": {**SECOND, "second_stage.first_stage": "row:stopped"}},
+            {"id": "crashes", "params": {"loss.name": "l2", "optim.total_kimg": 3.2}},
             {"id": "after", "params": {"loss.name": "l2"}}]
     proc, storage, tracking = _start(tmp_path, "dies", rows, ["cpu"])
     try:
-        _wait_running(proc, "dies", storage, row="doomed")
-        (worker,) = _worker_pids(proc.pid)
-        os.kill(worker, signal.SIGKILL)  # out of memory, a crash
-        _wait_running(proc, "dies", storage, row="stopped")
-        (worker,) = _worker_pids(proc.pid)
-        os.kill(worker, signal.SIGTERM)  # someone stopped this worker only
-        output, _ = proc.communicate(timeout=240)
+        for row, how in (("doomed", signal.SIGKILL), ("stopped", signal.SIGTERM), ("crashes", signal.SIGSEGV)):
+            _wait_running(proc, "dies", storage, row=row)
+            (worker,) = _worker_pids(proc.pid)
+            os.kill(worker, how)
+        output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1, output
-    trials = {t.user_attrs["row"]: t for t in optuna.load_study(study_name="dies", storage=storage).get_trials()}
+    assert proc.returncode == 1, output  # the crash
+    assert "Traceback" not in output, output
+    trials = optuna.load_study(study_name="dies", storage=storage).get_trials()
+    by_row = {row["id"]: [t for t in trials if t.user_attrs["row"] == row["id"]] for row in rows}
     client = MlflowClient(tracking)
-    doomed = trials["doomed"]  # a failure of its own: stays failed unless --retry-failed
-    assert doomed.state == TrialState.FAIL and "interrupted" not in doomed.user_attrs
-    assert doomed.user_attrs["fail_reason"].startswith("WorkerDied") and "signal 9" in doomed.user_attrs["fail_reason"]
-    run = client.get_run(doomed.user_attrs["mlflow_run_id"])
+    for row, how in (("doomed", "was killed by SIGKILL"), ("stopped", "was stopped (Terminated: stopped by SIGTERM)")):
+        killed, retry = by_row[row]  # interrupted once, then queued again and completed
+        assert killed.state == TrialState.FAIL and killed.user_attrs["interrupted"] is True
+        assert killed.user_attrs["fail_reason"] == (f"interrupted: its worker on cpu {how} (attempt 1 of 3; it runs "
+                                                    "again)")
+        assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status in ("FAILED", "KILLED")
+        assert retry.state == TrialState.COMPLETE
+    (crashed,) = by_row["crashes"]  # a failure of its own: stays failed unless --retry-failed
+    assert crashed.state == TrialState.FAIL and "interrupted" not in crashed.user_attrs
+    assert crashed.user_attrs["fail_reason"].startswith("WorkerDied") and "SIGSEGV" in crashed.user_attrs["fail_reason"]
+    run = client.get_run(crashed.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sfd.error"].startswith("WorkerDied")
-    stopped = trials["stopped"]  # not its fault: the next run of the study tries it again
-    assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"] is True
-    assert stopped.user_attrs["fail_reason"].startswith("interrupted: the worker on cpu was stopped")
-    assert client.get_run(stopped.user_attrs["mlflow_run_id"]).info.status == "KILLED"
-    second = trials["its-second-stage"]  # not started, and tried again with its first stage
-    assert second.state == TrialState.FAIL and second.user_attrs["interrupted"] is True
-    assert second.user_attrs["fail_reason"] == ("interrupted: not started (its first stage row 'stopped' was "
-                                                "interrupted)") and "mlflow_run_id" not in second.user_attrs
-    assert trials["after"].state == TrialState.COMPLETE  # a fresh worker took the next row
+    (second,) = by_row["its-second-stage"]  # claimed once its first stage's retry had finished, from that run
+    assert second.state == TrialState.COMPLETE
+    second_run = client.get_run(second.user_attrs["mlflow_run_id"])
+    assert second_run.data.params["second_stage.first_stage"] == by_row["stopped"][1].user_attrs["mlflow_run_id"]
+    assert [t.state for t in by_row["after"]] == [TrialState.COMPLETE]
+    every = client.search_runs([run.info.experiment_id])
+    assert not [r for r in every if r.info.status == "RUNNING"]
+
+
+def test_a_row_whose_worker_is_killed_three_times_in_a_row_stays_failed(tmp_path, stores):
+    """The retries of a trial whose worker is killed from outside are bounded: the third kill in a row is
+    recorded as the row's failure (WorkerKilled), so a worker the OOM killer ends every time does not loop."""
+    path = write_digits_study(tmp_path, "oom", [{"id": "big", "params": {}}])
+    killed, real_take = [], sfd.study.devices._take
+
+    def take_then_kill(loop, worker, message, running, *board):
+        real_take(loop, worker, message, running, *board)
+        if message[0] == "started":  # its run exists: kill the worker now, as the OOM killer would (SIGKILL)
+            killed.append(worker.process.pid)
+            os.kill(worker.process.pid, signal.SIGKILL)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sfd.study.devices, "_take", take_then_kill)
+        out = studies.run_study(str(path), quiet=True, devices=["cpu"])
+    assert len(killed) == 3 and len(out.failed) == 1
+    trials = optuna.load_study(study_name="oom", storage=out.storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert [t.user_attrs.get("interrupted") for t in trials] == [True, True, None]
+    assert trials[-1].user_attrs["fail_reason"] == ("WorkerKilled: its worker on cpu was killed by SIGKILL, on each "
+                                                    "of 3 attempts in a row")
+    assert studies.plan_study(str(path)).to_run == 0  # stays failed
+    assert studies.plan_study(str(path), retry_failed=True).to_run == 1
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc (Linux)")

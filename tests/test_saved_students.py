@@ -117,7 +117,8 @@ def test_dry_run_holds_an_evaluate_row_like_a_second_stage(tmp_path, stores):
     plan = plan_study(str(path), n_trials=2, devices=["cpu", "cpu"])
     lines = {label: (what, settings) for label, what, settings in plan.lines}
     assert lines["sfd"][0] == "runs" and lines["l2"][0] == "runs" and plan.to_run == 2
-    assert lines["sfd-evaluated"][0].startswith("not started: waits for its first stage row 'sfd'")
+    # it is never claimed while 'sfd' runs (sfd.study.plan.may_start): the two trials --n-trials allows are the others
+    assert lines["sfd-evaluated"][0] == "waits: beyond --n-trials 2"
     assert lines["sfd-evaluated"][1] == "evaluate row:sfd NFE 2 t_min 0.006 AFS yes"
 
 

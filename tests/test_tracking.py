@@ -119,31 +119,65 @@ def test_failing_run_ends_failed_with_its_error(store):
     assert "error.txt" in _artifacts(_client(), run.run_id)
 
 
-def test_study_parent_run_is_reused(store):
+def test_study_parent_run_is_reused_by_id_never_found_by_name(store):
+    """The parent is the one the Optuna study recorded (its id); a study of the same name in another Optuna
+    storage (no id, or an id of another study) gets a parent of its own."""
     client = T.get_client()
     first = T.study_parent_run(client, "exp", "s", {T.TAG_KIND: "ablation"})
     client.set_terminated(first, "FINISHED")
-    again = T.study_parent_run(client, "exp", "s", {T.TAG_KIND: "ablation"})
+    again = T.study_parent_run(client, "exp", "s", {T.TAG_KIND: "ablation"}, run_id=first)
     assert first == again and client.get_run(first).info.status == "RUNNING"
     exp = client.get_experiment_by_name("exp")
     assert len(client.search_runs([exp.experiment_id])) == 1
+    other_storage = T.study_parent_run(client, "exp", "s", {})  # same name, no recorded parent: a new one
+    assert other_storage != first
+    assert T.study_parent_run(client, "exp", "t", {}, run_id=first) != first  # another study's parent is not reused
+    assert T.study_parent_run(client, "exp", "s", {}, run_id="0" * 32) not in (first, other_storage)  # unknown id
     quoted = T.study_parent_run(client, "exp", "bob's study", {})  # a quote in the name used to break the filter
-    assert T.study_parent_run(client, "exp", "bob's study", {}) == quoted != first
+    assert T.study_parent_run(client, "exp", "bob's study", {}, run_id=quoted) == quoted
 
 
-def test_stale_children_are_found_beyond_the_first_page(store, monkeypatch):
-    """A crashed trial is the newest child; with more children than one search page it used to stay RUNNING."""
+def test_a_trials_runs_are_found_by_their_tags_beyond_the_first_page(store, monkeypatch):
+    """A trial's runs are found by the tags they are created with (parent, trial number), also the newest one
+    when the parent has more children than one search page holds."""
     client = T.get_client()
     parent = T.study_parent_run(client, "exp", "s", {})
     exp_id = client.get_experiment_by_name("exp").experiment_id
-    children = [client.create_run(exp_id, tags={T.TAG_PARENT: parent}).info.run_id for _ in range(5)]
-    for run_id in children[:-1]:
-        client.set_terminated(run_id, "FINISHED")
-    assert [r.info.run_id for r in T.find_runs(client, exp_id, {T.TAG_PARENT: parent}, page_size=2)] == children
+    children = [client.create_run(exp_id, tags={T.TAG_PARENT: parent, T.TAG_TRIAL: str(i % 2)}).info.run_id
+                for i in range(5)]
     real_find = T.find_runs
     monkeypatch.setattr(T, "find_runs", lambda *a, **k: real_find(*a, **{**k, "page_size": 2}))
-    assert T.fail_stale_children(client, parent, "exp") == [children[-1]]
-    assert client.get_run(children[-1]).info.status == "FAILED"
+    assert [r.info.run_id for r in T.trial_runs(client, exp_id, parent, 0)] == children[0::2]
+    assert [r.info.run_id for r in T.trial_runs(client, exp_id, parent, 1)] == children[1::2]
+
+
+def test_a_run_whose_process_is_gone_is_marked_failed_by_the_next_start_on_its_host(store):
+    """Every run records its host, pid and the pid's start time; a run still RUNNING whose process has ended (or
+    whose pid now belongs to a newer process) ends FAILED, a live one and another host's are left alone."""
+    import socket
+    import subprocess
+    import sys
+
+    client = T.get_client()
+    exp_id = T.get_or_create_experiment(client, "exp")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    me = T.process_tags()
+    assert me == {T.TAG_HOST: host, T.TAG_PID: str(os.getpid()), T.TAG_PID_START: me[T.TAG_PID_START]}
+    runs = {
+        "dead": {T.TAG_HOST: host, T.TAG_PID: str(gone.pid), T.TAG_PID_START: "1.0"},
+        "reused pid": {**me, T.TAG_PID_START: f"{float(me[T.TAG_PID_START]) - 3600:.2f}"},
+        "alive": me,
+        "elsewhere": {**me, T.TAG_HOST: host + "-other", T.TAG_PID: str(gone.pid)},
+        "no process": {},  # a study's parent run: peers share it
+    }
+    ids = {name: client.create_run(exp_id, tags=tags).info.run_id for name, tags in runs.items()}
+    assert sorted(T.fail_orphaned_runs(client)) == sorted([ids["dead"], ids["reused pid"]])
+    for name in ("dead", "reused pid"):
+        run = client.get_run(ids[name])
+        assert run.info.status == "FAILED" and run.data.tags[T.TAG_ERROR].startswith("interrupted: its process is gone")
+    assert {client.get_run(ids[n]).info.status for n in ("alive", "elsewhere", "no process")} == {"RUNNING"}
 
 
 def test_run_experiment_logs_the_contract_layout(store):
@@ -170,6 +204,7 @@ def test_run_experiment_logs_the_contract_layout(store):
     assert tags["sfd.smoke"] == "false" and tags["sfd.study"] == "unit" and tags["sfd.seed"] == "0"
     assert tags["sfd.device"] == "cpu" and tags["sfd.role"] == "run" and tags["sfd.threads"] == "1"
     assert {"git.commit", "git.dirty", "version.torch", "version.sfd"} <= set(tags)
+    assert tags["sfd.pid"] == str(os.getpid()) and tags["sfd.host"] and float(tags["sfd.pid_start"]) > 0
     files = _artifacts(client, result.run_id)
     assert {"config.yaml", "samples.png", "loss_curve.png", "student/student.safetensors",
             "student/sampling.json"} <= files

@@ -1,6 +1,7 @@
 """The per-device launcher: up to one trial per listed device at once, each in a worker process of its own
 (`workers.DeviceWorker`); a second stage waits for its first stage. This process alone tells Optuna the
-outcomes (through the `TrialLoop`)."""
+outcomes (through the `TrialLoop`). A worker killed from outside (SIGKILL, SIGTERM) interrupts its trial, which
+is queued again (`TrialLoop.killed`); one that dies of its own accord (a crash signal, an error) fails it."""
 from __future__ import annotations
 
 import time
@@ -11,37 +12,37 @@ from sfd.signals import stops_deferred
 from sfd.tracking import get_client, mark_failed
 
 from .loop import TrialLoop, quietly
-from .record import NOT_STARTED
-from .workers import STOP_WAIT_S, DeviceWorker
+from .workers import OUTSIDE_SIGNALS, STOP_WAIT_S, DeviceWorker, signal_name
 
 
-def run_on(loop: TrialLoop, devices: list[str], todo: int) -> None:
-    """Start up to `todo` trials, one per free worker at a time. Ctrl-C, SIGTERM or an error here stops every
-    busy worker (its run ends KILLED) and marks the running and held trials interrupted."""
+def run_on(loop: TrialLoop, devices: list[str]) -> None:
+    """Run up to one trial per worker at once until none is left to claim (waiting while other processes run
+    some) or `loop.limit` have started. Ctrl-C, SIGTERM or an error here stops every busy worker (its run ends
+    KILLED) and marks the running trials interrupted."""
     workers = [DeviceWorker(d) for d in devices]
     running: dict = {}  # worker -> (trial, start time)
-    held: list = []
     board = BarBoard()  # the workers' progress, one line each (drawn only when the loop shows progress)
     try:
         while True:
-            for worker in workers:
-                while worker not in running and loop.started < todo:
-                    with stops_deferred():  # asked for, then held or running: never in between at a stop
-                        trial = loop.next_trial(held, [t for t, _ in running.values()])
-                        if trial is None:
-                            break
-                        loop.started += 1
-                        _start(loop, worker, trial, running, todo)
+            for worker in [w for w in workers if w not in running]:
+                with stops_deferred():  # claimed, then running: never in between at a stop
+                    trial = loop.claim()
+                    if trial is not None:
+                        _start(loop, worker, trial, running)
+                if trial is None:
+                    break
             if not running:
-                break
-            ready = wait([w.conn for w in running])
+                if loop.at_limit() or not loop.wait_for_others():
+                    break
+                continue
+            idle = len(running) < len(workers) and not loop.at_limit()  # look for a trial again now and then
+            ready = wait([w.conn for w in running], timeout=loop.poll_s if idle else None)
             for worker in [w for w in running if w.conn in ready]:
                 with stops_deferred():
                     _take(loop, worker, worker.receive(), running, board)
-        loop.not_started(held, todo)
     except BaseException as exc:  # Ctrl-C, SIGTERM, or this process failed: stop the workers' runs cleanly
         board.close()
-        _stop(loop, running, held, f"{type(exc).__name__}: {exc}")
+        _stop(loop, running, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         board.close()
@@ -49,12 +50,8 @@ def run_on(loop: TrialLoop, devices: list[str], todo: int) -> None:
             worker.close()
 
 
-def _start(loop: TrialLoop, worker: DeviceWorker, trial, running: dict, todo: int) -> None:
+def _start(loop: TrialLoop, worker: DeviceWorker, trial, running: dict) -> None:
     t0 = time.perf_counter()
-    target = loop.first_stage_interrupted(trial)
-    if target is not None:
-        loop.interrupt(trial, f"its first stage row {target!r} was interrupted", why=NOT_STARTED)
-        return
     try:
         job = loop.job(trial, worker)
     except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
@@ -62,7 +59,7 @@ def _start(loop: TrialLoop, worker: DeviceWorker, trial, running: dict, todo: in
         return
     worker.submit(job)
     running[worker] = (trial, t0)
-    loop.announce(trial, todo, worker.device)
+    loop.announce(trial, worker.device)
 
 
 def _take(loop: TrialLoop, worker: DeviceWorker, message: tuple, running: dict, board: BarBoard | None = None) -> None:
@@ -80,11 +77,12 @@ def _take(loop: TrialLoop, worker: DeviceWorker, message: tuple, running: dict, 
         board.clear(worker)
     if kind == "done":
         loop.finish(trial, message[1], message[2], t0)
-    elif kind == "interrupted":  # the worker alone was stopped (SIGTERM): a rerun tries the trial again
+    elif kind == "interrupted":  # the worker alone was stopped (SIGTERM from outside): queued again
         worker.retire()
-        loop.interrupt(trial, message[1], why=f"interrupted: the worker on {worker.device} was stopped")
-        loop.say(f"[{trial.number}] {loop.label(trial)}: interrupted on {worker.device}: {message[1]}")
-    else:  # "failed", or "died" (the process ended: out of memory, a crash)
+        loop.killed(trial, f"its worker on {worker.device} was stopped ({message[1]})", t0)
+    elif kind == "died" and message[2] in OUTSIDE_SIGNALS:  # SIGKILL: preemption, an operator, the OOM killer
+        loop.killed(trial, f"its worker on {worker.device} was killed by {signal_name(message[2])}", t0)
+    else:  # "failed", or "died" of its own accord (a crash signal, an exit code)
         if kind == "died":
             _end_dead_run(loop, trial, message[1])
         loop.fail(trial, message[1], t0)
@@ -98,9 +96,9 @@ def _end_dead_run(loop: TrialLoop, trial, reason: str) -> None:
         mark_failed(get_client(loop.tracking_uri), run_id, reason)
 
 
-def _stop(loop: TrialLoop, running: dict, held: list, how: str) -> None:
+def _stop(loop: TrialLoop, running: dict, how: str) -> None:
     """The study process was stopped: stop every busy worker (its run ends KILLED), keep what finished, and mark
-    the rest interrupted so the next run of the study tries them again."""
+    the rest interrupted so the next run of the study (or a peer) tries them again."""
     for worker in running:
         worker.interrupt()
     deadline = time.monotonic() + STOP_WAIT_S
@@ -117,7 +115,6 @@ def _stop(loop: TrialLoop, running: dict, held: list, how: str) -> None:
             else:  # stopped, or gone: the trial was interrupted by this stop
                 worker.retire()
                 quietly(loop.interrupt, running.pop(worker)[0], how)
-    for trial, _ in list(running.values()) + [(t, None) for t in held]:
+    for trial, _ in list(running.values()):
         quietly(loop.interrupt, trial, how)
     running.clear()
-    held.clear()

@@ -7,11 +7,12 @@ import json
 from typing import Sequence
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from sfd.config import flatten, to_dict
 from sfd.metrics.names import COST_KEY, CPU_TIME_KEY
-from sfd.tracking import sqlite_path
+from sfd.storelock import sqlite_path
 
 from .configs import row_config, trial_config
 from .spec import StudyError, StudySpec
@@ -23,6 +24,12 @@ NOT_STARTED = "interrupted: not started"
 # dropout masks drawn in another memory order): a study may change them between trials.
 EXECUTION_KEYS = ("name", "device", "threads", "precision", "compile", "compile_mode", "channels_last",
                   "group_norm", "optim.micro_batch_size", "eval.compile", "eval.batch_size", "log.every")
+
+
+def interrupted(trial: FrozenTrial) -> bool:
+    """A FAIL trial that did not fail for a reason of its own (stopped, its process died, not started): its row
+    or point runs again."""
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get("interrupted"))
 
 
 def row_key(trial) -> tuple:
@@ -49,7 +56,7 @@ def shown_trials(spec: StudySpec, trials: Sequence[FrozenTrial], retry_failed: b
     to be retried; in a search every such trial."""
     def kept(t) -> bool:
         return t.state == TrialState.COMPLETE or (
-            t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and not retry_failed)
+            t.state == TrialState.FAIL and not interrupted(t) and not retry_failed)
 
     if not spec.rows:
         return [t for t in trials if kept(t)]
@@ -79,13 +86,22 @@ def student_row_run_id(spec: StudySpec, trials: Sequence[FrozenTrial], row_id: s
 
 
 def recorded_study(storage_url: str, study_name: str) -> optuna.Study | None:
-    """The Optuna study as stored, or None when it does not exist yet. Never creates a sqlite file or a study."""
+    """The Optuna study as stored, or None when it does not exist yet. Never creates a sqlite file, a table or a
+    study (Optuna creates its tables when it opens a database, so a database without them is not opened)."""
     path = sqlite_path(storage_url)
     if path is not None and not path.expanduser().exists():
         return None
+    engine = sqlalchemy.create_engine(storage_url)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not {"studies", "trials"} <= tables:
+        return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.load_study(study_name=study_name, storage=storage_url)
+        return optuna.load_study(study_name=study_name,
+                                 storage=optuna.storages.RDBStorage(storage_url, skip_table_creation=True))
     except KeyError:  # no such study in the storage
         return None
 

@@ -1,23 +1,28 @@
-"""Run a study: check everything, then create or resume it (its MLflow parent run and Optuna study), recover
-what a dead process left, queue what is left, and launch the trials (serially, or one worker per device)."""
+"""Run a study: check everything, then create or resume it (its Optuna study and MLflow parent run, set up once
+under the study's set-up lock), settle what dead processes left, queue what is left, and run trials (serially, or
+one worker per device) until none is left to claim. Many processes may run one PostgreSQL study at once."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import optuna
 
 from sfd import tracking as T
 from sfd.progress import say as say_line
+from sfd.storelock import store_identity, without_password
 
 from .devices import run_on
-from .lock import study_home, study_lock
-from .loop import TrialLoop, interrupt_stored, make_sampler, recover_interrupted
-from .plan import plan_trials, trial_limit, unlisted_queue
+from .lock import setup_lock, shared, study_home, study_lock
+from .loop import Stores, TrialLoop, make_sampler
+from .peers import Heartbeats, open_storage
+from .plan import trial_limit, trials_left
 from .preflight import CheckedStudy, check_everything
 from .serial import run_here
 from .spec import StudySpec
+
+MAX_POLL_S = 5.0  # how often a process with nothing to claim looks at the study again while others run trials
 
 
 @dataclass
@@ -34,58 +39,70 @@ class StudyOutcome:
     seconds: float  # this invocation's wall time, tracked on the parent run as invocation/wall_s
     spec: StudySpec
     study: optuna.Study
-
-
-@dataclass
-class _Opened:
-    """A study's stores once set up: its MLflow parent run, and its Optuna study and storage."""
-    client: Any
-    parent_id: str
-    storage: optuna.storages.BaseStorage
-    study: optuna.Study
+    others_running: int = 0  # trials other processes were still running when this one ended
 
 
 def run_study(name_or_path: str, *, smoke: bool = False, storage: str | None = None,
               tracking_uri: str | None = None, n_trials: int | None = None, retry_failed: bool = False,
               quiet: bool = False, seeds: list[int] | None = None, devices: list[str] | None = None,
-              progress: bool = False) -> StudyOutcome:
+              heartbeat_s: int | None = None, progress: bool = False) -> StudyOutcome:
     """Check everything (nothing is created before), then create or resume the study and run what is left.
 
-    Finished trials are kept; trials left RUNNING by a dead process are marked FAILED (their MLflow runs too)
-    and, like trials stopped by Ctrl-C or SIGTERM, run again; failed trials stay failed unless `retry_failed`.
-    `n_trials` caps the trials started now; `seeds` runs a table study's rows once per seed, as a study of its
-    own; `devices` runs up to one trial per entry at once, each in a worker process (`["auto"]`: see
-    `sfd.study.workers.auto_devices`; None: one at a time in this process). What happens goes to stdout, one line
-    each, unless `quiet`; `progress` adds which trial starts and bars over its training and evaluation."""
+    Finished trials are kept; a trial whose process died (on sqlite: any trial left RUNNING, since the study lock
+    proves no other process runs it; on PostgreSQL: one whose heartbeat is older than 3 heartbeat intervals) has its
+    finished run adopted, or else its run marked FAILED and its row run again, as are trials stopped by Ctrl-C or
+    SIGTERM; failed trials stay failed unless `retry_failed`. `n_trials` caps the trials this process starts;
+    `seeds` runs a table study's rows once per seed, as a study of its own; `devices` runs up to one trial per
+    entry at once, each in a worker process (`["auto"]`: see `sfd.study.workers.auto_devices`; None: one at a time
+    in this process). `heartbeat_s` (default HEARTBEAT_S) is the interval at which each running trial records a
+    heartbeat; a study keeps the one it was created with, so that every peer judges the others' heartbeats alike.
+    What happens goes to stdout, one line each, unless `quiet`; `progress` adds which trial starts and bars over
+    its training and evaluation."""
     start = time.perf_counter()
-    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed)
+    checked = check_everything(name_or_path, smoke, storage, tracking_uri, n_trials, seeds, devices, retry_failed,
+                               heartbeat_s)
     if checked.missing is not None:
         raise checked.missing
     spec = checked.spec
-    if checked.spec_text is not None:  # the replicated study's own YAML: logged on its parent run, read by the report
-        spec.path = study_home(checked.storage_url) / "studies" / f"{spec.name}.yaml"
-        spec.path.parent.mkdir(parents=True, exist_ok=True)
-        spec.path.write_text(checked.spec_text)
     say = (lambda *a: None) if quiet else say_line
+    heartbeat_s = checked.heartbeat_s
+    if checked.heartbeat_ignored:
+        say(f"heartbeat: every {heartbeat_s}s, the study's own since it was created (every peer uses it)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with study_lock(spec.experiment(smoke), checked.storage_url):  # one live process per study (see study_lock)
+    with study_lock(spec.experiment(smoke), checked.storage_url):  # sqlite: one live process per study
+        _write_seeds_study(checked)
         T.ensure_sqlite_parent(checked.storage_url)
-        opened = _open_study(checked, smoke)
-        todo = _resume(checked, opened, smoke, n_trials, retry_failed, say)
-        loop = TrialLoop(spec, opened.study, smoke, spec.experiment(smoke), checked.tracking_uri, opened.parent_id,
-                         say, progress=progress and not quiet)
-        seconds = _run_trials(loop, checked.devices, todo, opened, start)
-    return StudyOutcome(name=spec.name, experiment=spec.experiment(smoke), parent_run_id=opened.parent_id,
+        stores = _open_study(checked, smoke, heartbeat_s)
+        with Heartbeats(stores.storage, heartbeat_s) as heartbeats:
+            loop = TrialLoop(spec, stores, smoke, say, heartbeats=heartbeats, retry_failed=retry_failed,
+                             limit=trial_limit(spec, smoke, n_trials), skipped=checked.skipped,
+                             poll_s=min(MAX_POLL_S, heartbeat_s), progress=progress and not quiet)
+            _resume(checked, loop, smoke, say)
+            seconds, others = _run_trials(loop, checked.devices, stores, start)
+    return StudyOutcome(name=spec.name, experiment=spec.experiment(smoke), parent_run_id=stores.parent_id,
                         optuna_study=spec.experiment(smoke), storage=checked.storage_url,
                         tracking_uri=checked.tracking_uri, ran=loop.ran, failed=loop.failed, skipped=checked.skipped,
-                        seconds=seconds, spec=spec, study=opened.study)
+                        seconds=seconds, spec=spec, study=stores.study, others_running=others)
+
+
+def _write_seeds_study(checked: CheckedStudy) -> None:
+    """The replicated study's own YAML (logged on its parent run, read by the report), written whole (peers on one
+    machine may write it at once) and only by a process the study lock let in."""
+    if checked.spec_text is None:
+        return
+    spec = checked.spec
+    spec.path = study_home(checked.storage_url) / "studies" / f"{spec.name}.yaml"
+    spec.path.parent.mkdir(parents=True, exist_ok=True)
+    partial = spec.path.with_name(f".{spec.path.name}.{os.getpid()}")
+    partial.write_text(checked.spec_text)
+    partial.replace(spec.path)
 
 
 def _parent_tags(checked: CheckedStudy, smoke: bool) -> dict[str, str]:
     """The tags of the study's MLflow parent run (set again on every invocation)."""
     spec, skipped = checked.spec, checked.skipped
     return {T.TAG_KIND: spec.kind, T.TAG_OPTUNA_STUDY: spec.experiment(smoke),
-            T.TAG_OPTUNA_STORAGE: checked.storage_url, T.TAG_SMOKE: str(smoke).lower(),
+            T.TAG_OPTUNA_STORAGE: store_identity(checked.storage_url), T.TAG_SMOKE: str(smoke).lower(),
             T.TAG_OBJECTIVE: ",".join(spec.metrics), T.TAG_DIRECTIONS: ",".join(spec.directions),
             T.TAG_SAMPLER: f"{spec.sampler}(seed={spec.seed})", T.TAG_SPEC_PATH: str(spec.path),
             T.TAG_NOTE: spec.description,
@@ -93,56 +110,66 @@ def _parent_tags(checked: CheckedStudy, smoke: bool) -> dict[str, str]:
             **({T.TAG_SKIPPED_ROWS: "; ".join(f"{k}: {v}" for k, v in skipped.items())} if skipped else {})}
 
 
-def _open_study(checked: CheckedStudy, smoke: bool) -> _Opened:
-    """The study's MLflow parent run (its YAML logged on it) and its Optuna study, created or found, linked both
-    ways (parent run tags, study user attributes)."""
-    spec, experiment = checked.spec, checked.spec.experiment(smoke)
+def _open_study(checked: CheckedStudy, smoke: bool, heartbeat_s: int) -> Stores:
+    """The study's Optuna study and its MLflow parent run (the YAML logged on it), created once or found, linked
+    both ways (the parent run's tags; the study's user attributes, which is how a later start finds the parent:
+    never by name). Done under the study's set-up lock, so peers starting at once make one study and one parent."""
+    spec, experiment, url = checked.spec, checked.spec.experiment(smoke), checked.storage_url
+    storage = open_storage(url, heartbeat_s)
     client = T.get_client(checked.tracking_uri)
-    parent_id = T.study_parent_run(client, experiment, spec.name, _parent_tags(checked, smoke))
-    client.log_artifact(parent_id, str(spec.path))
-    storage = optuna.storages.get_storage(checked.storage_url)
-    sampler = make_sampler(spec, parallel=bool(checked.devices) and len(checked.devices) > 1)
-    study = optuna.create_study(study_name=experiment, storage=storage, sampler=sampler,
-                                directions=spec.directions, load_if_exists=True)
-    for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
-                       "mlflow_tracking_uri": checked.tracking_uri, "sfd_study": spec.name, "kind": spec.kind,
-                       "spec_path": str(spec.path), "objective_metrics": spec.metrics, "smoke": smoke}.items():
-        study.set_user_attr(key, value)
-    return _Opened(client, parent_id, storage, study)
+    sampler = make_sampler(spec, parallel=shared(url) or len(checked.devices or []) > 1)
+    with setup_lock(experiment, url):
+        study = optuna.create_study(study_name=experiment, storage=storage, sampler=sampler,
+                                    directions=spec.directions, load_if_exists=True)
+        parent_id = T.study_parent_run(client, experiment, spec.name, _parent_tags(checked, smoke),
+                                       run_id=study.user_attrs.get("mlflow_parent_run_id"))
+        client.log_artifact(parent_id, str(spec.path))
+        study.set_user_attr("heartbeat_s", study.user_attrs.get("heartbeat_s", heartbeat_s))  # the first start's
+        for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
+                           "mlflow_tracking_uri": checked.tracking_uri, "sfd_study": spec.name, "kind": spec.kind,
+                           "spec_path": str(spec.path), "objective_metrics": spec.metrics, "smoke": smoke}.items():
+            study.set_user_attr(key, value)
+    T.fail_orphaned_runs(client)  # runs left RUNNING by processes of this host that are gone
+    return Stores(study, storage, url, client, checked.tracking_uri, experiment,
+                  T.get_or_create_experiment(client, experiment), parent_id)
 
 
-def _resume(checked: CheckedStudy, opened: _Opened, smoke: bool, n_trials: int | None, retry_failed: bool,
-            say) -> int:
-    """Recover what a dead process left (its trials and runs end FAILED, interrupted), take the queued rows the
-    YAML no longer runs off the queue, enqueue what is left and return how many trials to run now."""
-    spec, study, skipped = checked.spec, opened.study, checked.skipped
-    stale = recover_interrupted(study, opened.storage, opened.client)
-    for trial, reason in unlisted_queue(spec, study.get_trials(deepcopy=False), skipped):
-        interrupt_stored(opened.storage, study.study_name, trial, reason)  # queued again if the row comes back
-    T.fail_stale_children(opened.client, opened.parent_id, spec.experiment(smoke))
-    todo = plan_trials(spec, study, retry_failed, skipped, trial_limit(spec, smoke, n_trials))
-    if stale:
-        say(f"resumed: {len(stale)} interrupted trial(s) marked FAILED and queued again")
-    for row_id, reason in skipped.items():
+def _resume(checked: CheckedStudy, loop: TrialLoop, smoke: bool, say) -> None:
+    """Settle what dead processes left (their finished runs adopted, the rest interrupted), take the queued rows
+    the YAML no longer runs off the queue, queue what is left, and say how many trials this process would run."""
+    spec = checked.spec
+    interrupted, adopted = loop.refresh(first=True)
+    if interrupted:
+        say(f"resumed: {interrupted} interrupted trial(s) marked FAILED and queued again")
+    if adopted:
+        say(f"resumed: {adopted} trial(s) whose run had finished adopted (not run again)")
+    for row_id, reason in checked.skipped.items():
         say(f"skipped row {row_id}: {reason}")
-    say(f"study {spec.name}{' (smoke)' if smoke else ''}: {todo} trial(s) to run; MLflow {checked.tracking_uri} "
-        f"experiment {spec.experiment(smoke)!r}, Optuna {checked.storage_url} study {study.study_name!r}")
-    return todo
+    loop.todo = todo = trials_left(spec, loop.study.get_trials(deepcopy=False), loop.limit)
+    say(f"study {spec.name}{' (smoke)' if smoke else ''}: {todo} trial(s) to run; MLflow "
+        f"{without_password(checked.tracking_uri)} experiment {spec.experiment(smoke)!r}, Optuna "
+        f"{without_password(checked.storage_url)} study {loop.study.study_name!r}")
 
 
-def _run_trials(loop: TrialLoop, devices: list[str] | None, todo: int, opened: _Opened, start: float) -> float:
-    """Launch the trials; the parent run ends FINISHED, or KILLED when a stop or an error ends the invocation.
-    Returns the invocation's wall time (tracked on the parent run with the number of trials that ended)."""
+def _run_trials(loop: TrialLoop, devices: list[str] | None, stores: Stores, start: float) -> tuple[float, int]:
+    """Launch the trials. The parent run ends FINISHED, or KILLED when a stop or an error ends the invocation,
+    unless other processes still run trials of the study (the last one to end sets it). Returns the invocation's
+    wall time (tracked on the parent run with the number of trials that ended) and how many trials others run."""
     ok = False
     try:
-        if todo and devices:
-            run_on(loop, devices, todo)
-        elif todo:
-            run_here(loop, todo)
+        if devices:
+            run_on(loop, devices)
+        else:
+            run_here(loop)
         seconds = time.perf_counter() - start
-        opened.client.log_metric(opened.parent_id, "invocation/wall_s", seconds)
-        opened.client.log_metric(opened.parent_id, "invocation/trials_run", loop.ran)
+        stores.client.log_metric(stores.parent_id, "invocation/wall_s", seconds)
+        stores.client.log_metric(stores.parent_id, "invocation/trials_run", loop.ran)
         ok = True
     finally:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted); the study too
-        opened.client.set_terminated(opened.parent_id, status="FINISHED" if ok else "KILLED")
-    return seconds
+        try:
+            others = loop.others_running()
+        except Exception:  # noqa: BLE001 - the storage failed: the error on its way up says why
+            others = 0
+        if not others:
+            stores.client.set_terminated(stores.parent_id, status="FINISHED" if ok else "KILLED")
+    return seconds, others

@@ -10,20 +10,21 @@ from .jobs import run_job
 from .loop import TrialLoop, quietly
 
 
-def run_here(loop: TrialLoop, todo: int) -> None:
-    """Start up to `todo` trials, each once the one before it has ended; a stop (Ctrl-C, SIGTERM) marks the
-    running trial and the second stages held back for it interrupted, then goes on up."""
-    held: list = []
-    trial = None  # the trial asked for and not yet told
+def run_here(loop: TrialLoop) -> None:
+    """Run trials one after another until none is left to claim (waiting while other processes run some: one may
+    unblock a second stage, or die and its row come back) or `loop.limit` have started; a stop (Ctrl-C, SIGTERM)
+    marks the running trial interrupted, then goes on up."""
+    trial = None  # the trial claimed and not yet told
     try:
-        while loop.started < todo:
-            with stops_deferred():  # a stop while asking lands once the trial is ours to mark
-                trial = loop.next_trial(held, [])
-                if trial is None:
-                    break
-                loop.started += 1
+        while True:
+            with stops_deferred():  # a stop while claiming lands once the trial is ours to mark
+                trial = loop.claim()
+            if trial is None:
+                if loop.at_limit() or not loop.wait_for_others():
+                    return
+                continue
             t0 = time.perf_counter()
-            loop.announce(trial, todo)
+            loop.announce(trial)
             try:
                 result = run_job(loop.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
                                  progress=terminal_bars if loop.progress else None)
@@ -36,8 +37,6 @@ def run_here(loop: TrialLoop, todo: int) -> None:
                     loop.finish(trial, result.objective, result.metrics, t0)
                     trial = None
     except KeyboardInterrupt as exc:
-        for stopped in [trial, *held]:  # the run, and second stages waiting for it
-            if stopped is not None:
-                quietly(loop.interrupt, stopped, f"{type(exc).__name__}: {exc}")
+        if trial is not None:
+            quietly(loop.interrupt, trial, f"{type(exc).__name__}: {exc}")
         raise
-    loop.not_started(held, todo)

@@ -18,6 +18,7 @@ import re
 import signal
 import threading
 import time
+from functools import partial
 from typing import Iterable
 
 import torch
@@ -33,6 +34,16 @@ from .jobs import Job, run_job
 _DEVICE = re.compile(r"^(cpu|cuda:(\d+))$")
 AUTO, SERIAL = "auto", "serial"  # --devices words given alone: decide here (auto_devices); this process, in turn
 STOP_WAIT_S = 120.0  # how long a stopped worker may take to end its run before it is killed
+# Signals that end a process from outside (an operator, a scheduler's preemption, the kernel's OOM killer: SIGKILL);
+# any other signal (SIGSEGV, SIGABRT, SIGBUS, ...) is the process's own crash.
+OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 class DeviceError(ValueError):
@@ -110,8 +121,20 @@ def _stop_when_orphaned(parent: int, every_s: float = 1.0) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _StudyGone(KeyboardInterrupt):
+    """The study process is gone (its end of the pipe is closed): the run stops as on SIGTERM (ends KILLED)."""
+
+
+def _send(conn, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError: nobody listens any more
+        raise _StudyGone("the study process is gone") from None
+
+
 def _serve(conn) -> None:
-    """The worker process: run jobs until told to stop (None) or stopped by SIGTERM."""
+    """The worker process: run jobs until told to stop (None) or stopped by SIGTERM. When the study process is
+    gone (killed), it ends quietly: no traceback for a pipe nobody reads."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the study process decides when a worker stops
     handle_stop_signals(ctrl_c=False)
     threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
@@ -121,12 +144,14 @@ def _serve(conn) -> None:
             if job is None:
                 return
             try:
-                result = run_job(job, on_start=lambda run_id: conn.send(("started", run_id)),
-                                 progress=SentBars(conn.send) if job.progress else None)
+                result = run_job(job, on_start=lambda run_id: _send(conn, ("started", run_id)),
+                                 progress=SentBars(partial(_send, conn)) if job.progress else None)
             except Exception as exc:  # noqa: BLE001 - reported to the study process, which fails the trial
-                conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+                _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
             else:
-                conn.send(("done", list(result.objective), dict(result.metrics)))
+                _send(conn, ("done", list(result.objective), dict(result.metrics)))
+    except _StudyGone:
+        pass
     except KeyboardInterrupt as exc:  # SIGTERM (Terminated): the run, if any, has ended KILLED
         try:
             conn.send(("interrupted", f"{type(exc).__name__}: {exc}"))
@@ -179,15 +204,16 @@ class DeviceWorker:
         child.close()
 
     def receive(self) -> tuple:
-        """The next message; ("died", reason) if the process ended without one."""
+        """The next message; ("died", reason, signal number or None) if the process ended without one."""
         try:
             return self.conn.recv()
         except (EOFError, OSError):
             self.process.join(timeout=10)
             code = self.process.exitcode
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            signum = -code if code is not None and code < 0 else None
+            how = f"killed by signal {signum} ({signal_name(signum)})" if signum else f"exit code {code}"
             self.retire()
-            return ("died", f"WorkerDied: the worker process on {self.device} ended ({how}) during the trial")
+            return ("died", f"WorkerDied: the worker process on {self.device} ended ({how}) during the trial", signum)
 
     def retire(self, timeout: float = 30.0) -> None:
         """Forget a process that is ending (it reported it was stopped): the next job starts a fresh one."""
