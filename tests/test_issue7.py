@@ -111,4 +111,4 @@ def test_guidance_rows_double_nfe_and_share_the_student(tmp_path, stores):
     data = load_study_data("i7_guidance", spec=str(path), tracking_uri=out.tracking_uri, storage=out.storage)
     table = ablation_table(data)
     assert list(table["guidance ω"]) == ["1", "3"] and list(table["NFE"]) == ["2", "4"]
-    assert list(table["paper (FID)"]) == ["—", "—"]  # paper_key: null: no paper counterpart
+    assert "paper (FID)" not in table  # paper_key: null on every row: no paper counterpart, so no paper column
