@@ -141,7 +141,7 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
     data = None
     if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
         data = teacher.data(settings.batch_size, cfg.seed)  # the global batch: each rank keeps its rows
-    callback = run.iteration_callback(afs=cfg.student.afs)
+    callback = run.iteration_callback(afs=cfg.student.afs, loss=training_loss_name(cfg))
     clock = Clock(device)
     with counting(progress, "train", settings.total_iterations, "it", callback) as callback:
         net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
@@ -242,13 +242,20 @@ def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, pr
 
 # ----- log -------------------------------------------------------------------------------------------------
 
+def training_loss_name(cfg: RunConfig) -> str:
+    """The loss a run trains with, as its training-loss metric names it (`sfd.tracking.train_loss_key`): `l1`, or
+    `l2_final_lpips` for a second stage that adds LPIPS on its last student step."""
+    return cfg.loss.name + (f"_final_{cfg.loss.final}" if cfg.loss.final else "")
+
+
 def _loss_curve(history: dict[str, list[tuple[int, float]]]) -> Figure:
-    keys = sorted(k for k in history if k.startswith("loss/step_")) or (["loss"] if "loss" in history else [])
+    mean = [k for k in history if k.startswith("train/loss_") and "/step_" not in k]
+    keys = sorted(k for k in history if k.startswith("train/loss_") and "/step_" in k) or mean
     fig = Figure(figsize=(6, 3.6))  # no pyplot: no global backend state
     ax = fig.add_subplot()
     for key in keys:
         steps, values = zip(*history[key])
-        ax.plot(steps, values, label=key.removeprefix("loss/").replace("_", " "), lw=1)
+        ax.plot(steps, values, label=key.rsplit("/", 1)[-1].replace("_", " "), lw=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     if keys and all(v > 0 for k in keys for _, v in history[k]):

@@ -14,6 +14,7 @@ from sfd.progress import say as say_line
 from .devices import run_on
 from .lock import study_home, study_lock
 from .loop import TrialLoop, interrupt_stored, make_sampler, recover_interrupted
+from .parent import describe_experiment, end_invocation, log_study_params, log_study_summary
 from .plan import plan_trials, trial_limit, unlisted_queue
 from .preflight import CheckedStudy, check_everything
 from .serial import run_here
@@ -100,6 +101,8 @@ def _open_study(checked: CheckedStudy, smoke: bool) -> _Opened:
     client = T.get_client(checked.tracking_uri)
     parent_id = T.study_parent_run(client, experiment, spec.name, _parent_tags(checked, smoke))
     client.log_artifact(parent_id, str(spec.path))
+    log_study_params(client, parent_id, spec, smoke)
+    describe_experiment(client, experiment, spec, smoke)
     storage = optuna.storages.get_storage(checked.storage_url)
     sampler = make_sampler(spec, parallel=bool(checked.devices) and len(checked.devices) > 1)
     study = optuna.create_study(study_name=experiment, storage=storage, sampler=sampler,
@@ -131,9 +134,11 @@ def _resume(checked: CheckedStudy, opened: _Opened, smoke: bool, n_trials: int |
 
 
 def _run_trials(loop: TrialLoop, devices: list[str] | None, todo: int, opened: _Opened, start: float) -> float:
-    """Launch the trials; the parent run ends FINISHED, or KILLED when a stop or an error ends the invocation.
-    Returns the invocation's wall time (tracked on the parent run with the number of trials that ended)."""
-    ok = False
+    """Launch the trials; the parent run then gets the study's best row and its status (`sfd.study.parent`:
+    RUNNING while trials are queued, KILLED after a stop, FAILED after an error). Returns the invocation's wall
+    time (tracked on the parent run with the number of trials that ended)."""
+    ok = stopped = False
+    seconds = None
     try:
         if todo and devices:
             run_on(loop, devices, todo)
@@ -143,6 +148,10 @@ def _run_trials(loop: TrialLoop, devices: list[str] | None, todo: int, opened: _
         opened.client.log_metric(opened.parent_id, "invocation/wall_s", seconds)
         opened.client.log_metric(opened.parent_id, "invocation/trials_run", loop.ran)
         ok = True
-    finally:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted); the study too
-        opened.client.set_terminated(opened.parent_id, status="FINISHED" if ok else "KILLED")
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted)
+        stopped = True
+        raise
+    finally:
+        log_study_summary(opened.client, opened.parent_id, loop.spec, opened.study, loop.smoke, seconds)
+        end_invocation(opened.client, opened.parent_id, opened.study, stopped=stopped, error=not (ok or stopped))
     return seconds
