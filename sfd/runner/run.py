@@ -284,4 +284,4 @@ def _log_outputs(run: RunLogger, cfg: RunConfig, teacher: Teacher, net, step_con
         return
     run.log_figure(_loss_curve(run.history), "loss_curve.png")
     if save or (save is None and not (cfg.smoke and not is_small_teacher(cfg.teacher.name))):
-        save_student(run, net, sampling_info(cfg, teacher.num_classes, step_cond))
+        save_student(run, net, sampling_info(cfg, teacher.num_classes, step_cond), shape=teacher.shape)
