@@ -16,7 +16,7 @@ from optuna.trial import TrialState, create_trial
 import sfd.study.run
 import sfd.study.serial
 from sfd import study as studies
-from sfd.study.parent import parent_status
+from sfd.study.parent import parent_status, register_best
 
 ROOT = Path(__file__).resolve().parents[1]
 GMM = ROOT / "experiments" / "gmm_sfd.yaml"
@@ -82,6 +82,13 @@ def test_parent_run_and_experiment_over_a_studys_life(tmp_path, stores, monkeypa
     assert parent.data.metrics["best/teacher_gap_mean"] == best.value
     assert parent.data.tags["sfd.best_row"] == best.user_attrs["row"]
     assert parent.data.tags["sfd.best_run_id"] == best.user_attrs["mlflow_run_id"]
+    version = client.get_model_version_by_alias("life", "best")  # the best row's student, registered
+    (output,) = client.get_run(best.user_attrs["mlflow_run_id"]).outputs.model_outputs
+    assert version.run_id == best.user_attrs["mlflow_run_id"]
+    assert version.source == client.get_logged_model(output.model_id).artifact_location
+    versions = len(client.search_model_versions("name = 'life'"))
+    assert register_best(client, "life", version.run_id) == int(version.version)  # the same best: no new version
+    assert len(client.search_model_versions("name = 'life'")) == versions
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("A tiny GMM study for tests.") and "2 complete" in note and "few minutes" not in note
     params = parent.data.params

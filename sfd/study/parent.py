@@ -15,6 +15,7 @@ from .configs import objective_labels
 from .record import shown_trials
 from .spec import StudySpec
 
+BEST_ALIAS = "best"  # the registered model version of the best row's student (models:/<study>@best)
 TAG_BEST_ROW = "sfd.best_row"  # on the parent: the row (search: trial) whose objective `best/<metric>` holds
 TAG_BEST_RUN = "sfd.best_run_id"
 BEST_PREFIX = "best/"
@@ -84,6 +85,7 @@ def log_study_summary(client, run_id: str, spec: StudySpec, study: optuna.Study,
         client.set_tag(run_id, TAG_BEST_ROW, best.user_attrs.get("row") or f"trial-{best.number}")
         if best.user_attrs.get("mlflow_run_id"):
             client.set_tag(run_id, TAG_BEST_RUN, best.user_attrs["mlflow_run_id"])
+            register_best(client, study.study_name, best.user_attrs["mlflow_run_id"])
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(_counts(trials).items()))
     lines = [spec.description.strip(), "", f"Trials: {counts or 'none yet'}."]
     if best is not None:
@@ -92,6 +94,30 @@ def log_study_summary(client, run_id: str, spec: StudySpec, study: optuna.Study,
     if seconds is not None:
         lines.append(f"Last invocation: {seconds / 60:.1f} min wall time (metric invocation/wall_s).")
     client.set_tag(run_id, T.TAG_NOTE, "\n".join(lines)[:T.MAX_TAG_LENGTH])
+
+
+def register_best(client, name: str, run_id: str) -> int | None:
+    """Register the student of the best row's run (its logged model) under the study's experiment name, with alias
+    `best` on its version (`models:/<study>@best`); a version is added only when the best row changes. Returns the
+    version, or None when that run logged no model (a baseline, a smoke run's large random student)."""
+    outputs = client.get_run(run_id).outputs
+    model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    if not model_ids:
+        return None
+    try:
+        current = client.get_model_version_by_alias(name, BEST_ALIAS)
+    except Exception:  # noqa: BLE001 - no such model or alias yet (MLflow raises its own RESOURCE_DOES_NOT_EXIST)
+        current = None
+    if current is not None and current.run_id == run_id:
+        return int(current.version)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description=f"The best row's student of study {name}, by its objective.")
+    # the model's artifact location, not models:/<id>: MLflow's SQL registry looks a models:/ source up in the
+    # process-wide tracking store, not this client's (its own TODO in SqlAlchemyStore.create_model_version)
+    location = client.get_logged_model(model_ids[0]).artifact_location
+    version = client.create_model_version(name, source=location, run_id=run_id, model_id=model_ids[0])
+    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    return int(version.version)
 
 
 def parent_status(trials: Sequence[FrozenTrial], *, stopped: bool = False, error: bool = False) -> str:
