@@ -87,8 +87,10 @@ SOURCE_TAGS = (MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 # The metric each trial logs its study's objective under (the first one; `objective_<i>` for the others) and the
-# experiment tag that makes it the experiment's primary metric.
+# experiment tags that make it the experiment's primary metric.
 OBJECTIVE_KEY = "objective"
+TAG_PRIMARY_METRIC = MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME
+TAG_PRIMARY_METRIC_GREATER_IS_BETTER = MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER
 
 # Names that become folder and file names: MLflow experiments (artifacts/<experiment>/), studies (their lock, the
 # YAML `--seeds` writes, reports/out/<study>/). One path component that is not hidden, short enough for every file
@@ -464,6 +466,11 @@ class RunLogger:
         for chunk in _chunks(metrics, MAX_BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=chunk)
 
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow dataset inputs (`mlflow.entities.DatasetInput`): the files the run reads, with their digests."""
+        if datasets:
+            self.client.log_inputs(self.run_id, datasets=datasets)
+
     # -- artifacts
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
@@ -478,6 +485,10 @@ class RunLogger:
             image.save(path)
             parent = str(Path(artifact_file).parent)
             self.log_artifact(path, None if parent == "." else parent)
+
+    def log_image_step(self, image, step: int, key: str = "samples") -> None:
+        """A PIL image as step `step` of the run's image history `key` (the UI's image slider)."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file, save_kwargs={"dpi": 120, "bbox_inches": "tight"})
@@ -572,8 +583,8 @@ class SilentRunLogger:
     def _nothing(self, *args, **kwargs) -> None:
         return None
 
-    log_params = set_tags = log_metrics = iteration_callback = flush = _nothing
-    log_artifact = log_text = log_image = log_figure = end = _nothing
+    log_params = set_tags = log_metrics = log_inputs = iteration_callback = flush = _nothing
+    log_artifact = log_text = log_image = log_image_step = log_figure = end = _nothing
 
     def __enter__(self) -> "SilentRunLogger":
         return self

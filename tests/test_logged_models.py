@@ -1,8 +1,12 @@
-"""Students as MLflow 3 logged models (issue 22): a digits run logs its student as a pyfunc that loads without
-unpickling anything and samples the same images as the run did; `models:/` and `runs:/` URIs name a saved student
-wherever a run id does (a second stage's first stage here)."""
+"""What one digits run shows in MLflow beyond params and metrics (issue 22): its student as an MLflow 3 logged model
+(a pyfunc that loads without unpickling anything and samples the same images as the run did), `models:/` and
+`runs:/` URIs naming a saved student wherever a run id does (a second stage's first stage here), the files it read
+as dataset inputs with their digests, and the image history of sample strips drawn during training."""
+import hashlib
+import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +25,15 @@ from study_runner import DIGITS_TINY
 from sfd import tracking as T
 from sfd.config import ConfigError, load_config
 from sfd.metrics.evaluate import _sample_grid
+from sfd.metrics.digits import WEIGHTS_DIR as CLASSIFIER_DIR
 from sfd.runner import run_experiment
+from sfd.runner.inputs import DIGITS_DATA
+from sfd.runner.strips import STRIP_SEEDS, strip_iterations
+from sfd.teachers.embedded import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "digits_sfd.yaml"
+IMAGE_FILE = r"images/samples\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png"
 TINY = [f"{k}={v}" for k, v in DIGITS_TINY.items()] + ["eval.metrics=[teacher_gap]"]
 
 
@@ -70,6 +79,43 @@ def test_a_digits_run_logs_a_pyfunc_student_that_samples_the_runs_images(tracked
     factor = png.shape[0] // ours.shape[0]
     assert factor > 1 and (png[::factor, ::factor] == ours).all()
     assert not (ours == 0).all()
+
+    # The image history: a strip of seeds 0-7 after iterations 0 and 1 (the last); the last is the trained student.
+    images_dir = [a.path for a in client.list_artifacts(result.run_id, "images")]
+    # MLflow's file names (client.log_image): images/<key>+step+<step>+timestamp+<ms>+<uuid>.png, and a .webp copy
+    full = {int(m.group(1)): p for p in images_dir if (m := re.fullmatch(IMAGE_FILE, p))}
+    assert sorted(full) == strip_iterations(2) == [0, 1] and len(images_dir) == 4
+    last = full[1]
+    strip = np.asarray(Image.open(client.download_artifacts(result.run_id, last, str(tmp_path / "dl"))))
+    row = np.asarray(_sample_grid(torch.from_numpy(images[:STRIP_SEEDS]).clamp(-1, 1)))  # 3x3 grid: 8 of 9 cells
+    factor = strip.shape[0] // 10  # one 8-pixel sample plus a pixel of padding on each side
+    for k in range(STRIP_SEEDS):
+        cell = strip[::factor, ::factor][1:9, 1 + 9 * k:9 + 9 * k]
+        r, c = divmod(k, 3)
+        assert (cell == row[1 + 9 * r:9 + 9 * r, 1 + 9 * c:9 + 9 * c]).all(), k
+
+
+def _inputs(client, run_id) -> dict:
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    return {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+
+
+def test_a_run_logs_the_files_it_read_as_inputs_with_their_digests(tracked):
+    """A vanilla digits run scored by fd_digits reads its teacher's weights, the digits data and the digits
+    classifier: each is an input whose digest is its SHA-256's first 32 hex digits (the whole hash in the profile),
+    tagged with what the run used it for. An SFD run scored by the teacher gap reads the teacher alone."""
+    client = MlflowClient(tracked)
+    sfd_run = run_experiment(load_config(DIGITS, TINY), tracker=T.Tracker("inputs"))
+    assert set(_inputs(client, sfd_run.run_id)) == {"teacher"}
+    result = run_experiment(load_config(DIGITS, TINY + ["algorithm=vanilla", "eval.metrics=[fd_digits]"]),
+                            tracker=T.Tracker("inputs"))
+    by_context = _inputs(client, result.run_id)
+    assert set(by_context) == {"teacher", "data", "metric"}
+    for context, path in (("teacher", WEIGHTS_DIR / "digits.safetensors"), ("data", DIGITS_DATA),
+                          ("metric", CLASSIFIER_DIR / "digits_classifier.safetensors")):
+        dataset, sha = by_context[context], hashlib.sha256(path.read_bytes()).hexdigest()
+        assert dataset.digest == sha[:32] and json.loads(dataset.profile) == {"sha256": sha, "bytes": path.stat().st_size}
+        assert json.loads(dataset.source) == {"uri": path.resolve().as_uri()} and dataset.source_type == "local"
 
 
 def test_a_second_stage_starts_from_a_models_uri_and_a_runs_uri(tracked):

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 
 from sfd.compiling import maybe_compile
 from sfd.config import TRAINING_ALGORITHMS, RunConfig, dump_yaml, flatten, grid_spec, to_dict, to_settings
@@ -28,8 +26,10 @@ from sfd.distributed import SINGLE, Ranks, process_group, rank_seed
 from sfd.metrics.evaluate import EvalResult, evaluate, solver_sampler, student_sampler
 from sfd.progress import Bars, counting
 from sfd.runner.first_stage import check_first_stage
+from sfd.runner.inputs import dataset_inputs
 from sfd.runner.preflight import (check_ddp, check_objective, ddp_for_launch, is_small_teacher, load_teacher,
                                   objective_values, prepare, resolve_device)
+from sfd.runner.strips import both, draws_strips, readable, strip_callback
 from sfd.runner.students import load_saved_student, sampling_info, save_student
 from sfd.teachers import Teacher
 from sfd.threads import cpu_threads, thread_count
@@ -37,8 +37,6 @@ from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEE
                           SilentTracker, Tracker, device_description)
 
 
-# samples.png is enlarged to at least this many pixels on its longer side (a digits grid is 73 pixels wide).
-SAMPLES_MIN_SIDE = 512
 EVALUATED_STUDENT_FILE = "evaluated_student.json"  # algorithm evaluate: the saved student's record, as read
 
 
@@ -76,6 +74,7 @@ def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: boo
         tags = _run_tags(cfg, device, notes)
         with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run, ranks.failures():
             run.log_params(flatten(to_dict(cfg)))
+            run.log_inputs(dataset_inputs(cfg) if run.active else [])
             run.log_text(dump_yaml(cfg), "config.yaml")
             bars = progress if ranks.is_main else None
             net, step_cond, metrics = _train(cfg, teacher, device, run, tracker.tracking_uri, ranks, bars)
@@ -142,6 +141,9 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
     if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
         data = teacher.data(settings.batch_size, cfg.seed)  # the global batch: each rank keeps its rows
     callback = run.iteration_callback(afs=cfg.student.afs, loss=training_loss_name(cfg))
+    if run.active and draws_strips(cfg, teacher):  # the image history: a strip of samples every so often
+        callback = both(callback, strip_callback(cfg, teacher, student, step_cond, device, run.log_image_step,
+                                                 settings.total_iterations))
     clock = Clock(device)
     with counting(progress, "train", settings.total_iterations, "it", callback) as callback:
         net = distill(teacher_net, student, settings, teacher.shape, device=device, data=data, callback=callback,
@@ -264,13 +266,6 @@ def _loss_curve(history: dict[str, list[tuple[int, float]]]) -> Figure:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
-
-
-def readable(image: Image.Image) -> Image.Image:
-    """A small sample grid enlarged by a whole factor, nearest neighbour (each pixel a sharp square block), to at
-    least SAMPLES_MIN_SIDE pixels on its longer side; a grid that large already is returned as it is."""
-    factor = math.ceil(SAMPLES_MIN_SIDE / max(image.size))
-    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def _log_outputs(run: RunLogger, cfg: RunConfig, teacher: Teacher, net, step_cond: bool, result: EvalResult,

@@ -48,8 +48,8 @@ def describe_experiment(client, experiment: str, spec: StudySpec, smoke: bool) -
     labels = objective_labels(spec, smoke)
     note = f"Study {spec.name} ({spec.kind}): {spec.description.strip()} Objective: " + ", ".join(
         f"{m} ({d})" for m, d in zip(labels, spec.directions)) + " (metric `objective` on each trial's run)."
-    for key, value in {T.TAG_NOTE: note, T.MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME: T.OBJECTIVE_KEY,
-                       T.MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER: str(spec.directions[0] == "maximize")
+    for key, value in {T.TAG_NOTE: note, T.TAG_PRIMARY_METRIC: T.OBJECTIVE_KEY,
+                       T.TAG_PRIMARY_METRIC_GREATER_IS_BETTER: str(spec.directions[0] == "maximize")
                        .lower()}.items():
         client.set_experiment_tag(exp_id, key, value)
 
