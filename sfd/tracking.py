@@ -82,8 +82,9 @@ TAG_GIT_DIRTY = "git.dirty"
 TAG_VERSION = "version."
 # What MLflow's UI shows of a run's source (its "Source", "User" and commit columns).
 SOURCE_TAGS = (MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER)
-# An experiment tag: MLflow 3's UI opens an experiment of this kind on its runs ("Machine learning"), not on the
-# GenAI overview of traces it shows when the kind is unset (the UI's ExperimentKind values).
+# An experiment tag: the experiment's type, "Machine learning" (the UI's ExperimentKind values), which MLflow 3 UIs
+# without the sidebar's GenAI / Model training switch read to open its runs rather than the GenAI overview. MLflow
+# 3.17's UI decides by that switch instead (URL `?workflowType=machine_learning`, remembered by the browser).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 # The metric each trial logs its study's objective under (the first one; `objective_<i>` for the others) and the

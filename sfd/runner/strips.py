@@ -15,6 +15,7 @@ from torchvision.utils import make_grid
 from sfd.config import RunConfig, grid_spec
 from sfd.metrics.evaluate import student_sampler
 from sfd.metrics.inception import to_uint8
+from sfd.runner.preflight import is_small_teacher
 from sfd.teachers import Teacher
 from sfd.teachers.registry import teacher_spec
 
@@ -39,9 +40,10 @@ def strip_iterations(total: int, strips: int = STRIPS) -> list[int]:
 
 
 def draws_strips(cfg: RunConfig, teacher: Teacher) -> bool:
-    """Images only: a teacher of pixel images (not a point mixture) whose samples `student_sampler` draws."""
+    """Images only: a teacher of pixel images (not a point mixture) whose samples `student_sampler` draws; not in a
+    smoke run of a large random network (a wiring test, whose student is not kept either)."""
     shape = tuple(teacher.shape)
-    return (len(shape) == 3 and shape[0] in (1, 3)
+    return (len(shape) == 3 and shape[0] in (1, 3) and not (cfg.smoke and not is_small_teacher(cfg.teacher.name))
             and teacher_spec(cfg.teacher.name).source in ("embedded", "checkpoint", "analytic"))
 
 
