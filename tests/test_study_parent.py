@@ -1,6 +1,7 @@
 """What a study's MLflow experiment and parent run show (issue 22): child runs named by their row, the study's
 settings as params, the best row's objective as a metric, a description from what was measured, the experiment's
 kind, description and primary metric, and a parent status that follows the study's trials."""
+import json
 import os
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def test_parent_run_and_experiment_over_a_studys_life(tmp_path, stores, monkeypa
     version = client.get_model_version_by_alias("life", "best")  # the best row's student, registered
     (output,) = client.get_run(best.user_attrs["mlflow_run_id"]).outputs.model_outputs
     assert version.run_id == best.user_attrs["mlflow_run_id"]
-    assert version.source == client.get_logged_model(output.model_id).artifact_location
+    model = client.get_logged_model(output.model_id)
+    assert version.source == model.artifact_location
+    assert {"name": "life", "version": str(version.version)} in json.loads(model.tags["mlflow.modelVersions"])  # UI
     versions = len(client.search_model_versions("name = 'life'"))
     assert register_best(client, "life", version.run_id) == int(version.version)  # the same best: no new version
     assert len(client.search_model_versions("name = 'life'")) == versions

@@ -3,10 +3,12 @@ params, its best row's objective as a metric, a description built from what was 
 description and primary metric, and a status that follows the study's trials."""
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import optuna
 from mlflow.entities import Param
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from optuna.trial import FrozenTrial, TrialState
 
 from sfd import tracking as T
@@ -109,14 +111,21 @@ def register_best(client, name: str, run_id: str) -> int | None:
     except Exception:  # noqa: BLE001 - no such model or alias yet (MLflow raises its own RESOURCE_DOES_NOT_EXIST)
         current = None
     if current is not None and current.run_id == run_id:
-        return int(current.version)
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description=f"The best row's student of study {name}, by its objective.")
-    # the model's artifact location, not models:/<id>: MLflow's SQL registry looks a models:/ source up in the
-    # process-wide tracking store, not this client's (its own TODO in SqlAlchemyStore.create_model_version)
-    location = client.get_logged_model(model_ids[0]).artifact_location
-    version = client.create_model_version(name, source=location, run_id=run_id, model_id=model_ids[0])
-    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+        version = current
+    else:
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(name, description=f"The best row's student of study {name}, by its "
+                                                             "objective.")
+        # the model's artifact location, not models:/<id>: MLflow's SQL registry looks a models:/ source up in the
+        # process-wide tracking store, not this client's (its own TODO in SqlAlchemyStore.create_model_version)
+        location = client.get_logged_model(model_ids[0]).artifact_location
+        version = client.create_model_version(name, source=location, run_id=run_id, model_id=model_ids[0])
+        client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    # what mlflow.register_model records on the logged model (the UI's "Model versions" on the model's page)
+    listed = json.loads(client.get_logged_model(model_ids[0]).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    entry = {"name": name, "version": str(version.version)}
+    if entry not in listed:
+        client.set_logged_model_tags(model_ids[0], {MLFLOW_MODEL_VERSIONS: json.dumps(listed + [entry])})
     return int(version.version)
 
 
