@@ -86,6 +86,7 @@ def test_a_digits_run_logs_a_pyfunc_student_that_samples_the_runs_images(tracked
     # MLflow's file names (client.log_image): images/<key>+step+<step>+timestamp+<ms>+<uuid>.png, and a .webp copy
     full = {int(m.group(1)): p for p in images_dir if (m := re.fullmatch(IMAGE_FILE, p))}
     assert sorted(full) == strip_iterations(2) == [0, 1] and len(images_dir) == 4
+    assert strip_iterations(100) == [0, 12, 25, 38, 51, 64, 77, 90, 99]  # the first, every 13th, the last
     last = full[1]
     strip = np.asarray(Image.open(client.download_artifacts(result.run_id, last, str(tmp_path / "dl"))))
     row = np.asarray(_sample_grid(torch.from_numpy(images[:STRIP_SEEDS]).clamp(-1, 1)))  # 3x3 grid: 8 of 9 cells

@@ -23,7 +23,7 @@ from sfd.teachers.registry import teacher_spec
 SAMPLES_MIN_SIDE = 512
 STRIP_KEY = "samples"  # the image history's key
 STRIP_SEEDS = 8  # samples per strip, seeds 0..7 (the first of the evaluation's seeds)
-STRIPS = 8  # strips per run: about every 1/8 of training, and at its last iteration
+STRIPS = 8  # strips per run: about every 1/8 of training, and after its first and last iterations
 
 
 def readable(image: Image.Image) -> Image.Image:
@@ -34,9 +34,10 @@ def readable(image: Image.Image) -> Image.Image:
 
 
 def strip_iterations(total: int, strips: int = STRIPS) -> list[int]:
-    """The iterations (0-based) after which a strip is logged: every ceil(total / strips)-th, and the last."""
+    """The iterations (0-based) after which a strip is logged: the first (MLflow's image chart opens at step 0),
+    every ceil(total / strips)-th, and the last."""
     every = max(1, math.ceil(total / strips))
-    return sorted({*range(every - 1, total, every), total - 1}) if total > 0 else []
+    return sorted({0, *range(every - 1, total, every), total - 1}) if total > 0 else []
 
 
 def draws_strips(cfg: RunConfig, teacher: Teacher) -> bool:
