@@ -124,9 +124,8 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = 50  # iterations between batched metric writes
-    # MLflow's system metrics (CPU/GPU utilisation and memory) on the run: auto = on a CUDA device only
-    # (sfd.runner.system_metrics), true, false
-    system_metrics: bool | str = "auto"
+    # MLflow's system metrics (CPU/GPU utilisation and memory) on the run (sfd.runner.system_metrics)
+    system_metrics: bool = True
 
 
 @dataclass

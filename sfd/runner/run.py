@@ -31,7 +31,7 @@ from sfd.runner.preflight import (check_ddp, check_objective, ddp_for_launch, is
                                   objective_values, prepare, resolve_device)
 from sfd.runner.strips import both, draws_strips, readable, strip_callback
 from sfd.runner.students import load_saved_student, sampling_info, save_student
-from sfd.runner.system_metrics import monitors, system_metrics
+from sfd.runner.system_metrics import system_metrics
 from sfd.teachers import Teacher
 from sfd.threads import cpu_threads, thread_count
 from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEED, TAG_SMOKE, TAG_THREADS, RunLogger,
@@ -78,7 +78,7 @@ def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: boo
             run.log_inputs(dataset_inputs(cfg) if run.active else [])
             run.log_text(dump_yaml(cfg), "config.yaml")
             bars = progress if ranks.is_main else None
-            with system_metrics(run, monitors(cfg.log.system_metrics, device)):
+            with system_metrics(run, cfg.log.system_metrics):
                 net, step_cond, metrics = _train(cfg, teacher, device, run, tracker.tracking_uri, ranks, bars)
                 t0 = time.perf_counter()
                 result, nfe, eval_metrics = _evaluate(cfg, teacher, net, step_cond, device, bars, ranks)
