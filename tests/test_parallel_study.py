@@ -184,7 +184,8 @@ def test_an_error_in_the_study_process_stops_the_workers_cleanly(tmp_path, store
     client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
     long_run = client.get_run(trials["long"].user_attrs["mlflow_run_id"])
     assert long_run.info.status == "KILLED"  # stopped mid-training by the study process
-    assert client.get_run(long_run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    parent = client.get_run(long_run.data.tags["mlflow.parentRunId"])  # the study failed: an error, not a stop
+    assert parent.info.status == "FAILED" and parent.data.tags["sfd.error"] == "RuntimeError: database is locked"
 
 
 @pytest.mark.parametrize("devices, message", [

@@ -116,9 +116,14 @@ def test_an_invocation_that_ends_on_an_error_fails_the_parent(tmp_path, stores, 
     def broken(loop, todo):
         raise RuntimeError("the launcher broke")
 
-    monkeypatch.setattr(sfd.study.run, "run_here", broken)
-    with pytest.raises(RuntimeError):
-        studies.run_study(str(_study(tmp_path, "broken", ROWS[:1])), quiet=True)
+    path = _study(tmp_path, "broken", ROWS[:1])
+    with monkeypatch.context() as patch:
+        patch.setattr(sfd.study.run, "run_here", broken)
+        with pytest.raises(RuntimeError):
+            studies.run_study(str(path), quiet=True)
     client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
     (parent,) = client.search_runs([client.get_experiment_by_name("broken").experiment_id], "tags.`sfd.role` = 'study'")
-    assert parent.info.status == "FAILED"
+    assert parent.info.status == "FAILED" and parent.data.tags["sfd.error"] == "RuntimeError: the launcher broke"
+    again = studies.run_study(str(path), quiet=True)  # the next invocation runs the row: the error is gone
+    parent = client.get_run(again.parent_run_id)
+    assert parent.info.status == "FINISHED" and "sfd.error" not in parent.data.tags

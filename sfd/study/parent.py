@@ -147,10 +147,15 @@ def parent_status(trials: Sequence[FrozenTrial], *, stopped: bool = False, error
     return "FINISHED"
 
 
-def end_invocation(client, run_id: str, study: optuna.Study, *, stopped: bool = False, error: bool = False) -> str:
-    """Set the parent run's status (`parent_status`) when an invocation ends; returns it. RUNNING leaves the run
-    open (no end time), for the next invocation or the process still running trials."""
-    status = parent_status(study.get_trials(deepcopy=False), stopped=stopped, error=error)
+def end_invocation(client, run_id: str, study: optuna.Study, *, stopped: bool = False, error: str | None = None) -> str:
+    """Set the parent run's status (`parent_status`) when an invocation ends, with the error that ended it as tag
+    `sfd.error`; returns the status. RUNNING leaves the run open (no end time), for the next invocation or the
+    process still running trials."""
+    if error is not None:
+        client.set_tag(run_id, T.TAG_ERROR, error[:T.MAX_TAG_LENGTH])
+    elif T.TAG_ERROR in client.get_run(run_id).data.tags:  # an earlier invocation's error, not this one's
+        client.delete_tag(run_id, T.TAG_ERROR)
+    status = parent_status(study.get_trials(deepcopy=False), stopped=stopped, error=error is not None)
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
     else:

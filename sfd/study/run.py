@@ -137,8 +137,8 @@ def _run_trials(loop: TrialLoop, devices: list[str] | None, todo: int, opened: _
     """Launch the trials; the parent run then gets the study's best row and its status (`sfd.study.parent`:
     RUNNING while trials are queued, KILLED after a stop, FAILED after an error). Returns the invocation's wall
     time (tracked on the parent run with the number of trials that ended)."""
-    ok = stopped = False
-    seconds = None
+    stopped = False
+    seconds = error = None
     try:
         if todo and devices:
             run_on(loop, devices, todo)
@@ -147,11 +147,13 @@ def _run_trials(loop: TrialLoop, devices: list[str] | None, todo: int, opened: _
         seconds = time.perf_counter() - start
         opened.client.log_metric(opened.parent_id, "invocation/wall_s", seconds)
         opened.client.log_metric(opened.parent_id, "invocation/trials_run", loop.ran)
-        ok = True
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted)
         stopped = True
         raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         log_study_summary(opened.client, opened.parent_id, loop.spec, opened.study, loop.smoke, seconds)
-        end_invocation(opened.client, opened.parent_id, opened.study, stopped=stopped, error=not (ok or stopped))
+        end_invocation(opened.client, opened.parent_id, opened.study, stopped=stopped, error=error)
     return seconds
