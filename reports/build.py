@@ -59,11 +59,12 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib
+import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
 from reports.figures import FIGURE_TITLES, figure_png, make_figures, save_figures
-from reports.formatting import fmt_afs, fmt_delta, fmt_paper, fmt_tmin, fmt_value
+from reports.formatting import fmt_afs, fmt_delta, fmt_paper, fmt_tmin, fmt_value, slug
 from reports.header import header_markdown
 from reports.loading import REPO_ROOT, ReportError, StudyData, load_study_data, run_hint, spec_name
 from reports.notebook import export_html, report_markdown, run_notebook, write_notebook
@@ -87,6 +88,7 @@ __all__ = [
 DEFAULT_OUT_ROOT = REPO_ROOT / "reports" / "out"
 # What a build writes into its folder; anything else there (a user's own files) is left alone.
 REPORT_ENTRIES = ("report.md", "report.ipynb", "report.html", "study.yaml", "figures")
+TABLES_DIR = "report/tables"  # on the parent run: the report's tables as MLflow tables
 
 
 def log_report(data: StudyData, out_dir: str | Path) -> None:
@@ -101,6 +103,27 @@ def log_report(data: StudyData, out_dir: str | Path) -> None:
         elif path.is_file():
             client.log_artifact(run_id, str(path), artifact_path="report")
     client.set_tag(run_id, TAG_REPORT, "report/report.md")
+    log_tables(client, run_id, report_tables(data))
+
+
+def log_tables(client, run_id: str, tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The report's tables as MLflow tables on the parent run (`report/tables/<title>.json`, MLflow's `log_table`
+    format: pandas' split orientation), which the UI shows as tables and `mlflow.load_table` reads back. MLflow's
+    `log_table` appends rows to a table that exists; a rebuilt report replaces it, written in the same format.
+    Returns the artifact paths."""
+    existing = {a.path for a in client.list_artifacts(run_id, TABLES_DIR)}
+    paths = []
+    for title, frame in tables.items():
+        path = f"{TABLES_DIR}/{slug(title)}.json"
+        if path in existing:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / Path(path).name
+                frame.to_json(local, orient="split", index=False, date_format="iso")
+                client.log_artifact(run_id, str(local), TABLES_DIR)
+        else:
+            client.log_table(run_id, data=frame, artifact_file=path)
+        paths.append(path)
+    return paths
 
 
 def publish_report(stage: Path, out: Path) -> None:

@@ -385,12 +385,15 @@ def _fetch_histories_and_samples(data: StudyData, client, children: list[dict], 
 
 
 def _loss_history(client, run: dict) -> pd.DataFrame:
-    """Per-student-step losses (`loss/step_<k>`) by iteration; the mean `loss` when the run logged no step
+    """Per-student-step training losses (`train/loss_<loss>/step_<k>`, `loss/step_<k>` in runs logged before the
+    loss was in the name) by iteration; the mean (`train/loss_<loss>`, `loss`) when the run logged no step
     (vanilla rows train one random step per iteration)."""
-    keys = sorted((k for k in run["metrics"] if re.fullmatch(r"loss/step_\d+", k)), key=lambda k: int(k.rsplit("_", 1)[1]))
-    if not keys and "loss" in run["metrics"]:
-        keys = ["loss"]
-    return pd.DataFrame([{"key": k, "student_step": int(k.rsplit("_", 1)[1]) if k != "loss" else "mean",
+    metrics = run["metrics"]
+    keys = sorted((k for k in metrics if re.fullmatch(r"(train/loss_\w+|loss)/step_\d+", k)),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
+    mean = [k for k in metrics if re.fullmatch(r"train/loss_\w+|loss", k)]
+    keys = keys or mean[:1]
+    return pd.DataFrame([{"key": k, "student_step": int(k.rsplit("_", 1)[1]) if "/step_" in k else "mean",
                           "step": m.step, "value": m.value}
                          for k in keys for m in client.get_metric_history(run["run_id"], k)])
 

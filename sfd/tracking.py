@@ -13,6 +13,7 @@ Default store: ``sqlite:///<project>/runs/mlflow.db`` with artifacts under ``<pr
 from __future__ import annotations
 
 import functools
+import getpass
 import logging
 import os
 import platform
@@ -40,6 +41,9 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # noqa: E402
+from mlflow.utils.mlflow_tags import (MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER,  # noqa: E402
+                                      MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME,
+                                      MLFLOW_SOURCE_TYPE, MLFLOW_USER)
 
 from sfd.signals import stops_deferred  # noqa: E402
 from sfd.storelock import backend, sqlite_path, store_lock, without_password  # noqa: E402
@@ -88,12 +92,25 @@ TAG_OPTUNA_STORAGE = "optuna.storage"
 TAG_GIT_COMMIT = "git.commit"
 TAG_GIT_DIRTY = "git.dirty"
 TAG_VERSION = "version."
+# What MLflow's UI shows of a run's source (its "Source", "User" and commit columns).
+SOURCE_TAGS = (MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER)
+# An experiment tag: the experiment's type, "Machine learning" (the UI's ExperimentKind values), which MLflow 3 UIs
+# without the sidebar's GenAI / Model training switch read to open its runs rather than the GenAI overview. MLflow
+# 3.17's UI decides by that switch instead (URL `?workflowType=machine_learning`, remembered by the browser).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# The metric each trial logs its study's objective under (the first one; `objective_<i>` for the others) and the
+# experiment tags that make it the experiment's primary metric.
+OBJECTIVE_KEY = "objective"
+TAG_PRIMARY_METRIC = MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME
+TAG_PRIMARY_METRIC_GREATER_IS_BETTER = MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER
 
 # Names that become folder and file names: MLflow experiments (artifacts/<experiment>/), studies (their lock, the
 # YAML `--seeds` writes, reports/out/<study>/). One path component that is not hidden, short enough for every file
 # name built from it (`.<study>-smoke-building-xxxxxxxx`, `<study>-smoke-<key>.lock`) to stay under 255 bytes.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_NAME_LENGTH = 128
+DATASET_ATTEMPTS = 4  # log_inputs tries: runs logging the same dataset at once race on its row
 
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 MAX_BATCH_PARAMS = 100
@@ -321,19 +338,30 @@ def get_client(tracking_uri: str | None = None):
 
 
 def get_or_create_experiment(client, name: str) -> str:
-    """The experiment's id, creating it (with artifacts where `artifact_location` says) when absent, also when
-    another process creates it at the same moment; a deleted experiment of that name is restored."""
+    """The experiment's id, creating it (with artifacts where `artifact_location` says, and tagged as a
+    model-training experiment so the UI opens its runs) when absent, also when another process creates it at the
+    same moment; a deleted experiment of that name is restored."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                            tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING_KIND})
         except MlflowException:  # created meanwhile by another process (the name is unique)
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if TAG_EXPERIMENT_KIND not in exp.tags:  # made before the kind was set
+        client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING_KIND)
     return exp.experiment_id
+
+
+def train_loss_key(loss_name: str) -> str:
+    """The metric a run's training loss is logged under: `train/loss_<loss>` (e.g. train/loss_l1), so that runs
+    trained with different losses, whose values cannot be compared, never share a training-loss metric; its
+    value at student step k is `<key>/step_<k>`."""
+    return f"train/loss_{loss_name}"
 
 
 # ----- provenance --------------------------------------------------------------------------------------
@@ -369,8 +397,25 @@ def device_description(device) -> str:
     return device.type
 
 
+def source_tags(git: Mapping[str, str]) -> dict[str, str]:
+    """MLflow's own source tags: the commit (from `git_info`), the entry point (the script or `python -m` module
+    that runs, relative to the project when inside it), LOCAL, and the user."""
+    entry = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if entry is None or not entry.is_file():
+        name = "python"
+    else:
+        name = str(entry.relative_to(project_root())) if entry.is_relative_to(project_root()) else str(entry)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return {MLFLOW_GIT_COMMIT: git[TAG_GIT_COMMIT], MLFLOW_SOURCE_NAME: name, MLFLOW_SOURCE_TYPE: "LOCAL",
+            MLFLOW_USER: user}
+
+
 def provenance_tags() -> dict[str, str]:
-    return {**git_info(), **package_versions()}
+    git = git_info()
+    return {**git, **source_tags(git), **package_versions()}
 
 
 def process_tags() -> dict[str, str]:
@@ -475,15 +520,17 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=chunk)
 
     # -- per-iteration metrics from the distillation loop
-    def iteration_callback(self, *, afs: bool, per_step: bool = True) -> Callable:
-        """A `callback` for `sfd.distill.distill`. Each iteration logs `loss` (mean over trained steps),
-        `loss/step_<k>` (k = index of the student step along its grid; the AFS step 0 has no loss) when
+    def iteration_callback(self, *, afs: bool, loss: str, per_step: bool = True) -> Callable:
+        """A `callback` for `sfd.distill.distill`. Each iteration logs the mean over trained steps of the training
+        loss named `loss` (under `train_loss_key(loss)`, e.g. train/loss_l1), its value per student step
+        `<key>/step_<k>` (k = index of the student step along its grid; the AFS step 0 has no loss) when
         `per_step`, `lr`, `kimg`, `time/teacher_s`, `time/student_s`. Values stay on the device until a
         flush, every `self.every` iterations, which syncs once and writes one batch."""
         first = 1 if afs else 0
+        key = train_loss_key(loss)
 
         def callback(stats) -> None:
-            self._pending.append((stats, first, per_step, _now_ms()))
+            self._pending.append((stats, first, per_step, key, _now_ms()))
             if len(self._pending) >= self.every:
                 self.flush()
 
@@ -495,20 +542,36 @@ class RunLogger:
         # One host transfer for the whole window.
         flat = torch.cat([s.step_losses.reshape(-1).float() for s, *_ in self._pending]).tolist()
         metrics, i = [], 0
-        for stats, first, per_step, ts in self._pending:
+        for stats, first, per_step, loss_key, ts in self._pending:
             n = stats.step_losses.numel()
             losses, i = flat[i:i + n], i + n
-            values = {"loss": sum(losses) / max(n, 1), "lr": stats.lr, "kimg": stats.kimg,
+            values = {loss_key: sum(losses) / max(n, 1), "lr": stats.lr, "kimg": stats.kimg,
                       "time/teacher_s": stats.teacher_seconds, "time/student_s": stats.student_seconds}
             if per_step:
                 steps = stats.step_indices or range(first, first + n)
-                values.update({f"loss/step_{k}": v for k, v in zip(steps, losses)})
+                values.update({f"{loss_key}/step_{k}": v for k, v in zip(steps, losses)})
             for key, value in values.items():
                 metrics.append(Metric(key, float(value), ts, stats.iteration))
                 self.history.setdefault(key, []).append((stats.iteration, float(value)))
         self._pending = []
         for chunk in _chunks(metrics, MAX_BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow dataset inputs (`mlflow.entities.DatasetInput`): the files the run reads, with their digests.
+        Runs of one experiment log the same dataset; two logging it at once race on its row (UNIQUE constraint on
+        experiment, name and digest: the loser's insert fails), so a failed call is tried again, which then finds
+        the row the other made."""
+        if not datasets:
+            return
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                self.client.log_inputs(self.run_id, datasets=datasets)
+                return
+            except MlflowException:
+                if attempt == DATASET_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     # -- artifacts
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
@@ -524,6 +587,10 @@ class RunLogger:
             image.save(path)
             parent = str(Path(artifact_file).parent)
             self.log_artifact(path, None if parent == "." else parent)
+
+    def log_image_step(self, image, step: int, key: str = "samples") -> None:
+        """A PIL image as step `step` of the run's image history `key` (the UI's image slider)."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file, save_kwargs={"dpi": 120, "bbox_inches": "tight"})
@@ -570,8 +637,10 @@ class Tracker:
 
     def __init__(self, experiment: str = "experiments", *, tracking_uri: str | None = None,
                  parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
-                 on_start: Callable[[str], None] | None = None, objective: list[str] | None = None):
+                 on_start: Callable[[str], None] | None = None, objective: list[str] | None = None,
+                 run_name: str | None = None):
         self.experiment = experiment
+        self.run_name = run_name  # names the run instead of the name `start_run` is given (a study's row id)
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.parent_run_id = parent_run_id
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -592,7 +661,7 @@ class Tracker:
                     **self.tags, **{k: str(v) for k, v in (tags or {}).items()}}
         if self.parent_run_id:
             all_tags[TAG_PARENT] = self.parent_run_id
-        run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        run = client.create_run(exp_id, run_name=self.run_name or run_name, tags=all_tags)
         logger = RunLogger(client, run.info.run_id, every=every)
         if self.on_start is not None:
             try:
@@ -616,8 +685,8 @@ class SilentRunLogger:
     def _nothing(self, *args, **kwargs) -> None:
         return None
 
-    log_params = set_tags = log_metrics = iteration_callback = flush = _nothing
-    log_artifact = log_text = log_image = log_figure = end = _nothing
+    log_params = set_tags = log_metrics = log_inputs = iteration_callback = flush = _nothing
+    log_artifact = log_text = log_image = log_image_step = log_figure = end = _nothing
 
     def __enter__(self) -> "SilentRunLogger":
         return self

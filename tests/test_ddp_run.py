@@ -62,7 +62,7 @@ def test_two_ranks_log_one_child_run_that_matches_one_process(stores, tmp_path):
     # wrong split (both ranks training on the same half) moved the gap by 9e-3 relative.
     single = run_experiment(load_config(GMM, ["log.every=1"]), tracker=Tracker(EXPERIMENT))
     assert run.data.metrics["teacher_gap_mean"] == pytest.approx(single.metrics["teacher_gap_mean"], rel=1e-4)
-    losses = {rid: [m.value for m in client.get_metric_history(rid, "loss")] for rid in (run.info.run_id, single.run_id)}
+    losses = {rid: [m.value for m in client.get_metric_history(rid, "train/loss_l1")] for rid in (run.info.run_id, single.run_id)}
     assert len(losses[run.info.run_id]) == 40
     assert losses[run.info.run_id] == pytest.approx(losses[single.run_id], rel=1e-5)
 

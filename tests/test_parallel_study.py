@@ -191,7 +191,8 @@ def test_an_error_in_the_study_process_stops_the_workers_cleanly(tmp_path, store
     client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
     long_run = client.get_run(long.user_attrs["mlflow_run_id"])
     assert long_run.info.status == "KILLED"  # stopped mid-training by the study process
-    assert client.get_run(long_run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    parent = client.get_run(long_run.data.tags["mlflow.parentRunId"])  # the study failed: an error, not a stop
+    assert parent.info.status == "FAILED" and parent.data.tags["sfd.error"] == "RuntimeError: database is locked"
     assert quick.state == TrialState.RUNNING
     assert client.get_run(quick.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
 
@@ -203,6 +204,7 @@ def test_an_error_in_the_study_process_stops_the_workers_cleanly(tmp_path, store
     finished = runs_by_row(client, again)
     assert len(client.search_runs([long_run.info.experiment_id], "attributes.status = 'FINISHED' and "
                                   "tags.`sfd.row` = 'quick'")) == 1 and finished["quick"].info.status == "FINISHED"
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"  # the rerun ends it
 
 
 @pytest.mark.parametrize("devices, message", [

@@ -23,6 +23,7 @@ import yaml
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
+import pandas as pd  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -392,6 +393,27 @@ def test_report_logged_on_parent_run(ablation):
               "report/figures/metric_vs_hours.svg", "report/figures/loss_curves.svg", "report/figures/sample_grids.png"):
         assert p in logged, (p, sorted(logged))
     assert L.client.get_run(L.parent).data.tags.get("sfd.report") == "report/report.md"
+
+
+def test_report_tables_round_trip_as_mlflow_tables(ablation, monkeypatch):
+    """The ablation table is logged with MLflow's log_table on the parent run: MLflow's load_table reads back the
+    table the report shows, and a rebuild replaces it (log_table alone would append the rows again)."""
+    L = ablation["L"]
+    experiment_id = L.client.get_run(L.parent).info.experiment_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", L.tracking_uri)  # load_table searches the process's store (search_runs)
+    data = rb.load_study_data("ablation_tiny", storage=L.storage, tracking_uri=L.tracking_uri, spec=ABLATION_SPEC)
+    expected = rb.ablation_table(data).reset_index(drop=True)
+    file = "report/tables/Ablation_paper_s_layout_and_order.json"
+    assert "mlflow.loggedArtifacts" in L.client.get_run(L.parent).data.tags  # what the UI's table views read
+    for build in range(2):
+        loaded = L.client.load_table(experiment_id, file, run_ids=[L.parent])
+        assert list(loaded.columns) == list(expected.columns) and len(loaded) == len(expected) > 1
+        # load_table reads with pandas' type inference ("5.10" comes back as 5.1); the file holds the cells as shown
+        logged = pd.read_json(L.client.download_artifacts(L.parent, file, str(ablation["out"].parent / f"t{build}")),
+                              orient="split", dtype=False)
+        pd.testing.assert_frame_equal(logged, expected)
+        if build == 0:
+            rb.log_report(data, ablation["out"])
 
 
 def test_a_failed_rebuild_leaves_the_earlier_report_whole(ablation, monkeypatch):

@@ -1,5 +1,6 @@
 """MLflow logging from one module: run layout, batched metrics, provenance, FAILED runs, nothing half-created."""
 import dataclasses
+import getpass
 import math
 import os
 import re
@@ -79,32 +80,33 @@ def test_iteration_metrics_are_batched_and_keyed_by_student_step(store):
     calls = []
     original = run.client.log_batch
     run.client.log_batch = lambda *a, **k: (calls.append(len(k.get("metrics", ()))), original(*a, **k))[1]
-    callback = run.iteration_callback(afs=True)
+    callback = run.iteration_callback(afs=True, loss="l1")
     for i in range(10):
         callback(_stats(i, [1.0 + i, 2.0 + i]))
     assert len(calls) == 2  # iterations 0-3 and 4-7, one write each; 8-9 still buffered
     run.end()
     assert len(calls) == 3  # the rest on end
     client = _client()
-    hist = client.get_metric_history(run.run_id, "loss/step_1")
+    hist = client.get_metric_history(run.run_id, "train/loss_l1/step_1")
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(i, 1.0 + i) for i in range(10)]
-    assert len(client.get_metric_history(run.run_id, "loss/step_2")) == 10
+    assert len(client.get_metric_history(run.run_id, "train/loss_l1/step_2")) == 10
     keys = set(client.get_run(run.run_id).data.metrics)
-    assert {"loss", "lr", "kimg", "time/teacher_s", "time/student_s"} <= keys and "loss/step_0" not in keys  # AFS step
+    assert {"train/loss_l1", "lr", "kimg", "time/teacher_s", "time/student_s"} <= keys
+    assert "train/loss_l1/step_0" not in keys and "loss" not in keys  # the AFS step trains nothing; no bare loss
     assert client.get_run(run.run_id).info.status == "FINISHED"
 
     run2 = tracker.start_run("no-afs-vanilla", every=50)
-    cb = run2.iteration_callback(afs=False)
+    cb = run2.iteration_callback(afs=False, loss="l2")
     cb(_stats(0, [3.0, 4.0]))
-    cb_vanilla = run2.iteration_callback(afs=False, per_step=False)
+    cb_vanilla = run2.iteration_callback(afs=False, loss="l2", per_step=False)
     cb_vanilla(_stats(1, [5.0]))
     # Algorithm 1 trains one random step per iteration: its loss is keyed by the step it drew.
     cb(dataclasses.replace(_stats(2, [7.0]), step_indices=(2,)))
     run2.end()
-    hist0 = client.get_metric_history(run2.run_id, "loss/step_0")
+    hist0 = client.get_metric_history(run2.run_id, "train/loss_l2/step_0")
     assert [m.value for m in hist0] == [3.0]  # without AFS the first step is step 0
-    assert [(m.step, m.value) for m in client.get_metric_history(run2.run_id, "loss/step_2")] == [(2, 7.0)]
-    assert sorted(m.value for m in client.get_metric_history(run2.run_id, "loss")) == [3.5, 5.0, 7.0]
+    assert [(m.step, m.value) for m in client.get_metric_history(run2.run_id, "train/loss_l2/step_2")] == [(2, 7.0)]
+    assert sorted(m.value for m in client.get_metric_history(run2.run_id, "train/loss_l2")) == [3.5, 5.0, 7.0]
 
 
 def test_failing_run_ends_failed_with_its_error(store):
@@ -194,17 +196,23 @@ def test_run_experiment_logs_the_contract_layout(store):
     assert params["student.nfe"] == "2" and params["solver.name"] == "dpmpp3m" and params["eval.num_samples"] == "16"
     m = run.data.metrics
     for key in ("teacher_gap_mean", "teacher_gap_std", "nfe", "train/wall_s", "train/cpu_s", "train/device_hours",
-                "eval/wall_s", "total/wall_s", "objective", "loss/step_1", "loss/step_2", "lr", "time/teacher_s",
-                "time/student_s"):
+                "eval/wall_s", "total/wall_s", "objective", "train/loss_l1", "train/loss_l1/step_1",
+                "train/loss_l1/step_2", "lr", "time/teacher_s", "time/student_s"):
         assert key in m, key
     assert m["objective"] == m["teacher_gap_mean"] == result.metrics["teacher_gap_mean"]
     assert m["nfe"] == 2 and m["train/device_hours"] == pytest.approx(m["train/cpu_s"] / 3600)  # processor time
-    assert len(client.get_metric_history(result.run_id, "loss/step_1")) == 5  # 80 trajectories / batch 16
+    assert len(client.get_metric_history(result.run_id, "train/loss_l1/step_1")) == 5  # 80 trajectories / batch 16
     tags = run.data.tags
     assert tags["sfd.smoke"] == "false" and tags["sfd.study"] == "unit" and tags["sfd.seed"] == "0"
     assert tags["sfd.device"] == "cpu" and tags["sfd.role"] == "run" and tags["sfd.threads"] == "1"
     assert {"git.commit", "git.dirty", "version.torch", "version.sfd"} <= set(tags)
     assert tags["sfd.pid"] == str(os.getpid()) and tags["sfd.host"] and float(tags["sfd.pid_start"]) > 0
+    # MLflow's own source tags, which its UI shows (the run was started by pytest's entry point here)
+    assert tags["mlflow.source.git.commit"] == tags["git.commit"] and re.fullmatch(r"[0-9a-f]{40}", tags["git.commit"])
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.name"] == T.source_tags({"git.commit": "x"})["mlflow.source.name"] != ""
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens the runs, not GenAI
     files = _artifacts(client, result.run_id)
     assert {"config.yaml", "samples.png", "loss_curve.png", "student/student.safetensors",
             "student/sampling.json"} <= files

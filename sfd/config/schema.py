@@ -140,6 +140,8 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = 50  # iterations between batched metric writes
+    # MLflow's system metrics (CPU/GPU utilisation and memory) on the run (sfd.runner.system_metrics)
+    system_metrics: bool = True
 
 
 @dataclass

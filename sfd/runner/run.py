@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 
 from sfd.compiling import maybe_compile
 from sfd.config import TRAINING_ALGORITHMS, RunConfig, dump_yaml, flatten, grid_spec, to_dict, to_settings
@@ -28,17 +26,18 @@ from sfd.distributed import SINGLE, Ranks, process_group, rank_seed
 from sfd.metrics.evaluate import EvalResult, evaluate, solver_sampler, student_sampler
 from sfd.progress import Bars, counting
 from sfd.runner.first_stage import check_first_stage
+from sfd.runner.inputs import dataset_inputs
 from sfd.runner.preflight import (check_ddp, check_objective, ddp_for_launch, is_small_teacher, load_teacher,
                                   objective_values, prepare, resolve_device)
+from sfd.runner.strips import both, draws_strips, readable, strip_callback
 from sfd.runner.students import load_saved_student, sampling_info, save_student
+from sfd.runner.system_metrics import system_metrics
 from sfd.teachers import Teacher
 from sfd.threads import cpu_threads, thread_count
 from sfd.tracking import (SAVED_STUDENT_TAGS, TAG_ALGORITHM, TAG_DEVICE, TAG_SEED, TAG_SMOKE, TAG_THREADS, RunLogger,
                           SilentTracker, Tracker, device_description)
 
 
-# samples.png is enlarged to at least this many pixels on its longer side (a digits grid is 73 pixels wide).
-SAMPLES_MIN_SIDE = 512
 EVALUATED_STUDENT_FILE = "evaluated_student.json"  # algorithm evaluate: the saved student's record, as read
 
 
@@ -76,11 +75,13 @@ def run_experiment(cfg: RunConfig, *, tracker: Tracker | None = None, smoke: boo
         tags = _run_tags(cfg, device, notes)
         with tracker.start_run(cfg.name, tags=tags, every=cfg.log.every) as run, ranks.failures():
             run.log_params(flatten(to_dict(cfg)))
+            run.log_inputs(dataset_inputs(cfg) if run.active else [])
             run.log_text(dump_yaml(cfg), "config.yaml")
             bars = progress if ranks.is_main else None
-            net, step_cond, metrics = _train(cfg, teacher, device, run, tracker.tracking_uri, ranks, bars)
-            t0 = time.perf_counter()
-            result, nfe, eval_metrics = _evaluate(cfg, teacher, net, step_cond, device, bars, ranks)
+            with system_metrics(run, cfg.log.system_metrics):
+                net, step_cond, metrics = _train(cfg, teacher, device, run, tracker.tracking_uri, ranks, bars)
+                t0 = time.perf_counter()
+                result, nfe, eval_metrics = _evaluate(cfg, teacher, net, step_cond, device, bars, ranks)
             metrics = {**eval_metrics, "nfe": nfe, **metrics, "eval/wall_s": time.perf_counter() - t0,
                        "eval/num_samples": result.num_samples}
             objective = objective_values(metrics, tracker.objective, cfg.smoke) if tracker.objective else []
@@ -141,7 +142,10 @@ def _train(cfg: RunConfig, teacher: Teacher, device, run: RunLogger, tracking_ur
     data = None
     if settings.algorithm == "vanilla" and not settings.vanilla_data_free:
         data = teacher.data(settings.batch_size, cfg.seed)  # the global batch: each rank keeps its rows
-    callback = run.iteration_callback(afs=cfg.student.afs)
+    callback = run.iteration_callback(afs=cfg.student.afs, loss=training_loss_name(cfg))
+    if run.active and draws_strips(cfg, teacher):  # the image history: a strip of samples every so often
+        callback = both(callback, strip_callback(cfg, teacher, student, step_cond, device, run.log_image_step,
+                                                 settings.total_iterations))
     # a text teacher distils at guidance 1 (its conditional branch only): one random prompt per trajectory
     conditioning = teacher.condition.draw if teacher.condition is not None else None
     clock = Clock(device)
@@ -257,13 +261,20 @@ def _evaluate(cfg: RunConfig, teacher: Teacher, net, step_cond: bool, device, pr
 
 # ----- log -------------------------------------------------------------------------------------------------
 
+def training_loss_name(cfg: RunConfig) -> str:
+    """The loss a run trains with, as its training-loss metric names it (`sfd.tracking.train_loss_key`): `l1`, or
+    `l2_final_lpips` for a second stage that adds LPIPS on its last student step."""
+    return cfg.loss.name + (f"_final_{cfg.loss.final}" if cfg.loss.final else "")
+
+
 def _loss_curve(history: dict[str, list[tuple[int, float]]]) -> Figure:
-    keys = sorted(k for k in history if k.startswith("loss/step_")) or (["loss"] if "loss" in history else [])
+    mean = [k for k in history if k.startswith("train/loss_") and "/step_" not in k]
+    keys = sorted(k for k in history if k.startswith("train/loss_") and "/step_" in k) or mean
     fig = Figure(figsize=(6, 3.6))  # no pyplot: no global backend state
     ax = fig.add_subplot()
     for key in keys:
         steps, values = zip(*history[key])
-        ax.plot(steps, values, label=key.removeprefix("loss/").replace("_", " "), lw=1)
+        ax.plot(steps, values, label=key.rsplit("/", 1)[-1].replace("_", " "), lw=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     if keys and all(v > 0 for k in keys for _, v in history[k]):
@@ -272,13 +283,6 @@ def _loss_curve(history: dict[str, list[tuple[int, float]]]) -> Figure:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
-
-
-def readable(image: Image.Image) -> Image.Image:
-    """A small sample grid enlarged by a whole factor, nearest neighbour (each pixel a sharp square block), to at
-    least SAMPLES_MIN_SIDE pixels on its longer side; a grid that large already is returned as it is."""
-    factor = math.ceil(SAMPLES_MIN_SIDE / max(image.size))
-    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def _log_outputs(run: RunLogger, cfg: RunConfig, teacher: Teacher, net, step_cond: bool, result: EvalResult,
@@ -292,4 +296,4 @@ def _log_outputs(run: RunLogger, cfg: RunConfig, teacher: Teacher, net, step_con
         return
     run.log_figure(_loss_curve(run.history), "loss_curve.png")
     if save or (save is None and not (cfg.smoke and not is_small_teacher(cfg.teacher.name))):
-        save_student(run, net, sampling_info(cfg, teacher.num_classes, step_cond))
+        save_student(run, net, sampling_info(cfg, teacher.num_classes, step_cond), shape=teacher.shape)

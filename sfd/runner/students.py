@@ -3,8 +3,9 @@
 Every trained run logs its student as `student/student.safetensors` (the weights) and `student/sampling.json`
 (`sampling_info`: what it needs to be sampled and continued). A run that reads a saved student (a second stage's
 first stage, `second_stage.first_stage`; the student `algorithm: evaluate` samples, `evaluate.student`) names it
-by an MLflow run id, a `student/` folder or its .safetensors file, or a `network-snapshot-NNNNNN.pkl` the SFD
-reference implementation saved. `saved_student_info` says what it is, as the same dict for both kinds (a reference
+by an MLflow run id, a run or model URI (`runs:/<run id>`, `models:/<model id>`, `models:/<name>@<alias>`: every
+trained student is also a logged model of its run, sfd.runner.logged_model), a `student/` folder or its .safetensors
+file, or a `network-snapshot-NNNNNN.pkl` the SFD reference implementation saved. `saved_student_info` says what it is, as the same dict for both kinds (a reference
 snapshot's from its training_kwargs, read as its `sample.py` reads them), and `load_saved_student` rebuilds it as a
 frozen network. A run id's files are downloaded, and a snapshot read, once per process (a study's checks and its
 runs share them). Every refusal is a ConfigError naming the config key.
@@ -18,17 +19,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from mlflow.artifacts import download_artifacts
+from safetensors.torch import save_file
 
 from sfd.config import ROW_REF_PREFIX, ConfigError, RunConfig, grid_spec
-from sfd.teachers import get_teacher
+from sfd.runner.logged_model import URI_SCHEMES, log_student_model, model_data_folder
+from sfd.runner.student_files import SAMPLING_FILE, STUDENT_FILE, load_student_folder, read_sampling_info
 from sfd.teachers.edm_pickle import EDMPickleError
 from sfd.teachers.reference import SFDV_NUM_STEPS, ReferenceStudent, is_reference_snapshot, read_reference_student
 from sfd.teachers.registry import teacher_architecture
 from sfd.tracking import RunLogger, default_tracking_uri, get_client, sqlite_path
 
-STUDENT_FILE = "student.safetensors"
-SAMPLING_FILE = "sampling.json"
 REFERENCE_ALGORITHM = "reference"  # `algorithm` in the info of a student the SFD reference implementation trained
 
 _DOWNLOADS: dict[tuple[str, str], Path] = {}
@@ -52,14 +53,16 @@ def sampling_info(cfg: RunConfig, num_classes: int, step_condition: bool) -> dic
     }
 
 
-def save_student(run: RunLogger, student: torch.nn.Module, info: dict) -> None:
-    """Log the student's weights and its `sampling_info` as the run's `student/` artifacts."""
+def save_student(run: RunLogger, student: torch.nn.Module, info: dict, shape=None) -> str | None:
+    """Log the student's weights and its `sampling_info` as the run's `student/` artifacts and, given the shape
+    of one sample, as the run's logged model (sfd.runner.logged_model); returns the model id."""
     with tempfile.TemporaryDirectory() as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
         save_file(state, str(Path(tmp) / STUDENT_FILE))
         (Path(tmp) / SAMPLING_FILE).write_text(json.dumps(info, indent=2))
         run.log_artifact(Path(tmp) / STUDENT_FILE, "student")
         run.log_artifact(Path(tmp) / SAMPLING_FILE, "student")
+        return None if shape is None else log_student_model(run.client, run.run_id, Path(tmp), info, shape)
 
 
 # ----- finding one ------------------------------------------------------------------------------------------
@@ -91,10 +94,33 @@ def _download_student(key: str, ref: str, uri: str) -> Path:
         raise ConfigError(f"{key}: run {ref} has no student/ artifacts ({exc})") from None
 
 
+def _download_uri(key: str, ref: str, uri: str) -> Path:
+    """The student folder of a `models:/` URI (the logged model's data folder) or a `runs:/` URI (the run's
+    `student/` artifacts, or the folder the URI names), downloaded into a new temporary folder."""
+    run_uri = ref.startswith("runs:/")
+    if run_uri and len(ref.removeprefix("runs:/").strip("/").split("/")) == 1:
+        ref = ref.rstrip("/") + "/student"
+    dst = tempfile.mkdtemp(prefix="sfd-student-")
+    try:
+        path = Path(download_artifacts(artifact_uri=ref, dst_path=dst, tracking_uri=uri, registry_uri=uri))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types for unknown models and runs
+        raise ConfigError(f"{key}: {ref!r} cannot be read from the tracking store {uri} "
+                          f"({' '.join(str(exc).split())[:300]})") from None
+    if not run_uri and (path / "MLmodel").is_file():
+        return model_data_folder(path)
+    return path
+
+
 def locate_student(key: str, ref: str, tracking_uri: str | None = None) -> Path:
     """The folder holding a student's `student.safetensors` + `sampling.json`: `ref` (the value of config key
-    `key`) is such a folder, the .safetensors file, or an MLflow run id (its `student/` artifacts are downloaded,
-    once per process)."""
+    `key`) is such a folder, the .safetensors file, an MLflow run id (its `student/` artifacts), or a `models:/` or
+    `runs:/` URI (downloaded once per process)."""
+    if ref.startswith(URI_SCHEMES):
+        uri = tracking_uri or default_tracking_uri()
+        if (uri, ref) not in _DOWNLOADS:
+            folder = _download_uri(key, ref, uri)
+            _DOWNLOADS[uri, ref] = _student_folder(key, str(folder), folder)
+        return _DOWNLOADS[uri, ref]
     if ref.startswith(ROW_REF_PREFIX):
         raise ConfigError(f"{key}: got {ref!r}, a row of a study; only a study resolves it (to that row's finished "
                           "run id); give a run id or a student/ folder here")
@@ -108,11 +134,6 @@ def locate_student(key: str, ref: str, tracking_uri: str | None = None) -> Path:
         folder = _download_student(key, ref, uri)
         _DOWNLOADS[uri, ref] = _student_folder(key, str(folder), folder)
     return _DOWNLOADS[uri, ref]
-
-
-def read_sampling_info(folder: Path) -> dict:
-    """A located student's `sampling.json`."""
-    return json.loads((folder / SAMPLING_FILE).read_text())
 
 
 # ----- a student the SFD reference implementation trained ----------------------------------------------------
@@ -165,13 +186,8 @@ def load_saved_student(cfg: RunConfig, device, tracking_uri: str | None = None) 
         student = load_reference(key, ref, cfg.teacher.name)
         net, info = copy.deepcopy(student.net), reference_info(student, cfg.smoke)
     else:
-        folder = locate_student(key, ref, tracking_uri)
-        info = read_sampling_info(folder)
-        # the student's network is a copy of its teacher's (a real SD teacher is read again here, ~4 GB)
-        base = get_teacher(info["teacher"], path=info.get("teacher_path"), config=info.get("teacher_config"),
-                           prompts=cfg.teacher.prompts, device=device, smoke=info.get("smoke", False))
-        net = base.make_student(step_condition=info.get("step_condition", False))
-        net.load_state_dict(load_file(str(folder / STUDENT_FILE), device=str(device)))
+        net, info, _ = load_student_folder(locate_student(key, ref, tracking_uri), device,
+                                           prompts=cfg.teacher.prompts)
     return net.to(device).eval().requires_grad_(False), info
 
 

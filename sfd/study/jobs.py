@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from sfd.progress import Bars
 from sfd.runner import RunResult, run_experiment
-from sfd.tracking import Tracker
+from sfd.tracking import TAG_STUDY, Tracker
 
 
 @dataclass
@@ -23,9 +23,15 @@ class Job:
     progress: bool = False  # a worker sends its run's progress to the study process (sfd.progress.SentBars)
 
 
+def child_run_name(job: Job) -> str:
+    """A trial's MLflow run name: its row id (`trial-<n>` in a search), without the study's name, which its parent
+    run and experiment already show (sfd.study.configs names the config `<study>/<row>`)."""
+    return job.cfg.name.removeprefix(f"{job.tags.get(TAG_STUDY)}/")
+
+
 def run_job(job: Job, on_start: Callable[[str], None] | None = None, progress: Bars | None = None) -> RunResult:
     """Run `job` in this process. `on_start(run_id)` as in `sfd.tracking.Tracker`; `progress` as in
     `sfd.runner.run_experiment`."""
     tracker = Tracker(job.experiment, tracking_uri=job.tracking_uri, parent_run_id=job.parent_run_id,
-                      tags=job.tags, objective=job.objective, on_start=on_start)
+                      tags=job.tags, objective=job.objective, on_start=on_start, run_name=child_run_name(job))
     return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, progress=progress, save_student=job.save_student)

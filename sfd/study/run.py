@@ -16,6 +16,7 @@ from sfd.storelock import store_identity, without_password
 from .devices import run_on
 from .lock import setup_lock, shared, study_home, study_lock
 from .loop import Stores, TrialLoop, make_sampler
+from .parent import describe_experiment, end_invocation, log_study_params, log_study_summary
 from .peers import Heartbeats, open_storage
 from .plan import trial_limit, trials_left
 from .preflight import CheckedStudy, check_everything
@@ -124,6 +125,8 @@ def _open_study(checked: CheckedStudy, smoke: bool, heartbeat_s: int) -> Stores:
         parent_id = T.study_parent_run(client, experiment, spec.name, _parent_tags(checked, smoke),
                                        run_id=study.user_attrs.get("mlflow_parent_run_id"))
         client.log_artifact(parent_id, str(spec.path))
+        log_study_params(client, parent_id, spec, smoke)
+        describe_experiment(client, experiment, spec, smoke)
         study.set_user_attr("heartbeat_s", study.user_attrs.get("heartbeat_s", heartbeat_s))  # the first start's
         for key, value in {"mlflow_parent_run_id": parent_id, "mlflow_experiment": experiment,
                            "mlflow_tracking_uri": checked.tracking_uri, "sfd_study": spec.name, "kind": spec.kind,
@@ -152,10 +155,12 @@ def _resume(checked: CheckedStudy, loop: TrialLoop, smoke: bool, say) -> None:
 
 
 def _run_trials(loop: TrialLoop, devices: list[str] | None, stores: Stores, start: float) -> tuple[float, int]:
-    """Launch the trials. The parent run ends FINISHED, or KILLED when a stop or an error ends the invocation,
-    unless other processes still run trials of the study (the last one to end sets it). Returns the invocation's
-    wall time (tracked on the parent run with the number of trials that ended) and how many trials others run."""
-    ok = False
+    """Launch the trials; the parent run then gets the study's best row and, unless other processes still run
+    trials of the study (the last one to end sets it), its status (`sfd.study.parent`: RUNNING while trials are
+    queued, KILLED after a stop, FAILED after an error). Returns the invocation's wall time (tracked on the parent
+    run with the number of trials that ended) and how many trials others run."""
+    stopped = False
+    seconds = error = None
     try:
         if devices:
             run_on(loop, devices)
@@ -164,12 +169,18 @@ def _run_trials(loop: TrialLoop, devices: list[str] | None, stores: Stores, star
         seconds = time.perf_counter() - start
         stores.client.log_metric(stores.parent_id, "invocation/wall_s", seconds)
         stores.client.log_metric(stores.parent_id, "invocation/trials_run", loop.ran)
-        ok = True
-    finally:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted); the study too
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the trial's run ended KILLED and the trial FAIL (interrupted)
+        stopped = True
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
         try:
             others = loop.others_running()
         except Exception:  # noqa: BLE001 - the storage failed: the error on its way up says why
             others = 0
+        log_study_summary(stores.client, stores.parent_id, loop.spec, stores.study, loop.smoke, seconds)
         if not others:
-            stores.client.set_terminated(stores.parent_id, status="FINISHED" if ok else "KILLED")
+            end_invocation(stores.client, stores.parent_id, stores.study, stopped=stopped, error=error)
     return seconds, others
