@@ -79,9 +79,11 @@ def named_after_overrides(cfg, overrides: list[str]):
 
 
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process with torchrun running this script on `nproc` processes (it never returns)."""
-    from sfd.distributed import torchrun_command
+    """Replace this process with torchrun running this script on `nproc` processes (it never returns). Launched by
+    a study, torchrun is stopped when the study process dies (sfd.distributed.stop_with_parent)."""
+    from sfd.distributed import stop_with_parent, torchrun_command
 
+    stop_with_parent()
     command = torchrun_command(nproc, str(Path(__file__).resolve()), argv)
     sys.stdout.flush()
     sys.stderr.flush()

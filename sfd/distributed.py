@@ -17,6 +17,7 @@ found by the collective timeout (`SFD_DDP_TIMEOUT_S`, default 600 s).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import random
@@ -34,6 +35,8 @@ import torch.distributed as dist
 from sfd.signals import Terminated
 
 TIMEOUT_ENV = "SFD_DDP_TIMEOUT_S"
+PARENT_ENV = "SFD_STOP_WITH_PARENT"  # the pid of the process that launched this run and whose death stops it
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 DEFAULT_TIMEOUT_S = 600.0
 _ERROR_KEY = "sfd/failure/rank{}"
 _MAX_REASON = 4000
@@ -69,6 +72,20 @@ def torchrun_command(nproc: int, script: str, args: list[str]) -> list[str]:
     `--standalone` picks a free port, so several runs can start side by side)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
             "--nproc-per-node", str(nproc), script, *args]
+
+
+def stop_with_parent() -> None:
+    """When $SFD_STOP_WITH_PARENT names this process's parent (a study that launched this run), have Linux send
+    this process SIGTERM when that parent dies, however it dies (SIGKILL included): prctl(PR_SET_PDEATHSIG),
+    which is kept across the exec into torchrun, whose SIGTERM handling then stops every rank (their run ends
+    KILLED). The variable is removed so that the ranks do not inherit it. Elsewhere than on Linux: nothing."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # best effort: the launcher still stops the run on its own stops
+    if os.getppid() != int(parent):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def rank_seed(seed: int, rank: int) -> int:

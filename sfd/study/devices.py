@@ -80,6 +80,8 @@ def _take(loop: TrialLoop, worker: DeviceWorker, message: tuple, running: dict, 
     elif kind == "interrupted":  # the worker alone was stopped (SIGTERM from outside): queued again
         worker.retire()
         loop.killed(trial, f"its worker on {worker.device} was stopped ({message[1]})", t0)
+    elif kind == "killed":  # its ddp run was stopped from outside; the worker itself goes on
+        loop.killed(trial, message[1], t0)
     elif kind == "died" and message[2] in OUTSIDE_SIGNALS:  # SIGKILL: preemption, an operator, the OOM killer
         loop.killed(trial, f"its worker on {worker.device} was killed by {signal_name(message[2])}", t0)
     else:  # "failed", or "died" of its own accord (a crash signal, an exit code)
@@ -108,7 +110,7 @@ def _stop(loop: TrialLoop, running: dict, how: str) -> None:
             message = worker.receive()
             if message[0] == "progress":  # nothing is drawn while stopping
                 continue
-            if message[0] in ("started", "done", "failed"):  # the run began, or ended before the stop
+            if message[0] in ("started", "done", "failed", "killed"):  # the run began, or ended before the stop
                 quietly(_take, loop, worker, message, running)
                 if message[0] != "started" and worker in running:  # its outcome could not be recorded
                     quietly(loop.interrupt, running.pop(worker)[0], how)

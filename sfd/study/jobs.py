@@ -1,4 +1,5 @@
-"""A trial's tracked run as a picklable job, and running one in this process (a worker process runs the same)."""
+"""A trial's tracked run as a picklable job, and running one from this process (a worker process runs the same):
+in it, or for a `ddp: N` config under torchrun (`ddp.run_ddp_job`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,6 +8,8 @@ from typing import Any, Callable
 from sfd.progress import Bars
 from sfd.runner import RunResult, run_experiment
 from sfd.tracking import TAG_STUDY, Tracker
+
+from .ddp import run_ddp_job
 
 
 @dataclass
@@ -30,8 +33,11 @@ def child_run_name(job: Job) -> str:
 
 
 def run_job(job: Job, on_start: Callable[[str], None] | None = None, progress: Bars | None = None) -> RunResult:
-    """Run `job` in this process. `on_start(run_id)` as in `sfd.tracking.Tracker`; `progress` as in
-    `sfd.runner.run_experiment`."""
+    """Run `job` in this process, or with `ddp` > 1 on that many processes under torchrun (no progress bars; it
+    raises `ddp.RunFailed` or `ddp.RunKilled` when the run did not finish). `on_start(run_id)` as in
+    `sfd.tracking.Tracker`; `progress` as in `sfd.runner.run_experiment`."""
+    if job.cfg.ddp > 1:
+        return run_ddp_job(job, on_start)
     tracker = Tracker(job.experiment, tracking_uri=job.tracking_uri, parent_run_id=job.parent_run_id,
                       tags=job.tags, objective=job.objective, on_start=on_start, run_name=child_run_name(job))
     return run_experiment(job.cfg, tracker=tracker, smoke=job.smoke, progress=progress, save_student=job.save_student)

@@ -64,6 +64,9 @@ def check_everything(name_or_path: str, smoke: bool, storage: str | None, tracki
         if problem:
             raise StudyError(f"{what}: {problem}")
     skipped, configs, missing = check_study(spec, smoke, tracking_uri, teacher_device="cpu" if chosen else None)
+    if chosen and any(d.startswith("cuda") for d in devices) and any(c.ddp > 1 for c in configs.values()):
+        raise StudyError("--devices: a row with ddp > 1 runs under torchrun on that many GPUs, but a worker sees one "
+                         "GPU; run the study with --devices serial (each ddp run then sees every GPU of the process)")
     if devices == [AUTO]:
         devices = auto_devices(bool(spec.rows), configs.values(), len(configs) * len(spec.replicates()))
     elif devices == [SERIAL]:

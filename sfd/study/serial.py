@@ -6,6 +6,7 @@ import time
 from sfd.progress import terminal_bars
 from sfd.signals import stops_deferred
 
+from .ddp import RunKilled
 from .jobs import run_job
 from .loop import TrialLoop, quietly
 
@@ -28,6 +29,10 @@ def run_here(loop: TrialLoop) -> None:
             try:
                 result = run_job(loop.job(trial), on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
                                  progress=terminal_bars if loop.progress else None)
+            except RunKilled as exc:  # a ddp run stopped from outside: queued again, a bounded number of times
+                with stops_deferred():
+                    loop.killed(trial, str(exc), t0)
+                    trial = None
             except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
                 with stops_deferred():
                     loop.fail(trial, f"{type(exc).__name__}: {exc}", t0)

@@ -29,6 +29,7 @@ from sfd.runner import resolve_device
 from sfd.signals import handle_stop_signals
 from sfd.threads import thread_count
 
+from .ddp import RunKilled
 from .jobs import Job, run_job
 
 _DEVICE = re.compile(r"^(cpu|cuda:(\d+))$")
@@ -82,14 +83,16 @@ def resolve_devices(devices: list[str]) -> list[str]:
 
 def auto_devices(table: bool, configs: Iterable[RunConfig], runs: int) -> list[str] | None:
     """`--devices auto`: a table study whose rows all run on the CPU runs them side by side, one worker per core this
-    process may use (over the threads a run takes: one with `threads: auto`, sfd.threads), at most one per run
-    (`runs`); anything else runs one trial at a time in this process (None): a search, whose sampler learns from
-    each finished trial before it picks the next, and rows on a GPU, which keep the device their configs name."""
+    process may use (over the threads a run takes, times its `ddp` processes: one with `threads: auto`,
+    sfd.threads), at most one per run (`runs`); anything else runs one trial at a time in this process (None): a
+    search, whose sampler learns from each finished trial before it picks the next, and rows on a GPU, which keep
+    the device their configs name."""
     configs = list(configs)
     if not table or not configs or any(resolve_device(c.device).type != "cpu" for c in configs):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    count = min(cores // max(thread_count(c.threads, torch.device("cpu")) for c in configs), runs)
+    per_run = max(thread_count(c.threads, torch.device("cpu")) * c.ddp for c in configs)  # a ddp run: ddp processes
+    count = min(cores // per_run, runs)
     return ["cpu"] * count if count > 1 else None
 
 
@@ -146,6 +149,8 @@ def _serve(conn) -> None:
             try:
                 result = run_job(job, on_start=lambda run_id: _send(conn, ("started", run_id)),
                                  progress=SentBars(partial(_send, conn)) if job.progress else None)
+            except RunKilled as exc:  # a ddp run stopped from outside: the study process queues it again
+                _send(conn, ("killed", str(exc)))
             except Exception as exc:  # noqa: BLE001 - reported to the study process, which fails the trial
                 _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
             else:
