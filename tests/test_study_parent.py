@@ -113,7 +113,7 @@ def test_parent_run_and_experiment_over_a_studys_life(tmp_path, stores, monkeypa
 
 
 def test_an_invocation_that_ends_on_an_error_fails_the_parent(tmp_path, stores, monkeypatch):
-    def broken(loop, todo):
+    def broken(loop, *args):
         raise RuntimeError("the launcher broke")
 
     path = _study(tmp_path, "broken", ROWS[:1])

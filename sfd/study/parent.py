@@ -4,7 +4,7 @@ description and primary metric, and a status that follows the study's trials."""
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Collection, Sequence
 
 import optuna
 from mlflow.entities import Param
@@ -147,15 +147,18 @@ def parent_status(trials: Sequence[FrozenTrial], *, stopped: bool = False, error
     return "FINISHED"
 
 
-def end_invocation(client, run_id: str, study: optuna.Study, *, stopped: bool = False, error: str | None = None) -> str:
+def end_invocation(client, run_id: str, study: optuna.Study, *, stopped: bool = False, error: str | None = None,
+                   mine: Collection[int] = ()) -> str:
     """Set the parent run's status (`parent_status`) when an invocation ends, with the error that ended it as tag
     `sfd.error`; returns the status. RUNNING leaves the run open (no end time), for the next invocation or the
-    process still running trials."""
+    process still running trials. `mine`: the numbers of this process's trials, which a trial left RUNNING by
+    it (an error while its result was told) does not keep running: the next start settles it."""
     if error is not None:
         client.set_tag(run_id, T.TAG_ERROR, error[:T.MAX_TAG_LENGTH])
     elif T.TAG_ERROR in client.get_run(run_id).data.tags:  # an earlier invocation's error, not this one's
         client.delete_tag(run_id, T.TAG_ERROR)
-    status = parent_status(study.get_trials(deepcopy=False), stopped=stopped, error=error is not None)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number not in mine or t.state != TrialState.RUNNING]
+    status = parent_status(trials, stopped=stopped, error=error is not None)
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
     else:

@@ -182,5 +182,6 @@ def _run_trials(loop: TrialLoop, devices: list[str] | None, stores: Stores, star
             others = 0
         log_study_summary(stores.client, stores.parent_id, loop.spec, stores.study, loop.smoke, seconds)
         if not others:
-            end_invocation(stores.client, stores.parent_id, stores.study, stopped=stopped, error=error)
+            end_invocation(stores.client, stores.parent_id, stores.study, stopped=stopped, error=error,
+                           mine=loop.mine)
     return seconds, others
