@@ -3,8 +3,8 @@
 `auto` is one thread per process on a CPU. PyTorch's intra-op threads (OpenMP) meet at a barrier after every
 operator, and a small network's operators take microseconds: on idle cores two threads make a digits iteration
 ~1.4x faster, but as soon as another CPU-bound process holds a core, every operator waits for the thread that is
-off the CPU while the others spin, and the run gets 4-70x slower (the measurements are in the README's
-"Threads" section, `python -m sfd.bench threads` repeats them). One thread has no barrier to wait at: it slows
+off the CPU while the others spin, and the run gets many times slower (one digits run beside one busy process:
+343 s instead of 39 s; README "On a CPU"; `python -m sfd.bench threads` measures it per thread count). One thread has no barrier to wait at: it slows
 down only by its share of the cores, and its CPU time does not depend on what else runs, so it can be compared
 across runs (`train/device_hours`). A study uses the other cores by running rows side by side, one worker
 process per core (`studies/run.py --devices auto`). On a GPU `auto` leaves PyTorch's default: the host threads

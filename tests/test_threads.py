@@ -1,6 +1,6 @@
 """Issue 19: the `threads` run setting (sfd.threads), the training cost as processor time, and the study's choice of
 workers (`--devices auto`). Why one thread per process (a barrier after every operator waits for a thread that
-another process has pushed off its core) is measured, not tested: `python -m sfd.bench threads`, README "Threads"."""
+another process has pushed off its core) is measured, not tested: `python -m sfd.bench threads`, README "On a CPU"."""
 import os
 from pathlib import Path
 
