@@ -46,8 +46,11 @@ def open_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
 
 
 def read_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
-    """An existing storage, opened to read (no table is created), with the heartbeat settings `open_storage` uses."""
-    return optuna.storages.get_storage(_rdb(url, heartbeat_s, create=False))
+    """An existing storage, opened to read (no table is created), with the heartbeat settings `open_storage` uses.
+    Under the same schema lock: Optuna still stamps its alembic version table on opening, and four peers' pre-flight
+    checks opening a fresh database at once collided on it (UniqueViolation in CI)."""
+    with store_lock(url, "optuna-schema"):
+        return optuna.storages.get_storage(_rdb(url, heartbeat_s, create=False))
 
 
 def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> int:
